@@ -1,0 +1,5 @@
+import sys
+
+from chexfound.cli.main import main
+
+sys.exit(main())

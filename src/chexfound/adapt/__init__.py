@@ -1,0 +1,1 @@
+"""Adaptation on frozen, cached features: GLoRI, linear/MLP probes, other targets, grid training, heatmaps."""

@@ -1,0 +1,1 @@
+"""Curation of pretraining corpora: filters, dedup, preprocessing cache."""

@@ -1,0 +1,1 @@
+"""Manifests, dataset readers, patient splits, the model input transform, finding vocabularies."""

@@ -1,0 +1,1 @@
+"""Prediction, HTTP serving and ONNX export."""
