@@ -1,0 +1,101 @@
+"""The head contract and its file format.
+
+A head takes the backbone's `get_intermediate_layers(x, n, return_class_token=True)` output — a tuple over
+the last n blocks of (patch_tokens[B, N, D], cls[B, D]) — and returns (logits[B, C], attention or None),
+where attention is [B, heads, C, N_patches] for heads that attend over patches (GLoRI).
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from chexfound.errors import CheckpointError
+from chexfound.models.format import load_tensors, save_tensors
+
+Features = Sequence[tuple[Tensor, Tensor]]
+_HEAD_TYPES: dict[str, type["Head"]] = {}
+
+
+class Head(nn.Module):
+    head_type: ClassVar[str] = ""
+
+    def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel") -> None:
+        super().__init__()
+        self.findings = list(findings)
+        self.n_blocks = n_blocks
+        self.task = task
+        # Decision thresholds on probabilities, chosen on validation (0.5 until then).
+        self.register_buffer("thresholds", torch.full((len(self.findings),), 0.5))
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.head_type:
+            _HEAD_TYPES[cls.head_type] = cls
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.findings)
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor keyword arguments (besides findings/n_blocks/task) needed to rebuild this head."""
+        raise NotImplementedError
+
+    def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        if self.task == "multiclass":
+            return logits.softmax(-1)
+        if self.task in ("multilabel", "binary"):
+            return logits.sigmoid()
+        return logits
+
+
+def save_head(
+    head: Head,
+    path: str | PathLike[str],
+    backbone_sha256: str | None = None,
+    backbone_config: dict[str, Any] | None = None,
+    transform: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    meta = {
+        "kind": "head",
+        "head_type": head.head_type,
+        "task": head.task,
+        "findings": head.findings,
+        "thresholds": [float(t) for t in head.thresholds],
+        "n_blocks": head.n_blocks,
+        "config": head.hparams(),
+        "backbone_sha256": backbone_sha256,
+        "backbone_config": backbone_config,
+        "transform": transform,
+        **(extra or {}),
+    }
+    return save_tensors(path, head.state_dict(), meta)
+
+
+def head_from_meta(meta: dict[str, Any]) -> Head:
+    cls = _HEAD_TYPES.get(meta.get("head_type", ""))
+    if cls is None:
+        raise CheckpointError(None, f"unknown head type {meta.get('head_type')!r}; known: {sorted(_HEAD_TYPES)}")
+    return cls(findings=meta["findings"], n_blocks=meta["n_blocks"], task=meta.get("task", "multilabel"),
+               **meta.get("config", {}))
+
+
+def load_our_head(path: str | PathLike[str]) -> tuple[Head, dict[str, Any]]:
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "head":
+        raise CheckpointError(path, f"expected a head file, found kind={meta.get('kind')!r}")
+    try:
+        head = head_from_meta(meta)
+    except CheckpointError as e:
+        raise CheckpointError(path, e.reason) from e
+    missing, unexpected = head.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(path, f"head keys do not match: missing {missing}, unexpected {unexpected}")
+    return head.eval(), meta

@@ -1,0 +1,34 @@
+"""Linear probe on the concatenated CLS tokens of the last n blocks (optionally + mean patch token)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from chexfound.adapt.heads.base import Features, Head
+
+
+class LinearHead(Head):
+    head_type = "linear"
+
+    def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel", embed_dim: int = 1024,
+                 avgpool: bool = False) -> None:
+        super().__init__(findings, n_blocks, task)
+        self.embed_dim, self.avgpool = embed_dim, avgpool
+        in_dim = embed_dim * (n_blocks + int(avgpool))
+        out = 1 if task in ("regression", "survival") else len(self.findings)
+        self.linear = nn.Linear(in_dim, out)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "avgpool": self.avgpool}
+
+    def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
+        feats = list(features)[-self.n_blocks :]
+        x = torch.cat([cls for _, cls in feats], dim=-1)
+        if self.avgpool:
+            x = torch.cat([x, feats[-1][0].mean(dim=1)], dim=-1)
+        return self.linear(x.float()), None
