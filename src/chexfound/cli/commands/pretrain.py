@@ -1,0 +1,78 @@
+"""`chexfound pretrain`: DINO + iBOT + KoLeo self-supervised pretraining (one process or under torchrun).
+
+  chexfound pretrain --config vits16_cpu_smoke --data ../shared/data/kermany --out runs/smoke
+  chexfound pretrain --config demo_tiny --data DIR --out runs/demo optim.base_lr=2e-3 train.time_budget_s=600
+  torchrun --nproc_per_node=8 -m chexfound pretrain --config chexfound_vitl16_512 --data manifest.csv --out runs/l16
+
+A rerun with the same --out resumes from the last checkpoint. See docs/pretraining.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from chexfound.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised pretraining of a ViT backbone (DINOv2/CheXFound recipe)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None,
+                   help="preset name (see --list-presets) or a YAML file; layered over ssl_default.yaml")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="a folder of images, a folder with labels.csv/manifest.csv, or a manifest file; "
+                        "repeat for several sources (replaces data.sources)")
+    p.add_argument("--out", default=None, help="run folder (created; a rerun resumes)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--batch-size", type=int, default=None, help="images per process (train.batch_size_per_gpu)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (data.num_workers)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="train.dtype")
+    p.add_argument("--seed", type=int, default=None, help="train.seed")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="fit the run to this wall-clock budget (train.time_budget_s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> dict[str, Any]:
+    from chexfound.ssl.config import load_config, set_key, validate
+
+    cfg = load_config(args.config, args.overrides)
+    for key, val in (("train.batch_size_per_gpu", args.batch_size), ("data.num_workers", args.workers),
+                     ("train.dtype", args.dtype), ("train.seed", args.seed), ("train.time_budget_s", args.time_budget)):
+        if val is not None:
+            set_key(cfg, key, val)
+    if args.data:
+        cfg["data"]["sources"] = [{"path": d} for d in args.data]
+    validate(cfg)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from chexfound.ssl.config import dump_config, list_presets
+
+    if args.list_presets:
+        print("\n".join(list_presets()))
+        return 0
+    cfg = build_config(args)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if not args.out:
+        raise ConfigError(None, "--out DIR is required")
+    from chexfound.ssl import distributed as D
+    from chexfound.ssl.train import pretrain
+
+    try:
+        pretrain(cfg, args.out, device=args.device, quiet=args.quiet)
+    finally:
+        D.destroy()
+    return 0
