@@ -28,7 +28,8 @@ class CosineSchedule:
             return 0.0
         k = it - self.freeze
         if k < self.warmup:
-            return self.base if self.warmup == 1 else self.start + (self.base - self.start) * k / (self.warmup - 1)
+            # numpy linspace(start, base, 1) == [start]
+            return self.start if self.warmup == 1 else self.start + (self.base - self.start) * k / (self.warmup - 1)
         k -= self.warmup
         n = self.total - self.warmup - self.freeze
         return self.final + 0.5 * (self.base - self.final) * (1 + math.cos(math.pi * k / n))
@@ -44,7 +45,7 @@ class LinearWarmupConstant:
 
     def __call__(self, it: int) -> float:
         if it < self.warmup:
-            return self.value if self.warmup == 1 else self.start + (self.value - self.start) * it / (self.warmup - 1)
+            return self.start if self.warmup == 1 else self.start + (self.value - self.start) * it / (self.warmup - 1)
         return self.value
 
 

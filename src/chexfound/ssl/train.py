@@ -259,7 +259,7 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for k, v in d.items():
             key = f"{prefix}{k}"
-            if any(key == v_ or (v_.endswith(".") and key.startswith(v_)) for v_ in VOLATILE_KEYS):
+            if any(key == v_.rstrip(".") or (v_.endswith(".") and key.startswith(v_)) for v_ in VOLATILE_KEYS):
                 continue
             out[k] = strip(v, key + ".") if isinstance(v, dict) else v
         return out
@@ -399,6 +399,8 @@ def pretrain(
     monitor = CollapseMonitor(total)
     monitor.load_state_dict(monitor_state)
 
+    last_plot = [0.0]
+
     def save(it: int) -> Path | None:
         state = trainer.state()  # collective under FSDP
         path = None
@@ -409,7 +411,9 @@ def pretrain(
                                    int(cfg["checkpoint"]["keep_last"]))
             if skipped.items:
                 skipped.write(out / "skipped.txt")
-            plot_report(out / "metrics.jsonl", out / "report.png", title=str(out))
+            if time.perf_counter() - last_plot[0] > 120:  # the report is refreshed at most every 2 min
+                plot_report(out / "metrics.jsonl", out / "report.png", title=str(out))
+                last_plot[0] = time.perf_counter()
         D.barrier()
         return path
 

@@ -1,0 +1,92 @@
+import math
+
+import numpy as np
+import torch
+
+from chexfound.ssl.config import load_config
+from chexfound.ssl.heads import DINOHead
+from chexfound.ssl.meta_arch import SSLMetaArch
+from chexfound.ssl.param_groups import build_param_groups, layer_id
+from chexfound.ssl.schedules import CosineSchedule, LinearWarmupConstant, build_schedules, scaled_lr
+
+
+def _dinov2_array(base, final, total, warmup=0, start=0.0, freeze=0):
+    """DINOv2's CosineScheduler, written as arrays (the reference)."""
+    iters = np.arange(total - warmup - freeze)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((np.zeros(freeze), np.linspace(start, base, warmup), cos))
+
+
+def test_cosine_schedule_matches_array_reference():
+    for kw in ({}, {"warmup": 7}, {"warmup": 5, "freeze": 4}, {"warmup": 1}):
+        ref = _dinov2_array(0.5, 0.01, 40, **kw)
+        s = CosineSchedule(0.5, 0.01, 40, **kw)
+        np.testing.assert_allclose([s(i) for i in range(40)], ref, rtol=1e-12, atol=1e-15)
+        assert s(40) == 0.01 and s(1000) == 0.01
+    tt = LinearWarmupConstant(0.04, 0.07, 10)
+    np.testing.assert_allclose([tt(i) for i in range(12)], list(np.linspace(0.04, 0.07, 10)) + [0.07, 0.07])
+
+
+def test_lr_sqrt_scaling_and_built_schedules():
+    assert math.isclose(scaled_lr(2e-4, 8 * 14, "sqrt_wrt_1024"), 2e-4 * math.sqrt(112 / 1024))
+    cfg = load_config("chexfound_vitl16_512")
+    s = build_schedules(cfg, 1e-4, total=1000, epoch_length=10)
+    assert s.lr(0) == 0.0 and math.isclose(s.lr(99), 1e-4)  # 10 warm-up epochs
+    assert all(s.last_layer_lr(i) == 0.0 for i in range(10))  # frozen for 1 epoch
+    assert s.last_layer_lr(20) > 0
+    assert math.isclose(s.wd(0), 0.04) and math.isclose(s.wd(1000), 0.2)
+    assert math.isclose(s.momentum(0), 0.994) and s.momentum(1000) == 1.0
+    assert math.isclose(s.teacher_temp(0), 0.04) and math.isclose(s.teacher_temp(300), 0.07)
+
+
+def _tiny_cfg(**over):
+    items = ["student.arch=tiny_vit", "dino.head_n_prototypes=32", "dino.head_hidden_dim=16",
+             "dino.head_bottleneck_dim=8", "ibot.head_n_prototypes=24", "ibot.head_hidden_dim=16",
+             "ibot.head_bottleneck_dim=8", "crops.global_crops_size=32", "crops.local_crops_size=16"]
+    items += [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, items)
+
+
+def test_param_groups_rules():
+    cfg = _tiny_cfg(**{"optim.layerwise_decay": 0.5, "ibot.separate_head": "true"})
+    meta = SSLMetaArch(cfg)
+    groups = build_param_groups(meta.student.named_parameters(), 2, cfg)
+    rules = {n: g for g in groups for n in g["names"]}
+    for n, g in rules.items():
+        leaf = n.rsplit(".", 1)[-1]
+        no_decay = n.endswith(".bias") or "norm" in n or leaf == "gamma" or leaf in (
+            "cls_token", "pos_embed", "register_tokens", "mask_token")
+        assert (g["wd_multiplier"] == 0.0) == no_decay, n
+        assert g["is_last_layer"] == ("last_layer" in n)
+    assert rules["backbone.patch_embed.proj.weight"]["lr_multiplier"] == 0.5**3 * 0.2
+    assert rules["backbone.blocks.0.attn.qkv.weight"]["lr_multiplier"] == 0.5**2
+    assert rules["backbone.blocks.1.attn.qkv.weight"]["lr_multiplier"] == 0.5
+    assert rules["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
+    assert "dino_head.last_layer.weight_g" not in rules  # frozen at 1
+    assert layer_id("backbone.norm.weight", 2) == 3
+    orig = _tiny_cfg(**{"optim.no_decay_tokens": "false"})
+    groups = build_param_groups(SSLMetaArch(orig).student.named_parameters(), 2, orig)
+    assert {n: g for g in groups for n in g["names"]}["backbone.pos_embed"]["wd_multiplier"] == 1.0
+
+
+def test_dino_head_layout_and_cosine_scores():
+    h = DINOHead(64, 100, hidden_dim=32, bottleneck_dim=16, nlayers=3)
+    keys = set(h.state_dict())
+    assert {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_g", "last_layer.weight_v"} <= keys
+    assert h.last_layer.weight_g.shape == (100, 1) and h.last_layer.weight_v.shape == (100, 16)
+    assert not h.last_layer.weight_g.requires_grad
+    h.last_layer.weight_v.data.mul_(7.0)  # the scale of v must not matter
+    z = h(torch.randn(5, 64))
+    assert z.shape == (5, 100) and z.abs().max() <= 1.0 + 1e-5
+
+
+def test_teacher_starts_as_student_without_drop_path():
+    cfg = _tiny_cfg(**{"student.drop_path_rate": 0.3})
+    meta = SSLMetaArch(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(meta.teacher.state_dict().values(), meta.student.state_dict().values()))
+    assert meta.vit_config.drop_path_rate == 0.0 and meta.student.backbone.cfg.drop_path_rate == 0.3
+    assert not any(p.requires_grad for p in meta.teacher.parameters())
+    meta.student.backbone.cls_token.data.add_(1.0)
+    meta.update_teacher(0.9)
+    diff = meta.teacher.backbone.cls_token - meta.student.backbone.cls_token
+    torch.testing.assert_close(diff, torch.full_like(diff, -0.9))
