@@ -37,6 +37,9 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+_OWNED = False  # whether init_distributed created the process group (then destroy() may tear it down)
+
+
 def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
     """Initialise the process group from torchrun's environment (if any) and pick this rank's device."""
     dev = resolve_device(device)
@@ -47,6 +50,8 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        global _OWNED
+        _OWNED = True
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
@@ -99,5 +104,8 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Tear down the process group if we created it (a caller's own group is left alone)."""
+    global _OWNED
+    if _OWNED and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _OWNED = False

@@ -173,6 +173,10 @@ class SSLMetaArch(nn.Module):
         n_masked = int(mask_idx.numel()) if mask_idx is not None else 0
         with tm("teacher"), autocast():
             ts = self.teacher(g, None, None, mask_idx, True)
+            if hasattr(self.teacher, "reshard"):
+                # FSDP2 keeps the root's parameters gathered after forward (expecting a backward); the
+                # teacher has none, and its shards must line up with the student's for the EMA.
+                self.teacher.reshard()
         with tm("centering"):
             dino_t = self._targets(ts["dino"], self.dino_center, teacher_temp)
             ibot_t = self._targets(ts["ibot"], self.ibot_center, teacher_temp) if "ibot" in ts else None

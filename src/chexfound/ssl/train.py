@@ -499,6 +499,7 @@ def pretrain(
             last = float(np.mean([r["loss"] for r in rows[-k:]]))
             say(f"loss: {first:.4f} (first {k} log rows) -> {last:.4f} (last {k}); "
                 f"{'fell' if last < first else 'did NOT fall'}")
+    _check_replicas(trainer, metrics)
     result.comparison = prober.final(full_sd, metrics)
     if info.is_main:
         png = plot_report(out / "metrics.jsonl", out / "report.png", title=f"{cfg.get('_preset')}: {out}")
@@ -506,6 +507,23 @@ def pretrain(
             say(f"run report: {png}")
     D.barrier()
     return result
+
+
+def _check_replicas(trainer: Trainer, metrics: MetricsLog) -> None:
+    """Under DDP every rank holds a full teacher: they must be bit-identical (logged; an error if not)."""
+    if not trainer.info.enabled or trainer.sharded:
+        return
+    import torch.distributed as dist
+
+    from chexfound.models.format import state_dict_sha256
+
+    sha = state_dict_sha256(trainer.meta.teacher.state_dict())
+    shas: list[Any] = [None] * trainer.info.world_size
+    dist.all_gather_object(shas, sha)
+    metrics.write({"kind": "ranks", "teacher_sha256": shas, "agree": len(set(shas)) == 1})
+    if len(set(shas)) != 1:
+        raise ChexfoundError(f"the teacher differs between ranks after training ({shas}); "
+                             "this is a bug in the distributed setup")
 
 
 def _fit_to_budget(trainer: Trainer, source: Any, cfg: dict[str, Any], budget: float, t_start: float,
