@@ -67,8 +67,9 @@ def kermany_task(root: str | Path, size: int, n_train: int, n_test: int, seed: i
     rng = np.random.default_rng(seed)
     tr, te = m.split("train"), m.split("test")
     itr, ite = _subset(len(tr), n_train, rng), _subset(len(te), n_test, rng)
-    xtr, ytr = _load([tr.paths()[i] for i in itr], tr.labels()[itr], size, workers)
-    xte, yte = _load([te.paths()[i] for i in ite], te.labels()[ite], size, workers)
+    ptr, pte = tr.paths(), te.paths()  # (paths() builds the whole list: once)
+    xtr, ytr = _load([ptr[i] for i in itr], tr.labels()[itr], size, workers)
+    xte, yte = _load([pte[i] for i in ite], te.labels()[ite], size, workers)
     return ProbeTask("kermany", xtr, ytr, xte, yte, list(m.label_columns))
 
 
@@ -84,8 +85,9 @@ def nih14_task(root: str | Path, size: int, n_train: int, n_test: int, seed: int
     rng = np.random.default_rng(seed)
     dev, test = m.subset(split == "dev"), m.subset(split == "test")
     idev, ite = _subset(len(dev), n_train, rng), _subset(len(test), n_test, rng)
-    xtr, ytr = _load([dev.paths()[i] for i in idev], dev.labels()[idev], size, workers)
-    xte, yte = _load([test.paths()[i] for i in ite], test.labels()[ite], size, workers)
+    pdev, pte = dev.paths(), test.paths()
+    xtr, ytr = _load([pdev[i] for i in idev], dev.labels()[idev], size, workers)
+    xte, yte = _load([pte[i] for i in ite], test.labels()[ite], size, workers)
     return ProbeTask("nih14", xtr, ytr, xte, yte, list(m.label_columns))
 
 

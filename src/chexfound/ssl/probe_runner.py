@@ -75,7 +75,7 @@ class ProbeRunner:
         n_per = int(self.p["n_train"]) + int(self.p["n_test"])
         n_fin = int(self.p["final_n_train"]) + int(self.p["final_n_test"])
         tasks = 1 + int(bool(self.p.get("nih14")))
-        final = t * n_fin / max(1, n_per) * (1 + int(self.p["final_random_seeds"])) * tasks
+        final = t * n_fin / max(1, n_per) * (2 + int(self.p["final_random_seeds"])) * tasks
         return t * int(self.p["n_evals"]) + final + 10.0
 
     # -- periodic --------------------------------------------------------------------------------------
@@ -105,7 +105,8 @@ class ProbeRunner:
             tasks.append(nih14_task(expand_path(self.p["nih14"]), self.size, 10**9, 10**9, seed=0))
         return tasks
 
-    def final(self, model_sd: dict[str, torch.Tensor], metrics: Any) -> dict[str, Any]:
+    def final(self, model_sd: dict[str, torch.Tensor], metrics: Any,
+              init_backbone: Callable[[], VisionTransformer] | None = None) -> dict[str, Any]:
         if not self.is_main:
             return {}
         tasks = self._final_tasks()
@@ -128,23 +129,27 @@ class ProbeRunner:
             rows: dict[str, Any] = {}
             s_teacher = scores_of(teacher)
             rows["teacher"] = self._row(s_teacher, y, cols)
-            s_rand = []
+            baselines: dict[str, np.ndarray] = {}
+            if init_backbone is not None:
+                # This run's own iteration-0 weights: same seed, same architecture, untrained.
+                s_init = scores_of(init_backbone().to(self.device))
+                rows["init (iteration 0)"] = self._row(s_init, y, cols)
+                baselines["init"] = s_init
             for k in range(int(self.p["final_random_seeds"])):
                 torch.manual_seed(10_000 + k)
                 rnd = VisionTransformer(self.trainer.vit_config).to(self.device)
                 s = scores_of(rnd)
-                s_rand.append(s)
+                baselines[f"random_seed{k}"] = s
                 rows[f"random_init_seed{k}"] = self._row(s, y, cols)
                 del rnd
             s_pix = linear_probe_scores(pixel_features(task.train_images), task.train_labels,
                                         pixel_features(task.test_images))
             rows["pixels_32x32"] = self._row(s_pix, y, cols)
+            baselines["pixels"] = s_pix
             diffs = {}
-            for k, s in enumerate(s_rand):
+            for name, s in baselines.items():
                 d, lo, hi = paired_bootstrap_diff(s_teacher, s, y, cols)
-                diffs[f"teacher_minus_random_seed{k}"] = {"diff": d, "ci95": [lo, hi]}
-            d, lo, hi = paired_bootstrap_diff(s_teacher, s_pix, y, cols)
-            diffs["teacher_minus_pixels"] = {"diff": d, "ci95": [lo, hi]}
+                diffs[f"teacher_minus_{name}"] = {"diff": d, "ci95": [lo, hi]}
             report[task.name] = {"n_train": int(len(task.train_labels)), "n_test": int(len(y)),
                                  "findings": [task.label_names[c] for c in cols], "auroc": rows, "paired": diffs}
             self._print(task.name, report[task.name])
@@ -166,5 +171,7 @@ class ProbeRunner:
         self.say(f"  {'features':<22} {'AUROC':>7}   95% CI")
         for k, v in r["auroc"].items():
             self.say(f"  {k:<22} {v['auroc']:7.3f}   [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
+        self.say("  paired difference (same test images, bootstrap 95% CI):")
         for k, v in r["paired"].items():
-            self.say(f"  {k:<30} {v['diff']:+.3f}   [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
+            sig = "  *" if v["ci95"][0] > 0 or v["ci95"][1] < 0 else ""
+            self.say(f"  {k:<28} {v['diff']:+.3f}   [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]{sig}")

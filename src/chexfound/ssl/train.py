@@ -43,7 +43,7 @@ from chexfound.ssl.timing import StepTimer
 log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
-VOLATILE_KEYS = ("data.num_workers", "train.log_every", "checkpoint.", "probe.", "resolved.", "_preset",
+VOLATILE_KEYS = ("data.num_workers", "train.log_every", "train.cpu_threads", "checkpoint.", "probe.", "resolved.", "_preset",
                  "data.cache", "data.preload_max_gb", "train.compile")
 
 
@@ -285,10 +285,12 @@ def pretrain(
     once this many iterations are done — used to test resumption."""
     t_start = time.perf_counter()
     info = D.init_distributed(device)
+    if info.device.type == "cpu" and cfg["train"].get("cpu_threads"):
+        torch.set_num_threads(int(cfg["train"]["cpu_threads"]))
     out = Path(out_dir)
     say = echo or (lambda s: print(s, flush=True))
-    if not info.is_main or quiet:
-        say = lambda s: log.info(s)  # noqa: E731
+    if not info.is_main:
+        say = lambda s: log.debug(s)  # noqa: E731
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     D.barrier()
@@ -456,7 +458,6 @@ def pretrain(
                 metrics.write(row)
                 warn = monitor.check(done, red, 2 * b)
                 if warn and info.is_main:
-                    log.warning(warn)
                     (bar.write if bar is not None else say)(f"WARNING: {warn}")
                     metrics.write({"kind": "warning", "iteration": done, "message": warn})
                 if bar is not None:
@@ -500,13 +501,28 @@ def pretrain(
             say(f"loss: {first:.4f} (first {k} log rows) -> {last:.4f} (last {k}); "
                 f"{'fell' if last < first else 'did NOT fall'}")
     _check_replicas(trainer, metrics)
-    result.comparison = prober.final(full_sd, metrics)
+    result.comparison = prober.final(full_sd, metrics, init_backbone=lambda: _initial_teacher(cfg))
     if info.is_main:
         png = plot_report(out / "metrics.jsonl", out / "report.png", title=f"{cfg.get('_preset')}: {out}")
         if png:
             say(f"run report: {png}")
+        budget = cfg["train"]["time_budget_s"]
+        took = time.perf_counter() - t_start
+        say(f"done in {took:.0f}s" + (f" (budget {float(budget):.0f}s)" if budget else "") + f"; run folder {out}")
     D.barrier()
     return result
+
+
+def _initial_teacher(cfg: dict[str, Any]) -> VisionTransformer:
+    """The teacher backbone as it was at iteration 0 (same seed, same init_from): the fairest baseline."""
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    meta = SSLMetaArch(cfg)
+    if cfg["train"]["init_from"]:
+        from chexfound.ssl.config import expand_path
+
+        init_from_checkpoint(meta.student, meta.teacher, expand_path(cfg["train"]["init_from"]),
+                             cfg["train"]["pos_embed_on_resize"])
+    return meta.teacher.backbone.eval()
 
 
 def _check_replicas(trainer: Trainer, metrics: MetricsLog) -> None:
