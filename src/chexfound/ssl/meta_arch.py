@@ -169,8 +169,11 @@ class SSLMetaArch(nn.Module):
         cfg = self.cfg
         g, loc = batch["global_crops"], batch["local_crops"]
         masks = batch.get("masks") if self.ibot_enabled else None
-        mask_idx = masks.flatten().nonzero().flatten() if masks is not None else None
-        n_masked = int(mask_idx.numel()) if mask_idx is not None else 0
+        mask_idx = batch.get("mask_idx") if masks is not None else None
+        if masks is not None and mask_idx is None:
+            mask_idx = masks.flatten().nonzero().flatten()
+        # The count comes from the host when the trainer built the masks there (no device sync).
+        n_masked = int(batch.get("n_masked", mask_idx.numel() if mask_idx is not None else 0)) if masks is not None else 0
         with tm("teacher"), autocast():
             ts = self.teacher(g, None, None, mask_idx, True)
             if hasattr(self.teacher, "reshard"):
@@ -211,7 +214,9 @@ class SSLMetaArch(nn.Module):
                 "koleo_loss": koleo.detach() if torch.is_tensor(koleo) else torch.tensor(float(koleo)),
                 "teacher_entropy": _entropy(dino_t).mean(),
                 "teacher_mean_entropy": _entropy(mean_p),
-                "prototypes_in_use": torch.tensor(float(torch.unique(dino_t.argmax(dim=-1)).numel())),
+                # distinct argmax prototypes, without a host sync (unique() would wait for the device)
+                "prototypes_in_use": torch.zeros(k, device=dino_t.device).scatter_(
+                    0, dino_t.argmax(dim=-1), 1.0).sum(),
                 "masked_patches": torch.tensor(float(n_masked)),
                 "log_n_prototypes": torch.tensor(math.log(k)),
             }

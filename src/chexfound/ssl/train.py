@@ -93,6 +93,10 @@ class Trainer:
         self._wrap()
         self.optimizer = self._make_optimizer()
         self.schedules: Schedules | None = None
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masks")
+        self._next_masks: Any = None
 
     def _wrap(self) -> None:
         meta, cfg = self.meta, self.cfg
@@ -161,13 +165,25 @@ class Trainer:
             batch = self.augment(images, gen)
         if self.meta.ibot_enabled:
             with self._section("masks"):
-                i = self.cfg["ibot"]
-                rng = np.random.default_rng([int(self.cfg["train"]["seed"]), step, self.info.rank, 7])
-                masks = sample_batch_masks(batch["global_crops"].shape[0], self.mask_gen,
-                                           float(i["mask_sample_probability"]), tuple(i["mask_ratio_min_max"]), rng)
+                n = batch["global_crops"].shape[0]
+                fut = self._next_masks
+                masks, idx = (fut[1].result() if fut is not None and fut[0] == (step, n)
+                              else self._masks(step, n))
+                # Build the next step's masks on a host thread while the device works on this one.
+                self._next_masks = ((step + 1, n), self._mask_pool.submit(self._masks, step + 1, n))
                 batch["masks"] = masks.to(self.device, non_blocking=True)
+                batch["mask_idx"] = idx.to(self.device, non_blocking=True)
+                batch["n_masked"] = int(idx.numel())  # type: ignore[assignment]
         torch.manual_seed(seed)  # stochastic depth
         return batch
+
+    def _masks(self, step: int, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block masks of one step (seeded by step and rank) and the flat indices of masked patches."""
+        i = self.cfg["ibot"]
+        rng = np.random.default_rng([int(self.cfg["train"]["seed"]), step, self.info.rank, 7])
+        masks = sample_batch_masks(n_images, self.mask_gen, float(i["mask_sample_probability"]),
+                                   tuple(i["mask_ratio_min_max"]), rng)
+        return masks, masks.flatten().nonzero().flatten()
 
     def train_step(self, step: int, images: torch.Tensor, lr_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """One optimisation step on this rank's uint8 images [b, 1, S, S]; returns detached stats."""
