@@ -134,3 +134,18 @@ def test_next_stage_interpolates_pos_embed(full_run, tmp_path, tiny_corpus, tiny
     pretrain(cfg, tmp_path, device="cpu", quiet=True)
     model, _ = load_backbone(tmp_path / "teacher_backbone.safetensors")
     assert model.pos_embed.shape == (1, 10, 64)
+
+
+def test_bf16_shards_roundtrip(full_run, tmp_path):
+    from chexfound.ssl.checkpoint import export_teacher_shards, load_backbone_shards
+
+    out, _, cfg = full_run
+    ck = load_checkpoint(list_checkpoints(out)[-1][1])
+    meta_arch = SSLMetaArch(cfg)
+    files = export_teacher_shards(tmp_path, ck["model"], meta_arch.vit_config, 0.25, {"note": "test"})
+    assert len(files) > 1 and all(f.stat().st_size <= 0.25 * 2**20 for f in files)
+    model, meta = load_backbone_shards(tmp_path)
+    ref, _ = load_backbone(out / "teacher_backbone.safetensors")
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v.to(torch.bfloat16).float())
+    assert meta["n_shards"] == len(files) and meta["ssl"]["note"] == "test"

@@ -169,6 +169,64 @@ def export_teacher(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config:
     return {"ours": ours, "original": orig}
 
 
+def export_teacher_shards(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config: Any, max_mib: float,
+                          extra: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """The teacher backbone as `teacher_backbone.<i>-of-<n>.safetensors` files of at most `max_mib` MiB each
+    (bf16 by default): small enough to travel where file sizes are capped. Every shard carries the full
+    metadata (config, transform, shard index, the sha256 of the whole fp32 state), and
+    `load_backbone_shards(folder)` reassembles and checks them."""
+    from chexfound.data.transform import InputTransform
+    from chexfound.models.format import save_tensors, state_dict_sha256
+
+    vit = teacher_backbone_from_state(model_sd, vit_config)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in vit.state_dict().items()}
+    limit = int(max_mib * 2**20) - 64 * 1024  # room for the header
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if n > limit:
+            raise CheckpointError(None, f"{k} alone ({n / 2**20:.1f} MiB) exceeds the {max_mib} MiB shard size")
+        if size + n > limit and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    meta = {"kind": "backbone_shard", "config": vit.cfg.to_dict(),
+            "transform": InputTransform.for_backbone(vit.cfg).to_dict(), "dtype": str(dtype).replace("torch.", ""),
+            "fp32_weights_sha256": state_dict_sha256(vit.state_dict()), "n_shards": len(groups), "ssl": extra}
+    out = []
+    for i, keys in enumerate(groups):
+        path = Path(out_dir) / f"teacher_backbone.{i + 1:02d}-of-{len(groups):02d}.safetensors"
+        save_tensors(path, {k: sd[k] for k in keys}, {**meta, "shard": i + 1})
+        out.append(path)
+    return out
+
+
+def load_backbone_shards(folder: str | Path, prefix: str = "teacher_backbone.") -> tuple[VisionTransformer, dict]:
+    """Reassemble `export_teacher_shards` output -> (fp32 model in eval mode, metadata)."""
+    from chexfound.models.config import ViTConfig
+    from chexfound.models.format import load_tensors
+
+    files = sorted(Path(folder).glob(f"{prefix}*-of-*.safetensors"))
+    if not files:
+        raise CheckpointError(folder, "no backbone shards here")
+    sd: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for f in files:
+        t, meta = load_tensors(f)
+        if meta.get("kind") != "backbone_shard":
+            raise CheckpointError(f, f"not a backbone shard (kind={meta.get('kind')!r})")
+        sd.update(t)
+    if len(files) != int(meta["n_shards"]):
+        raise CheckpointError(folder, f"{len(files)} shard files, expected {meta['n_shards']}")
+    vit = VisionTransformer(ViTConfig.from_dict(meta["config"]))
+    missing, unexpected = vit.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(folder, f"shards do not match the config: missing {missing}, unexpected {unexpected}")
+    return vit.eval(), meta
+
+
 # -- stage initialisation (progressive resolution) --------------------------------------------------
 _CHUNKED = re.compile(r"(^|\.)blocks\.(\d+)\.(\d+)\.")
 

@@ -103,10 +103,21 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
             raise ConfigError(None, f"override {item!r} is not of the form key.sub=value")
         k, v = item.split("=", 1)
         try:
-            out.append((k.strip(), yaml.safe_load(v)))
+            val = yaml.safe_load(v)
         except yaml.YAMLError as e:
             raise ConfigError(None, f"override {item!r}: value is not valid YAML ({e})") from e
+        out.append((k.strip(), _float_if_numeric(val)))
     return out
+
+
+def _float_if_numeric(val: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; on the command line it means a number."""
+    if isinstance(val, str):
+        try:
+            return float(val)
+        except ValueError:
+            return val
+    return val
 
 
 def load_config(preset: str | None, overrides: Iterable[str] = ()) -> dict[str, Any]:

@@ -509,6 +509,12 @@ def pretrain(
         result.exports = export_teacher(out, full_sd, trainer.vit_config, int(cfg["checkpoint"]["export_block_chunks"]),
                                         extra)
         say(f"teacher exported: {result.exports['ours']} (ours), {result.exports['original']} (original layout)")
+        shard_mib = cfg["checkpoint"].get("export_bf16_shard_mib")
+        if shard_mib:
+            from chexfound.ssl.checkpoint import export_teacher_shards
+
+            shards = export_teacher_shards(out / "teacher_bf16", full_sd, trainer.vit_config, float(shard_mib), extra)
+            say(f"teacher as {len(shards)} bf16 shard(s) of <= {shard_mib} MiB in {out / 'teacher_bf16'}")
         rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"]
         if len(rows) >= 4:
             k = max(1, len(rows) // 10)
