@@ -134,7 +134,8 @@ def _columns(ytr: np.ndarray, yte: np.ndarray) -> list[int]:
     return cols
 
 
-def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, seed: int = 0) -> np.ndarray:
+def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, seed: int = 0,
+                        n_jobs: int = 1) -> np.ndarray:
     """Test scores [n_test, C] (NaN for columns that cannot be fitted)."""
     sc = StandardScaler().fit(ftr)
     a, b = sc.transform(ftr), sc.transform(fte)
@@ -145,7 +146,7 @@ def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, seed:
         if len(np.unique(y)) < 2 or min(np.bincount(y.astype(int))) < 3:
             continue
         clf = GridSearchCV(LogisticRegression(max_iter=2000, random_state=seed),
-                           {"C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3, scoring="roc_auc")
+                           {"C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3, scoring="roc_auc", n_jobs=n_jobs)
         clf.fit(a[ok], y)
         out[:, c] = clf.decision_function(b)
     return out
@@ -175,16 +176,39 @@ def mean_auroc(scores: np.ndarray, yte: np.ndarray, cols: list[int]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def bootstrap_ci(scores: np.ndarray, yte: np.ndarray, cols: list[int], n: int = 500, seed: int = 0,
+def auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AUROC of each row of y/s [B, n] at once (Mann-Whitney with average ranks for ties, i.e. exactly
+    roc_auc_score); NaN for rows with one class only."""
+    from scipy.stats import rankdata
+
+    r = rankdata(s, axis=1)
+    npos = y.sum(axis=1)
+    nneg = y.shape[1] - npos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((r * y).sum(axis=1) - npos * (npos + 1) / 2) / (npos * nneg)
+    auc[(npos == 0) | (nneg == 0)] = np.nan
+    return auc
+
+
+def _bootstrap_mean_auroc(scores: np.ndarray, yte: np.ndarray, cols: list[int], idx: np.ndarray) -> np.ndarray:
+    """Mean AUROC over `cols` for each bootstrap resample (rows of idx [B, n]); NaN where undefined."""
+    per_col = []
+    for c in cols:
+        y, s = yte[:, c], scores[:, c]
+        if np.isnan(y).any() or np.isnan(s).any():  # rare: fall back to the per-resample path
+            per_col.append(np.array([mean_auroc(scores[i], yte[i], [c]) for i in idx]))
+        else:
+            per_col.append(auroc_rows(y[idx], s[idx]))
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.stack(per_col), axis=0) if per_col else np.full(len(idx), np.nan)
+
+
+def bootstrap_ci(scores: np.ndarray, yte: np.ndarray, cols: list[int], n: int = 1000, seed: int = 0,
                  alpha: float = 0.05) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        i = rng.integers(0, len(yte), len(yte))
-        v = mean_auroc(scores[i], yte[i], cols)
-        if not np.isnan(v):
-            vals.append(v)
-    if not vals:
+    idx = np.random.default_rng(seed).integers(0, len(yte), (n, len(yte)))
+    vals = _bootstrap_mean_auroc(scores, yte, cols, idx)
+    vals = vals[~np.isnan(vals)]
+    if not len(vals):
         return float("nan"), float("nan")
     return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
 
@@ -210,18 +234,14 @@ def probe_backbone(model: VisionTransformer, task: ProbeTask, device: torch.devi
     return evaluate_features(ftr, fte, task, knn_k, linear, ci)
 
 
-def paired_bootstrap_diff(s_a: np.ndarray, s_b: np.ndarray, yte: np.ndarray, cols: list[int], n: int = 500,
+def paired_bootstrap_diff(s_a: np.ndarray, s_b: np.ndarray, yte: np.ndarray, cols: list[int], n: int = 1000,
                           seed: int = 0) -> tuple[float, float, float]:
-    """AUROC(a) - AUROC(b) on the same test images: point value and 95% CI."""
-    rng = np.random.default_rng(seed)
+    """AUROC(a) - AUROC(b) on the same test images (the same resamples for both): point value and 95% CI."""
+    idx = np.random.default_rng(seed).integers(0, len(yte), (n, len(yte)))
     point = mean_auroc(s_a, yte, cols) - mean_auroc(s_b, yte, cols)
-    diffs = []
-    for _ in range(n):
-        i = rng.integers(0, len(yte), len(yte))
-        d = mean_auroc(s_a[i], yte[i], cols) - mean_auroc(s_b[i], yte[i], cols)
-        if not np.isnan(d):
-            diffs.append(d)
-    return point, float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
+    d = _bootstrap_mean_auroc(s_a, yte, cols, idx) - _bootstrap_mean_auroc(s_b, yte, cols, idx)
+    d = d[~np.isnan(d)]
+    return point, float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))
 
 
 def task_columns(task: ProbeTask) -> list[int]:

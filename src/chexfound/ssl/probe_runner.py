@@ -74,7 +74,8 @@ class ProbeRunner:
         t = float(D.broadcast_object(t))
         n_per = int(self.p["n_train"]) + int(self.p["n_test"])
         n_fin = int(self.p["final_n_train"]) + int(self.p["final_n_test"])
-        tasks = 1 + int(bool(self.p.get("nih14")))
+        # NIH-14 fits 13 findings on ~380 images: about 5 Kermany probes' worth of logistic regressions.
+        tasks = 1 + 5 * int(bool(self.p.get("nih14")))
         final = t * n_fin / max(1, n_per) * (2 + int(self.p["final_random_seeds"])) * tasks
         return t * int(self.p["n_evals"]) + final + 10.0
 
@@ -124,7 +125,7 @@ class ProbeRunner:
             def scores_of(model: VisionTransformer) -> np.ndarray:
                 ftr = backbone_features(model, task.train_images, self.device, bs, self.trainer.autocast)
                 fte = backbone_features(model, task.test_images, self.device, bs, self.trainer.autocast)
-                return linear_probe_scores(ftr, task.train_labels, fte)
+                return linear_probe_scores(ftr, task.train_labels, fte, n_jobs=int(self.p.get("n_jobs", 1)))
 
             rows: dict[str, Any] = {}
             s_teacher = scores_of(teacher)
@@ -143,7 +144,7 @@ class ProbeRunner:
                 rows[f"random_init_seed{k}"] = self._row(s, y, cols)
                 del rnd
             s_pix = linear_probe_scores(pixel_features(task.train_images), task.train_labels,
-                                        pixel_features(task.test_images))
+                                        pixel_features(task.test_images), n_jobs=int(self.p.get("n_jobs", 1)))
             rows["pixels_32x32"] = self._row(s_pix, y, cols)
             baselines["pixels"] = s_pix
             diffs = {}
