@@ -149,3 +149,19 @@ def test_bf16_shards_roundtrip(full_run, tmp_path):
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v.to(torch.bfloat16).float())
     assert meta["n_shards"] == len(files) and meta["ssl"]["note"] == "test"
+
+
+def test_checkpoints_keep_last_k_and_leave_no_temp_files(tmp_path):
+    from chexfound.errors import CheckpointError
+    from chexfound.ssl.checkpoint import save_checkpoint
+
+    for it in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, it, {"model": {"w": torch.full((2,), float(it))}}, {"a": it}, keep_last=2)
+    assert [it for it, _ in list_checkpoints(tmp_path)] == [30, 40]
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["ckpt_00000030.pt", "ckpt_00000030.yaml", "ckpt_00000040.pt", "ckpt_00000040.yaml"]
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt_00000040.pt")["model"]["w"][0] == 40.0
+    bad = tmp_path / "ckpt" / "ckpt_00000050.pt"
+    bad.write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="ckpt_00000050.pt"):
+        load_checkpoint(bad)
