@@ -18,6 +18,14 @@ from chexfound.models.format import load_tensors, save_tensors
 
 Features = Sequence[tuple[Tensor, Tensor]]
 _HEAD_TYPES: dict[str, type["Head"]] = {}
+TASKS = ("multilabel", "binary", "multiclass", "regression", "survival")
+
+
+def output_dim(task: str, n_findings: int) -> int:
+    """Logits per image: one per finding/class/target; one risk score for survival (Cox)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    return 1 if task == "survival" else n_findings
 
 
 class Head(nn.Module):
@@ -25,6 +33,12 @@ class Head(nn.Module):
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel") -> None:
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        if task == "binary" and len(findings) != 1:
+            raise ValueError(f"a binary head has exactly one finding, got {list(findings)}")
+        if task == "multiclass" and len(findings) < 2:
+            raise ValueError(f"a multiclass head needs at least two classes, got {list(findings)}")
         self.findings = list(findings)
         self.n_blocks = n_blocks
         self.task = task
@@ -39,6 +53,15 @@ class Head(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.findings)
+
+    @property
+    def out_dim(self) -> int:
+        return output_dim(self.task, len(self.findings))
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether forward returns per-class attention over patches."""
+        return False
 
     def hparams(self) -> dict[str, Any]:
         """Constructor keyword arguments (besides findings/n_blocks/task) needed to rebuild this head."""
