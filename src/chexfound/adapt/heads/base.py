@@ -44,6 +44,10 @@ class Head(nn.Module):
         self.task = task
         # Decision thresholds on probabilities, chosen on validation (0.5 until then).
         self.register_buffer("thresholds", torch.full((len(self.findings),), 0.5))
+        if task == "regression":
+            # Heads regress standardised targets; predictions are mapped back with the training mean/std.
+            self.register_buffer("target_mean", torch.zeros(len(self.findings)))
+            self.register_buffer("target_std", torch.ones(len(self.findings)))
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -75,7 +79,9 @@ class Head(nn.Module):
             return logits.softmax(-1)
         if self.task in ("multilabel", "binary"):
             return logits.sigmoid()
-        return logits
+        if self.task == "regression":
+            return logits * self.target_std + self.target_mean
+        return logits  # survival: the log hazard ratio (risk score)
 
 
 def save_head(
