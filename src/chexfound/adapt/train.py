@@ -42,6 +42,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     val_predictions: np.ndarray | None = None
     metric: str = ""
+    heads: list[Head] = field(default_factory=list)  # every config's head, when asked (`return_all=True`)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -109,13 +110,15 @@ def fit_heads(
     grid_chunk: int | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    return_all: bool = False,
 ) -> FitResult:
     """Train one head per (lr, weight decay) on the same batches; return the best on `val` by `metric`
     (default: macro AP for classification, R^2 for regression, C-index for survival).
 
     Early stopping: a config stops updating after `patience` evaluations without improvement; training ends
     when every config has stopped. Without validation data the config with the lowest final training loss
-    is taken (logged as a warning) and thresholds stay at 0.5."""
+    is taken (logged as a warning) and thresholds stay at 0.5. `return_all` also returns every config's head
+    (at its best validation state, or final state without validation) in `result.heads`."""
     dev = _resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -232,7 +235,8 @@ def fit_heads(
         head = grid.extract(best)
         summary = [{"config": g, "lr": lr, "weight_decay": wd, "train_loss": float(last_loss[g])}
                    for g, (lr, wd) in enumerate(configs)]
-        return FitResult(head, {**summary[best], "epoch": epochs}, summary, history, None, "train_loss")
+        heads = [grid.extract(g).cpu() for g in range(grid.g)] if return_all else []
+        return FitResult(head.cpu(), {**summary[best], "epoch": epochs}, summary, history, None, "train_loss", heads)
 
     best = int(np.argmax(best_score))
     head = grid.extract(best, snap)
@@ -244,7 +248,8 @@ def fit_heads(
                 metric: float(sign * best_score[g]) if np.isfinite(best_score[g]) else math.nan,
                 **{f"val_{k}": v for k, v in best_metrics[g].items()}}
                for g, (lr, wd) in enumerate(configs)]
-    return FitResult(head.cpu(), summary[best], summary, history, val_pred, metric)
+    heads = [grid.extract(g, snap).cpu() for g in range(grid.g)] if return_all else []
+    return FitResult(head.cpu(), summary[best], summary, history, val_pred, metric, heads)
 
 
 @torch.no_grad()
