@@ -92,15 +92,18 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, path: str | PathLike[str], 
     rgba = colormaps[cmap](np.clip(heat, 0, 1))
     rgba[..., 3] = np.clip(heat, 0, 1) * max_alpha
     h, w = image.shape
-    scale = min(1.0, 6.0 * dpi / max(h, w))
-    fig = Figure(figsize=(w * scale / dpi, h * scale / dpi + (0.4 if title else 0)), dpi=dpi)
+    # Display between 400 and 640 px wide whatever the input size (64-px test models included).
+    disp_w = float(min(max(w, 400), 640))
+    disp_h = disp_w * h / w
+    band = 28.0 if title else 0.0
+    fig = Figure(figsize=(disp_w / dpi, (disp_h + band) / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, h * scale / dpi / fig.get_figheight()))
+    ax = fig.add_axes((0, 0, 1, disp_h / (disp_h + band)))
     ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
     ax.imshow(rgba, interpolation="bilinear")
     ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=10, y=1.0, va="top")
+        fig.text(0.5, 1 - band / 2 / (disp_h + band), title, ha="center", va="center", fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write_bytes(path, buf.getvalue())
@@ -128,7 +131,9 @@ def save_heatmaps(attention: Tensor | np.ndarray, probabilities: Sequence[float]
         heat = attention_map(a[:, c], size=int(transform.size), grid=grid, gamma=gamma)
         if original_space:
             heat = to_image_space(heat, base.shape, transform)
-            heat = heat / heat.max() if heat.max() > 0 else heat
+        # Display scaling as matplotlib's default norm: min -> transparent, max -> full colour.
+        lo, hi = float(heat.min()), float(heat.max())
+        heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
         title = f"{findings[c]}: p = {probs[c]:.2f}"
         out.append(overlay_png(base, heat, Path(out_dir) / f"{_safe(stem)}__{_safe(findings[c])}.png", title))
     return out
