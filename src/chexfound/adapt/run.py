@@ -241,6 +241,9 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
         from chexfound.adapt.finetune import finetune
         from chexfound.models import backbone_sha256, save_backbone
 
+        if len(opts.lrs) > 1 or len(opts.weight_decays) > 1:
+            log.warning("end-to-end training runs one configuration: lr %g, weight decay %g (the first values)",
+                        opts.lrs[0], opts.weight_decays[0])
         bb = copy.deepcopy(backbone)
         bb, res = finetune(bb, make, train_m.paths(), y_tr, val_m.paths(), y_va, mode=opts.finetune, transform=tf,
                            lr=opts.lrs[0], backbone_lr=opts.backbone_lr, weight_decay=opts.weight_decays[0],

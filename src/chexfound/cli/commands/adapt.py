@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     known = {f.name for f in fields(AdaptOptions)}
     kw = {k: v for k, v in vars(args).items() if k in known and v is not None}
-    kw["lrs"] = list(args.lrs) if args.lrs else list(DEFAULT_LRS)
+    # End to end trains one configuration: the head lr defaults to 1e-3 there, to the 13-value grid otherwise.
+    kw["lrs"] = list(args.lrs) if args.lrs else ([1e-3] if args.finetune else list(DEFAULT_LRS))
     summary = run_adapt(AdaptOptions(**kw))
     return int(summary["exit_code"])
