@@ -1,4 +1,17 @@
-"""Adaptation on frozen, cached features: GLoRI, linear/MLP probes, other targets, grid training, heatmaps."""
+"""Adaptation on frozen, cached features: GLoRI, linear/MLP probes, other targets, grid training, heatmaps.
+
+    from chexfound.adapt import FeatureCache, GloriHead, fit_heads, load_head, predict
+    train = FeatureCache.build(backbone, train_manifest, "cache/train", n_blocks=4)   # once; reruns reuse it
+    val = FeatureCache.build(backbone, val_manifest, "cache/val", n_blocks=4)
+    res = fit_heads(lambda: GloriHead(findings, 4, embed_dim=1024), train, y_train, val, y_val)  # 13-lr grid
+    save_head(res.head, "glori.safetensors", backbone_sha256=train.backbone_sha256, transform=...)
+    probs, attn = predict(load_head("glori.safetensors"), val, return_attention=True)
+
+Modules: heads/ (GloriHead, LinearHead, MLPHead; tasks multilabel | binary | multiclass | regression |
+survival), cache (FeatureCache), train (fit_heads), grid (vmapped AdamW over stacked heads), losses (masked
+BCE, ASL, CE, MSE, Cox), metrics, inference (predict), heatmap, released (original glori.pth), finetune
+(end to end: full, LoRA, BitFit, when the cache is off), run (the `chexfound adapt` pipeline).
+"""
 
 from __future__ import annotations
 
