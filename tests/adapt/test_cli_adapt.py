@@ -42,15 +42,15 @@ def test_glori_then_linear_reuse_the_cache(manifest, tmp_path, monkeypatch):
     assert set(head.findings) == {n.replace(" ", "_") for n in NIH14}
     assert meta["backbone_sha256"] and meta["transform"]["size"] == 64 and meta["n_blocks"] == 2
     assert meta["selection"]["lr"] in (1e-3, 1e-2)
-    table = pd.read_csv(out / "val_per_finding.csv")
+    table = pd.read_csv(out / "glori.val_per_finding.csv")
     assert list(table.columns[:5]) == ["finding", "n_pos", "n_neg", "auroc", "ap"] and len(table) == 14
-    assert len(pd.read_csv(out / "grid.csv")) == 2
-    assert len(list((out / "heatmaps").glob("*.png"))) == 2
+    assert len(pd.read_csv(out / "glori.grid.csv")) == 2
+    assert len(list((out / "heatmaps" / "glori").glob("*.png"))) == 2
     assert pd.read_csv(out / "skipped.csv")["path"].str.endswith("broken.png").all()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"start", "cache", "done"} <= {r.get("event") for r in records}
     assert sum("val_macro_ap" in r for r in records) == 2 * 2
-    summary = json.loads((out / "metrics.json").read_text())
+    summary = json.loads((out / "glori.metrics.json").read_text())
     assert summary["val_images"] + summary["train_images"] == 41
 
     # A second head in the same folder: the features are not recomputed.
@@ -63,6 +63,7 @@ def test_glori_then_linear_reuse_the_cache(manifest, tmp_path, monkeypatch):
     rc = main(["adapt", "--config", "tiny_vit", "--train", str(manifest / "with_bad.csv"), "--val-split", "0.25",
                "--head", "linear", "--avgpool", "--epochs", "2", "--lrs", "1e-2", "--out", str(out), *SMALL])
     assert rc == 0 and isinstance(load_head(out / "linear.safetensors"), LinearHead)
+    assert len(pd.read_csv(out / "linear.val_per_finding.csv")) == 14 and (out / "glori.grid.csv").is_file()
     # --strict turns skipped images into a non-zero exit.
     rc = main(["adapt", "--config", "tiny_vit", "--train", str(manifest / "with_bad.csv"), "--val-split", "0.25",
                "--head", "linear", "--epochs", "1", "--lrs", "1e-2", "--out", str(out), "--strict", *SMALL])
@@ -81,7 +82,7 @@ def test_split_column_and_backbone_file(manifest, tmp_path, tiny_backbone):
                "--labels", "Atelectasis,Effusion", "--head", "mlp", "--hidden-dim", "16", "--epochs", "1",
                "--lrs", "1e-3", "--out", str(out), *SMALL])
     assert rc == 0
-    summary = json.loads((out / "metrics.json").read_text())
+    summary = json.loads((out / "mlp.metrics.json").read_text())
     assert summary["val_images"] == 10 and summary["backbone_sha256"] == backbone_sha256(tiny_backbone)
     assert load_head(out / "mlp.safetensors").findings == ["Atelectasis", "Effusion"]
     assert main(["adapt", "--train", str(tmp_path / "split.csv"), "--out", str(out), "--quiet"]) == 2  # no backbone

@@ -90,13 +90,13 @@ class AdaptOptions:
 class _RunLog:
     """metrics.jsonl in the run folder: one JSON object per line, appended and flushed as training goes."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = path, name
 
     def __call__(self, rec: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **clean}) + "\n")
+            f.write(json.dumps({"time": round(time.time(), 3), "run": self.name, **clean}) + "\n")
 
 
 def _device(name: str) -> torch.device:
@@ -208,9 +208,11 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
-    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(asdict(opts), sort_keys=False).encode())
-    runlog = _RunLog(out / "metrics.jsonl")
-    runlog({"event": "start", "head": opts.head, "task": opts.task})
+    # Several heads may share one folder (and its cache): per-head files are prefixed by the head's name.
+    name = opts.name or opts.head
+    atomic_write_bytes(out / f"{name}.config.yaml", yaml.safe_dump(asdict(opts), sort_keys=False).encode())
+    runlog = _RunLog(out / "metrics.jsonl", name)
+    runlog({"event": "start", "head_type": opts.head, "task": opts.task})
     dev = _device(opts.device)
 
     backbone, sha, recorded_tf = load_backbone_for(opts)
@@ -280,28 +282,31 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
         head, best, configs, val_pred, metric = res.head, res.config, res.configs, res.val_predictions, res.metric
         val_cache = caches["val"]
 
-    name = opts.name or opts.head
     head_path = out / f"{name}.safetensors"
     extra = {"selection": {"metric": metric, **best}, "label_columns": list(train_m.label_columns),
              "uncertain": opts.uncertain, "train_manifest": str(opts.train), "finetune": opts.finetune}
     save_head(head, head_path, backbone_sha256=sha, backbone_config=backbone.cfg.to_dict(), transform=tf.to_dict(),
               extra=extra)
-    _write_csv(pd.DataFrame(configs), out / "grid.csv")
+    files = {"head": head_path, "grid": out / f"{name}.grid.csv", "summary": out / f"{name}.metrics.json",
+             "val_predictions": out / f"{name}.val_predictions.csv",
+             "val_per_finding": out / f"{name}.val_per_finding.csv", "log": out / "metrics.jsonl"}
+    _write_csv(pd.DataFrame(configs), files["grid"])
 
     summary: dict[str, Any] = {"head": str(head_path), "best": best, "metric": metric, "backbone_sha256": sha,
-                               "train_images": len(train_m), "val_images": len(val_m), "skipped": len(skipped)}
+                               "train_images": len(train_m), "val_images": len(val_m), "skipped": len(skipped),
+                               "files": {k: str(v) for k, v in files.items()}}
     if val_pred is not None:
         cols = findings if head.out_dim == len(findings) else ["risk"]
         pred_df = pd.DataFrame(val_pred, columns=cols)
         pred_df.insert(0, "path", [str(p) for p in val_m.paths()])
-        _write_csv(pred_df, out / "val_predictions.csv")
+        _write_csv(pred_df, files["val_predictions"])
         if opts.task in ("multilabel", "binary", "multiclass"):
             y_table = y_va.reshape(len(y_va), -1) if opts.task != "multiclass" else _onehot(y_va, len(findings))
             rows = per_finding(y_table, val_pred, findings)
             for r, t in zip(rows, head.thresholds.tolist()):
                 r["threshold"] = t
             table = pd.DataFrame(rows)
-            _write_csv(table, out / "val_per_finding.csv")
+            _write_csv(table, files["val_per_finding"])
             summary["per_finding"] = rows
             if not opts.quiet:
                 print(_format_table(table))
@@ -310,11 +315,11 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
         log.warning("%d unreadable image(s) skipped; listed in %s", len(skipped), out / "skipped.csv")
 
     if opts.heatmaps and val_cache is not None:
-        summary["heatmaps"] = [str(p) for p in _heatmaps(head, val_cache, tf, out / "heatmaps", opts)]
+        summary["heatmaps"] = [str(p) for p in _heatmaps(head, val_cache, tf, out / "heatmaps" / name, opts)]
     elif opts.heatmaps:
         log.warning("heatmaps are drawn from the feature cache; skipped for end-to-end runs")
     runlog({"event": "done", **{k: v for k, v in summary.items() if k not in ("per_finding",)}})
-    atomic_write_bytes(out / "metrics.json", json.dumps(_jsonable(summary), indent=1).encode())
+    atomic_write_bytes(files["summary"], json.dumps(_jsonable(summary), indent=1).encode())
     if not opts.quiet:
         print(f"best: {_short(best)}\nsaved {head_path}")
     summary["exit_code"] = 1 if (opts.strict and skipped) else 0

@@ -14,9 +14,11 @@ examples:
 
 The training manifest may carry a `split` column (train / val); without --val and without val rows, a
 --val-split fraction of patients is held out. Reruns with the same --out (or --cache) reuse the features.
-Outputs in --out: <name>.safetensors (best head, with thresholds, backbone sha256 and input transform),
-metrics.jsonl, grid.csv, val_per_finding.csv, val_predictions.csv, metrics.json, config.yaml, heatmaps/,
-skipped.csv (unreadable images).
+Outputs in --out (<name> = --name or the head type, so several heads can share one folder and its cache):
+<name>.safetensors (best head, with thresholds, backbone sha256 and input transform; `predict` needs nothing
+else), <name>.val_per_finding.csv (AUROC/AP/threshold per finding), <name>.grid.csv (every lr/wd config),
+<name>.val_predictions.csv, <name>.metrics.json, <name>.config.yaml, heatmaps/<name>/*.png, metrics.jsonl
+(progress log of every run), skipped.csv (unreadable images), cache/ (features; or --cache DIR).
 """
 
 
