@@ -108,3 +108,17 @@ def test_other_tasks_learn(task, metric, floor):
     if task == "regression":
         # Predictions come back on the target's scale (the head stores the training mean/std).
         assert abs(np.nanmean(res.val_predictions) - np.nanmean(yva)) < 0.5 * np.nanstd(yva)
+
+
+def test_uncertain_labels_follow_the_policy():
+    ftr, ytr = _data(64, 0)
+    y_unc = ytr.copy()
+    y_unc[::3, 0] = -1
+    kw = dict(lrs=[1e-2], epochs=2, batch_size=32, return_all=True)
+    make = lambda: LinearHead(["a", "b", "c"], 2, embed_dim=D)  # noqa: E731
+    as_nan = fit_heads(make, ftr, np.where(y_unc == -1, np.nan, y_unc), **kw)
+    ignored = fit_heads(make, ftr, y_unc, uncertain="nan", **kw)
+    as_one = fit_heads(make, ftr, y_unc, uncertain="one", **kw)
+    w = lambda r: r.heads[0].linear.weight  # noqa: E731
+    torch.testing.assert_close(w(ignored), w(as_nan))
+    assert not torch.allclose(w(as_one), w(as_nan))

@@ -58,6 +58,15 @@ def _labelled_rows(task: str, y: np.ndarray) -> np.ndarray:
     return ~np.isnan(y2).all(1)
 
 
+def _resolve_uncertain(task: str, labels: np.ndarray, policy: str) -> np.ndarray:
+    y = np.array(labels, dtype=np.float32, copy=True)
+    if task in ("multilabel", "binary"):
+        if policy not in ("nan", "zero", "one"):
+            raise ValueError(f"unknown uncertain-label policy {policy!r}; use nan, zero or one")
+        y[y == -1] = {"nan": np.nan, "zero": 0.0, "one": 1.0}[policy]
+    return y
+
+
 def _to_device(feats: Features, device: torch.device) -> Features:
     return tuple((p.to(device, non_blocking=True), c.to(device, non_blocking=True)) for p, c in feats)
 
@@ -96,6 +105,7 @@ def fit_heads(
     batch_size: int = 64,
     loss: str | None = None,
     class_balance: str = "none",
+    uncertain: str = "nan",
     asl: dict[str, float] | None = None,
     metric: str | None = None,
     eval_every: int = 1,
@@ -117,7 +127,8 @@ def fit_heads(
 
     Early stopping: a config stops updating after `patience` evaluations without improvement; training ends
     when every config has stopped. Without validation data the config with the lowest final training loss
-    is taken (logged as a warning) and thresholds stay at 0.5. `return_all` also returns every config's head
+    is taken (logged as a warning) and thresholds stay at 0.5. Uncertain labels (-1) of multilabel/binary
+    tasks follow `uncertain`: "nan" (ignored), "zero" or "one". `return_all` also returns every config's head
     (at its best validation state, or final state without validation) in `result.heads`."""
     dev = _resolve_device(device)
     torch.manual_seed(seed)
@@ -126,7 +137,7 @@ def fit_heads(
     val_src = None if val is None else as_source(val)
     template = make_head().to(dev)
     task = template.task
-    y_tr = np.asarray(train_labels, dtype=np.float32)
+    y_tr = _resolve_uncertain(task, train_labels, uncertain)
     if len(y_tr) != len(train_src):
         raise ValueError(f"{len(y_tr)} training label rows for {len(train_src)} feature rows")
     tr_idx = np.arange(len(train_src)) if train_indices is None else np.asarray(train_indices)
@@ -154,7 +165,7 @@ def fit_heads(
     if val_src is not None:
         if val_labels is None:
             raise ValueError("val features given without val labels")
-        y_va = np.asarray(val_labels, dtype=np.float32)
+        y_va = _resolve_uncertain(task, val_labels, uncertain)
         va_idx = np.arange(len(val_src)) if val_indices is None else np.asarray(val_indices)
         va_idx = va_idx[val_src.valid[va_idx] & _labelled_rows(task, y_va[va_idx])]
         if len(va_idx) == 0:
