@@ -6,7 +6,6 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from chexfound.adapt.heads.base import Features
 

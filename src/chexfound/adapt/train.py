@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -79,6 +80,18 @@ def _batch_features(src: FeatureSource, idx: np.ndarray, flip: np.ndarray | None
     sel = torch.as_tensor(flip, device=device)
     return tuple((torch.where(sel[:, None, None], fp, p), torch.where(sel[:, None], fc, c))
                  for (p, c), (fp, fc) in zip(feats, flipped))
+
+
+def _prefetch(src: FeatureSource, batches: list[np.ndarray], flips: list[np.ndarray | None],
+              device: torch.device):
+    """Yield each batch's features while the next one is read (memory-map reads overlap head compute)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(_batch_features, src, batches[0], flips[0], device) if batches else None
+        for i in range(len(batches)):
+            cur = nxt.result()  # type: ignore[union-attr]
+            if i + 1 < len(batches):
+                nxt = pool.submit(_batch_features, src, batches[i + 1], flips[i + 1], device)
+            yield cur
 
 
 def _predict_grid(grid: HeadGrid, head: Head, src: FeatureSource, idx: np.ndarray, batch_size: int,
@@ -192,10 +205,9 @@ def fit_heads(
         t0 = time.perf_counter()
         order = rng.permutation(tr_idx)
         sums, n_batches = torch.zeros(grid.g), 0
-        for s in range(0, len(order), batch_size):
-            b = np.sort(order[s : s + batch_size])  # sorted rows read faster from a memory map
-            flips = rng.random(len(b)) < 0.5 if flip_augment else None
-            feats = _batch_features(train_src, b, flips, dev)
+        batches = [np.sort(order[s : s + batch_size]) for s in range(0, len(order), batch_size)]  # sorted: faster reads
+        flip_masks = [rng.random(len(b)) < 0.5 if flip_augment else None for b in batches]
+        for b, feats in zip(batches, _prefetch(train_src, batches, flip_masks, dev)):
             targets = y_train_t[torch.as_tensor(b)].to(dev)
             losses = grid.train_step(feats, targets, loss_fn, cosine_scale(step, total, warmup))
             sums += losses.cpu()
