@@ -102,3 +102,18 @@ def test_end_to_end_lora_run(manifest, tmp_path):
     bb, _ = load_backbone(out / "backbone.safetensors")
     meta = read_meta(out / "linear.safetensors")
     assert meta["backbone_sha256"] == backbone_sha256(bb) and meta["task"] == "binary" and meta["finetune"] == "lora"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--metric", "r2"], "does not exist for a multilabel task"),
+    (["--task", "survival", "--loss", "bce"], "does not fit a survival task"),
+    (["--flip-augment"], "needs --flip-tta"),
+    (["--config", "no_such_model"], "unknown backbone config"),
+])
+def test_bad_options_are_reported_before_any_work(manifest, tmp_path, capsys, extra, message):
+    args = ["adapt", "--train", str(manifest / "train.csv"), "--out", str(tmp_path / "o"), "--quiet"]
+    if "--config" not in extra:
+        args += ["--config", "tiny_vit"]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "cache").exists()

@@ -18,6 +18,17 @@ DEFAULT_METRIC = {"multilabel": "macro_ap", "binary": "macro_ap", "multiclass": 
                   "regression": "r2", "survival": "c_index"}
 
 
+TASK_METRICS = {"multilabel": ("macro_ap", "macro_auroc"), "binary": ("macro_ap", "macro_auroc"),
+                "multiclass": ("macro_ap", "macro_auroc", "accuracy", "balanced_accuracy"),
+                "regression": ("r2", "mse", "mae"), "survival": ("c_index",)}
+
+
+def check_metric(task: str, metric: str) -> None:
+    if metric not in TASK_METRICS.get(task, ()):
+        raise ValueError(f"selection metric {metric!r} does not exist for a {task} task; use one of "
+                         f"{TASK_METRICS.get(task)}")
+
+
 def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 

@@ -200,11 +200,39 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(path, df.to_csv(index=False).encode())
 
 
+def validate(opts: AdaptOptions) -> None:
+    """Reject inconsistent options before any work (as ConfigError: the CLI prints them, exit 2)."""
+    from chexfound.adapt.heads.base import TASKS
+    from chexfound.adapt.losses import LOSSES
+    from chexfound.adapt.metrics import TASK_METRICS
+
+    if opts.task not in TASKS:
+        raise ConfigError(None, f"unknown task {opts.task!r}; use one of {TASKS}")
+    if opts.head not in ("glori", "linear", "mlp"):
+        raise ConfigError(None, f"unknown head {opts.head!r}; use glori, linear or mlp")
+    if opts.loss and opts.loss not in LOSSES[opts.task]:
+        raise ConfigError(None, f"--loss {opts.loss} does not fit a {opts.task} task; use {LOSSES[opts.task]}")
+    if opts.metric and opts.metric not in TASK_METRICS[opts.task]:
+        raise ConfigError(None, f"--metric {opts.metric} does not exist for a {opts.task} task; "
+                                f"use {TASK_METRICS[opts.task]}")
+    if not opts.lrs or not opts.weight_decays or any(v <= 0 for v in opts.lrs):
+        raise ConfigError(None, "--lrs needs positive values and --wds at least one value")
+    if opts.epochs < 1 or opts.batch_size < 1:
+        raise ConfigError(None, "--epochs and --batch-size must be at least 1")
+    if opts.finetune and opts.flip_augment:
+        raise ConfigError(None, "--flip-augment applies to cached features; end-to-end runs augment images")
+    if opts.flip_augment and not opts.flip_tta:
+        raise ConfigError(None, "--flip-augment needs --flip-tta (features of flipped images in the cache)")
+    if opts.uncertain not in ("nan", "zero", "one"):
+        raise ConfigError(None, f"--uncertain {opts.uncertain}: use nan, zero or one")
+
+
 def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
     from chexfound.adapt.cache import FeatureCache
     from chexfound.adapt.train import fit_heads
     from chexfound.data.transform import InputTransform
 
+    validate(opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)

@@ -26,7 +26,7 @@ import torch
 from chexfound.adapt.grid import HeadGrid, cosine_scale
 from chexfound.adapt.heads.base import Features, Head
 from chexfound.adapt.losses import build_loss
-from chexfound.adapt.metrics import DEFAULT_METRIC, choose_thresholds, higher_is_better, task_metrics
+from chexfound.adapt.metrics import DEFAULT_METRIC, check_metric, choose_thresholds, higher_is_better, task_metrics
 from chexfound.adapt.sources import FeatureSource, as_source
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ def fit_heads(
         template.target_mean.copy_(torch.as_tensor(mu))
         template.target_std.copy_(torch.as_tensor(np.where(sd > 0, sd, 1.0)))
     metric = metric or DEFAULT_METRIC[task]
+    check_metric(task, metric)
     sign = 1.0 if higher_is_better(metric) else -1.0
     if flip_augment and not train_src.has_flip:
         raise ValueError("flip_augment needs features of flipped images (build the cache with flip_tta=True)")
