@@ -185,8 +185,10 @@ class FeatureCache:
 
     @property
     def errors(self) -> list[tuple[int, str, str]]:
-        bad = self._index[self._index["status"] == "failed"]
-        return [(int(r.row), str(r.path), str(r.error)) for r in bad.itertuples()]
+        """(row, path, reason) of the images that could not be read."""
+        reasons = _read_errors(self.root)
+        paths = self.paths
+        return [(int(i), paths[i], reasons.get(int(i), "unreadable")) for i in np.flatnonzero(self._status == FAILED)]
 
     @property
     def n_blocks(self) -> int:
