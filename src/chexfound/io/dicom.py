@@ -129,7 +129,9 @@ def decode_dicom(data: bytes, path: str, *, apply_voi: bool = True, color: str =
 
 def dataset_to_image(ds: Any, path: str, *, apply_voi: bool = True, color: str = "error") -> CXRImage:
     try:
-        return _dataset_to_image(ds, path, apply_voi=apply_voi, color=color)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid VRs etc. in headers we only read
+            return _dataset_to_image(ds, path, apply_voi=apply_voi, color=color)
     except CXRReadError:
         raise
     except MemoryError as e:

@@ -7,6 +7,7 @@ neither preamble nor file meta. Every failure is a CXRReadError naming the file 
 
 from __future__ import annotations
 
+import io
 from os import PathLike
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,21 @@ from chexfound.io.raster import decode_raster
 ColorPolicy = Literal["error", "luminance"]
 
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
+
+# Magic numbers of the raster formats we expect, to name the format when Pillow cannot even open it.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+)
+
+
+def _signature(data: bytes) -> str | None:
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def _looks_like_dicom(data: bytes) -> bool:
@@ -54,11 +70,11 @@ def read_image_bytes(
     else:
         im = None
         try:
-            import io
-
             im = Image.open(io.BytesIO(data))
-        except Exception:
-            im = None
+        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
+            fmt = _signature(data)
+            if fmt is not None:
+                raise CXRReadError(name, f"corrupt {fmt} file ({type(e).__name__}: {e})") from e
         if im is not None:
             img = decode_raster(data, name, color=color, im=im)
         elif _looks_like_acr_nema(data) or Path(name).suffix.lower() in _DICOM_SUFFIXES:
