@@ -161,7 +161,9 @@ class Manifest:
             bad_num = v.notna() & ~v.isin(list(_ALLOWED_LABEL_VALUES))
             if bad_text.any() or bad_num.any():
                 row = int(np.flatnonzero((bad_text | bad_num).to_numpy())[0])
-                raise ManifestError(self.source, f"label column {c!r} has value {self.df[c].iloc[row]!r} "
+                value = self.df[c].iloc[row]
+                value = value.item() if hasattr(value, "item") else value
+                raise ManifestError(self.source, f"label column {c!r} has value {value!r} "
                                                  f"(row {row}); allowed: 1, 0, -1 (uncertain), blank")
 
 
