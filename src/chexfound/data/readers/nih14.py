@@ -41,6 +41,10 @@ def read_nih14(
     """Manifest of the official NIH ChestX-ray14 release: 14 multi-hot columns (NIH spelling), `split`
     train/test from the official lists when present."""
     root = Path(root)
+    if not any((root / n).is_file() or (root / f"{n}.gz").is_file() for n in _ENTRY_FILES) and \
+            (root / "labels.csv").is_file():
+        raise ManifestError(root, "no Data_Entry_2017*.csv here, but a labels.csv: this looks like the shared "
+                                  "subset layout (use --format nih14-shared / read_nih14_shared)")
     entry = find_file(root, _ENTRY_FILES, "NIH Data_Entry_2017*.csv")
     raw = read_csv(entry, required=["Image Index", "Finding Labels", "Patient ID"], dtype={"Patient ID": str})
     img_root = Path(image_root) if image_root else root
