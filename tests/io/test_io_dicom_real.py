@@ -63,6 +63,7 @@ def test_every_file_matches_its_manifest_facts(data_root: Path, images: dict) ->
         else:
             assert meta["voi"] is None, name
         assert meta["inverted"] == (row["photometric"] == "MONOCHROME1"), name
+        assert meta["stored_range"] == [float(row["pix_min"]), float(row["pix_max"])], name
 
 
 def test_lungs_darker_than_mediastinum(images: dict) -> None:

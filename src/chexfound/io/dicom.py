@@ -209,6 +209,7 @@ def _dataset_to_image(ds: Any, path: str, *, apply_voi: bool, color: str) -> CXR
 
     if not is_colour:
         arr = _mask_bits(arr, bits_stored, signed)
+        meta["stored_range"] = [float(arr.min()), float(arr.max())]  # before rescale/VOI, for diagnostics
     arr, mod_info = _modality(arr, ds)
     meta.update(mod_info)
 
