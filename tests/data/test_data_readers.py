@@ -12,8 +12,17 @@ import pytest
 
 from chexfound.data import findings as F
 from chexfound.data.readers import (
-    KERMANY_PATIENT_REGEX, read_chexpert, read_cxrlt24, read_folder, read_kermany, read_mimic, read_nih14,
-    read_nih14_boxes, read_nih14_shared, read_padchest, read_vindr,
+    KERMANY_PATIENT_REGEX,
+    read_chexpert,
+    read_cxrlt24,
+    read_folder,
+    read_kermany,
+    read_mimic,
+    read_nih14,
+    read_nih14_boxes,
+    read_nih14_shared,
+    read_padchest,
+    read_vindr,
 )
 from chexfound.errors import ManifestError
 

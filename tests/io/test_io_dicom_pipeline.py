@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from io_dicom_factory import make_dataset, save, save_acr_nema
+from io_jpeg_lossless import encode_jpeg_lossless
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 from chexfound.errors import CXRReadError
 from chexfound.io import read_image
-
-from io_dicom_factory import make_dataset, save, save_acr_nema
-from io_jpeg_lossless import encode_jpeg_lossless
 
 RAMP = (np.arange(32 * 48).reshape(32, 48) * 2).astype(np.uint16)  # 0..3070, fits in 12 bits
 

@@ -53,9 +53,9 @@ def read_chexpert(
         raw = read_csv(f, required=["Path", *CHEXPERT14])
         base, drop = _path_prefix(root, raw["Path"])
         mroot = mroot or base
-        rel = raw["Path"].astype(str).map(lambda p: Path(*Path(p).parts[drop:]).as_posix())
+        rel = raw["Path"].astype(str).map(lambda p, d=drop: Path(*Path(p).parts[d:]).as_posix())
         if base != mroot:
-            rel = rel.map(lambda r: (base / r).as_posix())
+            rel = rel.map(lambda r, b=base: (b / r).as_posix())
         pid = raw["Path"].astype(str).str.extract(_PATIENT)
         if pid[0].isna().any():
             bad = raw["Path"].iloc[int(np.flatnonzero(pid[0].isna().to_numpy())[0])]

@@ -16,7 +16,12 @@ import pandas as pd
 from chexfound.data.findings import CXRLT24
 from chexfound.data.manifest import Manifest
 from chexfound.data.readers._common import (
-    MissingPolicy, apply_missing, find_optional, make_manifest, normalise_split, read_csv,
+    MissingPolicy,
+    apply_missing,
+    find_optional,
+    make_manifest,
+    normalise_split,
+    read_csv,
 )
 from chexfound.errors import ManifestError
 

@@ -17,7 +17,12 @@ import pandas as pd
 from chexfound.data.findings import CHEXPERT14
 from chexfound.data.manifest import Manifest
 from chexfound.data.readers._common import (
-    MissingPolicy, apply_missing, find_file, make_manifest, normalise_split, read_csv,
+    MissingPolicy,
+    apply_missing,
+    find_file,
+    make_manifest,
+    normalise_split,
+    read_csv,
 )
 
 

@@ -20,7 +20,13 @@ import pandas as pd
 from chexfound.data.findings import NIH14, finding_map
 from chexfound.data.manifest import Manifest, read_manifest
 from chexfound.data.readers._common import (
-    MissingPolicy, apply_missing, find_file, find_optional, index_images, make_manifest, read_csv,
+    MissingPolicy,
+    apply_missing,
+    find_file,
+    find_optional,
+    index_images,
+    make_manifest,
+    read_csv,
 )
 from chexfound.errors import ManifestError
 

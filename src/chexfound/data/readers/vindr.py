@@ -19,7 +19,12 @@ import pandas as pd
 from chexfound.data.findings import VINDR_CXR
 from chexfound.data.manifest import Manifest
 from chexfound.data.readers._common import (
-    MissingPolicy, apply_missing, find_optional, index_images, make_manifest, read_csv,
+    MissingPolicy,
+    apply_missing,
+    find_optional,
+    index_images,
+    make_manifest,
+    read_csv,
 )
 from chexfound.errors import ManifestError
 
