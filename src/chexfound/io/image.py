@@ -49,8 +49,13 @@ def check_min_size(shape: tuple[int, ...], min_size: int | None, path: str | Pat
         )
 
 
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
 def normalise_range(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """Map [lo, hi] (default: the data's own min..max) linearly to [0, 1] as float32. A constant image -> 0."""
+    if arr.dtype == np.uint8 and lo == 0 and hi == 255:
+        return _UINT8_TO_UNIT[arr]  # the common 8-bit case: a table lookup, no float passes
     a = arr.astype(np.float32, copy=False)
     lo = float(a.min()) if lo is None else float(lo)
     hi = float(a.max()) if hi is None else float(hi)
