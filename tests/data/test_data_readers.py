@@ -313,3 +313,12 @@ def test_folder_errors(tmp_path: Path) -> None:
     _touch(tmp_path, "A/x1.png")
     with pytest.raises(ManifestError, match="does not match"):
         read_folder(tmp_path, patient_regex=r"^patient(\d+)")
+
+
+def test_nih14_tiny64_split_names_and_leak_warning(data_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        m = read_nih14_shared(data_root / "nih14-tiny64")
+    assert set(m.df["split"]) == {"train", "val", "test"}
+    assert "appear in several of the given splits" in caplog.text
+    resplit = m.with_patient_split(seed=0)
+    assert (resplit.df.groupby("patient_id")["split"].nunique() == 1).all()

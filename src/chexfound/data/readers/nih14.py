@@ -25,7 +25,9 @@ from chexfound.data.readers._common import (
     find_file,
     find_optional,
     index_images,
+    log,
     make_manifest,
+    normalise_split,
     read_csv,
 )
 from chexfound.errors import ManifestError
@@ -99,6 +101,12 @@ def read_nih14_shared(root: str | PathLike[str]) -> Manifest:
     if missing:
         raise ManifestError(m.source, f"missing NIH finding column(s) {missing}")
     m.label_columns = list(NIH14)
+    if "split" in m.df.columns:
+        m.df["split"] = m.df["split"].map(normalise_split)  # nih14-tiny64 says "valid"
+        leaks = m.df.groupby(m.df["patient_id"].astype(str))["split"].nunique()
+        if (leaks > 1).any():
+            log.warning("%s: %d patient(s) appear in several of the given splits; re-split by patient "
+                        "(chexfound manifest --split-seed N)", m.source, int((leaks > 1).sum()))
     return m
 
 
