@@ -155,14 +155,17 @@ def process_chunk(items: list[WorkItem], cfg: CacheConfig, out_dir: str, shard: 
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for it in items:
                 rec, data = process_image(it, cfg)
                 if data is not None:
                     ti = tarfile.TarInfo(it.target)
                     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
                     tar.addfile(ti, io.BytesIO(data))
-                    rec.update(file=shard, member=it.target, offset=ti.offset_data, length=len(data))
+                    # the member's bytes end the archive so far, padded to 512-byte blocks (long names add
+                    # header blocks before them, never after)
+                    offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    rec.update(file=shard, member=it.target, offset=offset, length=len(data))
                 records.append(rec)
         os.replace(tmp, final)
     except BaseException:

@@ -19,7 +19,6 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 from scipy.fft import dctn
-from scipy.stats import rankdata
 
 PHASH_BITS = 256
 _THUMB = 32
@@ -57,8 +56,14 @@ def phash_thumbnail(pixels: np.ndarray, equalize: bool = True) -> np.ndarray:
     """The 32x32 (optionally rank-equalised) thumbnail the perceptual hash is computed from."""
     t = area_resize(pixels, _THUMB, _THUMB)
     if equalize:
-        t = rankdata(t, method="average").reshape(t.shape) / t.size
+        t = _average_ranks(t.ravel()).reshape(t.shape) / t.size
     return t
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (scipy's rankdata 'average', without importing stats)."""
+    _, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(cnt) - (cnt - 1) / 2.0)[inv]
 
 
 def phash(pixels: np.ndarray, bits: int = PHASH_BITS, equalize: bool = True) -> str:
