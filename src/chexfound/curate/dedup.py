@@ -48,14 +48,15 @@ def exact_groups(digests: list[str] | np.ndarray, rank: np.ndarray) -> np.ndarra
 
 
 def phash_edges(hashes: list[str], candidates: np.ndarray, threshold: int, stats: dict | None = None) -> Edges:
-    """Near-duplicate edges among `candidates` (item indices) by perceptual-hash Hamming distance."""
-    words = hex_to_words([hashes[k] for k in candidates])
+    """Near-duplicate edges by perceptual-hash Hamming distance; `hashes[k]` belongs to item `candidates[k]`."""
+    words = hex_to_words(list(hashes))
     i, j, d = near_pairs(words, threshold, stats=stats)
     return Edges(candidates[i], candidates[j], "phash", d.astype(np.float64))
 
 
 def embedding_edges(emb: np.ndarray, candidates: np.ndarray, threshold: float, block: int = 2048) -> Edges:
-    """Pairs with cosine similarity >= threshold, by blocked matrix products (exact, O(N^2 D) on BLAS)."""
+    """Pairs with cosine similarity >= threshold, by blocked matrix products (exact, O(N^2 D) on BLAS);
+    `emb[k]` belongs to item `candidates[k]`."""
     e = np.asarray(emb, dtype=np.float32)
     e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     out_i, out_j, out_s = [], [], []

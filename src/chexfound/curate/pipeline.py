@@ -344,7 +344,7 @@ def _deduplicate(t: pd.DataFrame, spec: CorpusSpec, out: Path, device: str, prog
     edges = []
     if spec.dedup.phash_threshold is not None:
         st: dict[str, Any] = {}
-        edges.append(dd.phash_edges(sub["phash"].tolist(), survivors, spec.dedup.phash_threshold, st))
+        edges.append(dd.phash_edges(sub["phash"].to_numpy()[survivors].tolist(), survivors, spec.dedup.phash_threshold, st))
         stats.update(phash_plan=st["plan"].describe(), phash_candidates=int(st["candidates"]),
                      phash_pairs=len(edges[-1].i))
     if spec.dedup.embedding is not None:
