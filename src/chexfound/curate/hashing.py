@@ -30,7 +30,8 @@ def exact_hash(pixels: np.ndarray) -> str:
     Quantising removes float noise between decoders, so the same image stored losslessly as PNG, TIFF
     or uncompressed DICOM gets the same digest; any real pixel change gives a different one.
     """
-    q = np.clip(np.rint(np.asarray(pixels, dtype=np.float64) * 65535.0), 0, 65535).astype("<u2")
+    x = np.asarray(pixels, dtype=np.float32)
+    q = (np.clip(x, 0.0, 1.0) * np.float32(65535.0) + np.float32(0.5)).astype("<u2")  # round half up
     h = hashlib.blake2b(digest_size=16)
     h.update(np.asarray(q.shape, dtype="<u4").tobytes())
     h.update(np.ascontiguousarray(q).tobytes())
