@@ -101,6 +101,9 @@ def test_views_ages_and_patients():
     excl = pd.DataFrame({"source": ["nih"], "patient_id": ["00000147"]})
     assert exclusion_mask(items, excl).tolist() == [True, True, False, False]
     assert exclusion_mask(items, pd.DataFrame({"patient_id": ["147"]})).tolist() == [True, True, False, True]
+    # a curated manifest (namespaced ids, its own source column) works as an exclusion list too
+    curated = pd.DataFrame({"source": ["nih14-fullres"], "patient_id": ["kermany:test:N1-0001"]})
+    assert exclusion_mask(items, curated).tolist() == [False, False, True, False]
 
 
 def test_pre_and_post_rules():

@@ -103,17 +103,20 @@ def norm_patient(x: Any) -> str:
 
 def exclusion_mask(items: pd.DataFrame, exclude: pd.DataFrame | None) -> np.ndarray:
     """True where the item's patient is listed. `exclude` has patient_id (or patient_key) and optionally
-    source, which may name a source or a patient namespace; without it an id matches in every source."""
+    source, which may name a source or a patient namespace; without it an id matches in every source.
+    Ids already in our "<namespace>:<id>" form (e.g. a curated manifest used as the list) match as well."""
     if exclude is None or not len(items):
         return np.zeros(len(items), dtype=bool)
     pats = items["patient_raw"].map(norm_patient)
     ids = exclude["patient_id"].map(norm_patient)
+    full_ids = set(exclude["patient_id"].astype(str).str.strip())
+    full = np.array([f"{ns}:{p}" in full_ids for ns, p in zip(items["namespace"], items["patient_raw"])], dtype=bool)
     if "source" in exclude.columns:
         listed = set(zip(exclude["source"].astype(str).str.strip(), ids))
         by_name = [(s, p) in listed for s, p in zip(items["source"], pats)]
         by_ns = [(s, p) in listed for s, p in zip(items["namespace"], pats)]
-        return np.array(by_name, dtype=bool) | np.array(by_ns, dtype=bool)
-    return pats.isin(set(ids)).to_numpy()
+        return np.array(by_name, dtype=bool) | np.array(by_ns, dtype=bool) | full
+    return pats.isin(set(ids)).to_numpy() | full
 
 
 def _age_bad(age: float, f: FilterSpec) -> bool:
@@ -159,7 +162,8 @@ def post_filter(rec: dict[str, Any], f: FilterSpec, item: dict[str, Any]) -> str
         return "view"
     if f.modalities:
         m = _norm_modality(item.get("modality")) or _norm_modality(rec.get("modality"))
-        if (m is None and not f.keep_unknown_modality) or (m is not None and m not in {x.upper() for x in f.modalities}):
+        allowed_mods = {x.upper() for x in f.modalities}
+        if (m is None and not f.keep_unknown_modality) or (m is not None and m not in allowed_mods):
             return "modality"
     if f.min_age is not None or f.max_age is not None:
         age = parse_age(item.get("age"))

@@ -67,7 +67,8 @@ def read_exclude(path: str | PathLike[str] | None) -> pd.DataFrame | None:
         raise ManifestError(p, f"cannot parse exclude list ({e})") from e
     if "patient_id" not in df.columns:
         if "patient_key" not in df.columns:
-            raise ManifestError(p, f"exclude list needs a patient_id column (and optionally source); got {list(df.columns)}")
+            raise ManifestError(p, "exclude list needs a patient_id column (and optionally source); "
+                                   f"got {list(df.columns)}")
         df["patient_id"] = df["patient_key"]
     if "source" not in df.columns:
         log.warning("%s has no 'source' column: patient ids are matched in every source", p)
@@ -344,7 +345,8 @@ def _deduplicate(t: pd.DataFrame, spec: CorpusSpec, out: Path, device: str, prog
     edges = []
     if spec.dedup.phash_threshold is not None:
         st: dict[str, Any] = {}
-        edges.append(dd.phash_edges(sub["phash"].to_numpy()[survivors].tolist(), survivors, spec.dedup.phash_threshold, st))
+        hashes = sub["phash"].to_numpy()[survivors].tolist()
+        edges.append(dd.phash_edges(hashes, survivors, spec.dedup.phash_threshold, st))
         stats.update(phash_plan=st["plan"].describe(), phash_candidates=int(st["candidates"]),
                      phash_pairs=len(edges[-1].i))
     if spec.dedup.embedding is not None:

@@ -215,8 +215,10 @@ def write_outputs(t: pd.DataFrame, spec: CorpusSpec, out: Path, dstats: dict[str
             pair_caps += [f"DROP {d['source']} {how}", f"KEEP {d['kept_source']}"]
         _save_png(contact_sheet(out, pair_recs, pair_caps, cols=6), figs / "duplicate_pairs.png")
 
-    cross = (pd.crosstab(dups["source"], dups["kept_source"]).reset_index().rename(columns={"source": "removed \\ kept"})
-             if len(dups) else pd.DataFrame())
+    cross = pd.DataFrame()
+    if len(dups):
+        cross = pd.crosstab(dups["source"], dups["kept_source"]).reset_index()
+        cross = cross.rename(columns={"source": "removed \\ kept"})
     summary = {
         "listed": int(len(t)), "kept": int(len(man)), "duplicates": int(len(dups)),
         "quarantined": int(len(q)), "filtered": int(len(f)),
@@ -247,7 +249,8 @@ def write_outputs(t: pd.DataFrame, spec: CorpusSpec, out: Path, dstats: dict[str
     if sample_recs:
         figures.append((f"{len(sample_recs)} random kept images", "figures/samples.png"))
     if pair_recs:
-        figures.append((f"{len(pair_recs) // 2} random duplicate pairs (removed | kept)", "figures/duplicate_pairs.png"))
+        figures.append((f"{len(pair_recs) // 2} random duplicate pairs (removed | kept)",
+                        "figures/duplicate_pairs.png"))
     md = ["# Curation report", "", *[f"- {x}" for x in intro], ""]
     for title, df, note in sections:
         md += [f"## {title}", "", note, "", _md_table(df) if len(df) else "(none)", ""]

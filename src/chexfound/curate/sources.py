@@ -67,7 +67,8 @@ def _from_table(df: pd.DataFrame, base: Path, src: SourceSpec, where: Path | Non
         out[col] = _pick(df, explicit, cands, src, col, where).to_numpy()
     if pat.isna().any():
         bad = df.loc[pat.isna().to_numpy(), src.path_column].head(3).tolist()
-        raise ManifestError(where, f"source {src.name}: {int(pat.isna().sum())} row(s) without a patient id, e.g. {bad}")
+        raise ManifestError(where, f"source {src.name}: {int(pat.isna().sum())} row(s) without a patient id, "
+                                   f"e.g. {bad}")
     return out
 
 
