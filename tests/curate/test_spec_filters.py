@@ -52,6 +52,11 @@ def test_issue_spec_form_lists_every_image_with_patients(project, data_root):
     extra = items[items["source"] == "extra"]
     assert extra["rel_path"].tolist() == ["p1/a.png", "p1/b.JPG"]
     assert extra["patient_id"].tolist() == ["extra:p1/a", "extra:p1/b"]  # no patient info: one per image
+    # a run folder inside a source root is never listed as input
+    (project.parent / "extra" / "run" / "cache").mkdir(parents=True)
+    (project.parent / "extra" / "run" / "cache" / "c.png").write_bytes(b"x")
+    again = list_items(spec, skip=(project.parent / "extra" / "run",))
+    assert (again["source"] == "extra").sum() == 2
 
 
 def test_readers_as_formats(data_root, tmp_path):

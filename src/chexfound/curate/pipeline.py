@@ -250,7 +250,7 @@ def run_curation(
     metrics = _Metrics(out / "metrics.jsonl")
 
     note("listing sources")
-    items = list_items(spec)
+    items = list_items(spec, skip=(out,))
     excl = read_exclude(exclude)
     items["rule"] = pre_filter(items, spec.filters, excl)
     items["stage"] = np.where(items["rule"] != "", "pre", "")

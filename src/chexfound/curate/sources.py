@@ -79,9 +79,10 @@ def _rel(p: Path, base: Path) -> str:
         return "_abs/" + p.as_posix().lstrip("/")
 
 
-def _list_folder(src: SourceSpec) -> pd.DataFrame:
+def _list_folder(src: SourceSpec, skip: tuple[Path, ...] = ()) -> pd.DataFrame:
     root = Path(src.root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in src.extensions)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in src.extensions
+                   and not any(p.is_relative_to(s) for s in skip))
     rel = [p.relative_to(root).as_posix() for p in files]
     if src.patient_regex:
         rx = re.compile(src.patient_regex)
@@ -101,12 +102,13 @@ def _list_folder(src: SourceSpec) -> pd.DataFrame:
     return out
 
 
-def list_source(src: SourceSpec) -> pd.DataFrame:
+def list_source(src: SourceSpec, skip: tuple[Path, ...] = ()) -> pd.DataFrame:
+    """`skip`: folders never listed (the run's own output folder, should it sit inside a source root)."""
     root = Path(src.root)
     if not root.is_dir():
         raise ConfigError(None, f"source {src.name}: root folder {root} does not exist")
     if src.format == "folder":
-        df = _list_folder(src)
+        df = _list_folder(src, skip)
     elif src.format == "manifest":
         name = src.manifest or next((n for n in ("labels.csv", "manifest.csv") if (root / n).is_file()), None)
         if name is None:
@@ -143,10 +145,10 @@ def list_source(src: SourceSpec) -> pd.DataFrame:
     return df
 
 
-def list_items(spec: CorpusSpec) -> pd.DataFrame:
+def list_items(spec: CorpusSpec, skip: tuple[Path, ...] = ()) -> pd.DataFrame:
     frames = []
     for k, src in enumerate(spec.sources):
-        df = list_source(src)
+        df = list_source(src, skip)
         df.insert(3, "source_index", k)
         frames.append(df)
     items = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ITEM_COLUMNS)
