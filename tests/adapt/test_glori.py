@@ -97,8 +97,8 @@ def test_forty_classes_default_to_cxrlt_findings_and_several_classifiers_need_a_
 
 def test_released_linear_probe_layout(tmp_path):
     w, b = torch.randn(6, 5 * 8), torch.randn(6)
-    torch.save({"model": {"classifiers_dict.linear:blocks=4:avgpool=True:lr=0_01.linear.weight": w,
-                          "classifiers_dict.linear:blocks=4:avgpool=True:lr=0_01.linear.bias": b}}, tmp_path / "lin.pth")
+    name = "classifiers_dict.linear:blocks=4:avgpool=True:lr=0_01"
+    torch.save({"model": {f"{name}.linear.weight": w, f"{name}.linear.bias": b}}, tmp_path / "lin.pth")
     head = load_head(tmp_path / "lin.pth")
     assert isinstance(head, LinearHead) and head.avgpool and head.embed_dim == 8
     feats = _features(d=8)

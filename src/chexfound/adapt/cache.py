@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from chexfound.adapt.heads.base import Features
+from chexfound.adapt.runtime import resolve_device, resolve_dtype
 from chexfound.errors import ConfigError
 from chexfound.models.format import atomic_write_bytes
 
@@ -44,18 +45,6 @@ def _paths_digest(paths: Sequence[str]) -> str:
         h.update(p.encode())
         h.update(b"\0")
     return h.hexdigest()
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in table:
-        raise ConfigError(None, f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
-    return table[dtype]
 
 
 def _paths_and_ids(src: Any) -> tuple[list[str], list[str]]:
@@ -244,7 +233,7 @@ def _compute(backbone: torch.nn.Module, paths: list[str], rows: np.ndarray, root
 
     from chexfound.data.datasets import ImageDataset, collate_skip_errors
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else torch.device(device)
+    dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     was_training = backbone.training
     backbone = backbone.to(dev).eval()

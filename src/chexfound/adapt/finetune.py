@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from chexfound.adapt.grid import cosine_scale
 from chexfound.adapt.heads.base import Head
 from chexfound.adapt.losses import build_loss
+from chexfound.adapt.runtime import resolve_device, resolve_dtype
 from chexfound.adapt.metrics import DEFAULT_METRIC, choose_thresholds, higher_is_better, task_metrics
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,9 @@ def finetune(
 ) -> tuple[nn.Module, FinetuneResult]:
     """Train backbone + head end to end; returns (backbone with adapters merged, result with the best head on
     val by `metric`). The backbone is modified in place (copy it first to keep the original)."""
-    from chexfound.adapt.cache import resolve_dtype
     from chexfound.data.transform import InputTransform
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else torch.device(device)
+    dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from chexfound.adapt.heads.base import Features, Head
+from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.sources import FeatureSource
 
 
@@ -34,7 +35,7 @@ def predict(
     For a cache, rows follow the cache (or `indices`); rows whose image could not be read are NaN.
     `flip_tta` averages the outputs of the image and its horizontal flip (cache built with flip_tta=True);
     attention is always that of the unflipped image."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else torch.device(device)
+    dev = resolve_device(device)
     head = head.to(dev).eval()
     if not _is_source(features_or_cache):
         if flip_tta:

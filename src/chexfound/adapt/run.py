@@ -25,6 +25,7 @@ import yaml
 
 from chexfound.adapt.heads import GloriHead, Head, LinearHead, MLPHead, save_head
 from chexfound.adapt.metrics import per_finding
+from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.train import DEFAULT_LRS
 from chexfound.errors import ConfigError, ManifestError
 from chexfound.models.format import atomic_write_bytes
@@ -97,12 +98,6 @@ class _RunLog:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), "run": self.name, **clean}) + "\n")
-
-
-def _device(name: str) -> torch.device:
-    if name in ("auto", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_backbone_for(opts: AdaptOptions) -> tuple[torch.nn.Module, str, dict[str, Any]]:
@@ -241,7 +236,7 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
     atomic_write_bytes(out / f"{name}.config.yaml", yaml.safe_dump(asdict(opts), sort_keys=False).encode())
     runlog = _RunLog(out / "metrics.jsonl", name)
     runlog({"event": "start", "head_type": opts.head, "task": opts.task})
-    dev = _device(opts.device)
+    dev = resolve_device(opts.device)
 
     backbone, sha, recorded_tf = load_backbone_for(opts)
     depth = len(backbone.blocks)

@@ -27,6 +27,7 @@ from chexfound.adapt.grid import HeadGrid, cosine_scale
 from chexfound.adapt.heads.base import Features, Head
 from chexfound.adapt.losses import build_loss
 from chexfound.adapt.metrics import DEFAULT_METRIC, check_metric, choose_thresholds, higher_is_better, task_metrics
+from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.sources import FeatureSource, as_source
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,6 @@ class FitResult:
     val_predictions: np.ndarray | None = None
     metric: str = ""
     heads: list[Head] = field(default_factory=list)  # every config's head, when asked (`return_all=True`)
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _labelled_rows(task: str, y: np.ndarray) -> np.ndarray:
@@ -143,7 +138,7 @@ def fit_heads(
     is taken (logged as a warning) and thresholds stay at 0.5. Uncertain labels (-1) of multilabel/binary
     tasks follow `uncertain`: "nan" (ignored), "zero" or "one". `return_all` also returns every config's head
     (at its best validation state, or final state without validation) in `result.heads`."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_src = as_source(train)
