@@ -177,7 +177,9 @@ def head_factory(opts: AdaptOptions, findings: list[str], n_blocks: int, embed_d
         return lambda: GloriHead(findings, n_blocks, task, embed_dim=embed_dim, decoder_dim=opts.decoder_dim,
                                  num_heads=opts.num_heads, ffn_dim=opts.ffn_dim, dropout=opts.dropout,
                                  cat_cls=opts.cat_cls, learn_queries=opts.learn_queries,
-                                 coarse_pools=opts.coarse_pools, grid=None if grid is None else list(grid))
+                                 coarse_pools=opts.coarse_pools,
+                                 # a fixed grid only where pooling needs it: fine-only heads take any resolution
+                                 grid=list(grid) if grid is not None and opts.coarse_pools else None)
     if opts.head == "linear":
         return lambda: LinearHead(findings, n_blocks, task, embed_dim=embed_dim, avgpool=opts.avgpool)
     if opts.head == "mlp":
