@@ -118,13 +118,29 @@ def load_backbone_for(opts: AdaptOptions) -> tuple[torch.nn.Module, str, dict[st
     return model.eval(), backbone_sha256(model), {}
 
 
+def _read(path: str, labels: Sequence[str] | None, task: str):
+    """Binary label columns are validated by read_manifest; class names, values and times are not 0/1/-1."""
+    from chexfound.data.manifest import read_manifest
+
+    if task in ("multilabel", "binary"):
+        return read_manifest(path, labels=labels)
+    if not labels:
+        raise ConfigError(None, f"a {task} task needs --labels (they cannot be inferred)")
+    m = read_manifest(path, labels=[])
+    missing = [c for c in labels if c not in m.df.columns]
+    if missing:
+        raise ManifestError(path, f"missing label column(s) {missing}; available: {list(m.df.columns)}")
+    m.label_columns = list(labels)
+    return m
+
+
 def split_manifests(opts: AdaptOptions):
     """(train manifest, val manifest) following --val, a `split` column, or a patient split of --train."""
-    from chexfound.data.manifest import patient_split, read_manifest
+    from chexfound.data.manifest import patient_split
 
-    train = read_manifest(opts.train, labels=opts.labels)
+    train = _read(opts.train, opts.labels, opts.task)
     if opts.val:
-        return train, read_manifest(opts.val, labels=train.label_columns)
+        return train, _read(opts.val, train.label_columns, opts.task)
     if "split" in train.df.columns:
         split = train.df["split"].astype(str).str.lower()
         val_mask = split.isin(VAL_SPLIT_NAMES).to_numpy()
@@ -154,6 +170,9 @@ def task_labels(m: Any, task: str, uncertain: str, classes: list[str] | None = N
         if len(cols) == 1:  # one column of class names/ids
             raw = m.df[cols[0]]
             names = classes or sorted(raw.dropna().astype(str).unique().tolist())
+            if len(names) < 2:
+                raise ManifestError(m.source, f"column {cols[0]!r} holds {len(names)} class(es) {names}; "
+                                              "a multiclass task needs at least two")
             lut = {n: i for i, n in enumerate(names)}
             y = np.array([lut.get(str(v), np.nan) if pd.notna(v) else np.nan for v in raw], dtype=np.float32)
             return y, names
