@@ -3,6 +3,15 @@
 A head takes the backbone's `get_intermediate_layers(x, n, return_class_token=True)` output — a tuple over
 the last n blocks of (patch_tokens[B, N, D], cls[B, D]) — and returns (logits[B, C], attention or None),
 where attention is [B, heads, C, N_patches] for heads that attend over patches (GLoRI).
+
+Head files (safetensors; `save_head` / `load_our_head`): tensors = the head's state dict (incl. the
+`thresholds` buffer and, for regression, `target_mean`/`target_std`), metadata["chexfound"] =
+    kind="head", head_type ("glori" | "linear" | "mlp"), task ("multilabel" | "binary" | "multiclass" |
+    "regression" | "survival"), findings (output names, logit order), thresholds (per finding, chosen on
+    validation), n_blocks, config (constructor hyper-parameters), backbone_sha256 (state-dict hash of the
+    backbone the features came from), backbone_config (ViTConfig dict), transform (InputTransform dict),
+    plus extras written by `chexfound adapt`: selection (metric, lr, weight decay, epoch, val metrics),
+    label_columns, uncertain, train_manifest, finetune.
 """
 
 from __future__ import annotations
