@@ -99,7 +99,7 @@ def test_end_to_end_lora_run(manifest, tmp_path):
                "--task", "binary", "--head", "linear", "--finetune", "lora", "--epochs", "1", "--lrs", "1e-3",
                "--batch-size", "3", "--out", str(out), "--quiet"])
     assert rc == 0
-    bb, _ = load_backbone(out / "backbone.safetensors")
+    bb, _ = load_backbone(out / "linear.backbone.safetensors")
     meta = read_meta(out / "linear.safetensors")
     assert meta["backbone_sha256"] == backbone_sha256(bb) and meta["task"] == "binary" and meta["finetune"] == "lora"
 

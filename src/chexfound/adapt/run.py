@@ -266,8 +266,7 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
         raise ConfigError(None, f"--n-blocks {n_blocks} but the backbone has {depth} blocks")
     tf = InputTransform.from_dict(recorded_tf) if recorded_tf else InputTransform.for_backbone(backbone.cfg)
     if opts.image_size:
-        tf = InputTransform(**{**tf.to_dict(), "size": opts.image_size,
-                               "mean": tuple(tf.mean), "std": tuple(tf.std)})
+        tf = InputTransform.from_dict({**tf.to_dict(), "size": opts.image_size})
     grid = (tf.size // backbone.patch_size, tf.size // backbone.patch_size)
 
     train_m, val_m = split_manifests(opts)
@@ -297,7 +296,7 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
                            class_balance=opts.class_balance, metric=opts.metric, patience=opts.patience,
                            threshold_method=opts.threshold_method, device=dev, dtype=opts.dtype,
                            workers=opts.workers, seed=opts.seed, callback=runlog)
-        save_backbone(bb, out / "backbone.safetensors", transform=tf.to_dict(),
+        save_backbone(bb, out / f"{name}.backbone.safetensors", transform=tf.to_dict(),
                       extra={"finetuned_from": sha, "finetune": opts.finetune})
         sha = backbone_sha256(bb)
         backbone = bb

@@ -18,7 +18,8 @@ Outputs in --out (<name> = --name or the head type, so several heads can share o
 <name>.safetensors (best head, with thresholds, backbone sha256 and input transform; `predict` needs nothing
 else), <name>.val_per_finding.csv (AUROC/AP/threshold per finding), <name>.grid.csv (every lr/wd config),
 <name>.val_predictions.csv, <name>.metrics.json, <name>.config.yaml, heatmaps/<name>/*.png, metrics.jsonl
-(progress log of every run), skipped.csv (unreadable images), cache/ (features; or --cache DIR).
+(progress log of every run), skipped.csv (unreadable images), cache/ (features; or --cache DIR);
+with --finetune also <name>.backbone.safetensors (the adapted backbone the head belongs to).
 """
 
 
