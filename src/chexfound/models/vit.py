@@ -197,7 +197,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.mask_token = nn.Parameter(torch.zeros(1, d))
-        self.init_weights()
+        if not self.pos_embed.is_meta:  # on the meta device (loaders) weights come from a file anyway
+            self.init_weights()
 
     # -- init (as the original: trunc-normal 0.02 for pos/linears, 1e-6 normal for tokens) --
     def init_weights(self) -> None:

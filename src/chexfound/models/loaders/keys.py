@@ -65,6 +65,7 @@ def unwrap_state_dict(obj: Any, path: Path) -> RawStateDict:
             tensors[str(k)] = v
         else:
             raw.ignored.append(f"{k} (not a tensor: {type(v).__name__})")
+    tensors = {strip_prefixes(k, _NOISE_PREFIXES): v for k, v in tensors.items()}
     # A full SSL training state (fvcore model_checkpoint.pth): keep the EMA teacher.
     if any(k.startswith("teacher.") for k in tensors):
         others = Counter(k.split(".", 1)[0] for k in tensors if not k.startswith("teacher."))
