@@ -89,7 +89,10 @@ def load_ours(path: str | PathLike[str], config: ViTConfig | None = None) -> tup
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"invalid config in metadata ({e})") from e
     model, warns = load_backbone_strict(cfg, backbone, Path(path))
-    meta = {**meta, "format": "chexfound", "source": str(path), "heads": heads, "warnings": warns}
+    from chexfound.models.loaders.keys import tensor_dtypes
+
+    meta = {**meta, "format": "chexfound", "source": str(path), "heads": heads, "warnings": warns, "ignored": [],
+            "notes": [], "source_dtypes": tensor_dtypes(backbone), "converted_from": meta.get("source")}
     if config is not None:
         from chexfound.data.transform import InputTransform
 
