@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (bf16 = autocast)")
     p.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config")
+    p.add_argument("--no-pack", action="store_true",
+                   help="on CPU, run the plain model instead of the oneDNN packed-weight fast path")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after merging")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image was skipped")
     p.add_argument("--quiet", action="store_true")
@@ -147,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0 and not args.quiet:
             print(f"embedding {len(paths)} images with {model.cfg.name or 'backbone'} on {device} "
                   f"({args.dtype}, world size {world}) -> {out}", file=sys.stderr)
+        if device.type == "cpu" and not args.no_pack:
+            from chexfound.models.fast import pack_for_inference
+
+            model = pack_for_inference(model, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
         result = embed_paths(model, tf, paths, ids, out, settings, device=device, meta=file_meta,
                              progress=not args.quiet)
     finally:
