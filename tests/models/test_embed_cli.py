@@ -91,6 +91,11 @@ def test_embed_resumes_after_interruption(images: list[str], tmp_path: Path) -> 
     a, b = read_features(out), read_features(tmp_path / "ref.npz")
     np.testing.assert_array_equal(a["cls"], b["cls"])
     assert a["image_id"] == ids
+    # A rerun of a finished job finds the complete file and computes nothing.
+    stamp = out.stat().st_mtime_ns
+    third = embed_paths(model, tf, good, ids, out, settings, progress=False)
+    assert third is not None and third.computed_chunks == 0 and third.count == 5
+    assert out.stat().st_mtime_ns == stamp
 
     # Parts made with other settings are never mixed in.
     with pytest.raises(KeyboardInterrupt):

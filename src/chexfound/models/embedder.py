@@ -99,6 +99,25 @@ def _check_run(pdir: Path, fp: dict[str, Any], rank: int) -> None:
     _barrier()
 
 
+_SAME_RUN = ("inputs_sha256", "backbone_sha256", "transform", "n_blocks", "feature_dtype", "autocast")
+
+
+def _finished_earlier(out: Path, pdir: Path, fp: dict[str, Any]) -> EmbedResult | None:
+    """A rerun after a completed run: the output already holds these inputs with these settings."""
+    if not out.is_file() or pdir.exists():
+        return None
+    from chexfound.models.features import read_features
+
+    try:
+        meta = read_features(out)["meta"]
+    except ChexfoundError:
+        return None
+    if any(meta.get(k) != fp[k] for k in _SAME_RUN):
+        return None
+    skipped = [(int(a), str(b), str(c)) for a, b, c in meta.get("skipped", [])]
+    return EmbedResult(out=out, count=int(meta.get("count", 0)), skipped=skipped)
+
+
 def _chunk_file(pdir: Path, c: int) -> Path:
     return pdir / f"chunk{c:06d}.safetensors"
 
@@ -148,6 +167,10 @@ def embed_paths(
         raise ChexfoundError(f"--n-blocks {settings.n_blocks}: the backbone has {depth} blocks")
     pdir = parts_dir(out)
     fp = _fingerprint(paths, ids, meta.get("backbone_sha256", ""), meta.get("transform", {}), settings)
+    done = _finished_earlier(out, pdir, fp)
+    if done is not None:
+        log.info("%s is already complete for these inputs and settings; nothing to do", out)
+        return done if rank == 0 else None
     _check_run(pdir, fp, rank)
 
     n = len(paths)
@@ -234,9 +257,10 @@ def _merge(out: Path, pdir: Path, n_chunks: int, paths: list[str], ids: list[str
     index = torch.cat(idx).numpy()
     arrays = {"index": index, "cls": torch.cat(cls).numpy(), "patch_mean": torch.cat(pm).numpy()}
     errors.sort()
-    file_meta = {**meta, "n_blocks": settings.n_blocks, "feature_dtype": settings.feature_dtype,
+    file_meta = {**meta, "transform": fp["transform"], "n_blocks": settings.n_blocks, "feature_dtype": settings.feature_dtype,
                  "autocast": settings.autocast, "count": int(len(index)), "inputs": len(paths),
-                 "inputs_sha256": fp["inputs_sha256"], "skipped": [list(e) for e in errors],
+                 "inputs_sha256": fp["inputs_sha256"], "backbone_sha256": fp["backbone_sha256"],
+                 "skipped": [list(e) for e in errors],
                  "settings": asdict(settings)}
     write_features(out, arrays, [ids[i] for i in index], [paths[i] for i in index], file_meta)
     skipped_csv = out.with_name(out.stem + ".skipped.csv")
