@@ -49,6 +49,25 @@ def test_intermediate_layers_match_reference(name: str, hw: tuple[int, int]) -> 
         torch.testing.assert_close(c, rc, atol=1e-5, rtol=1e-5)
 
 
+def test_explicit_attention_mode() -> None:
+    """explicit_attention() runs the original's op-by-op attention; same numbers as SDPA to fp32 noise."""
+    from chexfound.models.vit import explicit_attention
+
+    torch.manual_seed(0)
+    model = randomise(create_backbone("tiny_vit"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model.get_intermediate_layers(x, 2, return_class_token=True)
+        with explicit_attention():
+            explicit = model.get_intermediate_layers(x, 2, return_class_token=True)
+            theirs = ref.intermediate_layers(x, model.state_dict(), 2, 16, 2, 0.1)
+        again = model.get_intermediate_layers(x, 2, return_class_token=True)
+    for (pf, cf), (pe, ce), (pr, cr), (pa, ca) in zip(fused, explicit, theirs, again):
+        torch.testing.assert_close(pe, pf, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ce, cr, atol=1e-5, rtol=1e-5)
+        assert torch.equal(pa, pf)  # the mode ends with the block
+
+
 def test_size_based_resize_without_offset_matches_reference() -> None:
     """interpolate_offset = 0 switches to an explicit output size (input/output ratio as the scale)."""
     torch.manual_seed(1)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chexfound.models import vit as _vit
 from chexfound.models.vit import Block, SwiGLU, VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class PackedBlock(nn.Module):
         qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = None
-        if return_attention:
+        if return_attention or not _vit._FUSED_ATTENTION:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             o = attn @ v
         else:

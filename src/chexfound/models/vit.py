@@ -7,7 +7,8 @@ Attention runs through `scaled_dot_product_attention` (no xFormers).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,22 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+_FUSED_ATTENTION = True
+
+
+@contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Within this block attention runs op by op as the original's non-xFormers fallback does
+    (softmax((q * scale) @ k^T) @ v) instead of fused SDPA: the same maths with the original's rounding
+    order, for comparisons against it tighter than fp32 summation-order noise (~1e-6 per block)."""
+    global _FUSED_ATTENTION
+    prev, _FUSED_ATTENTION = _FUSED_ATTENTION, False
+    try:
+        yield
+    finally:
+        _FUSED_ATTENTION = prev
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool) -> None:
         super().__init__()
@@ -67,8 +84,8 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if return_attention:
-            # The explicit path: needed only when a caller wants the softmax maps.
+        if return_attention or not _FUSED_ATTENTION:
+            # The explicit path: when a caller wants the softmax maps, or inside explicit_attention().
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = attn.softmax(dim=-1)
             out = attn @ v
