@@ -215,5 +215,9 @@ def test_wrong_files_say_what_they_are(tmp_path: Path, data_root: Path) -> None:
     save_head(head, tmp_path / "head.safetensors", backbone_sha256="0", backbone_config={}, transform={})
     with pytest.raises(CheckpointError, match="head file"):
         load_backbone(tmp_path / "head.safetensors")
+    no_ffn = {k: v for k, v in create_backbone("tiny_vit").state_dict().items() if ".mlp." not in k}
+    torch.save(no_ffn, tmp_path / "no_ffn.pth")
+    with pytest.raises(CheckpointError, match="no recognised feed-forward.*loadable architectures"):
+        load_backbone(tmp_path / "no_ffn.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_backbone(tmp_path / "nope.pth")

@@ -26,7 +26,7 @@ from typing import Any
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.models.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from chexfound.models.format import META_KEY, state_dict_sha256
-from chexfound.models.loaders.describe import SUPPORTED, describe_state_dict
+from chexfound.models.loaders.describe import ARCHITECTURES, SUPPORTED, describe_state_dict
 from chexfound.models.loaders.files import read_json, read_safetensors, read_safetensors_meta, sniff, torch_load
 from chexfound.models.loaders.hf import config_from_hf, filter_hf_dinov2, hf_uses_mask_token, looks_hf
 from chexfound.models.loaders.infer import complete_from_registry, infer_config, match_registry
@@ -183,7 +183,10 @@ def load_backbone(
     elif file_cfg is not None:
         cfg, cfg_src = file_cfg, file_src
     else:
-        inferred = infer_config(filt.backbone, p, head_dim)
+        try:
+            inferred = infer_config(filt.backbone, p, head_dim)
+        except CheckpointError as e:
+            raise CheckpointError(p, f"{e.reason}; {ARCHITECTURES}") from e
         name = None if fmt == "hf_dinov2" else match_registry(
             inferred, prefer="chexfound" if fmt == "chexfound_official" else "dinov2")
         if name:

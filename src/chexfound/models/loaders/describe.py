@@ -11,6 +11,12 @@ SUPPORTED = (
     "chexfound .safetensors backbones"
 )
 
+ARCHITECTURES = (
+    "loadable architectures: DINOv2-style ViTs (square conv patch embedding, CLS token, optional register "
+    "tokens, learned square position embedding with a CLS entry, pre-norm blocks with fused qkv, optional "
+    "LayerScale, GELU MLP or packed SwiGLU, final LayerNorm)"
+)
+
 
 def describe_state_dict(keys: Iterable[str]) -> str:
     ks = list(keys)
