@@ -18,9 +18,11 @@ What we found on the project's 2-core AMD EPYC (AVX-512, avx512_bf16; MKL 2024 +
   (chexfound.models.fast: oneDNN GEMMs on weights packed once, LayerScale folded into the projection
   weights, residual add fused into the GEMM) reaches about the GEMM peak: ~1.25-1.4x the reference.
   The ratio cannot go much further in fp32: the "ceiling" line prints the bound set by the matmul FLOPs.
-- torch.compile (inductor, freezing) compiled one ViT-L block in ~70 s here and was no faster than the
-  packed eager path; inference_mode vs no_grad and channels-last (only the patch conv) make no measurable
-  difference; more threads than cores hurts. bf16 (autocast or packed bf16) is ~2x fp32 for ViT-L.
+- torch.compile (inductor, freezing) took ~70 s to compile one ViT-L block here and was no faster than
+  eager; inference_mode vs no_grad was within noise (ViT-S: 3.43 vs 3.35 img/s) and a channels-last input
+  (it only reaches the patch conv) was slower (3.00 img/s). Threads: with other jobs on the 2 cores (load
+  ~4.6) one thread beat two (5.7 vs 3.4 img/s, ViT-S) because OpenMP barriers stall on a descheduled
+  thread; `--threads` sets it. bf16 (autocast or packed bf16) is ~1.6-2x fp32 for ViT-L.
 - Timings on a shared machine are noisy: variants are interleaved and the best of the rounds is kept.
 """
 
