@@ -22,7 +22,7 @@ What we found on the project's 2-core AMD EPYC (AVX-512, avx512_bf16; MKL 2024 +
   eager; inference_mode vs no_grad was within noise (ViT-S: 3.43 vs 3.35 img/s) and a channels-last input
   (it only reaches the patch conv) was slower (3.00 img/s). Threads: with other jobs on the 2 cores (load
   ~4.6) one thread beat two (5.7 vs 3.4 img/s, ViT-S) because OpenMP barriers stall on a descheduled
-  thread; `--threads` sets it. bf16 (autocast or packed bf16) is ~1.6-2x fp32 for ViT-L.
+  thread; `--threads` sets it. bf16 (packed) ran 1.4-1.6x the fp32 packed rate for ViT-L.
 - Timings on a shared machine are noisy: variants are interleaved and the best of the rounds is kept.
 """
 
