@@ -1,0 +1,96 @@
+"""Tiny models for the serve tests: a `tiny_vit` backbone (64 px) with a linear head and a small attention
+head, saved in our file format in a session tmp dir; plus a handful of real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from chexfound.adapt import LinearHead, save_head
+from chexfound.adapt.heads.base import Features, Head
+from chexfound.data.findings import NIH14
+from chexfound.models import backbone_sha256, create_backbone, save_backbone
+
+ARTIFACTS = Path(__file__).parent / "artifacts"  # git-ignored: screenshots etc. to look at after a run
+
+
+class QueryAttentionHead(Head):
+    """A minimal attention head for tests (GLoRI's shape of output): one learned query per finding
+    cross-attends over the last block's patch tokens -> logits and attention [B, heads, C, N]."""
+
+    head_type = "test_query_attention"
+
+    def __init__(self, findings: Sequence[str], n_blocks: int = 1, task: str = "multilabel", embed_dim: int = 64,
+                 num_heads: int = 2) -> None:
+        super().__init__(findings, n_blocks, task)
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.queries = nn.Parameter(torch.randn(len(self.findings), embed_dim))
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.out = nn.Linear(embed_dim, 1)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads}
+
+    def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
+        patches = list(features)[-1][0]
+        q = self.queries[None].expand(patches.shape[0], -1, -1)
+        z, w = self.attn(q, patches, patches, need_weights=True, average_attn_weights=False)
+        return self.out(z).squeeze(-1), w
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-models")
+    torch.manual_seed(0)
+    bb = create_backbone("tiny_vit").eval()
+    sha = backbone_sha256(bb)
+    save_backbone(bb, root / "backbone.safetensors")
+
+    linear = LinearHead(NIH14, n_blocks=2, embed_dim=bb.embed_dim)
+    nn.init.normal_(linear.linear.weight, std=2.0)  # spread the outputs so images give different calls
+    linear.thresholds.copy_(torch.linspace(0.2, 0.8, len(NIH14)))
+    save_head(linear, root / "linear.safetensors", backbone_sha256=sha, backbone_config=bb.cfg.to_dict())
+
+    attn = QueryAttentionHead(NIH14, embed_dim=bb.embed_dim)
+    save_head(attn, root / "attention.safetensors", backbone_sha256=sha, backbone_config=bb.cfg.to_dict())
+
+    torch.manual_seed(1)
+    other = create_backbone("tiny_vit").eval()
+    save_backbone(other, root / "other_backbone.safetensors")
+    return {"root": root, "backbone": root / "backbone.safetensors", "linear": root / "linear.safetensors",
+            "attention": root / "attention.safetensors", "other_backbone": root / "other_backbone.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def png_paths(data_root: Path) -> list[Path]:
+    paths = sorted((data_root / "nih14-fullres" / "images").glob("*.png"))[:3]
+    assert len(paths) == 3, f"expected NIH full-res PNGs under {data_root}"
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_png(data_root: Path) -> Path:
+    """A 512-px NIH PNG (cheap to decode: the load test sends it many times)."""
+    paths = sorted((data_root / "nih14" / "images").glob("*.png"))
+    assert paths, f"expected NIH 512-px PNGs under {data_root / 'nih14'}"
+    return paths[0]
+
+
+@pytest.fixture(scope="session")
+def dicom_paths(data_root: Path) -> list[Path]:
+    d = data_root / "dicom"
+    paths = [d / "RG1_UNCR.dcm", d / "CR-MONO1-10-chest.dcm", d / "RG1_J2KR.dcm"]
+    for p in paths:
+        assert p.is_file(), f"missing {p}"
+    return paths
+
+
+@pytest.fixture
+def not_an_image(tmp_path: Path) -> Path:
+    p = tmp_path / "notes.png"
+    p.write_text("this is not a radiograph\n")
+    return p
