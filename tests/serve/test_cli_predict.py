@@ -27,20 +27,30 @@ def predict(models: dict[str, Path], *args: str, head: str = "linear") -> int:
                  "--batch-size", "2", *args])
 
 
-def test_csv_for_folder_and_dicom(models: dict[str, Path], data_root: Path, dicom_paths: list[Path],
-                                  tmp_path: Path) -> None:
+def test_csv_for_nested_folder_with_dicom(models: dict[str, Path], png_paths: list[Path], dicom_paths: list[Path],
+                                          tmp_path: Path) -> None:
+    # A study folder as exported from a PACS: nested series, a DICOM without extension, non-image files.
+    study = tmp_path / "study"
+    (study / "series1").mkdir(parents=True)
+    (study / "series2" / ".cache").mkdir(parents=True)
+    (study / "series1" / "a.png").symlink_to(png_paths[0])
+    (study / "series2" / "b.PNG").symlink_to(png_paths[1])
+    (study / "series2" / "IM0001").symlink_to(dicom_paths[0])  # Part-10 DICOM, recognised by its 'DICM'
+    (study / "series2" / ".cache" / "c.png").symlink_to(png_paths[2])  # hidden: ignored
+    (study / "notes.txt").write_text("not an image")
+    (study / "series1" / "manifest.csv").write_text("path\n")
     out = tmp_path / "preds.csv"
-    folder = data_root / "nih14-fullres"
-    assert predict(models, "--out", str(out), str(folder), str(dicom_paths[0])) == 0
+    assert predict(models, "--out", str(out), str(study), str(png_paths[2])) == 0
     header, rows = read_csv(out)
     assert header == ["path", *NIH14]  # named as the head names them
-    pngs = sorted(str(p) for p in (folder / "images").glob("*.png"))
-    assert sorted(r[0] for r in rows[:-1]) == pngs and rows[-1][0] == str(dicom_paths[0])
-    ref = Predictor(models["backbone"], models["linear"], device="cpu").predict_image(pngs[0]).probabilities
-    got = next(r for r in rows if r[0] == pngs[0])
-    np.testing.assert_allclose([float(v) for v in got[1:]], ref, atol=1e-5)
+    expected = [study / "series1" / "a.png", study / "series2" / "IM0001", study / "series2" / "b.PNG", png_paths[2]]
+    assert [r[0] for r in rows] == [str(p) for p in expected]
+    ref = Predictor(models["backbone"], models["linear"], device="cpu").predict(expected)
+    for row, pred in zip(rows, ref):
+        np.testing.assert_allclose([float(v) for v in row[1:]], pred.probabilities, atol=1e-5)
     run = json.loads(out.with_name("preds.run.json").read_text())
     assert run["status"] == "complete" and run["predicted"] == len(rows) and run["skipped"] == 0
+    assert run["identity"]["findings"] == list(NIH14)
     assert not out.with_name("preds.skipped.csv").exists()
     assert not list(tmp_path.glob(".preds.csv*"))  # no partial or temp files left behind
 
@@ -113,15 +123,17 @@ def test_resume_refuses_another_model(models: dict[str, Path], png_paths: list[P
     assert rc == 2 and "different model" in capsys.readouterr().err
 
 
-def test_manifest_input(models: dict[str, Path], data_root: Path, tmp_path: Path) -> None:
-    manifest = data_root / "nih14-fullres" / "labels.csv"
-    out = tmp_path / "m.csv"
+def test_manifest_input(models: dict[str, Path], png_paths: list[Path], tmp_path: Path) -> None:
+    # Relative rows resolve against the manifest's folder, as in the shared data sets; only `path` is needed.
+    (tmp_path / "data").symlink_to(png_paths[0].parent)
+    manifest = tmp_path / "m.csv"
+    rel = [f"data/{p.name}" for p in png_paths[:2]]
+    manifest.write_text("path,patient_id\n" + "".join(f"{r},{i}\n" for i, r in enumerate(rel)))
+    out = tmp_path / "out"  # a folder: predictions.csv goes inside
+    out.mkdir()
     assert predict(models, "--manifest", str(manifest), "--out", str(out)) == 0
-    _, rows = read_csv(out)
-    import pandas as pd
-
-    expected = [str(manifest.parent / p) for p in pd.read_csv(manifest)["path"]]
-    assert [r[0] for r in rows] == expected
+    _, rows = read_csv(out / "predictions.csv")
+    assert [r[0] for r in rows] == [str(tmp_path / r) for r in rel]
 
 
 def test_needs_inputs(models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

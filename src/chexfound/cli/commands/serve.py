@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=64.0)
     p.add_argument("--max-image-side", type=int, default=8192, help="rows/columns limit of uploaded images")
     p.add_argument("--cache-size", type=int, default=32, help="recent predictions kept for the page's heatmaps")
+    p.add_argument("--threads", type=int, help="PyTorch compute threads (default: PyTorch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -46,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.queue_size < 1:
         raise ConfigError(None, "--max-batch and --queue-size must be >= 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     predictor = load_predictor(args)
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_side=args.max_image_side,
