@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -214,7 +215,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
         """Runs in the thread pool: spool the upload to a file, check it, read it, transform it."""
         name = upload.filename or "upload"
         with decode_gate, tempfile.TemporaryDirectory(prefix="chexfound-upload-") as tmp:
-            path = Path(tmp) / ("upload" + Path(name).suffix[:16])
+            # Keep the extension (a hint for the reader), never anything else of a client-chosen name.
+            path = Path(tmp) / ("upload" + re.sub(r"[^A-Za-z0-9.]", "", Path(name).suffix)[:16])
             with open(path, "wb") as f:
                 upload.file.seek(0)
                 shutil.copyfileobj(upload.file, f, 1 << 20)
@@ -229,9 +231,11 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
                                          f"{settings.max_image_side} per side")
             try:
                 img = read_image(path)
-            except (CXRReadError, ValueError, OSError) as e:
-                reason = getattr(e, "reason", str(e)).replace(str(path), name)
-                raise HTTPException(400, f"{name}: not a readable chest X-ray: {reason}") from e
+            except Exception as e:  # whatever a decoder raises on hostile input, the client gets a 4xx
+                if not isinstance(e, (CXRReadError, ValueError, OSError)):
+                    log.warning("unexpected %s reading upload %r", type(e).__name__, name, exc_info=True)
+                reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+                raise HTTPException(400, f"{name}: not a readable chest X-ray: {reason.replace(str(path), name)}") from e
             if max(img.shape) > settings.max_image_side:  # headers can understate (e.g. odd DICOMs)
                 raise HTTPException(413, f"{name}: image is {img.shape[0]}x{img.shape[1]} pixels; the limit is "
                                          f"{settings.max_image_side} per side")

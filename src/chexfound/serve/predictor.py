@@ -13,6 +13,7 @@ import logging
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from os import PathLike
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from chexfound.data.transform import InputTransform
-from chexfound.errors import CheckpointError, ConfigError, CXRReadError
+from chexfound.errors import CheckpointError, ConfigError
 from chexfound.io import CXRImage, read_image
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,12 @@ class Predictor:
             bb, self.backbone_meta = load_backbone(backbone)
         if isinstance(head, nn.Module):
             hd, self.head_meta = head, dict(head_meta or {})
-        else:
+        elif Path(head).suffix == ".safetensors":
             hd, self.head_meta = load_our_head(head)
+        else:  # other layouts (e.g. the released glori.pth) through the adapt loader; they carry no metadata
+            from chexfound.adapt import load_head
+
+            hd, self.head_meta = load_head(head), {}
         self.backbone_sha256: str = self.backbone_meta.get("weights_sha256") or backbone_sha256(bb)
         self.pairing_warning = check_pairing(self.head_meta, self.backbone_sha256, self.head_path or "head", strict)
         if hd.n_blocks > len(bb.blocks):
@@ -222,10 +227,14 @@ class Predictor:
     def head_type(self) -> str:
         return self.head_meta.get("head_type") or getattr(self.head, "head_type", "") or type(self.head).__name__
 
-    def info(self) -> dict[str, Any]:
-        """What `GET /v1/model` reports: backbone and head identity, findings, thresholds, input transform."""
+    @cached_property
+    def head_file_sha256(self) -> str | None:
         from chexfound.models.format import sha256_file
 
+        return sha256_file(self.head_path) if self.head_path else None
+
+    def info(self) -> dict[str, Any]:
+        """What `GET /v1/model` reports: backbone and head identity, findings, thresholds, input transform."""
         cfg = self.model.backbone.cfg
         return {
             "backbone": {
@@ -239,7 +248,7 @@ class Predictor:
             },
             "head": {
                 "path": Path(self.head_path).name if self.head_path else None,
-                "file_sha256": sha256_file(self.head_path) if self.head_path else None,
+                "file_sha256": self.head_file_sha256,
                 "head_type": self.head_type,
                 "task": self.task,
                 "n_blocks": self.head.n_blocks,
@@ -343,12 +352,3 @@ class Predictor:
             bar.close()
         return results
 
-
-def read_for_prediction(path: str | PathLike[str]) -> CXRImage:
-    """`read_image` with the errors the serve/predict paths report (kept here so both agree)."""
-    try:
-        return read_image(path)
-    except CXRReadError:
-        raise
-    except (ValueError, OSError) as e:
-        raise CXRReadError(path, str(e)) from e
