@@ -181,7 +181,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     batcher = MicroBatcher(predictor.predict_tensor, settings.max_batch, settings.max_wait_ms, settings.queue_size)
     cache = PredictionCache(settings.cache_size)
     decode_gate = threading.BoundedSemaphore(settings.decode_workers)
-    has_attention = predictor.has_attention  # also warms the model up before the first request
+    predictor.warmup()
+    has_attention = predictor.has_attention
     display = overlay.display_size_for(predictor.transform)
     no_heatmap_reason = None if has_attention else (
         f"the head ({predictor.head_type}) returns no attention maps; heatmaps need an attention head such as GLoRI")

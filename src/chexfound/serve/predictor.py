@@ -217,11 +217,18 @@ class Predictor:
 
     @property
     def has_attention(self) -> bool:
-        """Whether the head returns attention maps (heatmaps need them); probed once on a blank image."""
+        """Whether the head returns attention maps (heatmaps need them). Heads that declare it (GLoRI) are
+        believed; otherwise one forward pass on a blank image tells."""
+        if self._has_attention is None and getattr(self.head, "has_attention", None) is True:
+            self._has_attention = True
         if self._has_attention is None:
             _, maps = self.predict_tensor(torch.zeros(1, 3, self.transform.size, self.transform.size))
             self._has_attention = maps is not None
         return self._has_attention
+
+    def warmup(self, batch: int = 1) -> None:
+        """One forward pass on blank images, so the first real request does not pay for lazy initialisation."""
+        self.predict_tensor(torch.zeros(batch, 3, self.transform.size, self.transform.size))
 
     @property
     def head_type(self) -> str:
