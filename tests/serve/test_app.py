@@ -162,3 +162,22 @@ def test_full_queue_answers_503(attention_predictor: Predictor, small_png: Path)
                 s.release()
         assert post(c, small_png).status_code == 200
         assert c.get("/healthz").json()["batcher"]["rejected"] == 1
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no real pixel data): checks must refuse it before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side, message", [(10000, "10000x10000"), (40000, "decompression bomb")])
+def test_huge_images_refused_from_their_header(client: TestClient, side: int, message: str) -> None:
+    r = client.post("/v1/predict", files={"file": ("huge.png", png_header_only(side, side))})
+    assert r.status_code == 413
+    assert message in r.json()["detail"]

@@ -152,13 +152,20 @@ class UploadLimit:
         await self.app(scope, receive, send)
 
 
+class _TooManyPixels(Exception):
+    pass
+
+
 def _image_sides(path: Path) -> tuple[int, int] | None:
-    """(rows, cols) from the header alone (PIL opens lazily; DICOM stops before the pixel data)."""
+    """(rows, cols) from the header alone (PIL opens lazily; DICOM stops before the pixel data); None when
+    the header does not say. Raises _TooManyPixels for PIL's decompression-bomb guard."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
+    except Image.DecompressionBombError as e:
+        raise _TooManyPixels(str(e)) from e
     except Exception:  # not a PIL image; try DICOM
         pass
     try:
@@ -226,7 +233,10 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
                 raise HTTPException(400, f"{name}: empty upload")
             if n > settings.max_upload_bytes:
                 raise HTTPException(413, f"{name}: upload too large: {n} bytes (limit {settings.max_upload_bytes})")
-            sides = _image_sides(path)
+            try:
+                sides = _image_sides(path)
+            except _TooManyPixels as e:
+                raise HTTPException(413, f"{name}: {e}") from e
             if sides and max(sides) > settings.max_image_side:
                 raise HTTPException(413, f"{name}: image is {sides[0]}x{sides[1]} pixels; the limit is "
                                          f"{settings.max_image_side} per side")
