@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--backbone/--head (or --model bundle), shared by predict, serve and export."""
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", help="backbone file (chexfound safetensors)")
-    g.add_argument("--head", help="head file (chexfound safetensors)")
+    g.add_argument("--backbone", help="backbone file (as chexfound.models.load_backbone reads)")
+    g.add_argument("--head", help="head file (ours in safetensors, or what chexfound.adapt.load_head reads)")
     g.add_argument("--model", help="instead of --backbone/--head: one bundle from `chexfound export --format "
                                    "safetensors`")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
