@@ -74,8 +74,10 @@ def test_predict_real_files(client: TestClient, attention_predictor: Predictor, 
     assert all(f["positive"] == (f["probability"] >= f["threshold"]) for f in body["findings"])
     assert body["image"]["filename"] == path.name and body["image"]["bytes"] == path.stat().st_size
     assert body["model"]["backbone_sha256"] == attention_predictor.backbone_sha256
-    assert body["heatmaps"] == {"available": True, "reason": None}
-    assert body["id"] is None and all(f.get("heatmap_url") is None for f in body["findings"])
+    assert body["heatmaps"] == {"available": True}
+    # Without ?heatmaps= nothing is cached and no heatmap fields are sent.
+    assert "id" not in body and all(set(f) == {"name", "probability", "threshold", "positive"}
+                                    for f in body["findings"])
 
 
 def test_heatmap_urls(client: TestClient, png_paths: list[Path]) -> None:

@@ -68,7 +68,7 @@ class FindingOut(BaseModel):
     name: str
     probability: float
     threshold: float
-    positive: bool | None = Field(description="probability >= threshold (null for regression/survival heads)")
+    positive: bool | None = Field(None, description="probability >= threshold (absent for regression/survival)")
     heatmap_url: str | None = None
     heatmap_png: str | None = Field(None, description="base64 PNG overlay (heatmaps=base64, top-k findings)")
 
@@ -273,7 +273,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
         info["limits"] = asdict(settings)
         return info
 
-    @app.post(PREDICT_PATH, response_model=PredictionOut, summary="Findings for one chest X-ray",
+    @app.post(PREDICT_PATH, response_model=PredictionOut, response_model_exclude_none=True,
+              summary="Findings for one chest X-ray",
               responses={400: {"description": "unreadable or empty upload"},
                          411: {"description": "no Content-Length"},
                          413: {"description": "upload or image too large"},
