@@ -50,8 +50,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sha = backbone_sha256(bb)
     save_backbone(bb, root / "backbone.safetensors")
 
-    linear = LinearHead(NIH14, n_blocks=2, embed_dim=bb.embed_dim)
-    nn.init.normal_(linear.linear.weight, std=2.0)  # spread the outputs so images give different calls
+    # With random weights (LayerScale 1e-5) the CLS token barely depends on the image, the mean patch token
+    # does: avgpool makes different images give visibly different outputs; std spreads them over (0, 1).
+    linear = LinearHead(NIH14, n_blocks=2, embed_dim=bb.embed_dim, avgpool=True)
+    nn.init.normal_(linear.linear.weight, std=0.2)
     linear.thresholds.copy_(torch.linspace(0.2, 0.8, len(NIH14)))
     save_head(linear, root / "linear.safetensors", backbone_sha256=sha, backbone_config=bb.cfg.to_dict())
 

@@ -89,7 +89,7 @@ def test_bad_files_listed_and_skipped(models: dict[str, Path], png_paths: list[P
     assert [r[0] for r in rows] == [str(png_paths[0])]
     _, skipped = read_csv(out.with_name("preds.skipped.csv"))
     assert [r[0] for r in skipped] == [str(not_an_image), str(tmp_path / "gone.png")]
-    assert "not a readable image" in skipped[0][1] and "no such file" in skipped[1][1]
+    assert "not a recognised image format" in skipped[0][1] and "no such file" in skipped[1][1]
     assert predict(models, "--strict", *args) == 1  # --strict: skipped files make the run fail
 
 

@@ -154,7 +154,9 @@ async function analyse(file) {
   $("caption").textContent = body.heatmaps.available ? "click a finding to overlay its heatmap" : "";
   showImageInfo(body.image);
   showFindings(body);
-  const pos = body.positive.length ? `positive: ${body.positive.join(", ")}` : "no finding above its threshold";
+  const n = body.positive.length;
+  const shown = body.positive.slice(0, 4).join(", ") + (n > 4 ? ", …" : "");
+  const pos = n ? `${n} positive: ${shown}` : "no finding above its threshold";
   setStatus(`${file.name}: ${pos} (${Math.round(body.timing_ms.decode + body.timing_ms.model)} ms)`);
 }
 
