@@ -1,45 +1,19 @@
-"""Tiny models for the serve tests: a `tiny_vit` backbone (64 px) with a linear head and a small attention
-head, saved in our file format in a session tmp dir; plus a handful of real images."""
+"""Tiny models for the serve tests: a `tiny_vit` backbone (64 px) with a linear head and a small GLoRI head,
+saved in our file format in a session tmp dir; plus a handful of real images."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from chexfound.adapt import LinearHead, save_head
-from chexfound.adapt.heads.base import Features, Head
+from chexfound.adapt import GloriHead, LinearHead, save_head
 from chexfound.data.findings import NIH14
 from chexfound.models import backbone_sha256, create_backbone, save_backbone
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # git-ignored: screenshots etc. to look at after a run
-
-
-class QueryAttentionHead(Head):
-    """A minimal attention head for tests (GLoRI's shape of output): one learned query per finding
-    cross-attends over the last block's patch tokens -> logits and attention [B, heads, C, N]."""
-
-    head_type = "test_query_attention"
-
-    def __init__(self, findings: Sequence[str], n_blocks: int = 1, task: str = "multilabel", embed_dim: int = 64,
-                 num_heads: int = 2) -> None:
-        super().__init__(findings, n_blocks, task)
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.queries = nn.Parameter(torch.randn(len(self.findings), embed_dim))
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
-        self.out = nn.Linear(embed_dim, 1)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads}
-
-    def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
-        patches = list(features)[-1][0]
-        q = self.queries[None].expand(patches.shape[0], -1, -1)
-        z, w = self.attn(q, patches, patches, need_weights=True, average_attn_weights=False)
-        return self.out(z).squeeze(-1), w
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +31,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     linear.thresholds.copy_(torch.linspace(0.2, 0.8, len(NIH14)))
     save_head(linear, root / "linear.safetensors", backbone_sha256=sha, backbone_config=bb.cfg.to_dict())
 
-    attn = QueryAttentionHead(NIH14, embed_dim=bb.embed_dim)
+    attn = GloriHead(NIH14, n_blocks=2, embed_dim=bb.embed_dim, decoder_dim=32, num_heads=2, ffn_dim=64).eval()
     save_head(attn, root / "attention.safetensors", backbone_sha256=sha, backbone_config=bb.cfg.to_dict())
 
     torch.manual_seed(1)

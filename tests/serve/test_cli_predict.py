@@ -69,8 +69,11 @@ def test_json_calls_and_heatmaps(models: dict[str, Path], png_paths: list[Path],
         assert sorted(rec["heatmaps"]) == sorted(top2)
         for name, file in rec["heatmaps"].items():
             assert Path(file).parent.name == heatmap_folder(rec["path"])
-            im = Image.open(file)
-            assert im.size == (512, 512) and im.mode == "RGB"
+            assert Path(file).name.startswith(Path(rec["path"]).stem)
+            im = np.asarray(Image.open(file).convert("RGB")).astype(int)
+            assert im.shape[1] == 512  # the 64-px model's view drawn at 512 px (+ a title band)
+            colour = np.abs(im[..., 0] - im[..., 2]) + np.abs(im[..., 1] - im[..., 2])
+            assert (colour > 40).mean() > 0.05  # a coloured map over the grayscale image
 
 
 def test_heatmaps_need_an_attention_head(models: dict[str, Path], png_paths: list[Path], tmp_path: Path,

@@ -97,7 +97,7 @@ def test_model_info(models: dict[str, Path]) -> None:
     info = p.info()
     _, meta = load_backbone(models["backbone"])
     assert info["backbone"]["weights_sha256"] == meta["weights_sha256"]
-    assert info["head"]["head_type"] == "test_query_attention" and info["head"]["has_attention"]
+    assert info["head"]["head_type"] == "glori" and info["head"]["has_attention"]
     assert info["findings"] == list(NIH14) and len(info["thresholds"]) == len(NIH14)
     assert info["transform"]["size"] == 64
 

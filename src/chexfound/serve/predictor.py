@@ -217,10 +217,11 @@ class Predictor:
 
     @property
     def has_attention(self) -> bool:
-        """Whether the head returns attention maps (heatmaps need them). Heads that declare it (GLoRI) are
-        believed; otherwise one forward pass on a blank image tells."""
-        if self._has_attention is None and getattr(self.head, "has_attention", None) is True:
-            self._has_attention = True
+        """Whether the head returns attention maps (heatmaps need them): as the head declares
+        (`Head.has_attention`), or, for a module without that attribute, one forward pass on a blank image."""
+        declared = getattr(self.head, "has_attention", None)
+        if self._has_attention is None and isinstance(declared, bool):
+            self._has_attention = declared
         if self._has_attention is None:
             _, maps = self.predict_tensor(torch.zeros(1, 3, self.transform.size, self.transform.size))
             self._has_attention = maps is not None

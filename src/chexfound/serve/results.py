@@ -37,17 +37,18 @@ def heatmap_folder(path: str | Path) -> str:
     return f"{safe_name(Path(path).stem)}-{digest}"
 
 
-def heatmap_file(finding: str) -> str:
-    return f"{safe_name(finding)}.png"
-
-
-def publish_bytes(path: str | Path, data: bytes) -> None:
-    """Atomic write (temp + rename), then the usual permissions: temp files are created 0600, but results
+def make_readable(path: str | Path) -> None:
+    """The usual permissions (0666 less the umask): atomic writes go through 0600 temp files, but results
     are meant to be read by whoever may read the folder."""
-    atomic_write_bytes(path, data)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def publish_bytes(path: str | Path, data: bytes) -> None:
+    """Atomic write (temp + rename) with the usual permissions."""
+    atomic_write_bytes(path, data)
+    make_readable(path)
 
 
 def _fmt(v: float) -> str:
@@ -155,8 +156,9 @@ class PredictionStore:
     def _heatmaps_of(self, path: str) -> dict[str, str]:
         if self.heatmap_dir is None:
             return {}
-        folder = self.heatmap_dir / heatmap_folder(path)
-        return {n: str(folder / heatmap_file(n)) for n in self.findings if (folder / heatmap_file(n)).is_file()}
+        from chexfound.serve.overlay import read_overlay_index
+
+        return read_overlay_index(self.heatmap_dir / heatmap_folder(path))
 
     def records(self) -> list[dict[str, Any]]:
         out = []

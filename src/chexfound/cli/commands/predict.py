@@ -121,8 +121,8 @@ def _loop(predictor: Any, todo: list[Path], store: Any, bar: Any, skipped: list[
           heat_dir: Path | None, args: argparse.Namespace) -> None:
     import numpy as np
 
-    from chexfound.serve import overlay
-    from chexfound.serve.results import heatmap_file, heatmap_folder, publish_bytes
+    from chexfound.serve.overlay import save_overlay_files
+    from chexfound.serve.results import heatmap_folder
 
     for preds in predictor.iter_batches(todo, batch_size=args.batch_size, workers=args.workers,
                                         keep_attention=heat_dir is not None, keep_view=heat_dir is not None):
@@ -137,10 +137,9 @@ def _loop(predictor: Any, todo: list[Path], store: Any, bar: Any, skipped: list[
                     which = pred.ranked(args.top_k)
                 else:
                     which = [] if pos is None else np.flatnonzero(pos).tolist()
-                folder = heat_dir / heatmap_folder(str(pred.path))
-                for i in which:
-                    png = overlay.overlay_png(pred.view, pred.attention[i])
-                    publish_bytes(folder / heatmap_file(pred.findings[i]), png)
+                if which:
+                    save_overlay_files(pred.view, pred.attention, pred.probabilities, pred.findings, which,
+                                       heat_dir / heatmap_folder(str(pred.path)), Path(str(pred.path)).stem)
         # Heatmaps first, then the rows: a row on disk means its image is completely done.
         store.append(preds)
         bar.update(len(preds))
