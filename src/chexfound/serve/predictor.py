@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from chexfound.adapt.runtime import resolve_device
 from chexfound.data.transform import InputTransform
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.io import CXRImage, read_image
@@ -111,12 +112,6 @@ class Prediction:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "findings": self.findings_list(), "positive": self.positive_findings()}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_pairing(head_meta: dict[str, Any], backbone_sha: str | None, head_path: Any, strict: bool) -> str | None:
