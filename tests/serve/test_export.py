@@ -54,3 +54,14 @@ def test_safetensors_export_cli(models: dict[str, Path], png_paths: list[Path], 
     ref = Predictor(models["backbone"], models["attention"], device="cpu").predict_image(png_paths[0])
     row = csv_out.read_text().splitlines()[1].split(",")
     np.testing.assert_allclose([float(v) for v in row[1:]], ref.probabilities, atol=1e-5)
+
+
+def test_failed_verification_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
+    from chexfound.errors import CheckpointError
+    from chexfound.serve.export import export_onnx
+
+    p = Predictor(models["backbone"], models["linear"], device="cpu")
+    out = tmp_path / "model.onnx"
+    with pytest.raises(CheckpointError, match="model.onnx: ONNX outputs differ"):
+        export_onnx(p, out, atol=-1.0)  # no tolerance can be met
+    assert list(tmp_path.iterdir()) == []

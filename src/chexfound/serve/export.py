@@ -100,27 +100,31 @@ def export_onnx(
         proto.producer_name = "chexfound"
         onnx.save(proto, str(tmp_file))
         onnx.checker.check_model(str(tmp_file))
+        result: dict[str, Any] = {"path": str(out), "opset": opset, "outputs": names}
+        if verify:  # before the file is put in place: a failed export leaves nothing behind
+            result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out)
         # Large models come with external data files: move those first, the .onnx last (its arrival = done).
         for f in Path(tmp).iterdir():
             if f.name != out.name:
                 shutil.move(str(f), out.parent / f.name)
         tmp_file.replace(out)
-    result: dict[str, Any] = {"path": str(out), "opset": opset, "outputs": names}
-    if verify:
-        diffs: dict[str, float] = {}
-        # Batch sizes other than the traced one (2): a shape baked in by tracing shows up here.
-        for batch in (1, 3):
-            try:
-                got = verify_onnx(out, predictor, batch=batch)
-            except Exception as e:  # onnxruntime's errors have no common base class
-                raise CheckpointError(out, f"the exported model fails at batch size {batch} in onnxruntime "
-                                           f"(an op whose shape tracing fixed?): {e}") from e
-            diffs = {k: max(v, diffs.get(k, 0.0)) for k, v in got.items()}
-        result["max_abs_diff"] = diffs
-        worst = max(diffs.values())
-        if not worst <= atol:
-            raise CheckpointError(out, f"ONNX outputs differ from PyTorch by {worst:.3g} (tolerance {atol:g})")
     return result
+
+
+def _verify_dynamic(path: Path, predictor: Predictor, atol: float, name: Path) -> dict[str, float]:
+    diffs: dict[str, float] = {}
+    # Batch sizes other than the traced one (2): a shape baked in by tracing shows up here.
+    for batch in (1, 3):
+        try:
+            got = verify_onnx(path, predictor, batch=batch)
+        except Exception as e:  # onnxruntime's errors have no common base class
+            raise CheckpointError(name, f"the exported model fails at batch size {batch} in onnxruntime "
+                                        f"(an op whose shape tracing fixed?): {e}") from e
+        diffs = {k: max(v, diffs.get(k, 0.0)) for k, v in got.items()}
+    worst = max(diffs.values())
+    if not worst <= atol:
+        raise CheckpointError(name, f"ONNX outputs differ from PyTorch by {worst:.3g} (tolerance {atol:g})")
+    return diffs
 
 
 def onnx_session(path: str | PathLike[str], threads: int | None = None) -> Any:
