@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from chexfound.errors import CheckpointError
-from chexfound.models.format import load_tensors, save_tensors
+from chexfound.models.format import load_tensors, publish, save_tensors
 
 FEATURE_SUFFIXES = (".safetensors", ".npz")
 
@@ -69,7 +69,7 @@ def write_features(path: str | PathLike[str], arrays: dict[str, np.ndarray], ids
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(buf.getvalue())
-            os.replace(tmp, p)
+            publish(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
