@@ -29,13 +29,12 @@ class StageRunner:
         if path.is_file():
             self.echo(f"[{name}] already done (rerun skips it; delete {path} to redo)")
             res = json.loads(path.read_text())
-            self.timings[name] = float(res.get("_seconds", 0.0))
+            self.timings[name] = float(res.pop("_seconds", 0.0))
             return res
         self.echo(f"[{name}] {title}")
         t0 = time.perf_counter()
         res = fn()
-        res["_seconds"] = round(time.perf_counter() - t0, 1)
-        self.timings[name] = res["_seconds"]
-        atomic_write_bytes(path, json.dumps(to_jsonable(res), indent=1).encode())
-        self.echo(f"[{name}] done in {res['_seconds']:.0f} s")
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        atomic_write_bytes(path, json.dumps(to_jsonable({**res, "_seconds": self.timings[name]}), indent=1).encode())
+        self.echo(f"[{name}] done in {self.timings[name]:.0f} s")
         return res
