@@ -1,0 +1,174 @@
+"""The head-training step of every protocol, behind one small interface.
+
+A protocol only needs: fit a head on some training rows (choosing hyper-parameters and decision thresholds
+on validation rows), then predict probabilities for other rows, possibly of another dataset (OOD).
+
+    model = trainer.fit(source, y, train_idx, val_idx, seed)
+    probs = model.predict(source_or_other, idx)        # [len(idx), C]
+    model.thresholds                                    # [C], chosen on val
+
+`source` is whatever the trainer reads features from: a [N, F] array for `LogisticTrainer`, the adapt
+stage's feature cache for `AdaptTrainer`. Thresholds maximise F1 on the validation rows (the usual choice
+for CXR multi-label reporting); with no usable validation labels a finding keeps 0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from chexfound.errors import ChexfoundError
+from chexfound.evaluate.ranking import RankedScores
+
+log = logging.getLogger(__name__)
+
+
+class FittedHead(Protocol):
+    thresholds: np.ndarray
+    info: dict[str, Any]
+
+    def predict(self, source: Any, idx: np.ndarray) -> np.ndarray: ...
+
+
+class HeadTrainer(Protocol):
+    name: str
+
+    def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
+            seed: int = 0) -> FittedHead: ...
+
+
+def best_f1_thresholds(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """Per column, the score threshold (predict positive when p >= t) that maximises F1 on labelled rows."""
+    y, p = np.atleast_2d(y.T).T, np.atleast_2d(p.T).T
+    out = np.full(y.shape[1], default, dtype=np.float64)
+    for c in range(y.shape[1]):
+        m = ~np.isnan(y[:, c])
+        yc, pc = y[m, c], p[m, c]
+        n_pos = yc.sum()
+        if n_pos == 0 or n_pos == yc.size:
+            continue
+        order = np.argsort(-pc, kind="stable")
+        ys, ps = yc[order], pc[order]
+        tp = np.cumsum(ys)
+        fp = np.cumsum(1 - ys)
+        last = np.r_[ps[1:] != ps[:-1], True]  # evaluate only at the end of each tie group
+        f1 = 2 * tp / (tp + fp + n_pos)
+        f1 = np.where(last, f1, -1)
+        out[c] = float(ps[int(np.argmax(f1))])
+    return out
+
+
+def train_and_predict(trainer: HeadTrainer, source: Any, y: np.ndarray, train_idx: np.ndarray,
+                      test_idx: np.ndarray, val_idx: np.ndarray | None = None, seed: int = 0,
+                      test_source: Any = None) -> tuple[np.ndarray, FittedHead]:
+    """Fit on train (select on val) and return test probabilities [len(test_idx), C] and the fitted head."""
+    model = trainer.fit(source, y, train_idx, val_idx, seed)
+    return model.predict(source if test_source is None else test_source, test_idx), model
+
+
+# --- a self-contained probe (scikit-learn logistic regression on pooled features) --------------------------
+
+@dataclass
+class LogisticHead:
+    coef: np.ndarray        # [C, F]
+    intercept: np.ndarray   # [C]
+    mean: np.ndarray        # [F] standardisation
+    scale: np.ndarray       # [F]
+    thresholds: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, source: Any, idx: np.ndarray) -> np.ndarray:
+        x = (np.asarray(source)[idx] - self.mean) / self.scale
+        z = x @ self.coef.T + self.intercept
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+
+@dataclass
+class LogisticTrainer:
+    """One L2 logistic regression per finding on standardised features; the inverse regularisation C is
+    picked from a grid by validation macro AUROC (one C for all findings, like the original's single learning
+    rate per head). A finding with one class in training predicts its training prevalence."""
+
+    c_grid: Sequence[float] = (0.01, 0.1, 1.0)
+    max_iter: int = 300
+    name: str = "logistic"
+
+    def _fit_one(self, x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
+        from sklearn.linear_model import LogisticRegression
+
+        if y.size == 0 or y.min() == y.max():
+            prev = float(y.mean()) if y.size else 0.5
+            prev = min(max(prev, 1e-4), 1 - 1e-4)
+            return np.zeros(x.shape[1]), float(np.log(prev / (1 - prev)))
+        clf = LogisticRegression(C=c, max_iter=self.max_iter, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence warnings on tiny subsets are expected
+            clf.fit(x, y)
+        return clf.coef_[0].copy(), float(clf.intercept_[0])
+
+    def _fit_all(self, x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        coef = np.zeros((y.shape[1], x.shape[1]))
+        b = np.zeros(y.shape[1])
+        for k in range(y.shape[1]):
+            m = ~np.isnan(y[:, k])
+            coef[k], b[k] = self._fit_one(x[m], y[m, k], c, seed)
+        return coef, b
+
+    def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
+            seed: int = 0) -> LogisticHead:
+        feats = np.asarray(source, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        y = y[:, None] if y.ndim == 1 else y
+        xt = feats[train_idx]
+        mean = xt.mean(axis=0)
+        scale = xt.std(axis=0)
+        scale[scale < 1e-8] = 1.0
+        xt = (xt - mean) / scale
+        yt = y[train_idx]
+        grid = list(self.c_grid)
+        best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+        val_scores: dict[str, float] = {}
+        have_val = val_idx is not None and len(val_idx) > 0
+        for c in grid if have_val else grid[len(grid) // 2 : len(grid) // 2 + 1]:
+            coef, b = self._fit_all(xt, yt, c, seed)
+            score = float("nan")
+            if have_val:
+                head = LogisticHead(coef, b, mean, scale, np.full(y.shape[1], 0.5))
+                pv = head.predict(feats, val_idx)
+                aucs = []
+                for k in range(y.shape[1]):
+                    m = ~np.isnan(y[val_idx, k])
+                    a = RankedScores(y[val_idx, k][m], pv[m, k]).auroc_ap()[0][0] if m.any() else np.nan
+                    if not np.isnan(a):
+                        aucs.append(a)
+                score = float(np.mean(aucs)) if aucs else float("nan")
+            val_scores[str(c)] = score
+            key = -np.inf if np.isnan(score) else score
+            if best is None or key > best[0]:
+                best = (key, c, coef, b)
+        assert best is not None
+        _, c_best, coef, b = best
+        head = LogisticHead(coef, b, mean, scale, np.full(y.shape[1], 0.5))
+        if have_val:
+            head.thresholds = best_f1_thresholds(y[val_idx], head.predict(feats, val_idx))
+        head.info = {"trainer": self.name, "C": c_best, "val_macro_auroc": val_scores,
+                     "n_train": int(len(train_idx)), "n_val": int(len(val_idx)) if have_val else 0,
+                     "threshold_rule": "max F1 on val" if have_val else "0.5 (no val)"}
+        return head
+
+
+def make_trainer(head: str, **kw: Any) -> HeadTrainer:
+    """Trainer for a head type. 'linear' is the probe on pooled CLS features; 'glori' needs the adapt stage."""
+    if head in ("linear", "logistic"):
+        return LogisticTrainer(**kw)
+    try:
+        from chexfound.adapt import train as _adapt_train  # noqa: F401
+    except ImportError as e:
+        raise ChexfoundError(
+            f"head {head!r} needs chexfound.adapt.train (grid training of attention heads), which is not "
+            f"available in this installation ({e}); use --head linear") from e
+    raise ChexfoundError(f"head {head!r} is not wired into evaluation yet")
