@@ -1,0 +1,403 @@
+"""End-to-end evaluation runs behind `chexfound evaluate`: score a predictions file, or run a protocol on a
+dataset task with frozen backbones. Each run writes one report folder (see report.py)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from chexfound import __version__
+from chexfound.data.manifest import Manifest, read_manifest
+from chexfound.data.transform import InputTransform
+from chexfound.errors import ChexfoundError, ManifestError
+from chexfound.evaluate import figures
+from chexfound.evaluate.features import FeatureSet, extract_features, resolve_device
+from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
+from chexfound.evaluate.report import Figure, Report, predictions_csv, write_json, write_report
+from chexfound.evaluate.tasks import TaskData, load_task
+from chexfound.evaluate.trainers import make_trainer
+from chexfound.models.format import atomic_write_bytes, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _provenance(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"created": _now(), "chexfound_version": __version__, "command": sys.argv, **extra}
+
+
+def _classification_figures(y: np.ndarray, preds: dict[str, np.ndarray], findings: Sequence[str],
+                            metrics: dict[str, Any], groups_by_model: dict[str, Any] | None = None) -> list[Figure]:
+    figs = [Figure("roc.png", "ROC curves per finding", figures.roc_pr_grid(y, preds, findings, "roc",
+                                                                            metrics.get("per_finding"))),
+            Figure("pr.png", "Precision-recall curves per finding",
+                   figures.roc_pr_grid(y, preds, findings, "pr", metrics.get("per_finding")),
+                   "Dotted line: prevalence (the AP of a random ranking).")]
+    gb = groups_by_model if groups_by_model is not None else (
+        {"model": metrics["groups"]} if metrics.get("groups") else None)
+    if gb:
+        figs.append(Figure("groups.png", "Prevalence groups", figures.group_bars(gb),
+                           "Whiskers: patient-level bootstrap 95% CI of the group mean."))
+    return figs
+
+
+# --- score a predictions file -----------------------------------------------------------------------------
+
+@dataclass
+class ScoreOptions:
+    findings: Sequence[str] | None = None
+    id_column: str | None = None
+    split: str | None = None
+    thresholds: str | None = None
+    train_labels: str | None = None
+    allow_missing: bool = False
+    uncertain: str = "nan"
+    cfg: EvalConfig = field(default_factory=EvalConfig)
+
+
+def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], out: str | PathLike[str],
+               opts: ScoreOptions = ScoreOptions()) -> dict[str, Any]:
+    from chexfound.evaluate.score import match_predictions, read_predictions, read_thresholds
+
+    pred_path = Path(predictions)
+    preds = read_predictions(pred_path)
+    man = read_manifest(labels, labels=opts.findings)
+    train_y = None
+    if opts.split:
+        if "split" not in man.df.columns:
+            raise ManifestError(man.source, "--split given but the manifest has no 'split' column")
+        if opts.train_labels is None and (man.df["split"] == "train").any():
+            train_y = man.split("train").labels(opts.uncertain)
+        man = man.split(opts.split)
+        if not len(man):
+            raise ManifestError(man.source, f"no rows with split == {opts.split!r}")
+    if opts.uncertain != "nan":  # resolve -1 before matching (Manifest.labels does it per call)
+        y_all = man.labels(opts.uncertain)
+        man.df[man.label_columns] = y_all
+    mt = match_predictions(preds, man, pred_path, opts.findings, opts.id_column, opts.allow_missing)
+    if opts.train_labels:
+        tm = read_manifest(opts.train_labels)
+        from chexfound.evaluate.findings_map import map_findings
+
+        mp = map_findings(mt.findings, tm.label_columns)
+        miss = [f for f in mt.findings if f not in mp]
+        if miss:
+            raise ManifestError(tm.source, f"training manifest lacks label(s) {miss} (needed for prevalence groups)")
+        tm.label_columns = [mp[f] for f in mt.findings]
+        train_y = tm.labels(opts.uncertain)
+    thr = read_thresholds(opts.thresholds, mt.findings) if opts.thresholds else None
+    res = score_predictions(mt.y, mt.p, mt.patients, mt.findings, thr, train_y, opts.cfg)
+    prov = _provenance({
+        "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
+        "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
+        "manifest_sha256": sha256_file(labels), "matching": mt.info,
+        "thresholds": opts.thresholds or "0.5 for every finding",
+    })
+    metrics = {"protocol": "score", **res, "provenance": prov,
+               "config": {"split": opts.split, "uncertain": opts.uncertain, "findings": mt.findings,
+                          **opts.cfg.to_dict()}}
+    rep = Report(f"Evaluation of {pred_path.name}", metrics,
+                 _classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res),
+                 notes=[f"{mt.info['n_matched']} images matched by {mt.info['id_column']} ({mt.info['matched_by']});"
+                        f" {mt.info['n_missing']} without prediction; {mt.info['n_extra_predictions']} extra "
+                        f"prediction rows ignored"])
+    write_report(out, rep)
+    return metrics
+
+
+# --- task protocols -----------------------------------------------------------------------------------------
+
+def load_backbone_spec(spec: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """A backbone file (our format; other layouts through chexfound.models.load_backbone) or a registry
+    name (random initialisation, for smoke tests and baselines)."""
+    from chexfound.models import backbone_sha256, create_backbone, list_configs, load_backbone
+
+    p = Path(spec)
+    if p.exists():
+        model, meta = load_backbone(p)
+        info = {"path": str(p.resolve()), "file_sha256": sha256_file(p) if p.is_file() else None,
+                "weights_sha256": meta.get("weights_sha256") or backbone_sha256(model),
+                "config": meta.get("config"), "transform": meta.get("transform")}
+        return model.eval(), info, p.stem
+    if spec in list_configs():
+        log.warning("backbone %r is a registry name: using RANDOM weights (seed %d)", spec, seed)
+        torch.manual_seed(seed)
+        model = create_backbone(spec).eval()
+        return model, {"registry_name": spec, "random_init_seed": seed,
+                       "weights_sha256": backbone_sha256(model), "config": model.cfg.to_dict()}, spec
+    raise ChexfoundError(f"backbone {spec!r} is neither a file nor a registry name ({', '.join(list_configs())})")
+
+
+def _transform_for(model: torch.nn.Module, info: dict[str, Any], image_size: int | None) -> InputTransform:
+    if info.get("transform") and image_size is None:
+        return InputTransform.from_dict(info["transform"])
+    return InputTransform.for_backbone(model.cfg, size=image_size)
+
+
+def limit_task(td: TaskData, limit: int | None, seed: int) -> TaskData:
+    """Keep at most `limit` images per split (whole patients, seeded) for quick runs."""
+    if not limit:
+        return td
+    df = td.manifest.df
+    keep = np.zeros(len(df), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for s in ("train", "val", "test"):
+        idx = np.flatnonzero(df["split"].to_numpy() == s)
+        pats = df["patient_id"].astype(str).to_numpy()[idx]
+        order = rng.permutation(np.unique(pats))
+        counts = {q: int(c) for q, c in zip(*np.unique(pats, return_counts=True))}
+        chosen, n = set(), 0
+        for q in order:
+            if n >= limit:
+                break
+            chosen.add(q)
+            n += counts[q]
+        keep[idx[np.isin(pats, list(chosen))]] = True
+    td.manifest = td.manifest.subset(keep)
+    td.notes.append(f"quick run: at most ~{limit} images per split (whole patients, seed {seed})")
+    return td
+
+
+@dataclass
+class TaskOptions:
+    protocol: str = "compare"
+    heads: Sequence[str] = ("linear",)
+    n_blocks: int = 4
+    avgpool: bool = True
+    image_size: int | None = None
+    fractions: Sequence[float] = (0.01, 0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
+    seeds: Sequence[int] = (0, 1, 2)
+    ood_task: str | None = None
+    ood_root: str | None = None
+    loc_split: str = "test"
+    loc_tolerance: float = 0.0
+    gallery: int = 12
+    limit: int | None = None
+    batch_size: int = 32
+    workers: int = 0
+    device: str | None = None
+    dtype: str = "fp32"
+    seed: int = 0
+    progress: bool = True
+    cfg: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in self.__dict__.items() if k != "cfg"}
+        d.update(self.cfg.to_dict())
+        return d
+
+
+def _features(model: torch.nn.Module, info: dict[str, Any], td: TaskData, opts: TaskOptions,
+              out: Path) -> tuple[FeatureSet, InputTransform]:
+    tf = _transform_for(model, info, opts.image_size)
+    fs = extract_features(model, td.manifest.paths(), tf, opts.n_blocks, info["weights_sha256"],
+                          cache_dir=out / "cache", batch_size=opts.batch_size, workers=opts.workers,
+                          device=opts.device, dtype=opts.dtype, progress=opts.progress)
+    return fs, tf
+
+
+def _log_jsonl(out: Path, rec: dict[str, Any]) -> None:
+    from chexfound.evaluate.report import to_jsonable
+
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(to_jsonable({"time": _now(), **rec})) + "\n")
+
+
+def _skipped(out: Path, errors: list[tuple[int, str, str]]) -> None:
+    if errors:
+        lines = "index,path,reason\n" + "".join(f"{i},\"{p}\",\"{r}\"\n" for i, p, r in errors)
+        atomic_write_bytes(out / "skipped.csv", lines.encode())
+        log.warning("%d image(s) could not be read; listed in %s", len(errors), out / "skipped.csv")
+
+
+def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str], out: str | PathLike[str],
+                  opts: TaskOptions = TaskOptions()) -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    td = limit_task(load_task(task, root, seed=opts.seed), opts.limit, opts.seed)
+    import yaml
+
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(
+        {"task": task, "root": str(root), "backbones": list(backbones), **opts.to_dict()}, sort_keys=False).encode())
+    y = td.labels()
+    pats = td.manifest.patients()
+    findings = td.findings
+    splits_all = Splits.from_labels(td.manifest.df["split"])
+    models: dict[str, Any] = {}
+    backbone_info: dict[str, Any] = {}
+    feats: dict[str, tuple[FeatureSet, InputTransform, torch.nn.Module]] = {}
+    errors: list[tuple[int, str, str]] = []
+    for spec in backbones:
+        model, info, label = load_backbone_spec(spec, opts.seed)
+        fs, tf = _features(model, info, td, opts, out)
+        errors += fs.errors
+        feats[label] = (fs, tf, model)
+        backbone_info[label] = info
+        for head in opts.heads:
+            trainer = make_trainer(head)
+            models[f"{label}/{head}"] = (trainer, fs.vectors(opts.n_blocks, opts.avgpool))
+    _skipped(out, sorted(set(errors)))
+    ok = np.ones(len(y), dtype=bool)
+    for fs, _, _ in feats.values():
+        ok &= fs.ok
+    splits = splits_all.restrict(ok)
+    prov = _provenance({"task": td.describe(), "manifest_sha256": td.describe()["manifest_sha256"],
+                        "backbones": backbone_info,
+                        "backbone_sha256": next(iter(backbone_info.values()))["weights_sha256"],
+                        "skipped_images": len(set(e[1] for e in errors))})
+    ids = td.manifest.df["image_id"].astype(str).tolist() if "image_id" in td.manifest.df.columns else \
+        td.manifest.df["path"].astype(str).tolist()
+    id_col = "image_id" if "image_id" in td.manifest.df.columns else "path"
+    figs: list[Figure] = []
+    files: dict[str, bytes] = {}
+    tables = []
+    proto = opts.protocol
+    if proto in ("compare", "localisation"):
+        from chexfound.evaluate.protocols.compare import run_compare
+
+        metrics, art = run_compare(models, y, pats, splits, findings, opts.cfg, opts.seed)
+        for label, res in metrics["models"].items():
+            _log_jsonl(out, {"protocol": "compare", "model": label, "macro": res["macro"]})
+        figs += _classification_figures(art["y_test"], art["predictions"], findings, metrics,
+                                         {k: v["groups"] for k, v in metrics["models"].items() if "groups" in v})
+        import pandas as pd
+
+        tables.append(("Models", pd.DataFrame([
+            {"model": k, "macro AUROC": v["macro"]["auroc"], "AUROC 95% CI": v["macro"].get("auroc_ci"),
+             "macro AP": v["macro"]["ap"], "AP 95% CI": v["macro"].get("ap_ci"), "micro AUROC": v["micro"]["auroc"]}
+            for k, v in metrics["models"].items()])))
+        if metrics["paired"]:
+            tables.append(("Paired differences (patient-level bootstrap)", pd.DataFrame([
+                {"comparison": k, "Δ macro AUROC": v["macro"]["auroc"]["diff"], "CI": v["macro"]["auroc"]["ci"],
+                 "p": v["macro"]["auroc"]["p_value"], "Δ macro AP": v["macro"]["ap"]["diff"],
+                 "AP CI": v["macro"]["ap"]["ci"]} for k, v in metrics["paired"].items()])))
+        for label, p in art["predictions"].items():
+            files[f"predictions_{label.replace('/', '_')}.csv"] = predictions_csv(
+                [ids[i] for i in art["test_idx"]], id_col, p, findings)
+        if proto == "localisation":
+            loc, gallery = _localisation(td, feats, opts, ok)
+            metrics["localisation"] = loc
+            figs.append(Figure("localisation.png", "Localisation against expert boxes",
+                               figures.localisation_bars(loc["per_finding"]),
+                               f"Heatmaps: {loc['heatmap_source']}. Pointing game and attention mass per finding; "
+                               "the centre prior is an isotropic Gaussian at the image centre."))
+            if gallery:
+                figs.append(Figure("gallery.png", "Heatmap gallery", figures.heatmap_gallery(gallery)))
+            tables.append(("Localisation (test images with boxes)", _loc_table(loc)))
+    elif proto == "label-efficiency":
+        from chexfound.evaluate.protocols.label_efficiency import run_label_efficiency
+
+        if len(models) != 1:
+            raise ChexfoundError("label-efficiency runs one backbone and one head; got " + ", ".join(models))
+        (label, (trainer, source)), = models.items()
+        metrics, art = run_label_efficiency(trainer, source, y, pats, splits, findings, opts.fractions, opts.seeds,
+                                            opts.cfg)
+        metrics["model"] = label
+        for r in metrics["runs"]:
+            _log_jsonl(out, {"protocol": "label-efficiency", "fraction": r["fraction"], "seed": r["seed"],
+                             "macro": r["macro"]})
+        figs.append(Figure("label_efficiency.png", "Label efficiency",
+                           figures.label_efficiency_curve(metrics["curve"], metrics["runs"]),
+                           "Heads trained on a fraction of the training patients; fixed test set."))
+        figs += _classification_figures(art["y_test"], art["predictions"], findings, metrics)
+        import pandas as pd
+
+        tables.append(("Label-efficiency curve", pd.DataFrame([
+            {"% patients": c["fraction"] * 100, "images (mean)": c["n_images_mean"], "seeds": c["n_seeds"],
+             "macro AUROC": c["auroc_mean"], "± s.d.": c["auroc_std"], "macro AP": c["ap_mean"],
+             "AP ± s.d.": c["ap_std"]} for c in metrics["curve"]])))
+    elif proto == "ood":
+        metrics, figs_o, tables_o = _ood(td, feats, models, y, pats, splits, opts, out)
+        figs += figs_o
+        tables += tables_o
+    else:
+        raise ChexfoundError(f"unknown protocol {proto!r} (compare, label-efficiency, localisation, ood)")
+    metrics["provenance"] = prov
+    metrics["config"] = {"task": task, "root": str(root), "backbones": list(backbones), **opts.to_dict()}
+    rep = Report(f"chexfound evaluate: {td.name}, protocol {proto}", metrics, figs, tables,
+                 notes=td.notes + [f"backbones: {', '.join(backbone_info)}"], files=files)
+    write_report(out, rep)
+    return metrics
+
+
+def _loc_table(loc: dict[str, Any]) -> Any:
+    import pandas as pd
+
+    rows = []
+    for name, d in [("all", loc["overall"]), *loc["per_finding"].items()]:
+        rows.append({"finding": name, "items": d["n_items"], "pointing": d.get("pointing"),
+                     "pointing CI": d.get("pointing_ci"), "centre-prior pointing": d.get("centre_pointing"),
+                     "mass in box": d.get("mass"), "mass CI": d.get("mass_ci"),
+                     "centre-prior mass": d.get("centre_mass"), "box area (uniform)": d.get("uniform_mass")})
+    return pd.DataFrame(rows)
+
+
+def _localisation(td: TaskData, feats: dict[str, Any], opts: TaskOptions, ok: np.ndarray) -> tuple[dict[str, Any], list]:
+    from chexfound.evaluate.protocols.localisation import cls_attention_heatmaps, collect_items, run_localisation
+
+    if td.boxes is None:
+        raise ChexfoundError(f"task {td.name} has no boxes for the localisation protocol")
+    label, (fs, tf, model) = next(iter(feats.items()))
+    dev = resolve_device(opts.device)
+    model = model.to(dev)
+    fn = cls_attention_heatmaps(model)
+    source = f"{label}: last-block CLS attention (class-agnostic; the probe has no spatial attention)"
+    df = td.manifest.df
+    sel = ok & ((df["split"] == opts.loc_split).to_numpy() if opts.loc_split != "all" else True)
+    idx = np.flatnonzero(sel)
+    paths = [td.manifest.paths()[i] for i in idx]
+    ids = (df["image_id"] if "image_id" in df.columns else df["path"].map(lambda p: Path(p).name)).astype(str).to_numpy()[idx]
+    scores, gallery, errors = collect_items(paths, ids, td.manifest.patients()[idx], td.boxes, td.findings, tf, fn,
+                                            batch_size=opts.batch_size, gallery=opts.gallery,
+                                            tolerance=opts.loc_tolerance)
+    loc = run_localisation(scores, source, opts.loc_tolerance, opts.cfg.bootstrap.n_boot, opts.seed)
+    loc["split"] = opts.loc_split
+    loc["read_errors"] = errors
+    return loc, gallery
+
+
+def _ood(td: TaskData, feats: dict[str, Any], models: dict[str, Any], y: np.ndarray, pats: np.ndarray,
+         splits: Splits, opts: TaskOptions, out: Path) -> tuple[dict[str, Any], list[Figure], list]:
+    from chexfound.evaluate.protocols.ood import run_ood
+
+    if not opts.ood_task or not opts.ood_root:
+        raise ChexfoundError("--protocol ood needs --ood-task and --ood-root (the test dataset)")
+    if len(models) != 1:
+        raise ChexfoundError("ood runs one backbone and one head")
+    tb = limit_task(load_task(opts.ood_task, opts.ood_root, seed=opts.seed), opts.limit, opts.seed)
+    label, (fs, tf, model) = next(iter(feats.items()))
+    (mlabel, (trainer, src)), = models.items()
+    from chexfound.models import backbone_sha256
+
+    fb = extract_features(model, tb.manifest.paths(), tf, opts.n_blocks, backbone_sha256(model),
+                          cache_dir=out / "cache", batch_size=opts.batch_size, workers=opts.workers,
+                          device=opts.device, dtype=opts.dtype, progress=opts.progress)
+    test_b = np.flatnonzero((tb.manifest.df["split"] == "test").to_numpy() & fb.ok)
+    metrics, art = run_ood(trainer, src, y, pats, splits, td.findings, fb.vectors(opts.n_blocks, opts.avgpool),
+                           tb.labels(), tb.manifest.patients(), test_b, tb.findings, opts.cfg, opts.seed,
+                           names=(td.name, tb.name))
+    metrics["model"] = mlabel
+    metrics["test_task"] = tb.describe()
+    import pandas as pd
+
+    rows = []
+    for f in art["findings"]:
+        a, b = metrics["in_distribution"]["per_finding"][f], metrics["per_finding"][f]
+        rows.append({"finding": f, f"{td.name} AUROC (ID)": a["auroc"], f"{tb.name} AUROC (OOD)": b["auroc"],
+                     "OOD CI": b["auroc_ci"], f"{td.name} AP": a["ap"], f"{tb.name} AP": b["ap"]})
+    figs = [Figure("roc.png", f"ROC: {td.name} (ID) vs {tb.name} (OOD)", figures.roc_pr_grid(
+        art["y_test"], {f"{tb.name} (OOD)": art["predictions"][f"{tb.name} (OOD)"]}, art["findings"], "roc",
+        metrics["per_finding"]))]
+    return metrics, figs, [("In-distribution vs out-of-distribution", pd.DataFrame(rows))]
