@@ -315,7 +315,7 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
         import pandas as pd
 
         tables.append(("Label-efficiency curve", pd.DataFrame([
-            {"% patients": c["fraction"] * 100, "images (mean)": c["n_images_mean"], "seeds": c["n_seeds"],
+            {"patients": f"{c['fraction'] * 100:g}%", "images (mean)": round(c["n_images_mean"]), "seeds": c["n_seeds"],
              "macro AUROC": c["auroc_mean"], "± s.d.": c["auroc_std"], "macro AP": c["ap_mean"],
              "AP ± s.d.": c["ap_std"]} for c in metrics["curve"]])))
     elif proto == "ood":

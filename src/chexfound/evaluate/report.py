@@ -74,6 +74,10 @@ class Report:
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
     if isinstance(v, (float, np.floating)):
         return "–" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
     if isinstance(v, (list, tuple)) and len(v) == 2:
@@ -109,15 +113,15 @@ def summary_table(m: Mapping[str, Any]) -> pd.DataFrame:
 def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    for i in range(len(df)):  # per column, so integer columns stay integers
+        lines.append("| " + " | ".join(_fmt(df[c].iloc[i]) for c in cols) + " |")
     return "\n".join(lines)
 
 
 def _html_table(df: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in df.columns) + "</tr>"
-                   for _, r in df.iterrows())
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(df[c].iloc[i]))}</td>" for c in df.columns) + "</tr>"
+                   for i in range(len(df)))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

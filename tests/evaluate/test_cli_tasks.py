@@ -1,0 +1,116 @@
+"""`chexfound evaluate --task ...` end to end on small real subsets with tiny random backbones."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from chexfound.cli.main import main
+from chexfound.data.transform import InputTransform
+from chexfound.evaluate.protocols.localisation import collect_items
+from chexfound.models import create_backbone, save_backbone
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("bb") / "tiny.safetensors"
+    save_backbone(create_backbone("tiny_vit"), p)
+    return p
+
+
+def test_nih14_compare_and_localisation(tiny, data_root, tmp_path):
+    out = tmp_path / "nih"
+    args = ["evaluate", "--task", "nih14", "--root", str(data_root / "nih14"), "--backbone", str(tiny),
+            "--backbone", "tiny_vit_mlp", "--protocol", "localisation", "--limit", "25", "--bootstrap", "100",
+            "--out", str(out), "--quiet", "--batch-size", "16"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["reference"] == "tiny/linear" and set(m["models"]) == {"tiny/linear", "tiny_vit_mlp/linear"}
+    assert "tiny_vit_mlp/linear - tiny/linear" in m["paired"]
+    assert {"auroc", "ap", "auroc_ci"} <= set(m["macro"])
+    pf = m["per_finding"]["Cardiomegaly"]
+    assert {"auroc", "ap", "auroc_ci", "n_pos"} <= set(pf)
+    assert m["provenance"]["backbone_sha256"] and m["provenance"]["manifest_sha256"]
+    assert m["provenance"]["task"]["sources"]  # label + box file hashes
+    loc = m["localisation"]
+    assert loc["overall"]["n_items"] > 0 and set(loc["per_finding"]) <= set(m["per_finding"])
+    for k in ("pointing", "mass", "centre_pointing", "centre_mass", "uniform_mass"):
+        assert 0 <= loc["overall"][k] <= 1
+    for f in ("roc.png", "pr.png", "groups.png", "localisation.png", "gallery.png"):
+        assert (out / "figures" / f).stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert "figures/gallery.png" in html and "Pointing" not in html.split("<table>")[0]
+    assert (out / "predictions_tiny_linear.csv").is_file() and (out / "config.yaml").is_file()
+    assert len(list((out / "cache").glob("features-*.npz"))) == 2
+
+
+def test_kermany_label_efficiency(tiny, data_root, tmp_path):
+    out = tmp_path / "k"
+    args = ["evaluate", "--task", "kermany", "--root", str(data_root / "kermany"), "--backbone", str(tiny),
+            "--protocol", "label-efficiency", "--fractions", "10,50,100", "--seeds", "0,1", "--limit", "80",
+            "--bootstrap", "100", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [c["fraction"] for c in m["curve"]] == [0.1, 0.5, 1.0]
+    assert m["curve"][0]["n_images_mean"] < m["curve"][-1]["n_images_mean"]
+    assert len(m["runs"]) == 5 and m["per_finding"]["Pneumonia"]["auroc_ci"][0] is not None
+    assert (out / "figures" / "label_efficiency.png").stat().st_size > 1000
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[0])["protocol"] == "label-efficiency"
+    # A rerun with the same --out reuses the cached features and reproduces every number.
+    cache = list((out / "cache").glob("features-*.npz"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    assert main(args) == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["curve"] == m["curve"] and m2["per_finding"] == m["per_finding"]
+    assert cache[0].stat().st_mtime_ns == stamp
+
+
+def test_ood_nih_to_kermany(tiny, data_root, tmp_path):
+    out = tmp_path / "ood"
+    assert main(["evaluate", "--task", "nih14", "--root", str(data_root / "nih14"), "--backbone", str(tiny),
+                 "--protocol", "ood", "--ood-task", "kermany", "--ood-root", str(data_root / "kermany"),
+                 "--limit", "40", "--bootstrap", "50", "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mapping"] == {"Pneumonia": "Pneumonia"} and list(m["per_finding"]) == ["Pneumonia"]
+    assert "Pneumonia" in m["in_distribution"]["per_finding"]
+
+
+def test_cli_task_errors(tiny, data_root, tmp_path, capsys):
+    assert main(["evaluate", "--task", "kermany", "--root", str(data_root / "kermany"), "--out", str(tmp_path)]) == 2
+    assert "--backbone" in capsys.readouterr().err
+    assert main(["evaluate", "--task", "kermany", "--root", str(data_root / "kermany"), "--backbone", "nope",
+                 "--out", str(tmp_path)]) == 2
+    assert "neither a file nor a registry name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+def test_localisation_geometry_end_to_end(tmp_path, mode):
+    """Non-square images with a bright rectangle and a box on it: a heatmap equal to the transformed image must
+    point inside the mapped box and put most of its mass there."""
+    paths, ids = [], []
+    rows = []
+    for i, (h, w) in enumerate([(300, 200), (200, 320)]):
+        img = np.full((h, w), 20, dtype=np.uint8)
+        x0, y0 = 50 + 10 * i, 60
+        img[y0:y0 + 50, x0:x0 + 40] = 255
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+        ids.append(p.name)
+        rows.append({"image_id": p.name, "finding": "Mass", "x": x0, "y": y0, "w": 40, "h": 50})
+    tf = InputTransform(size=64, mode=mode)
+
+    def image_as_heatmap(x):
+        return (x[:, :1] - x.min()).numpy()
+
+    scores, gallery, errors = collect_items(paths, ids, ["a", "b"], pd.DataFrame(rows), ["Mass", "Nodule"], tf,
+                                            image_as_heatmap, gallery=2)
+    assert not errors and len(scores) == 2 and len(gallery) == 2
+    assert scores["pointing"].tolist() == [1.0, 1.0]
+    assert (scores["mass"] > 3 * scores["uniform_mass"]).all()
