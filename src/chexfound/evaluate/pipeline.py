@@ -89,7 +89,7 @@ def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], ou
     mt = match_predictions(preds, man, pred_path, opts.findings, opts.id_column, opts.allow_missing)
     if opts.train_labels:
         tm = read_manifest(opts.train_labels)
-        from chexfound.evaluate.findings_map import map_findings
+        from chexfound.data.findings import finding_map as map_findings
 
         mp = map_findings(mt.findings, tm.label_columns)
         miss = [f for f in mt.findings if f not in mp]
@@ -181,6 +181,7 @@ class TaskOptions:
     seeds: Sequence[int] = (0, 1, 2)
     ood_task: str | None = None
     ood_root: str | None = None
+    image_root: str | None = None
     loc_split: str = "test"
     loc_tolerance: float = 0.0
     gallery: int = 12
@@ -226,7 +227,7 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
                   opts: TaskOptions = TaskOptions()) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    td = limit_task(load_task(task, root, seed=opts.seed), opts.limit, opts.seed)
+    td = limit_task(load_task(task, root, seed=opts.seed, image_root=opts.image_root), opts.limit, opts.seed)
     import yaml
 
     atomic_write_bytes(out / "config.yaml", yaml.safe_dump(

@@ -21,7 +21,7 @@ import pandas as pd
 
 from chexfound.data.manifest import Manifest
 from chexfound.errors import ManifestError
-from chexfound.evaluate.findings_map import map_findings
+from chexfound.data.findings import finding_map as map_findings
 
 ID_COLUMNS = ("path", "image_id")
 

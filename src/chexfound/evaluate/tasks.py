@@ -1,24 +1,23 @@
 """Ready-made evaluation tasks: public CXR datasets as (manifest with train/val/test split, findings).
 
-Every loader returns a `TaskData` whose manifest has a `split` column (train / val / test, patient-disjoint
-where the dataset has patient ids) and exactly one label column per task finding, named as the finding.
-Official splits are used where the dataset has them; otherwise a seeded patient-level split is made and
-recorded. Loaders accept each dataset's own release layout and, where it exists, the layout of the copies
-under ../shared/data.
+Reading each dataset's files is the job of `chexfound.data.readers`; a task adds the evaluation policy on
+top: which findings are scored, how blank/uncertain labels are resolved, which views are kept, and the
+train / val / test split. Every loader returns a `TaskData` whose manifest has a `split` column
+(patient-disjoint where the dataset has patient ids) and one label column per task finding. Official splits
+are used where the dataset has them; otherwise a seeded patient-level split is made and recorded.
 
 | task     | findings                                | splits                                                    |
 |----------|-----------------------------------------|-----------------------------------------------------------|
-| nih14    | 14 NIH findings                         | official train_val/test lists, val = 10 % of train_val patients; shared subset: 70/10/20 by patient |
+| nih14    | 14 NIH findings (NIH spelling)          | official train_val/test lists, val = 10 % of train_val patients; shared subset: 70/10/20 by patient |
 | chexpert | 5 competition findings, U-Zeros, frontal| train.csv / valid.csv (val) / test labels (test); without a test file valid is the test set and val is 5 % of train patients |
 | cxrlt24  | the 40 CXR-LT 2024 findings (logit order)| {train,val,test}.csv as the CheXFound authors split them   |
-| mimic    | 14 CheXpert-style labels, frontal       | official mimic-cxr-2.0.0-split                            |
-| vindr    | VinDr-CXR image-level labels            | official train / test, val = 10 % of train images         |
-| kermany  | Pneumonia (binary)                      | official train / test, val = 10 % of train patients       |
+| mimic    | 14 CheXpert labeller findings, frontal  | official mimic-cxr-2.0.0-split                            |
+| vindr    | 28 VinDr-CXR image-level labels         | official train / test, val = 10 % of train images         |
+| kermany  | PNEUMONIA (binary)                      | official train / test, val = 10 % of train patients       |
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -28,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 from chexfound.data import findings as F
-from chexfound.data.manifest import Manifest, patient_split, read_manifest
+from chexfound.data import readers as R
+from chexfound.data.manifest import Manifest, patient_split
 from chexfound.errors import ManifestError
-from chexfound.evaluate.findings_map import rename_to
 from chexfound.evaluate.localisation import read_boxes
 from chexfound.models.format import sha256_file
 
@@ -95,7 +94,14 @@ def load_task(name: str, root: str | PathLike[str], seed: int = 0, **kw: Any) ->
     r = Path(root)
     if not r.is_dir():
         raise ManifestError(r, f"data root for task {key!r} not found")
-    td = TASKS[key](r, seed=seed, **kw)
+    import inspect
+
+    loader = TASKS[key]
+    if kw.get("image_root") is None:
+        kw.pop("image_root", None)
+    elif "image_root" not in inspect.signature(loader).parameters:
+        raise ManifestError(None, f"task {key!r} reads images under its root; --image-root does not apply")
+    td = loader(r, seed=seed, **kw)
     _check(td)
     return td
 
@@ -125,19 +131,23 @@ def _carve_val(df: pd.DataFrame, frac: float, seed: int, from_split: str = "trai
     return df
 
 
-def _make(df: pd.DataFrame, root: Path, findings: Sequence[str], source: Path | None) -> Manifest:
-    return Manifest(df.reset_index(drop=True), root, list(findings), source)
+# --- policies shared by several tasks ---------------------------------------------------------------------
 
-
-def _first(root: Path, names: Sequence[str]) -> Path | None:
+def _resolve(df: pd.DataFrame, names: Sequence[str], blank: float, uncertain: str) -> None:
+    """In place: blank (NaN) -> `blank`, -1 -> the uncertain policy ("zero", "one" or "nan" = ignore)."""
+    fill = {"zero": 0.0, "one": 1.0, "nan": np.nan}[uncertain]
     for n in names:
-        for cand in (root / n, root / (n + ".gz")):
-            if cand.is_file():
-                return cand
-    return None
+        v = pd.to_numeric(df[n], errors="coerce").to_numpy(dtype=np.float64)
+        v = np.where(np.isnan(v), blank, v)
+        df[n] = np.where(v == -1, fill, v).astype(np.float32)
 
 
-# --- NIH ChestX-ray14 -------------------------------------------------------------------------------------
+def _task(name: str, m: Manifest, findings: Sequence[str], kind: str = "multilabel",
+          notes: Sequence[str] = ()) -> TaskData:
+    m.label_columns = list(findings)
+    srcs = [m.source] if m.source is not None else []
+    return TaskData(name, m, list(findings), kind=kind, sources=srcs, notes=list(notes))
+
 
 def _drop_rare(td: TaskData, min_total_pos: int) -> TaskData:
     y = td.manifest.labels()
@@ -150,267 +160,121 @@ def _drop_rare(td: TaskData, min_total_pos: int) -> TaskData:
     return td
 
 
+def _keep_splits(m: Manifest) -> Manifest:
+    """Drop rows without a split (e.g. images missing from an official split file)."""
+    ok = m.df["split"].notna().to_numpy() & m.df["split"].isin(["train", "val", "test"]).to_numpy()
+    return m if ok.all() else m.subset(ok)
+
+
+# --- NIH ChestX-ray14 -------------------------------------------------------------------------------------
+
 @register_task("nih14")
 def load_nih14(root: Path, seed: int = 0, image_root: str | None = None, min_total_pos: int = 5) -> TaskData:
-    """NIH ChestX-ray14: the official release (Data_Entry_2017*.csv, train_val_list.txt, test_list.txt,
-    images*/) or the shared subset layout (labels.csv [+ boxes.csv])."""
-    names = list(F.NIH14)
-    if (root / "labels.csv").is_file():
-        m = read_manifest(root / "labels.csv", root=image_root)
-        ren = rename_to(list(m.df.columns), names)  # e.g. Pleural_Thickening -> Pleural Thickening
-        df = m.df.rename(columns=ren)
-        df["split"] = patient_split(df["patient_id"].astype(str).to_numpy(), (0.7, 0.1, 0.2), seed=seed)
-        td = TaskData("nih14", _make(df, m.root, names, m.source), names, sources=[m.source])
-        td.notes.append(f"patient-level 70/10/20 split, seed {seed} (subset without official split)")
-        td = _drop_rare(td, min_total_pos)
-        box_file = root / "boxes.csv"
+    """NIH ChestX-ray14: the official release or the shared subset layout (labels.csv [+ boxes.csv]).
+    Boxes (BBox_List_2017.csv / boxes.csv) come with it for the localisation protocol."""
+    if (root / "labels.csv").is_file() and not any(root.glob("Data_Entry_2017*")):
+        m = R.read_nih14_shared(root)
+        if "split" not in m.df.columns:
+            m.df["split"] = patient_split(m.patients(), (0.7, 0.1, 0.2), seed=seed)
+            note = f"patient-level 70/10/20 split, seed {seed} (subset without official split)"
+        else:
+            note = "splits from labels.csv"
+        td = _drop_rare(_task("nih14", m, F.NIH14, notes=[note]), min_total_pos)
     else:
-        entry = _first(root, ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"])
-        if entry is None:
-            raise ManifestError(root, "neither labels.csv nor Data_Entry_2017*.csv found (NIH ChestX-ray14)")
-        raw = pd.read_csv(entry)
-        img_dir = Path(image_root) if image_root else root
-        index = {p.name: p for p in img_dir.glob("**/*.png")}
-        df = pd.DataFrame({
-            "path": [str(index.get(i, Path("images") / i)) for i in raw["Image Index"]],
-            "image_id": raw["Image Index"].astype(str),
-            "patient_id": raw["Patient ID"].astype(str),
-            "view": raw.get("View Position", pd.Series([""] * len(raw))).astype(str),
-        })
-        labs = raw["Finding Labels"].astype(str).str.split("|")
-        canon = {n.replace(" ", "_").lower(): n for n in names}
-        for n in names:
-            df[n] = 0.0
-        for i, ls in enumerate(labs):
-            for lab in ls:
-                key = lab.strip().replace(" ", "_").lower()
-                if key in canon:
-                    df.iat[i, df.columns.get_loc(canon[key])] = 1.0
-        test_list = root / "test_list.txt"
-        if not test_list.is_file():
-            raise ManifestError(test_list, "official NIH test list not found")
-        test_ids = set(test_list.read_text().split())
-        df["split"] = np.where(df["image_id"].isin(test_ids), "test", "train")
-        df = _carve_val(df, 0.1, seed)
-        td = TaskData("nih14", _make(df, img_dir, names, entry), names, sources=[entry, test_list])
-        td.notes.append(f"official test list; val = 10% of train_val patients (seed {seed})")
-        box_file = _first(root, ["BBox_List_2017.csv"]) or root / "boxes.csv"
-    if box_file.is_file():
-        b = read_boxes(box_file)
-        td.boxes = b.assign(finding=b["finding"].replace(rename_to(sorted(set(b["finding"])), td.findings)))
+        m = R.read_nih14(root, image_root=image_root)
+        if "split" not in m.df.columns:
+            raise ManifestError(root, "official NIH test_list.txt not found")
+        m.df = _carve_val(m.df, 0.1, seed)
+        td = _task("nih14", m, F.NIH14, notes=[f"official test list; val = 10% of train_val patients (seed {seed})"])
+    box_file = next((p for p in (root / "BBox_List_2017.csv", root / "boxes.csv") if p.is_file()), None)
+    if box_file is not None:
+        td.boxes = R.read_nih14_boxes(box_file)
         td.sources.append(box_file)
     return td
 
 
 # --- Kermany paediatric pneumonia ------------------------------------------------------------------------
 
-_KERMANY_PATIENT = re.compile(r"^(person\d+|IM-\d+|NORMAL2-IM-\d+)", re.IGNORECASE)
-
-
 @register_task("kermany")
-def load_kermany(root: Path, seed: int = 0, image_root: str | None = None, val_frac: float = 0.1) -> TaskData:
-    """Kermany et al. 2018: shared labels.csv, or the release folders {train,val,test}/{NORMAL,PNEUMONIA}.
-    The tiny official val folder (16 images) is merged into train; val = `val_frac` of train patients."""
-    if (root / "labels.csv").is_file():
-        from chexfound.data.readers import read_kermany
-
-        m = read_kermany(root)
-        df = m.df.rename(columns={"PNEUMONIA": "Pneumonia"})
-        base, src = m.root if image_root is None else Path(image_root), m.source
-    else:
-        rows = []
-        top = root / "chest_xray" if (root / "chest_xray").is_dir() else root
-        for split in ("train", "val", "test"):
-            for cls in ("NORMAL", "PNEUMONIA"):
-                for p in sorted((top / split / cls).glob("*.jpeg")):
-                    mm = _KERMANY_PATIENT.match(p.name)
-                    pid = mm.group(1) if mm else p.stem
-                    rows.append({"path": str(p.relative_to(top)), "split": "train" if split == "val" else split,
-                                 "patient_id": f"{'test' if split == 'test' else 'train'}:{pid}",
-                                 "Pneumonia": float(cls == "PNEUMONIA")})
-        if not rows:
-            raise ManifestError(root, "no labels.csv and no {train,test}/{NORMAL,PNEUMONIA}/*.jpeg folders (Kermany)")
-        df = pd.DataFrame(rows)
-        base, src = top if image_root is None else Path(image_root), None
-    df = _carve_val(df, val_frac, seed)
-    td = TaskData("kermany", _make(df, base, ["Pneumonia"], src), ["Pneumonia"], kind="binary",
-                  sources=[src] if src else [])
-    td.notes.append(f"official train/test; val = {val_frac:.0%} of train patients (seed {seed})")
-    return td
+def load_kermany(root: Path, seed: int = 0, val_frac: float = 0.1) -> TaskData:
+    """Kermany et al. 2018 (shared labels.csv or the release's class folders). The tiny official val folder
+    (16 images), if present, is merged into train; val = `val_frac` of the training patients."""
+    m = R.read_kermany(root)
+    if "split" not in m.df.columns:
+        raise ManifestError(root, "Kermany data without train/test split folders or split column")
+    m.df["split"] = m.df["split"].replace({"val": "train"})
+    m.df = _carve_val(m.df, val_frac, seed)
+    return _task("kermany", m, ["PNEUMONIA"], kind="binary",
+                 notes=[f"official train/test; val = {val_frac:.0%} of train patients (seed {seed})"])
 
 
 # --- CheXpert ---------------------------------------------------------------------------------------------
 
-def _chexpert_frame(csv: Path, root: Path, split: str, uncertain: str) -> pd.DataFrame:
-    raw = pd.read_csv(csv)
-    path_col = "Path" if "Path" in raw.columns else "path"
-    if path_col not in raw.columns:
-        raise ManifestError(csv, f"no Path column; columns: {list(raw.columns)}")
-    missing = [f for f in F.CHEXPERT5 if f not in raw.columns]
-    if missing:
-        raise ManifestError(csv, f"missing CheXpert label column(s) {missing}")
-    if "Frontal/Lateral" in raw.columns:
-        raw = raw[raw["Frontal/Lateral"].astype(str) == "Frontal"]
-    else:
-        raw = raw[raw[path_col].astype(str).str.contains("frontal")]
-    # Release paths start with the dataset folder (CheXpert-v1.0-small/train/...): make them root-relative.
-    paths = raw[path_col].astype(str).str.replace(r"^CheXpert-v1\.0[^/]*/", "", regex=True)
-    df = pd.DataFrame({"path": paths.to_numpy(),
-                       "patient_id": paths.str.extract(r"(patient\d+)")[0].fillna(paths).to_numpy(),
-                       "split": split})
-    fill = {"zero": 0.0, "one": 1.0, "nan": np.nan}[uncertain]
-    for f in F.CHEXPERT5:
-        v = pd.to_numeric(raw[f], errors="coerce").to_numpy(dtype=np.float64)
-        v = np.where(np.isnan(v), 0.0, v)  # blank = not mentioned = negative (as the paper)
-        df[f] = np.where(v == -1, fill, v)
-    return df
-
-
 @register_task("chexpert")
-def load_chexpert(root: Path, seed: int = 0, image_root: str | None = None, uncertain: str = "zero") -> TaskData:
-    """CheXpert (v1.0 or -small): 5 competition findings, frontal images, blanks -> 0, uncertain -> U-Zeros."""
-    train, valid = root / "train.csv", root / "valid.csv"
-    if not train.is_file() or not valid.is_file():
-        raise ManifestError(root, "CheXpert root needs train.csv and valid.csv")
-    test = _first(root, ["test_labels.csv", "test.csv", "test/test_labels.csv"])
-    parts = [_chexpert_frame(train, root, "train", uncertain)]
-    if test is not None:
-        parts += [_chexpert_frame(valid, root, "val", uncertain), _chexpert_frame(test, root, "test", uncertain)]
+def load_chexpert(root: Path, seed: int = 0, uncertain: str = "zero") -> TaskData:
+    """CheXpert (v1.0 or -small): the 5 competition findings on frontal images; blanks -> 0 and uncertain ->
+    U-Zeros by default (as the CheXFound code). train.csv / valid.csv (val) / test labels (test); without a
+    test file, valid.csv is the test set and val is 5 % of the training patients."""
+    m = R.read_chexpert(root, frontal_only=True)
+    names = list(F.CHEXPERT5)
+    _resolve(m.df, names, 0.0, uncertain)
+    if (m.df["split"] == "test").any():
         note = "official train / valid (val) / test"
     else:
-        parts.append(_chexpert_frame(valid, root, "test", uncertain))
+        m.df["split"] = m.df["split"].replace({"val": "test"})
+        m.df = _carve_val(m.df, 0.05, seed)
         note = f"no test labels: valid.csv is the test set, val = 5% of train patients (seed {seed})"
-    df = pd.concat(parts, ignore_index=True)
-    if test is None:
-        df = _carve_val(df, 0.05, seed)
-    names = list(F.CHEXPERT5)
-    td = TaskData("chexpert", _make(df, Path(image_root) if image_root else root, names, train), names,
-                  sources=[p for p in (train, valid, test) if p is not None])
-    td.notes += [note, f"uncertain labels -> {uncertain}; blanks -> 0"]
-    return td
+    return _task("chexpert", m, names, notes=[note, f"frontal only; uncertain -> {uncertain}; blanks -> 0"])
 
 
 # --- CXR-LT 2024 ------------------------------------------------------------------------------------------
 
-def _patient_from_mimic_path(paths: pd.Series) -> pd.Series:
-    return paths.astype(str).str.extract(r"(p\d{8})")[0]
-
-
 @register_task("cxrlt24")
 def load_cxrlt24(root: Path, seed: int = 0, image_root: str | None = None) -> TaskData:
-    """CXR-LT 2024 with the 40 findings in logit order: root/{train,val,test}.csv (CheXFound's split of the
-    official sets: train+val = official training set 80/20, test = official development set).
-    A release with only train.csv and test.csv gets val = 20 % of train patients."""
-    names = list(F.CXRLT24)
-    files = {s: _first(root, [f"{s}.csv", f"{s}_labeled.csv"]) for s in ("train", "val", "test")}
-    if files["train"] is None or files["test"] is None:
-        raise ManifestError(root, "CXR-LT 2024 root needs train.csv and test.csv (and optionally val.csv)")
-    parts = []
-    for s, f in files.items():
-        if f is None:
-            continue
-        raw = pd.read_csv(f)
-        missing = [n for n in names if n not in raw.columns]
-        if missing:
-            raise ManifestError(f, f"missing CXR-LT finding column(s) {missing}")
-        path_col = next((c for c in ("fpath", "path", "Path") if c in raw.columns), None)
-        if path_col is None:
-            raise ManifestError(f, "no fpath/path column")
-        df = pd.DataFrame({"path": raw[path_col].astype(str), "split": s})
-        if "subject_id" in raw.columns:
-            df["patient_id"] = raw["subject_id"].astype(str)
-        else:
-            pid = _patient_from_mimic_path(raw[path_col])
-            if pid.isna().any():
-                raise ManifestError(f, "no subject_id column and patient ids cannot be parsed from paths")
-            df["patient_id"] = pid
-        for c in ("dicom_id", "study_id"):
-            if c in raw.columns:
-                df[c] = raw[c].astype(str)
-        if "dicom_id" in df.columns:
-            df["image_id"] = df["dicom_id"]
-        for n in names:
-            df[n] = pd.to_numeric(raw[n], errors="coerce").to_numpy(dtype=np.float64)
-        parts.append(df)
-    df = pd.concat(parts, ignore_index=True)
+    """CXR-LT 2024 task 1, the 40 findings in the released GLoRI's logit order, with the release's splits
+    (train_labeled / development_labeled_task1 / test_labeled_task1) or the CheXFound authors' train/val/test.csv.
+    Without a validation file, val = 20 % of the training patients (the authors' 80/20)."""
+    m = _keep_splits(R.read_cxrlt24(root, image_root=image_root))
     notes = ["splits from the task files"]
-    if files["val"] is None:
-        df = _carve_val(df, 0.2, seed)
+    if not (m.df["split"] == "val").any():
+        m.df = _carve_val(m.df, 0.2, seed)
         notes = [f"val = 20% of train patients (seed {seed})"]
-    td = TaskData("cxrlt24", _make(df, Path(image_root) if image_root else root, names, files["train"]), names,
-                  sources=[p for p in files.values() if p is not None])
-    td.notes += notes
-    return td
+    return _task("cxrlt24", m, F.CXRLT24, notes=notes)
 
 
 # --- MIMIC-CXR-JPG ----------------------------------------------------------------------------------------
 
 @register_task("mimic")
 def load_mimic(root: Path, seed: int = 0, image_root: str | None = None, uncertain: str = "nan") -> TaskData:
-    """MIMIC-CXR-JPG 2.x: CheXpert-labeller labels per study, frontal (PA/AP) images, official split.
-    Blank = not mentioned = 0; uncertain (-1) -> `uncertain` (default: ignored)."""
-    lab = _first(root, ["mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.1.0-chexpert.csv"])
-    spl = _first(root, ["mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.1.0-split.csv"])
-    meta = _first(root, ["mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.1.0-metadata.csv"])
-    if lab is None or spl is None:
-        raise ManifestError(root, "MIMIC-CXR-JPG root needs mimic-cxr-2.0.0-chexpert.csv(.gz) and -split.csv(.gz)")
-    labels, split = pd.read_csv(lab), pd.read_csv(spl)
-    names = list(F.CHEXPERT14)
-    missing = [n for n in names if n not in labels.columns]
-    if missing:
-        raise ManifestError(lab, f"missing label column(s) {missing}")
-    df = split.merge(labels, on=["subject_id", "study_id"], how="inner")
-    if meta is not None:
-        md = pd.read_csv(meta)
-        df = df.merge(md[["dicom_id", "ViewPosition"]], on="dicom_id", how="left")
-        df = df[df["ViewPosition"].isin(["PA", "AP"])]
-    sid, st = df["subject_id"].astype(str), df["study_id"].astype(str)
-    out = pd.DataFrame({
-        "path": ("files/p" + sid.str[:2] + "/p" + sid + "/s" + st + "/" + df["dicom_id"].astype(str) + ".jpg").to_numpy(),
-        "image_id": df["dicom_id"].astype(str).to_numpy(), "patient_id": sid.to_numpy(), "study_id": st.to_numpy(),
-        "split": df["split"].astype(str).replace({"validate": "val"}).to_numpy()})
-    fill = {"zero": 0.0, "one": 1.0, "nan": np.nan}[uncertain]
-    for n in names:
-        v = pd.to_numeric(df[n], errors="coerce").fillna(0.0).to_numpy(dtype=np.float64)
-        out[n] = np.where(v == -1, fill, v)
-    td = TaskData("mimic", _make(out, Path(image_root) if image_root else root, names, lab), names,
-                  sources=[p for p in (lab, spl, meta) if p is not None])
-    td.notes += ["official split", f"uncertain -> {uncertain}; blanks -> 0",
-                 "frontal only" if meta is not None else "no metadata file: all views kept"]
-    return td
+    """MIMIC-CXR-JPG 2.x: the 14 CheXpert-labeller findings per study on frontal (PA/AP) images, official split.
+    Blank (not mentioned) -> 0; uncertain (-1) -> `uncertain` (default: ignored)."""
+    m = _keep_splits(R.read_mimic(root, image_root=image_root))
+    names = list(F.MIMIC_CHEXPERT14)
+    view = m.df["view"].astype(str).str.upper()
+    frontal = view.isin(["PA", "AP"]).to_numpy()
+    if frontal.any():
+        m = m.subset(frontal)
+    _resolve(m.df, names, 0.0, uncertain)
+    return _task("mimic", m, names, notes=["official split", f"uncertain -> {uncertain}; blanks -> 0",
+                                          "frontal (PA/AP) only" if frontal.any() else "no view info: all kept"])
 
 
 # --- VinDr-CXR --------------------------------------------------------------------------------------------
 
 @register_task("vindr")
-def load_vindr(root: Path, seed: int = 0, image_root: str | None = None, val_frac: float = 0.1) -> TaskData:
-    """VinDr-CXR 1.0: image-level labels; training images were read by 3 radiologists, whose labels are
-    merged by majority vote (test labels are already a consensus). No patient ids are released, so each
-    image is its own patient (bootstrap CIs are image-level here). Boxes from annotations_{train,test}.csv."""
+def load_vindr(root: Path, seed: int = 0, val_frac: float = 0.1) -> TaskData:
+    """VinDr-CXR 1.0: the 28 image-level labels (training labels: majority of the 3 readers; test labels are a
+    consensus). No patient ids are released, so each image is its own patient. Boxes from
+    annotations_{train,test}.csv."""
+    m = R.read_vindr(root)
+    m.df = _carve_val(m.df, val_frac, seed)
+    td = _task("vindr", m, F.VINDR_CXR, notes=["training labels: majority of 3 readers",
+                                               "no patient ids: one image = one patient",
+                                               f"val = {val_frac:.0%} of train images (seed {seed})"])
     ann = root / "annotations" if (root / "annotations").is_dir() else root
-    tr, te = ann / "image_labels_train.csv", ann / "image_labels_test.csv"
-    if not tr.is_file() or not te.is_file():
-        raise ManifestError(root, "VinDr-CXR root needs annotations/image_labels_{train,test}.csv")
-    a, b = pd.read_csv(tr), pd.read_csv(te)
-    names = [c for c in b.columns if c not in ("image_id", "rad_id", "rad_ID")]
-    miss = [n for n in names if n not in a.columns]
-    if miss:
-        raise ManifestError(tr, f"training labels lack column(s) {miss} present in the test file")
-    vote = a.groupby("image_id")[names].mean()
-    train = (vote > 0.5).astype(np.float64).reset_index()
-    train["split"] = "train"
-    test = b[["image_id"] + names].copy()
-    test["split"] = "test"
-    df = pd.concat([train, test], ignore_index=True)
-    df["patient_id"] = df["image_id"].astype(str)
-    df["path"] = [f"{s}/{i}.dicom" for s, i in zip(df["split"], df["image_id"])]
-    df = _carve_val(df, val_frac, seed)
-    td = TaskData("vindr", _make(df, Path(image_root) if image_root else root, names, tr), names,
-                  sources=[tr, te])
-    td.notes += ["training labels: majority of 3 readers", "no patient ids: one image = one patient",
-                 f"val = {val_frac:.0%} of train images (seed {seed})"]
     boxes = [p for p in (ann / "annotations_train.csv", ann / "annotations_test.csv") if p.is_file()]
     if boxes:
-        td.boxes = pd.concat([read_boxes(p) for p in boxes], ignore_index=True)
+        b = pd.concat([read_boxes(p) for p in boxes], ignore_index=True)
+        td.boxes = b[b["finding"].isin(td.findings)].reset_index(drop=True)
         td.sources += boxes
     return td

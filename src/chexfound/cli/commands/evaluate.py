@@ -45,6 +45,8 @@ def register(sub: Any) -> None:
     tk = p.add_argument_group("run a protocol on a dataset task")
     tk.add_argument("--task", help="nih14 | chexpert | cxrlt24 | mimic | vindr | kermany")
     tk.add_argument("--root", help="the dataset folder")
+    tk.add_argument("--image-root", help="folder the task's image paths are relative to, when not --root "
+                    "(nih14, cxrlt24, mimic)")
     tk.add_argument("--backbone", action="append", default=[],
                     help="backbone file or registry name (random weights); repeat to compare")
     tk.add_argument("--head", action="append", default=[], choices=["linear", "glori"],
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         m = evaluate_task(args.task, args.root, args.backbone, args.out, TaskOptions(
             protocol=args.protocol, heads=args.head or ["linear"], n_blocks=args.n_blocks,
             avgpool=not args.no_avgpool, image_size=args.image_size, fractions=args.fractions, seeds=args.seeds,
-            ood_task=args.ood_task, ood_root=args.ood_root, loc_split=args.loc_split,
+            ood_task=args.ood_task, ood_root=args.ood_root, image_root=args.image_root, loc_split=args.loc_split,
             loc_tolerance=args.loc_tolerance, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, cfg=cfg))
     else:

@@ -1,7 +1,7 @@
 """Protocol (c): out-of-distribution: train a head on dataset A, test it on dataset B's mapped findings.
 
-Findings are matched by name through `findings_map` (e.g. Kermany `Pneumonia` <- NIH `Pneumonia`, CheXpert
-`Pleural Effusion` <- NIH `Effusion`). The head is trained and thresholded on A (train/val); B contributes
+Findings are matched by name through `chexfound.data.findings.finding_map` (e.g. Kermany `PNEUMONIA` <- NIH
+`Pneumonia`, CheXpert `Pleural Effusion` <- NIH `Effusion`). The head is trained and thresholded on A (train/val); B contributes
 only its test rows. The in-distribution score on A's test rows is reported beside it, on the same findings,
 so the drop is visible.
 """
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chexfound.errors import ChexfoundError
-from chexfound.evaluate.findings_map import map_findings
+from chexfound.data.findings import finding_map as map_findings
 from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
 from chexfound.evaluate.trainers import HeadTrainer
 
