@@ -88,3 +88,15 @@ def test_paired_bootstrap_identical_and_better_model():
     worse = paired_bootstrap(y, noisy, p, ["A", "B"], pats, cfg=CFG)
     assert worse["macro"]["auroc"]["diff"] == pytest.approx(-d["diff"])
     assert worse["macro"]["auroc"]["ci"] == pytest.approx([-d["ci"][1], -d["ci"][0]])
+
+
+def test_bootstrap_statistic_resamples_patients():
+    from chexfound.evaluate.bootstrap import bootstrap_statistic, resample_indices
+
+    pats = np.array(["a", "a", "a", "b", "c"])
+    for idx in resample_indices(pats, 5, BootstrapConfig(n_boot=30, chunk=7)):
+        # images 0-2 (patient a) are always drawn together, as often as each other
+        assert np.sum(idx == 0) == np.sum(idx == 1) == np.sum(idx == 2)
+    x = np.arange(40, dtype=float)
+    res = bootstrap_statistic(lambda i: float(np.mean(x[i])), 40, np.repeat(np.arange(10), 4), CFG)
+    assert res["ci"][0] < x.mean() < res["ci"][1] and res["n_degenerate"] == 0

@@ -105,3 +105,40 @@ def test_cli_errors_exit_2(files, capsys):
                str(d / "o")])
     assert rc == 2 and "predictions file not found" in capsys.readouterr().err
     assert main(["evaluate", "--out", str(d / "o")]) == 2
+
+
+def test_cli_multiclass_regression_survival(tmp_path):
+    from sklearn.metrics import r2_score
+
+    from chexfound.evaluate.metrics import concordance_index
+
+    rng = np.random.default_rng(0)
+    n = 90
+    cls = rng.integers(0, 3, n)
+    man = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)],
+                        "normal": (cls == 0).astype(float), "bacteria": (cls == 1).astype(float),
+                        "virus": (cls == 2).astype(float), "age": rng.normal(50, 10, n),
+                        "time": rng.integers(1, 100, n).astype(float), "event": rng.integers(0, 2, n).astype(float)})
+    man.to_csv(tmp_path / "m.csv", index=False)
+    logits = rng.normal(size=(n, 3)) + 2 * np.eye(3)[cls]
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    preds = pd.DataFrame({"path": man["path"], "normal": prob[:, 0], "bacteria": prob[:, 1], "virus": prob[:, 2],
+                          "age": man["age"] + rng.normal(0, 5, n), "risk": -man["time"] + rng.normal(0, 30, n)})
+    preds.to_csv(tmp_path / "p.csv", index=False)
+    common = ["evaluate", "--predictions", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "m.csv"),
+              "--bootstrap", "50", "--quiet"]
+    assert main(common + ["--kind", "multiclass", "--findings", "normal,bacteria,virus",
+                          "--out", str(tmp_path / "mc")]) == 0
+    m = json.loads((tmp_path / "mc" / "metrics.json").read_text())
+    assert m["multiclass"]["accuracy"] == pytest.approx(np.mean(prob.argmax(1) == cls))
+    lo, hi = m["multiclass"]["accuracy_ci"]
+    assert lo <= m["multiclass"]["accuracy"] <= hi
+    assert m["macro"]["auroc"] == pytest.approx(roc_auc_score(cls, prob, multi_class="ovr"))
+    assert main(common + ["--kind", "regression", "--targets", "age", "--out", str(tmp_path / "rg")]) == 0
+    r = json.loads((tmp_path / "rg" / "metrics.json").read_text())["regression"]["age"]
+    assert r["r2"] == pytest.approx(r2_score(man["age"], preds["age"])) and len(r["mae_ci"]) == 2
+    assert main(common + ["--kind", "survival", "--targets", "time,event", "--out", str(tmp_path / "sv")]) == 0
+    s = json.loads((tmp_path / "sv" / "metrics.json").read_text())["survival"]
+    assert s["c_index"] == pytest.approx(concordance_index(man["time"], man["event"], preds["risk"])["c_index"])
+    assert s["c_index"] > 0.6 and s["c_index_ci"][0] < s["c_index"] < s["c_index_ci"][1]
+    assert main(common + ["--kind", "survival", "--targets", "time", "--out", str(tmp_path / "x")]) == 2

@@ -232,3 +232,21 @@ def paired_bootstrap(
             summ[name][k] = summarise(subs[0][name][k], subs[1][name][k], pa, pb)
     return {"per_finding": per, "macro": summ.pop("macro"), "subsets": summ,
             "config": {"n_boot": cfg.n_boot, "ci": cfg.ci, "seed": cfg.seed, "level": cfg.level}}
+
+
+def resample_indices(groups: Sequence[Any] | np.ndarray | None, n: int, cfg: BootstrapConfig) -> Iterator[np.ndarray]:
+    """Yield one index array per resample: every image of each drawn patient, repeated as often as it was
+    drawn (for statistics that have no weighted form, e.g. the C-index)."""
+    for w in resample_weights(groups, n, cfg):
+        counts = w.astype(np.int64)
+        for row in counts:
+            yield np.repeat(np.arange(n), row)
+
+
+def bootstrap_statistic(
+    fn: Any, n: int, groups: Sequence[Any] | np.ndarray | None, cfg: BootstrapConfig = BootstrapConfig()
+) -> dict[str, Any]:
+    """Percentile CI of `fn(indices) -> float` over patient-level resamples (materialised indices)."""
+    vals = np.array([fn(idx) for idx in resample_indices(groups, n, cfg)], dtype=np.float64)
+    lo, hi = percentile_ci(vals, cfg.ci)
+    return {"ci": [lo, hi], "n_degenerate": int(np.sum(np.isnan(vals))), "se": float(np.nanstd(vals))}

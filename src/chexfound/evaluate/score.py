@@ -35,6 +35,7 @@ class Matched:
     rows: np.ndarray              # manifest row index of each matched row
     ids: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    frame: pd.DataFrame | None = None  # the matched manifest rows (raw values, e.g. regression targets)
 
 
 def read_predictions(path: str | PathLike[str]) -> pd.DataFrame:
@@ -65,7 +66,11 @@ def match_predictions(
     findings: Sequence[str] | None = None,
     id_column: str | None = None,
     allow_missing: bool = False,
+    columns: Sequence[str] | None = None,
 ) -> Matched:
+    """Align prediction rows to manifest rows. Probability columns are matched to `findings` (default: the
+    manifest's label columns) by name; or, with `columns`, exactly those prediction columns are taken
+    (e.g. a survival risk score) and `y` is left to the caller (NaN)."""
     src = preds_source
     mdf = manifest.df
     if id_column is None:
@@ -82,12 +87,17 @@ def match_predictions(
     # Findings: manifest label columns matched to prediction columns.
     prob_cols = [c for c in preds.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(preds[c])]
     wanted = list(findings) if findings is not None else list(manifest.label_columns)
-    if findings is not None:
+    if columns is not None:
+        absent = [c for c in columns if c not in preds.columns]
+        if absent:
+            raise ManifestError(src, f"prediction column(s) {absent} missing; columns: {list(preds.columns)}")
+        wanted = list(columns)
+    elif findings is not None:
         absent = [f for f in wanted if f not in mdf.columns]
         if absent:
             raise ManifestError(manifest.source, f"label column(s) {absent} not in manifest")
-    mapping = map_findings(wanted, prob_cols)
-    if findings is not None:
+    mapping = {c: c for c in wanted} if columns is not None else map_findings(wanted, prob_cols)
+    if findings is not None and columns is None:
         missing = [f for f in wanted if f not in mapping]
         if missing:
             raise ManifestError(src, f"no probability column for finding(s) {missing}; columns: {prob_cols}")
@@ -132,13 +142,16 @@ def match_predictions(
         raise ManifestError(src, f"{int(bad.sum())} missing/non-finite probabilities, e.g. row "
                                  f"{pid[take[r]]!r} column {mapping[names[c]]!r}")
     sub = manifest.subset(np.isin(np.arange(len(mdf)), rows))
-    sub.label_columns = names
-    y = sub.labels()
+    if columns is None:
+        sub.label_columns = names
+        y = sub.labels()
+    else:
+        y = np.full(p.shape, np.nan, dtype=np.float32)
     info = {"id_column": id_column, "matched_by": matched_by, "n_manifest_rows": len(mid),
             "n_matched": int(rows.size), "n_missing": int(missing_rows.size),
             "n_extra_predictions": int(len(pid) - len(set(take.tolist()))),
             "finding_columns": {f: mapping[f] for f in names}}
-    return Matched(y, p, sub.patients(), names, rows, [mid[i] for i in rows], info)
+    return Matched(y, p, sub.patients(), names, rows, [mid[i] for i in rows], info, sub.df)
 
 
 def read_thresholds(path: str | PathLike[str], findings: Sequence[str]) -> np.ndarray:

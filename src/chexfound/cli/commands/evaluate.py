@@ -40,6 +40,11 @@ def register(sub: Any) -> None:
     src.add_argument("--thresholds", help="JSON {finding: threshold} or a head .safetensors (default 0.5)")
     src.add_argument("--train-labels", help="training manifest, for prevalence groups (head/medium/tail)")
     src.add_argument("--allow-missing", action="store_true", help="score manifest rows that have predictions only")
+    src.add_argument("--kind", choices=["multilabel", "multiclass", "regression", "survival"], default="multilabel",
+                     help="multiclass: one-hot label columns; regression: --targets; survival: --targets TIME,EVENT "
+                          "and a risk column")
+    src.add_argument("--targets", help="comma-separated manifest columns (regression targets / survival time,event)")
+    src.add_argument("--risk-column", default="risk", help="survival: prediction column with the risk score")
     src.add_argument("--uncertain", choices=["nan", "zero", "one"], default="nan",
                      help="how to treat -1 (uncertain) labels (default: ignore)")
     tk = p.add_argument_group("run a protocol on a dataset task")
@@ -113,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         findings = [f.strip() for f in args.findings.split(",")] if args.findings else None
         m = score_file(args.predictions, args.labels, args.out, ScoreOptions(
             findings=findings, id_column=args.id_column, split=args.split, thresholds=args.thresholds,
-            train_labels=args.train_labels, allow_missing=args.allow_missing, uncertain=args.uncertain, cfg=cfg))
+            train_labels=args.train_labels, allow_missing=args.allow_missing, uncertain=args.uncertain,
+            kind=args.kind, targets=[t.strip() for t in args.targets.split(",")] if args.targets else None,
+            risk_column=args.risk_column, cfg=cfg))
     elif args.task:
         if not args.root:
             raise ChexfoundError("--task needs --root (the dataset folder)")
@@ -127,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, cfg=cfg))
     else:
         raise ChexfoundError("give --predictions and --labels, or --task, --root and --backbone")
-    if not args.quiet:
+    if not args.quiet and m.get("kind") in ("regression", "survival"):
+        print(f"{m['kind']}: {m.get(m['kind'])} -> {args.out}/report.html")
+    elif not args.quiet:
         mac = m["macro"]
         ci = mac.get("auroc_ci") or [float("nan")] * 2
         print(f"macro AUROC {mac['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  macro AP {mac['ap']:.4f}  "
