@@ -234,6 +234,9 @@ class TaskOptions:
     seeds: Sequence[int] = (0, 1, 2)
     ood_task: str | None = None
     ood_root: str | None = None
+    epochs: int = 20           # adapt heads: epochs of the learning-rate grid
+    lrs: Sequence[float] | None = None  # adapt heads: learning-rate grid (default: the original's 13 values)
+    decoder_dim: int | None = None  # GLoRI decoder width (default 768)
     image_root: str | None = None
     loc_split: str = "test"
     loc_tolerance: float = 0.0
@@ -253,13 +256,66 @@ class TaskOptions:
         return d
 
 
-def _features(model: torch.nn.Module, info: dict[str, Any], td: TaskData, opts: TaskOptions,
-              out: Path) -> tuple[FeatureSet, InputTransform]:
+@dataclass
+class _Backbone:
+    """One backbone as the protocols see it: the model, its transform, pooled features and (with the adapt
+    stage installed) the feature cache its heads train on."""
+
+    label: str
+    model: torch.nn.Module
+    info: dict[str, Any]
+    transform: InputTransform
+    n_blocks: int
+    features: FeatureSet
+    cache: Any = None
+
+
+def _prepare_backbone(spec: str, paths: Sequence[Path], opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
+    model, info, label = load_backbone_spec(spec, opts.seed)
+    return _features_for(model, info, label, paths, opts, out, tag)
+
+
+def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, paths: Sequence[Path],
+                  opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
+    from chexfound.evaluate.adapt_bridge import adapt_available, build_cache, feature_set_from_cache
+
     tf = _transform_for(model, info, opts.image_size)
-    fs = extract_features(model, td.manifest.paths(), tf, opts.n_blocks, info["weights_sha256"],
-                          cache_dir=out / "cache", batch_size=opts.batch_size, workers=opts.workers,
-                          device=opts.device, dtype=opts.dtype, progress=opts.progress)
-    return fs, tf
+    n = min(opts.n_blocks, len(model.blocks))
+    sha = info["weights_sha256"]
+    if adapt_available():
+        import hashlib
+
+        key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:10]
+        cache = build_cache(model, paths, tf, n, out / "cache" / f"{tag}{sha[:12]}-{key}", sha,
+                            batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, workers=opts.workers,
+                            progress=opts.progress)
+        return _Backbone(label, model, info, tf, n, feature_set_from_cache(cache), cache)
+    fs = extract_features(model, paths, tf, n, sha, cache_dir=out / "cache", batch_size=opts.batch_size,
+                          workers=opts.workers, device=opts.device, dtype=opts.dtype, progress=opts.progress)
+    return _Backbone(label, model, info, tf, n, fs)
+
+
+def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts: TaskOptions) -> tuple[Any, Any]:
+    """(trainer, feature source) for a head type on a backbone.
+
+    'logistic' is the closed-form-free probe of trainers.py on pooled features; 'linear', 'mlp' and 'glori'
+    are the adapt stage's heads on the feature cache. Without the adapt stage installed, 'linear' falls back
+    to the logistic probe (same model family: a linear map of the CLS tokens) and the others are unavailable.
+    """
+    from chexfound.evaluate.adapt_bridge import AdaptTrainer, adapt_available
+
+    vectors = bb.features.vectors(bb.n_blocks, opts.avgpool)
+    if head == "logistic" or (head == "linear" and not adapt_available()):
+        return make_trainer("logistic"), vectors
+    if not adapt_available():
+        return make_trainer(head), None  # raises with a clear message
+    fit_kwargs: dict[str, Any] = {"epochs": opts.epochs, "device": opts.device, "batch_size": opts.batch_size}
+    if opts.lrs:
+        fit_kwargs["lrs"] = list(opts.lrs)
+    head_kwargs: dict[str, Any] = {"avgpool": opts.avgpool} if head in ("linear", "mlp") else {}
+    if head == "glori" and opts.decoder_dim:
+        head_kwargs["decoder_dim"] = opts.decoder_dim
+    return AdaptTrainer(head, findings, bb.n_blocks, int(bb.model.embed_dim), kind, head_kwargs, fit_kwargs), bb.cache
 
 
 def _log_jsonl(out: Path, rec: dict[str, Any]) -> None:
@@ -291,21 +347,22 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
     splits_all = Splits.from_labels(td.manifest.df["split"])
     models: dict[str, Any] = {}
     backbone_info: dict[str, Any] = {}
-    feats: dict[str, tuple[FeatureSet, InputTransform, torch.nn.Module]] = {}
+    feats: dict[str, _Backbone] = {}
     errors: list[tuple[int, str, str]] = []
+    paths = td.manifest.paths()
     for spec in backbones:
-        model, info, label = load_backbone_spec(spec, opts.seed)
-        fs, tf = _features(model, info, td, opts, out)
-        errors += fs.errors
-        feats[label] = (fs, tf, model)
-        backbone_info[label] = info
+        bb = _prepare_backbone(spec, paths, opts, out)
+        if bb.label in feats:
+            raise ChexfoundError(f"two backbones are both called {bb.label!r}; rename one of the files")
+        errors += bb.features.errors
+        feats[bb.label] = bb
+        backbone_info[bb.label] = bb.info
         for head in opts.heads:
-            trainer = make_trainer(head)
-            models[f"{label}/{head}"] = (trainer, fs.vectors(opts.n_blocks, opts.avgpool))
+            models[f"{bb.label}/{head}"] = _trainer(head, bb, findings, td.kind, opts)
     _skipped(out, sorted(set(errors)))
     ok = np.ones(len(y), dtype=bool)
-    for fs, _, _ in feats.values():
-        ok &= fs.ok
+    for bb in feats.values():
+        ok &= bb.features.ok
     splits = splits_all.restrict(ok)
     prov = _provenance({"task": td.describe(), "manifest_sha256": td.describe()["manifest_sha256"],
                         "backbones": backbone_info,
@@ -341,7 +398,8 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
             files[f"predictions_{label.replace('/', '_')}.csv"] = predictions_csv(
                 [ids[i] for i in art["test_idx"]], id_col, p, findings)
         if proto == "localisation":
-            loc, gallery = _localisation(td, feats, opts, ok)
+            first = next(iter(models))
+            loc, gallery = _localisation(td, feats, opts, ok, first, art["heads"][first])
             metrics["localisation"] = loc
             figs.append(Figure("localisation.png", "Localisation against expert boxes",
                                figures.localisation_bars(loc["per_finding"]),
@@ -398,23 +456,30 @@ def _loc_table(loc: dict[str, Any]) -> Any:
     return pd.DataFrame(rows)
 
 
-def _localisation(td: TaskData, feats: dict[str, Any], opts: TaskOptions, ok: np.ndarray) -> tuple[dict[str, Any], list]:
-    from chexfound.evaluate.protocols.localisation import cls_attention_heatmaps, collect_items, run_localisation
+def _localisation(td: TaskData, feats: dict[str, _Backbone], opts: TaskOptions, ok: np.ndarray, model_label: str,
+                  fitted: Any) -> tuple[dict[str, Any], list]:
+    from chexfound.evaluate.protocols.localisation import (cls_attention_heatmaps, collect_items,
+                                                           head_attention_heatmaps, run_localisation)
 
     if td.boxes is None:
         raise ChexfoundError(f"task {td.name} has no boxes for the localisation protocol")
-    label, (fs, tf, model) = next(iter(feats.items()))
+    bb = next(iter(feats.values()))
     dev = resolve_device(opts.device)
-    model = model.to(dev)
-    fn = cls_attention_heatmaps(model)
-    source = f"{label}: last-block CLS attention (class-agnostic; the probe has no spatial attention)"
+    model = bb.model.to(dev)
+    if getattr(fitted, "has_attention", False):
+        fn = head_attention_heatmaps(model, fitted.head.to(dev), gamma=None)
+        source = f"{model_label}: the head's cross-attention of each finding's query (heads averaged)"
+    else:
+        fn = cls_attention_heatmaps(model)
+        source = (f"{model_label}: the backbone's last-block CLS attention (class-agnostic; this head has no "
+                  "spatial attention)")
     df = td.manifest.df
     sel = ok & ((df["split"] == opts.loc_split).to_numpy() if opts.loc_split != "all" else True)
     idx = np.flatnonzero(sel)
     paths = [td.manifest.paths()[i] for i in idx]
     ids = (df["image_id"] if "image_id" in df.columns else df["path"].map(lambda p: Path(p).name)).astype(str).to_numpy()[idx]
-    scores, gallery, errors = collect_items(paths, ids, td.manifest.patients()[idx], td.boxes, td.findings, tf, fn,
-                                            batch_size=opts.batch_size, gallery=opts.gallery,
+    scores, gallery, errors = collect_items(paths, ids, td.manifest.patients()[idx], td.boxes, td.findings,
+                                            bb.transform, fn, batch_size=opts.batch_size, gallery=opts.gallery,
                                             tolerance=opts.loc_tolerance)
     loc = run_localisation(scores, source, opts.loc_tolerance, opts.cfg.bootstrap.n_boot, opts.seed)
     loc["split"] = opts.loc_split
@@ -422,7 +487,7 @@ def _localisation(td: TaskData, feats: dict[str, Any], opts: TaskOptions, ok: np
     return loc, gallery
 
 
-def _ood(td: TaskData, feats: dict[str, Any], models: dict[str, Any], y: np.ndarray, pats: np.ndarray,
+def _ood(td: TaskData, feats: dict[str, _Backbone], models: dict[str, Any], y: np.ndarray, pats: np.ndarray,
          splits: Splits, opts: TaskOptions, out: Path) -> tuple[dict[str, Any], list[Figure], list]:
     from chexfound.evaluate.protocols.ood import run_ood
 
@@ -431,17 +496,13 @@ def _ood(td: TaskData, feats: dict[str, Any], models: dict[str, Any], y: np.ndar
     if len(models) != 1:
         raise ChexfoundError("ood runs one backbone and one head")
     tb = limit_task(load_task(opts.ood_task, opts.ood_root, seed=opts.seed), opts.limit, opts.seed)
-    label, (fs, tf, model) = next(iter(feats.items()))
+    bb = next(iter(feats.values()))
     (mlabel, (trainer, src)), = models.items()
-    from chexfound.models import backbone_sha256
-
-    fb = extract_features(model, tb.manifest.paths(), tf, opts.n_blocks, backbone_sha256(model),
-                          cache_dir=out / "cache", batch_size=opts.batch_size, workers=opts.workers,
-                          device=opts.device, dtype=opts.dtype, progress=opts.progress)
-    test_b = np.flatnonzero((tb.manifest.df["split"] == "test").to_numpy() & fb.ok)
-    metrics, art = run_ood(trainer, src, y, pats, splits, td.findings, fb.vectors(opts.n_blocks, opts.avgpool),
-                           tb.labels(), tb.manifest.patients(), test_b, tb.findings, opts.cfg, opts.seed,
-                           names=(td.name, tb.name))
+    bt = _features_for(bb.model, bb.info, bb.label, tb.manifest.paths(), opts, out, tag="ood-")
+    src_b = bt.cache if bt.cache is not None and src is bb.cache else bt.features.vectors(bb.n_blocks, opts.avgpool)
+    test_b = np.flatnonzero((tb.manifest.df["split"] == "test").to_numpy() & bt.features.ok)
+    metrics, art = run_ood(trainer, src, y, pats, splits, td.findings, src_b, tb.labels(), tb.manifest.patients(),
+                           test_b, tb.findings, opts.cfg, opts.seed, names=(td.name, tb.name))
     metrics["model"] = mlabel
     metrics["test_task"] = tb.describe()
     import pandas as pd

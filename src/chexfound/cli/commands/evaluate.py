@@ -54,8 +54,14 @@ def register(sub: Any) -> None:
                     "(nih14, cxrlt24, mimic)")
     tk.add_argument("--backbone", action="append", default=[],
                     help="backbone file or registry name (random weights); repeat to compare")
-    tk.add_argument("--head", action="append", default=[], choices=["linear", "glori"],
-                    help="head type (repeat to compare; default linear)")
+    tk.add_argument("--head", action="append", default=[], choices=["linear", "glori", "mlp", "logistic"],
+                    help="head type (repeat to compare; default linear). linear/mlp/glori train the adapt stage's "
+                         "heads on its feature cache; logistic is an L2 logistic-regression probe on pooled "
+                         "features (also what linear means when the adapt stage is not installed)")
+    tk.add_argument("--epochs", type=int, default=20, help="adapt heads: training epochs (default 20)")
+    tk.add_argument("--lrs", type=lambda s: [float(v) for v in s.split(",") if v.strip()],
+                    help="adapt heads: comma-separated learning-rate grid (default: the original's 13 values)")
+    tk.add_argument("--decoder-dim", type=int, help="GLoRI decoder width (default 768)")
     tk.add_argument("--protocol", default="compare", choices=["compare", "label-efficiency", "localisation", "ood"])
     tk.add_argument("--n-blocks", type=int, default=4, help="CLS tokens of the last n blocks (default 4)")
     tk.add_argument("--no-avgpool", action="store_true", help="linear probe without the mean patch token")
@@ -128,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
             raise ChexfoundError("--task needs at least one --backbone (file or registry name)")
         m = evaluate_task(args.task, args.root, args.backbone, args.out, TaskOptions(
             protocol=args.protocol, heads=args.head or ["linear"], n_blocks=args.n_blocks,
-            avgpool=not args.no_avgpool, image_size=args.image_size, fractions=args.fractions, seeds=args.seeds,
+            avgpool=not args.no_avgpool, image_size=args.image_size, epochs=args.epochs, lrs=args.lrs,
+            decoder_dim=args.decoder_dim, fractions=args.fractions, seeds=args.seeds,
             ood_task=args.ood_task, ood_root=args.ood_root, image_root=args.image_root, loc_split=args.loc_split,
             loc_tolerance=args.loc_tolerance, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
             device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.quiet, cfg=cfg))

@@ -29,7 +29,8 @@ def run_compare(
     cfg: EvalConfig = EvalConfig(),
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Returns (metrics, artefacts); artefacts["predictions"][label] = test probabilities."""
+    """Returns (metrics, artefacts); artefacts["predictions"][label] = test probabilities, ["heads"][label] =
+    the fitted head."""
     if not models:
         raise ValueError("no models to compare")
     y = np.asarray(y, dtype=np.float64)
@@ -38,10 +39,12 @@ def run_compare(
     yt = y[splits.test]
     results: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
+    heads: dict[str, Any] = {}
     for label, (trainer, source) in models.items():
         log.info("compare: training %s", label)
         p, head = train_and_predict(trainer, source, y, splits.train, splits.test, splits.val, seed)
         preds[label] = p
+        heads[label] = head
         res = score_predictions(yt, p, pats[splits.test], findings, head.thresholds, y[splits.train], cfg)
         res["head"] = head.info
         res["thresholds"] = dict(zip(findings, map(float, head.thresholds)))
@@ -58,4 +61,4 @@ def run_compare(
         if k in results[ref]:
             core[k] = results[ref][k]
     metrics = {"protocol": "compare", "reference": ref, **core, "models": results, "paired": paired}
-    return metrics, {"predictions": preds, "y_test": yt, "test_idx": splits.test}
+    return metrics, {"predictions": preds, "heads": heads, "y_test": yt, "test_idx": splits.test}
