@@ -25,12 +25,13 @@ def tiny(tmp_path_factory):
 def test_nih14_compare_and_localisation(tiny, data_root, tmp_path):
     out = tmp_path / "nih"
     args = ["evaluate", "--task", "nih14", "--root", str(data_root / "nih14"), "--backbone", str(tiny),
-            "--backbone", "tiny_vit_mlp", "--protocol", "localisation", "--limit", "25", "--bootstrap", "100",
+            "--backbone", "tiny_vit_mlp", "--head", "logistic", "--protocol", "localisation", "--limit", "25",
+            "--bootstrap", "100",
             "--out", str(out), "--quiet", "--batch-size", "16"]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["reference"] == "tiny/linear" and set(m["models"]) == {"tiny/linear", "tiny_vit_mlp/linear"}
-    assert "tiny_vit_mlp/linear - tiny/linear" in m["paired"]
+    assert m["reference"] == "tiny/logistic" and set(m["models"]) == {"tiny/logistic", "tiny_vit_mlp/logistic"}
+    assert "tiny_vit_mlp/logistic - tiny/logistic" in m["paired"]
     assert {"auroc", "ap", "auroc_ci"} <= set(m["macro"])
     pf = m["per_finding"]["Cardiomegaly"]
     assert {"auroc", "ap", "auroc_ci", "n_pos"} <= set(pf)
@@ -44,14 +45,14 @@ def test_nih14_compare_and_localisation(tiny, data_root, tmp_path):
         assert (out / "figures" / f).stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert "figures/gallery.png" in html and "Pointing" not in html.split("<table>")[0]
-    assert (out / "predictions_tiny_linear.csv").is_file() and (out / "config.yaml").is_file()
-    assert len(list((out / "cache").glob("features-*.npz"))) == 2
+    assert (out / "predictions_tiny_logistic.csv").is_file() and (out / "config.yaml").is_file()
+    assert len(list((out / "cache").iterdir())) == 2  # one feature cache per backbone
 
 
 def test_kermany_label_efficiency(tiny, data_root, tmp_path):
     out = tmp_path / "k"
     args = ["evaluate", "--task", "kermany", "--root", str(data_root / "kermany"), "--backbone", str(tiny),
-            "--protocol", "label-efficiency", "--fractions", "10,50,100", "--seeds", "0,1", "--limit", "80",
+            "--head", "logistic", "--protocol", "label-efficiency", "--fractions", "10,50,100", "--seeds", "0,1", "--limit", "80",
             "--bootstrap", "100", "--out", str(out), "--quiet"]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -62,23 +63,39 @@ def test_kermany_label_efficiency(tiny, data_root, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5 and json.loads(lines[0])["protocol"] == "label-efficiency"
     # A rerun with the same --out reuses the cached features and reproduces every number.
-    cache = list((out / "cache").glob("features-*.npz"))
-    assert len(cache) == 1
-    stamp = cache[0].stat().st_mtime_ns
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()}
+    assert stamps
     assert main(args) == 0
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["curve"] == m["curve"] and m2["per_finding"] == m["per_finding"]
-    assert cache[0].stat().st_mtime_ns == stamp
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()} == stamps
 
 
 def test_ood_nih_to_kermany(tiny, data_root, tmp_path):
     out = tmp_path / "ood"
     assert main(["evaluate", "--task", "nih14", "--root", str(data_root / "nih14"), "--backbone", str(tiny),
-                 "--protocol", "ood", "--ood-task", "kermany", "--ood-root", str(data_root / "kermany"),
+                 "--head", "logistic", "--protocol", "ood", "--ood-task", "kermany", "--ood-root", str(data_root / "kermany"),
                  "--limit", "40", "--bootstrap", "50", "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["mapping"] == {"Pneumonia": "PNEUMONIA"} and list(m["per_finding"]) == ["PNEUMONIA"]
     assert list(m["in_distribution"]["per_finding"]) == ["PNEUMONIA"]  # same findings, B's names
+
+
+def test_adapt_heads_and_glori_attention_for_localisation(tiny, data_root, tmp_path):
+    """With the adapt stage: GLoRI and linear heads trained by fit_heads on the feature cache; GLoRI's
+    per-finding cross-attention is what the localisation protocol scores."""
+    pytest.importorskip("chexfound.adapt.train")
+    out = tmp_path / "glori"
+    assert main(["evaluate", "--task", "nih14", "--root", str(data_root / "nih14"), "--backbone", str(tiny),
+                 "--head", "glori", "--head", "linear", "--protocol", "localisation", "--limit", "20",
+                 "--epochs", "2", "--lrs", "1e-3,1e-2", "--decoder-dim", "32", "--bootstrap", "50",
+                 "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    g = m["models"]["tiny/glori"]["head"]
+    assert g["trainer"] == "adapt-glori" and g["n_configs"] == 2
+    assert m["models"]["tiny/linear"]["head"]["trainer"] == "adapt-linear"
+    assert "cross-attention" in m["localisation"]["heatmap_source"]
+    assert m["localisation"]["overall"]["n_items"] > 0
 
 
 def test_cli_task_errors(tiny, data_root, tmp_path, capsys):
