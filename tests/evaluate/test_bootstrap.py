@@ -100,3 +100,12 @@ def test_bootstrap_statistic_resamples_patients():
     x = np.arange(40, dtype=float)
     res = bootstrap_statistic(lambda i: float(np.mean(x[i])), 40, np.repeat(np.arange(10), 4), CFG)
     assert res["ci"][0] < x.mean() < res["ci"][1] and res["n_degenerate"] == 0
+
+
+def test_micro_ci_brackets_point_estimate():
+    y, p, pats = _data(60, 2, 9)
+    point = multilabel_metrics(y, p, ["A", "B"])["micro"]
+    res = bootstrap_multilabel(y, p, ["A", "B"], pats, cfg=CFG)
+    for k in ("auroc", "ap"):
+        lo, hi = res["micro"][f"{k}_ci"]
+        assert lo <= point[k] <= hi

@@ -117,6 +117,13 @@ def _draws(
     models = [[_Finding(y[:, c], np.asarray(p, dtype=np.float64)[:, c]) for c in eligible] for p in preds]
     per: list[dict[str, dict[str, list[np.ndarray]]]] = [
         {findings[c]: {k: [] for k in _KEYS} for c in eligible} for _ in preds]
+    # Micro: all labelled (image, finding) pairs of eligible findings pooled; a pair carries its image's weight.
+    ye = y[:, eligible]
+    lab = ~np.isnan(ye)
+    pair_img = np.nonzero(lab)[0]
+    micro = [RankedScores(ye[lab], np.asarray(p, dtype=np.float64)[:, eligible][lab]) if eligible else None
+             for p in preds]
+    micro_draws: list[dict[str, list[np.ndarray]]] = [{"auroc": [], "ap": []} for _ in preds]
     for w in resample_weights(groups, y.shape[0], cfg):
         for m, fs in enumerate(models):
             p = np.asarray(preds[m], dtype=np.float64)
@@ -124,6 +131,10 @@ def _draws(
                 vals = f.evaluate(w, float(thresholds[m][c]), p[:, c])
                 for k in _KEYS:
                     per[m][findings[c]][k].append(vals[k])
+            if micro[m] is not None:
+                a, b = micro[m].auroc_ap(w[:, pair_img])
+                micro_draws[m]["auroc"].append(a)
+                micro_draws[m]["ap"].append(b)
     per_arr = [{f: {k: np.concatenate(v[k]) for k in _KEYS} for f, v in pm.items()} for pm in per]
     subs: list[dict[str, dict[str, np.ndarray]]] = []
     for pm in per_arr:
@@ -139,6 +150,8 @@ def _draws(
                 else:
                     sm[name][k] = np.full(cfg.n_boot, np.nan)
         subs.append(sm)
+    for m, d in enumerate(micro_draws):
+        subs[m]["micro"] = {k: np.concatenate(v) if v else np.full(cfg.n_boot, np.nan) for k, v in d.items()}
     return per_arr, subs, eligible
 
 
@@ -167,11 +180,13 @@ def bootstrap_multilabel(
         per[f] = {f"{k}_ci": list(percentile_ci(d[k], cfg.ci)) for k in _KEYS}
         per[f]["auroc_se"] = float(np.nanstd(d["auroc"])) if np.any(~np.isnan(d["auroc"])) else float("nan")
         per[f]["n_degenerate"] = int(np.sum(np.isnan(d["auroc"])))
-    summ = {name: {f"{k}_ci": list(percentile_ci(v[k], cfg.ci)) for k in _KEYS} for name, v in subs[0].items()}
+    summ = {name: {f"{k}_ci": list(percentile_ci(v[k], cfg.ci)) for k in _KEYS if k in v}
+            for name, v in subs[0].items()}
     _, n_clusters = cluster_index(groups if cfg.level == "patient" else None, y.shape[0])
     return {
         "per_finding": per,
         "macro": summ.pop("macro"),
+        "micro": summ.pop("micro"),
         "subsets": summ,
         "config": {"n_boot": cfg.n_boot, "ci": cfg.ci, "seed": cfg.seed, "level": cfg.level,
                    "n_clusters": n_clusters, "method": "percentile"},
@@ -223,7 +238,7 @@ def paired_bootstrap(
         per[f] = {k: summarise(per_arr[0][f][k], per_arr[1][f][k], points_a[f][k], points_b[f][k]) for k in metrics}
     name_to_c = {f: i for i, f in enumerate(findings)}
     summ: dict[str, dict[str, Any]] = {}
-    for name, members in subsets.items():
+    for name, members in subsets.items():  # (micro differences are not reported: macro is the headline)
         elig = [f for f in members if f in name_to_c and name_to_c[f] in eligible]
         summ[name] = {}
         for k in metrics:

@@ -103,7 +103,8 @@ def summary_table(m: Mapping[str, Any]) -> pd.DataFrame:
              "AP 95% CI": m["macro"].get("ap_ci")}]
     if "micro" in m:
         rows.append({"subset": "micro", "findings": m["macro"].get("n_findings"), "AUROC": m["micro"].get("auroc"),
-                     "AUROC 95% CI": None, "AP": m["micro"].get("ap"), "AP 95% CI": None})
+                     "AUROC 95% CI": m["micro"].get("auroc_ci"), "AP": m["micro"].get("ap"),
+                     "AP 95% CI": m["micro"].get("ap_ci")})
     for g, d in m.get("groups", {}).items():
         rows.append({"subset": g, "findings": d.get("n_eligible"), "AUROC": d.get("auroc"),
                      "AUROC 95% CI": d.get("auroc_ci"), "AP": d.get("ap"), "AP 95% CI": d.get("ap_ci")})

@@ -79,6 +79,7 @@ def score_predictions(
         for f, d in bs["per_finding"].items():
             out["per_finding"][f].update(d)
         out["macro"].update(bs["macro"])
+        out["micro"].update(bs["micro"])
         for g, d in bs["subsets"].items():
             out["groups"][g].update(d)
         out["bootstrap"] = bs["config"]
