@@ -142,3 +142,18 @@ def test_cli_multiclass_regression_survival(tmp_path):
     assert s["c_index"] == pytest.approx(concordance_index(man["time"], man["event"], preds["risk"])["c_index"])
     assert s["c_index"] > 0.6 and s["c_index_ci"][0] < s["c_index"] < s["c_index_ci"][1]
     assert main(common + ["--kind", "survival", "--targets", "time", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_predict_json_and_cwd_relative_paths(files, monkeypatch):
+    d, man, preds = files
+    doc = {"predictions": [{"path": f"data/{r.path}", "findings": [
+        {"name": "Effusion", "probability": r.Effusion, "threshold": 0.5},
+        {"name": "Pleural Thickening", "probability": r._3, "threshold": 0.5}]} for r in preds.itertuples()]}
+    (d / "out").mkdir()
+    (d / "out" / "p.json").write_text(json.dumps(doc))
+    (d / "data").symlink_to(d)  # `predict` ran in d with paths data/img/N.png
+    monkeypatch.chdir(d)
+    mt = match_predictions(read_predictions(d / "out" / "p.json"), read_manifest(d / "labels.csv"), d / "out" / "p.json")
+    assert mt.info["n_matched"] == 60 and mt.info["matched_by"] == "absolute path"
+    i = list(man["path"]).index("img/10.png")
+    assert mt.p[i, 0] == preds.set_index("path").loc["img/10.png", "Effusion"]

@@ -1,9 +1,10 @@
 """Score any model's predictions file against a labelled manifest (outside models on equal terms).
 
 Predictions CSV (as `chexfound predict` writes it): an id column, `path` or `image_id`, then one probability
-column per finding. Rows are matched to the manifest by `image_id` when both files have it, else by `path`:
-first as written, then as resolved absolute paths (prediction paths relative to the predictions file,
-manifest paths relative to its root), then by file name when that is unique on both sides. Findings are
+column per finding (or predict's JSON). Rows are matched to the manifest by `image_id` when both files have
+it, else by `path`: first as written, then as resolved absolute paths (prediction paths relative to the
+predictions file or to the working directory, manifest paths relative to its root), then by file name when
+that is unique on both sides. Findings are
 matched by name (tolerating spelling such as `Pleural_Thickening` / `Pleural Thickening`).
 Every manifest row must have a prediction unless `allow_missing`; extra prediction rows are ignored and
 counted.
@@ -39,9 +40,21 @@ class Matched:
 
 
 def read_predictions(path: str | PathLike[str]) -> pd.DataFrame:
+    """A predictions CSV, or the JSON `chexfound predict --out preds.json` writes
+    ({"predictions": [{"path": ..., "findings": [{"name": ..., "probability": ...}, ...]}, ...]})."""
     p = Path(path)
     if not p.is_file():
         raise ManifestError(p, "predictions file not found")
+    if p.suffix.lower() == ".json":
+        import json
+
+        try:
+            doc = json.loads(p.read_text())
+            rows = [{"path": r["path"], **{f["name"]: f["probability"] for f in r["findings"]}}
+                    for r in doc["predictions"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ManifestError(p, f"not a chexfound predictions JSON ({type(e).__name__}: {e})") from e
+        return pd.DataFrame(rows)
     try:
         df = pd.read_csv(p)
     except Exception as e:
@@ -111,12 +124,13 @@ def match_predictions(
     matched_by = "exact"
     pos = [lookup.get(v, -1) for v in mid]
     if id_column == "path" and any(q < 0 for q in pos):
-        base = src.parent if src is not None else Path.cwd()
-        lk = {v: i for i, v in enumerate(_norm_abs(pid, base))}
+        # Relative prediction paths: relative to the predictions file, or to the folder `predict` ran in.
         absm = _norm_abs(mid, manifest.root)
-        pos2 = [q if q >= 0 else lk.get(a, -1) for q, a in zip(pos, absm)]
-        if sum(q >= 0 for q in pos2) > sum(q >= 0 for q in pos):
-            pos, matched_by = pos2, "absolute path"
+        for base in ([src.parent] if src is not None else []) + [Path.cwd()]:
+            lk = {v: i for i, v in enumerate(_norm_abs(pid, base))}
+            pos2 = [q if q >= 0 else lk.get(a, -1) for q, a in zip(pos, absm)]
+            if sum(q >= 0 for q in pos2) > sum(q >= 0 for q in pos):
+                pos, matched_by = pos2, "absolute path"
         if any(q < 0 for q in pos):
             pn = [Path(v).name for v in pid]
             mn = [Path(v).name for v in mid]
