@@ -22,7 +22,7 @@ from chexfound.errors import ChexfoundError, ManifestError
 from chexfound.evaluate import figures
 from chexfound.evaluate.features import FeatureSet, extract_features, resolve_device
 from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
-from chexfound.evaluate.report import Figure, Report, predictions_csv, write_json, write_report
+from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
 from chexfound.evaluate.tasks import TaskData, load_task
 from chexfound.evaluate.trainers import make_trainer
 from chexfound.models.format import atomic_write_bytes, sha256_file
