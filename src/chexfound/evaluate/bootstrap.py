@@ -72,19 +72,20 @@ def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
 class _Finding:
     """One finding's labelled rows, pre-ranked for weighted metrics."""
 
-    def __init__(self, y: np.ndarray, p: np.ndarray) -> None:
-        self.rows = np.flatnonzero(~np.isnan(y))
-        self.ranked = RankedScores(y[self.rows], p[self.rows])
-        self.y = y[self.rows] == 1
-
-    def evaluate(self, w: np.ndarray, thr: float, p: np.ndarray) -> dict[str, np.ndarray]:
-        wr = w[:, self.rows]
-        auc, ap = self.ranked.auroc_ap(wr)
+    def __init__(self, y: np.ndarray, p: np.ndarray, thr: float = 0.5) -> None:
+        rows = np.flatnonzero(~np.isnan(y))
+        self.ranked = RankedScores(y[rows], p[rows])
+        # Rows in score order: one gather per resample chunk serves the ranking and the confusion counts.
+        self.rows = rows[self.ranked.order]
+        yy = y[self.rows] == 1
         pred = p[self.rows] >= thr
-        tp = wr[:, self.y & pred].sum(1)
-        fn = wr[:, self.y & ~pred].sum(1)
-        tn = wr[:, ~self.y & ~pred].sum(1)
-        fp = wr[:, ~self.y & pred].sum(1)
+        # Confusion cells as 0/1 vectors, so weighted counts are matrix-vector products.
+        self.cells = np.stack([yy & pred, yy & ~pred, ~yy & ~pred, ~yy & pred], axis=1).astype(np.float64)
+
+    def evaluate(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        ws = w[:, self.rows]
+        auc, ap = self.ranked.auroc_ap_sorted(ws)
+        tp, fn, tn, fp = (ws @ self.cells).T
         with np.errstate(invalid="ignore", divide="ignore"):
             sens = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
             spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
@@ -114,7 +115,8 @@ def _draws(
     eligible = _eligible(y, rule)
     name_to_c = {f: i for i, f in enumerate(findings)}
     sub_idx = {k: [name_to_c[f] for f in v if f in name_to_c and name_to_c[f] in eligible] for k, v in subsets.items()}
-    models = [[_Finding(y[:, c], np.asarray(p, dtype=np.float64)[:, c]) for c in eligible] for p in preds]
+    models = [[_Finding(y[:, c], np.asarray(p, dtype=np.float64)[:, c], float(thresholds[m][c])) for c in eligible]
+              for m, p in enumerate(preds)]
     per: list[dict[str, dict[str, list[np.ndarray]]]] = [
         {findings[c]: {k: [] for k in _KEYS} for c in eligible} for _ in preds]
     # Micro: all labelled (image, finding) pairs of eligible findings pooled; a pair carries its image's weight.
@@ -126,15 +128,18 @@ def _draws(
     micro_draws: list[dict[str, list[np.ndarray]]] = [{"auroc": [], "ap": []} for _ in preds]
     for w in resample_weights(groups, y.shape[0], cfg):
         for m, fs in enumerate(models):
-            p = np.asarray(preds[m], dtype=np.float64)
             for f, c in zip(fs, eligible):
-                vals = f.evaluate(w, float(thresholds[m][c]), p[:, c])
+                vals = f.evaluate(w)
                 for k in _KEYS:
                     per[m][findings[c]][k].append(vals[k])
             if micro[m] is not None:
-                a, b = micro[m].auroc_ap(w[:, pair_img])
-                micro_draws[m]["auroc"].append(a)
-                micro_draws[m]["ap"].append(b)
+                # The pooled vector is n_images x n_findings long: a few resamples at a time keep the
+                # temporaries in cache (a whole chunk would be hundreds of MB and memory-bound).
+                step = max(1, int(2_000_000 // max(1, pair_img.size)))
+                for r0 in range(0, w.shape[0], step):
+                    a, b = micro[m].auroc_ap(w[r0 : r0 + step][:, pair_img])
+                    micro_draws[m]["auroc"].append(a)
+                    micro_draws[m]["ap"].append(b)
     per_arr = [{f: {k: np.concatenate(v[k]) for k in _KEYS} for f, v in pm.items()} for pm in per]
     subs: list[dict[str, dict[str, np.ndarray]]] = []
     for pm in per_arr:
@@ -218,8 +223,7 @@ def paired_bootstrap(
     full_w = np.ones((1, y.shape[0]))
 
     def point(p: np.ndarray, c: int) -> dict[str, float]:
-        f = _Finding(y[:, c], np.asarray(p, dtype=np.float64)[:, c])
-        v = f.evaluate(full_w, 0.5, np.asarray(p, dtype=np.float64)[:, c])
+        v = _Finding(y[:, c], np.asarray(p, dtype=np.float64)[:, c]).evaluate(full_w)
         return {k: float(v[k][0]) for k in metrics}
 
     def summarise(da: np.ndarray, db: np.ndarray, pa: float, pb: float) -> dict[str, Any]:

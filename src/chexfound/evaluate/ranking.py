@@ -40,9 +40,8 @@ class RankedScores:
         else:
             self.starts = np.zeros(0, dtype=np.int64)
 
-    def _group_sums(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """w [B, n] in input order -> (positive weight, negative weight) per tie group, [B, G] descending."""
-        ws = w[:, self.order]
+    def _group_sums(self, ws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ws [B, n] in *sorted* order -> (positive weight, negative weight) per tie group, [B, G] descending."""
         pw = ws * self.pos
         nw = ws - pw
         if self.starts.size == 0:
@@ -55,7 +54,11 @@ class RankedScores:
         if w is None:
             w = np.ones((1, self.n))
         w = np.atleast_2d(np.asarray(w, dtype=np.float64))
-        pg, ng = self._group_sums(w)
+        return self.auroc_ap_sorted(w[:, self.order])
+
+    def auroc_ap_sorted(self, ws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As `auroc_ap`, for weights already gathered into `self.order` (saves a copy in the bootstrap)."""
+        pg, ng = self._group_sums(ws)
         ptot = pg.sum(axis=1)
         ntot = ng.sum(axis=1)
         # AUROC: for each group (descending), positives beat all negatives in later (lower) groups,
