@@ -82,9 +82,8 @@ def test_ood_nih_to_kermany(tiny, data_root, tmp_path):
 
 
 def test_adapt_heads_and_glori_attention_for_localisation(tiny, data_root, tmp_path):
-    """With the adapt stage: GLoRI and linear heads trained by fit_heads on the feature cache; GLoRI's
+    """GLoRI and linear heads trained by the adapt stage's fit_heads on the feature cache; GLoRI's
     per-finding cross-attention is what the localisation protocol scores."""
-    pytest.importorskip("chexfound.adapt.train")
     out = tmp_path / "glori"
     assert main(["evaluate", "--task", "nih14", "--root", str(data_root / "nih14"), "--backbone", str(tiny),
                  "--head", "glori", "--head", "linear", "--protocol", "localisation", "--limit", "20",
@@ -131,3 +130,26 @@ def test_localisation_geometry_end_to_end(tmp_path, mode):
     assert not errors and len(scores) == 2 and len(gallery) == 2
     assert scores["pointing"].tolist() == [1.0, 1.0]
     assert (scores["mass"] > 3 * scores["uniform_mass"]).all()
+
+
+def test_cls_attention_heatmaps_follow_the_attention(monkeypatch):
+    """The class-agnostic map is the last block's CLS->patch attention, upsampled: force the attention onto
+    one patch and the map must peak there."""
+    from chexfound.evaluate.protocols.localisation import cls_attention_heatmaps
+
+    torch.manual_seed(0)
+    m = create_backbone("tiny_vit").eval()  # 64 px, 4x4 patches, 2 registers
+    real = m.forward_features
+
+    def fake(x, masks=None, return_attention=False):
+        out = real(x, masks, return_attention)
+        a = torch.zeros_like(out["attention"])
+        a[:, :, 0, 1 + 2 + 6] = 1.0  # patch 6 = grid row 1, col 2
+        out["attention"] = a
+        return out
+
+    monkeypatch.setattr(m, "forward_features", fake)
+    hm = cls_attention_heatmaps(m)(torch.zeros(2, 3, 64, 64))
+    assert hm.shape == (2, 1, 64, 64)
+    y, x = np.unravel_index(hm[0, 0].argmax(), (64, 64))
+    assert 32 <= x < 48 and 16 <= y < 32

@@ -1,12 +1,11 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ManifestError
 from chexfound.evaluate.localisation import (LocalisationItem, box_mask, centre_prior, map_boxes, mass_in_boxes,
-                                             pointing_hit, read_boxes, score_items, summarise, tokens_to_heatmap)
+                                             pointing_hit, read_boxes, score_items, summarise)
 
 
 @pytest.mark.parametrize("mode", ["crop", "pad"])
@@ -44,14 +43,7 @@ def test_pointing_and_mass_hand_cases():
     assert mass_in_boxes(np.ones((10, 10)), m) == pytest.approx(0.04)
 
 
-def test_tokens_to_heatmap_peak_and_centre_prior():
-    a = torch.zeros(2, 16)
-    a[:, 5] = 1.0  # grid 4x4: row 1, col 1
-    hm = tokens_to_heatmap(a, 64)
-    y, x = np.unravel_index(hm.argmax(), hm.shape)
-    assert 16 <= x < 32 and 16 <= y < 32
-    with pytest.raises(ValueError):
-        tokens_to_heatmap(torch.zeros(15), 64)
+def test_centre_prior_peaks_at_the_centre():
     cp = centre_prior(64)
     assert cp.argmax() in {np.ravel_multi_index((31, 31), (64, 64)), np.ravel_multi_index((32, 32), (64, 64))}
 

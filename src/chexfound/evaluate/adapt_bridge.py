@@ -16,19 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from chexfound.evaluate.features import FeatureSet
 
 ADAPT_HEADS = ("linear", "mlp", "glori")
-
-
-def adapt_available() -> bool:
-    """True when the adapt stage's training API is installed (it lands separately from evaluation)."""
-    try:
-        from chexfound.adapt import train  # noqa: F401
-        from chexfound.adapt import cache  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def build_cache(backbone: torch.nn.Module, paths: Sequence[str | PathLike[str]], transform: Any, n_blocks: int,
@@ -40,28 +29,6 @@ def build_cache(backbone: torch.nn.Module, paths: Sequence[str | PathLike[str]],
     return FeatureCache.build(backbone, [str(p) for p in paths], Path(root), n_blocks=n_blocks,
                               batch_size=batch_size, device=device, dtype=dtype, transform=transform,
                               workers=workers, backbone_sha256=backbone_sha256, progress=progress)
-
-
-def feature_set_from_cache(cache: Any, chunk: int = 256) -> FeatureSet:
-    """Pooled vectors (CLS of every cached block, mean patch token of the last) for the logistic probe."""
-    n = len(cache)
-    valid = np.asarray(cache.valid, dtype=bool)
-    cls: np.ndarray | None = None
-    pm: np.ndarray | None = None
-    for s in range(0, n, chunk):
-        idx = np.arange(s, min(n, s + chunk))
-        feats = cache.features(idx)
-        c = torch.stack([cl for _, cl in feats], dim=1).numpy()
-        p = feats[-1][0].mean(dim=1).numpy()
-        if cls is None:
-            cls = np.zeros((n, *c.shape[1:]), dtype=np.float32)
-            pm = np.zeros((n, p.shape[1]), dtype=np.float32)
-        cls[idx], pm[idx] = c, p
-    assert cls is not None and pm is not None
-    cls[~valid] = 0
-    pm[~valid] = 0
-    errors = [(int(i), str(p), str(e)) for i, p, e in getattr(cache, "errors", [])]
-    return FeatureSet(cls, pm, valid, errors)
 
 
 @dataclass

@@ -1,33 +1,18 @@
-"""Frozen-backbone image features for the evaluation protocols (CLS of the last n blocks + mean patch).
+"""Pooled image features for the logistic probe, read from the adapt stage's feature cache.
 
-The protocols train many small heads on the same frozen features, so features are computed once per
-(backbone, image list, transform, n_blocks) and kept in an .npz under the run folder; a rerun with the same
---out reuses them. Unreadable images are skipped and listed (never crash the batch).
-
-For heads that need the patch tokens (GLoRI) the adapt stage's feature cache is the source instead; this
-module keeps the pooled vectors a linear/logistic probe needs, which stay small even for 100k+ images.
+Every protocol computes features once per (backbone, image list) into a `chexfound.adapt.FeatureCache`
+(the backbone's `get_intermediate_layers` output: patch and CLS tokens of the last n blocks) under the run
+folder; a rerun with the same --out reuses it. The adapt heads read the cache directly; the logistic probe
+needs only pooled vectors, gathered here once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import logging
 from dataclasses import dataclass, field
-from os import PathLike
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
-from chexfound.data.datasets import ImageDataset, collate_skip_errors
-from chexfound.data.transform import InputTransform
-from chexfound.models.format import atomic_write_bytes
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,76 +29,24 @@ class FeatureSet:
         return np.concatenate([x, self.patch_mean], axis=1) if avgpool else x
 
 
-def _key(backbone_sha: str, paths: Sequence[Path], transform: InputTransform, n_blocks: int) -> str:
-    h = hashlib.sha256()
-    h.update(backbone_sha.encode())
-    h.update(json.dumps(transform.to_dict(), sort_keys=True).encode())
-    h.update(str(n_blocks).encode())
-    for p in paths:
-        h.update(str(p).encode() + b"\0")
-    return h.hexdigest()[:20]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: torch.nn.Module,
-    paths: Sequence[str | PathLike[str]],
-    transform: InputTransform,
-    n_blocks: int,
-    backbone_sha: str,
-    cache_dir: str | PathLike[str] | None = None,
-    batch_size: int = 32,
-    workers: int = 0,
-    device: str | None = None,
-    dtype: str = "fp32",
-    progress: bool = False,
-) -> FeatureSet:
-    paths = [Path(p) for p in paths]
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"features-{_key(backbone_sha, paths, transform, n_blocks)}.npz"
-        if cache.is_file():
-            z = np.load(cache, allow_pickle=False)
-            errs = json.loads(str(z["errors"]))
-            log.info("reusing features %s", cache)
-            return FeatureSet(z["cls"], z["patch_mean"], z["ok"], [tuple(e) for e in errs])
-    dev = resolve_device(device)
-    model = backbone.to(dev).eval()
-    depth = len(model.blocks)
-    n = min(n_blocks, depth)
-    d = model.embed_dim if hasattr(model, "embed_dim") else model.cfg.embed_dim
-    cls = np.zeros((len(paths), n, d), dtype=np.float32)
-    pm = np.zeros((len(paths), d), dtype=np.float32)
-    ok = np.zeros(len(paths), dtype=bool)
-    errors: list[tuple[int, str, str]] = []
-    loader = DataLoader(ImageDataset(paths, transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_skip_errors)
-    autocast = dev.type == "cuda" and dtype == "bf16"
-    it: Any = loader
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(loader, desc="features", unit="batch")
-    for batch in it:
-        errors += batch["errors"]
-        if "image" not in batch:
-            continue
-        x = batch["image"].to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model.get_intermediate_layers(x, n, return_class_token=True)
-        idx = batch["index"].numpy()
-        cls[idx] = torch.stack([c for _, c in out], dim=1).float().cpu().numpy()
-        pm[idx] = out[-1][0].float().mean(dim=1).cpu().numpy()
-        ok[idx] = True
-    fs = FeatureSet(cls, pm, ok, errors)
-    if cache is not None:
-        buf = io.BytesIO()
-        np.savez(buf, cls=cls, patch_mean=pm, ok=ok, errors=np.array(json.dumps(errors)))
-        atomic_write_bytes(cache, buf.getvalue())
-    return fs
+def pooled_features(cache: Any, chunk: int = 256) -> FeatureSet:
+    """CLS tokens of every cached block and the mean patch token of the last, for all rows of a cache."""
+    n = len(cache)
+    valid = np.asarray(cache.valid, dtype=bool)
+    cls: np.ndarray | None = None
+    pm: np.ndarray | None = None
+    for s in range(0, n, chunk):
+        idx = np.arange(s, min(n, s + chunk))
+        feats = cache.features(idx)
+        c = torch.stack([cl for _, cl in feats], dim=1).numpy()
+        p = feats[-1][0].mean(dim=1).numpy()
+        if cls is None:
+            cls = np.zeros((n, *c.shape[1:]), dtype=np.float32)
+            pm = np.zeros((n, p.shape[1]), dtype=np.float32)
+        cls[idx], pm[idx] = c, p
+    if cls is None or pm is None:
+        raise ValueError("empty feature cache")
+    cls[~valid] = 0
+    pm[~valid] = 0
+    errors = [(int(i), str(p), str(e)) for i, p, e in cache.errors]
+    return FeatureSet(cls, pm, valid, errors)

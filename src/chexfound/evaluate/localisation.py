@@ -21,8 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 from chexfound.errors import ManifestError
 
@@ -95,26 +93,7 @@ def box_mask(boxes_xyxy: np.ndarray, size: int) -> np.ndarray:
     return m
 
 
-# --- heatmaps ---------------------------------------------------------------------------------------------
-
-def tokens_to_heatmap(weights: torch.Tensor | np.ndarray, size: int, gamma: float | None = None) -> np.ndarray:
-    """Attention over patch tokens ([N] or [heads, N], N a square grid) -> [S, S] map (bilinear, head mean).
-
-    Follows the original notebook's order: upsample each head, average heads, then optional power `gamma`.
-    """
-    a = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights).float()
-    if a.ndim == 1:
-        a = a[None]
-    n = a.shape[-1]
-    g = int(round(n**0.5))
-    if g * g != n:
-        raise ValueError(f"{n} patch tokens do not form a square grid")
-    up = F.interpolate(a.reshape(1, a.shape[0], g, g), size=(size, size), mode="bilinear", align_corners=False)
-    hm = up[0].mean(0).clamp_min(0)
-    if gamma is not None:
-        hm = hm.pow(gamma)
-    return hm.numpy()
-
+# --- baselines ---------------------------------------------------------------------------------------------
 
 def centre_prior(size: int, sigma_frac: float = 0.25) -> np.ndarray:
     """Isotropic Gaussian centred on the image; sigma = sigma_frac * size."""

@@ -20,11 +20,12 @@ from chexfound.data.manifest import Manifest, read_manifest
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError, ManifestError
 from chexfound.evaluate import figures
-from chexfound.evaluate.features import FeatureSet, extract_features, resolve_device
+from chexfound.adapt.runtime import resolve_device
+from chexfound.evaluate.features import FeatureSet, pooled_features
 from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
 from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
 from chexfound.evaluate.tasks import TaskData, load_task
-from chexfound.evaluate.trainers import make_trainer
+from chexfound.evaluate.trainers import LogisticTrainer
 from chexfound.models.format import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,8 @@ class TaskOptions:
 
 @dataclass
 class _Backbone:
-    """One backbone as the protocols see it: the model, its transform, pooled features and (with the adapt
-    stage installed) the feature cache its heads train on."""
+    """One backbone as the protocols see it: the model, its transform, its feature cache (what the adapt
+    heads train on) and the pooled features the logistic probe uses."""
 
     label: str
     model: torch.nn.Module
@@ -267,7 +268,7 @@ class _Backbone:
     transform: InputTransform
     n_blocks: int
     features: FeatureSet
-    cache: Any = None
+    cache: Any
 
 
 def _prepare_backbone(spec: str, paths: Sequence[Path], opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
@@ -277,38 +278,33 @@ def _prepare_backbone(spec: str, paths: Sequence[Path], opts: TaskOptions, out: 
 
 def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, paths: Sequence[Path],
                   opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
-    from chexfound.evaluate.adapt_bridge import adapt_available, build_cache, feature_set_from_cache
+    import hashlib
+
+    from chexfound.evaluate.adapt_bridge import build_cache
 
     tf = _transform_for(model, info, opts.image_size)
     n = min(opts.n_blocks, len(model.blocks))
     sha = info["weights_sha256"]
-    if adapt_available():
-        import hashlib
-
-        key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:10]
-        cache = build_cache(model, paths, tf, n, out / "cache" / f"{tag}{sha[:12]}-{key}", sha,
-                            batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, workers=opts.workers,
-                            progress=opts.progress)
-        return _Backbone(label, model, info, tf, n, feature_set_from_cache(cache), cache)
-    fs = extract_features(model, paths, tf, n, sha, cache_dir=out / "cache", batch_size=opts.batch_size,
-                          workers=opts.workers, device=opts.device, dtype=opts.dtype, progress=opts.progress)
-    return _Backbone(label, model, info, tf, n, fs)
+    # One cache folder per (backbone weights, image list); the cache itself checks transform and n_blocks.
+    key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:10]
+    cache = build_cache(model, paths, tf, n, out / "cache" / f"{tag}{sha[:12]}-{key}", sha,
+                        batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, workers=opts.workers,
+                        progress=opts.progress)
+    return _Backbone(label, model, info, tf, n, pooled_features(cache), cache)
 
 
 def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts: TaskOptions) -> tuple[Any, Any]:
     """(trainer, feature source) for a head type on a backbone.
 
-    'logistic' is the closed-form-free probe of trainers.py on pooled features; 'linear', 'mlp' and 'glori'
-    are the adapt stage's heads on the feature cache. Without the adapt stage installed, 'linear' falls back
-    to the logistic probe (same model family: a linear map of the CLS tokens) and the others are unavailable.
+    'logistic' is the L2 logistic-regression probe of trainers.py on pooled features (deterministic, fast on a
+    CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the feature cache.
     """
-    from chexfound.evaluate.adapt_bridge import AdaptTrainer, adapt_available
+    from chexfound.evaluate.adapt_bridge import ADAPT_HEADS, AdaptTrainer
 
-    vectors = bb.features.vectors(bb.n_blocks, opts.avgpool)
-    if head == "logistic" or (head == "linear" and not adapt_available()):
-        return make_trainer("logistic"), vectors
-    if not adapt_available():
-        return make_trainer(head), None  # raises with a clear message
+    if head == "logistic":
+        return LogisticTrainer(), bb.features.vectors(bb.n_blocks, opts.avgpool)
+    if head not in ADAPT_HEADS:
+        raise ChexfoundError(f"unknown head {head!r}; choose from logistic, {', '.join(ADAPT_HEADS)}")
     fit_kwargs: dict[str, Any] = {"epochs": opts.epochs, "device": opts.device, "batch_size": opts.batch_size}
     if opts.lrs:
         fit_kwargs["lrs"] = list(opts.lrs)
@@ -499,7 +495,7 @@ def _ood(td: TaskData, feats: dict[str, _Backbone], models: dict[str, Any], y: n
     bb = next(iter(feats.values()))
     (mlabel, (trainer, src)), = models.items()
     bt = _features_for(bb.model, bb.info, bb.label, tb.manifest.paths(), opts, out, tag="ood-")
-    src_b = bt.cache if bt.cache is not None and src is bb.cache else bt.features.vectors(bb.n_blocks, opts.avgpool)
+    src_b = bt.cache if src is bb.cache else bt.features.vectors(bb.n_blocks, opts.avgpool)
     test_b = np.flatnonzero((tb.manifest.df["split"] == "test").to_numpy() & bt.features.ok)
     metrics, art = run_ood(trainer, src, y, pats, splits, td.findings, src_b, tb.labels(), tb.manifest.patients(),
                            test_b, tb.findings, opts.cfg, opts.seed, names=(td.name, tb.name))

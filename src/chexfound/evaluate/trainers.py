@@ -20,7 +20,6 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from chexfound.errors import ChexfoundError
 from chexfound.evaluate.ranking import RankedScores
 
 log = logging.getLogger(__name__)
@@ -187,16 +186,3 @@ class LogisticTrainer:
                      "n_train": int(len(train_idx)), "n_val": int(len(val_idx)) if have_val else 0,
                      "threshold_rule": "max F1 on val" if have_val else "0.5 (no val)"}
         return head
-
-
-def make_trainer(head: str, **kw: Any) -> HeadTrainer:
-    """Trainer for a head type. 'linear' is the probe on pooled CLS features; 'glori' needs the adapt stage."""
-    if head in ("linear", "logistic"):
-        return LogisticTrainer(**kw)
-    try:
-        from chexfound.adapt import train as _adapt_train  # noqa: F401
-    except ImportError as e:
-        raise ChexfoundError(
-            f"head {head!r} needs chexfound.adapt.train (grid training of attention heads), which is not "
-            f"available in this installation ({e}); use --head linear") from e
-    raise ChexfoundError(f"head {head!r} is not wired into evaluation yet")

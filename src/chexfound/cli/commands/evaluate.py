@@ -56,8 +56,8 @@ def register(sub: Any) -> None:
                     help="backbone file or registry name (random weights); repeat to compare")
     tk.add_argument("--head", action="append", default=[], choices=["linear", "glori", "mlp", "logistic"],
                     help="head type (repeat to compare; default linear). linear/mlp/glori train the adapt stage's "
-                         "heads on its feature cache; logistic is an L2 logistic-regression probe on pooled "
-                         "features (also what linear means when the adapt stage is not installed)")
+                         "heads (learning-rate grid, selection and thresholds on val) on the feature cache; "
+                         "logistic is a deterministic L2 logistic-regression probe on pooled features (fast on CPU)")
     tk.add_argument("--epochs", type=int, default=20, help="adapt heads: training epochs (default 20)")
     tk.add_argument("--lrs", type=lambda s: [float(v) for v in s.split(",") if v.strip()],
                     help="adapt heads: comma-separated learning-rate grid (default: the original's 13 values)")

@@ -20,13 +20,19 @@ import torch
 
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError
-from chexfound.evaluate.localisation import (LocalisationItem, map_boxes, pointing_hit, score_items, summarise,
-                                             tokens_to_heatmap)
+from chexfound.adapt.heatmap import attention_map
+from chexfound.evaluate.localisation import LocalisationItem, map_boxes, pointing_hit, score_items, summarise
 from chexfound.io import read_image
 
 log = logging.getLogger(__name__)
 
 HeatmapFn = Callable[[torch.Tensor], np.ndarray]
+
+
+def _upsample(weights: torch.Tensor, size: int, gamma: float | None) -> np.ndarray:
+    """[heads, N] attention -> [S, S] map (heads averaged, bilinear). Not normalised: the attention mass in
+    boxes is a share of the raw attention."""
+    return attention_map(weights, size=size, gamma=1.0 if gamma is None else gamma, normalize=False)
 
 
 def cls_attention_heatmaps(backbone: torch.nn.Module, gamma: float | None = None) -> HeatmapFn:
@@ -40,7 +46,7 @@ def cls_attention_heatmaps(backbone: torch.nn.Module, gamma: float | None = None
         r = backbone.num_register_tokens
         cls_to_patch = attn[:, :, 0, 1 + r:].float().cpu()
         s = x.shape[-1]
-        return np.stack([tokens_to_heatmap(a, s, gamma)[None] for a in cls_to_patch])
+        return np.stack([_upsample(a, s, gamma)[None] for a in cls_to_patch])
 
     return fn
 
@@ -57,7 +63,7 @@ def head_attention_heatmaps(backbone: torch.nn.Module, head: Any, gamma: float |
             raise ChexfoundError(f"head {type(head).__name__} returns no attention maps")
         s = x.shape[-1]
         a = attn.float().cpu()
-        return np.stack([np.stack([tokens_to_heatmap(a[b, :, c], s, gamma) for c in range(a.shape[2])])
+        return np.stack([np.stack([_upsample(a[b, :, c], s, gamma) for c in range(a.shape[2])])
                          for b in range(a.shape[0])])
 
     return fn
