@@ -31,6 +31,7 @@ from PIL import Image
 from chexfound.curate.hashing import exact_hash, phash
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import read_image
+from chexfound.models.format import publish
 
 RECORDS = "work/records.jsonl"
 
@@ -97,7 +98,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -167,7 +168,7 @@ def process_chunk(items: list[WorkItem], cfg: CacheConfig, out_dir: str, shard: 
                     offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     rec.update(file=shard, member=it.target, offset=offset, length=len(data))
                 records.append(rec)
-        os.replace(tmp, final)
+        publish(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
