@@ -463,7 +463,7 @@ def _localisation(td: TaskData, feats: dict[str, _Backbone], opts: TaskOptions, 
     dev = resolve_device(opts.device)
     model = bb.model.to(dev)
     if getattr(fitted, "has_attention", False):
-        fn = head_attention_heatmaps(model, fitted.head.to(dev), gamma=None)
+        fn = head_attention_heatmaps(model, fitted.head.to(dev))
         source = f"{model_label}: the head's cross-attention of each finding's query (heads averaged)"
     else:
         fn = cls_attention_heatmaps(model)

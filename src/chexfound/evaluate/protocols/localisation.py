@@ -51,8 +51,11 @@ def cls_attention_heatmaps(backbone: torch.nn.Module, gamma: float | None = None
     return fn
 
 
-def head_attention_heatmaps(backbone: torch.nn.Module, head: Any, gamma: float | None = 0.5) -> HeatmapFn:
-    """Per-finding maps from a head that returns attention [B, heads, C, N] (e.g. GLoRI)."""
+def head_attention_heatmaps(backbone: torch.nn.Module, head: Any, gamma: float | None = None) -> HeatmapFn:
+    """Per-finding maps from a head that returns attention [B, heads, C, N] (e.g. GLoRI).
+
+    `gamma` (the original notebook's 0.5) is for display only: scores should use the raw attention (None),
+    since the share of attention mass inside a box is not preserved by a power."""
 
     @torch.no_grad()
     def fn(x: torch.Tensor) -> np.ndarray:
