@@ -184,7 +184,9 @@ def _trainer(head_type: str, findings: list[str], embed_dim: int, quick: bool, n
     from chexfound.evaluate.adapt_bridge import AdaptTrainer
 
     lrs = (1e-3, 1e-2, 1e-1) if head_type == "linear" else (1e-4, 1e-3, 1e-2)
-    head_kwargs: dict[str, Any] = {}
+    # The linear probe sees CLS + mean patch token (DINOv2's "avgpool" probe): with LayerScale 1e-5 a
+    # random-init ViT's CLS output is nearly constant, and a CLS-only probe would make that baseline a strawman.
+    head_kwargs: dict[str, Any] = {"avgpool": True} if head_type == "linear" else {}
     if head_type == "glori":
         # A decoder sized to the tiny backbone (the released head uses 768 / 2048 / 8 heads on ViT-L).
         d = max(64, min(256, embed_dim))

@@ -40,9 +40,13 @@ def summary_rows(results: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["task", "head", "backbone"]).reset_index(drop=True)
 
 
+def _pairs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(k, v) for k, v in results["paired"].items() if not k.startswith("_")]
+
+
 def paired_rows(results: dict[str, Any]) -> pd.DataFrame:
     rows = []
-    for name, d in results["paired"].items():
+    for name, d in _pairs(results):
         if "error" in d:
             rows.append({"comparison": name, "AUROC difference [95% CI]": d["error"], "p": ""})
             continue
@@ -56,7 +60,7 @@ def paired_rows(results: dict[str, Any]) -> pd.DataFrame:
 def verdicts(results: dict[str, Any]) -> list[str]:
     """Plain sentences that say exactly what the paired CIs show."""
     out = []
-    for name, d in results["paired"].items():
+    for name, d in _pairs(results):
         if "error" in d:
             continue
         a = d["macro"]["auroc"]
