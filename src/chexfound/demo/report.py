@@ -67,15 +67,13 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         lo, hi = a["ci"]
         if np.isnan(lo):
             continue
-        left, right = name.split(": ", 1)[1].split(" - ")
-        right = right.split(" (")[0]
-        where = name.split(":")[0]
+        diff = f"{a['diff']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})"
         if lo > 0:
-            out.append(f"{where}: {left} beats {right} on test macro AUROC by {a['diff']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}).")
+            out.append(f"{name}: {diff} on test macro AUROC: the first is better.")
         elif hi < 0:
-            out.append(f"{where}: {left} is WORSE than {right} on test macro AUROC by {a['diff']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}).")
+            out.append(f"{name}: {diff} on test macro AUROC: the first is WORSE.")
         else:
-            out.append(f"{where}: {left} does not clearly differ from {right} (difference {a['diff']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f} includes 0).")
+            out.append(f"{name}: {diff} on test macro AUROC: no clear difference (the CI includes 0).")
     return out
 
 
