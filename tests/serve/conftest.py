@@ -34,11 +34,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     attn = GloriHead(NIH14, n_blocks=2, embed_dim=bb.embed_dim, decoder_dim=32, num_heads=2, ffn_dim=64).eval()
     save_head(attn, root / "attention.safetensors", backbone_sha256=sha, backbone_config=bb.cfg.to_dict())
 
+    coarse = GloriHead(NIH14, n_blocks=2, embed_dim=bb.embed_dim, decoder_dim=32, num_heads=2, ffn_dim=64,
+                       coarse_pools=(2,), grid=(4, 4)).eval()
+    save_head(coarse, root / "coarse.safetensors", backbone_sha256=sha, backbone_config=bb.cfg.to_dict())
+
     torch.manual_seed(1)
     other = create_backbone("tiny_vit").eval()
     save_backbone(other, root / "other_backbone.safetensors")
     return {"root": root, "backbone": root / "backbone.safetensors", "linear": root / "linear.safetensors",
-            "attention": root / "attention.safetensors", "other_backbone": root / "other_backbone.safetensors"}
+            "attention": root / "attention.safetensors", "coarse": root / "coarse.safetensors", "other_backbone": root / "other_backbone.safetensors"}
 
 
 @pytest.fixture(scope="session")

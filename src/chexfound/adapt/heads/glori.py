@@ -159,9 +159,12 @@ class GloriHead(Head):
         fine, start = w[..., :n], n
         for k in self.coarse_pools:
             m = (gh // k) * (gw // k)
-            part = w[..., start : start + m].reshape(*w.shape[:-1], gh // k, gw // k)
-            part = part.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1) / (k * k)
-            fine = fine + part.reshape(*w.shape[:-1], n)
+            a, c = gh // k, gw // k
+            part = w[..., start : start + m].reshape(*w.shape[:-1], a, 1, c, 1)
+            # expand + reshape rather than repeat_interleave: the latter exports to ONNX with the traced batch
+            # size baked in.
+            part = part.expand(*w.shape[:-1], a, k, c, k).reshape(*w.shape[:-1], n) / (k * k)
+            fine = fine + part
             start += m
         return fine
 
