@@ -1,12 +1,57 @@
-"""Adaptation on frozen, cached features: GLoRI, linear/MLP probes, other targets, grid training, heatmaps."""
+"""Adaptation on frozen, cached features: GLoRI, linear/MLP probes, other targets, grid training, heatmaps.
 
-from chexfound.adapt.heads.base import Head, load_our_head, save_head
-from chexfound.adapt.heads.linear import LinearHead
+    from chexfound.adapt import FeatureCache, GloriHead, fit_heads, load_head, predict
+    train = FeatureCache.build(backbone, train_manifest, "cache/train", n_blocks=4)   # once; reruns reuse it
+    val = FeatureCache.build(backbone, val_manifest, "cache/val", n_blocks=4)
+    res = fit_heads(lambda: GloriHead(findings, 4, embed_dim=1024), train, y_train, val, y_val)  # 13-lr grid
+    save_head(res.head, "glori.safetensors", backbone_sha256=train.backbone_sha256, transform=...)
+    probs, attn = predict(load_head("glori.safetensors"), val, return_attention=True)
+
+Modules: heads/ (GloriHead, LinearHead, MLPHead; tasks multilabel | binary | multiclass | regression |
+survival), cache (FeatureCache), train (fit_heads), grid (vmapped AdamW over stacked heads), losses (masked
+BCE, ASL, CE, MSE, Cox), metrics, inference (predict), heatmap, released (original glori.pth), finetune
+(end to end: full, LoRA, BitFit, when the cache is off), run (the `chexfound adapt` pipeline).
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from typing import Sequence
+
+from chexfound.adapt.heads import GloriHead, Head, LinearHead, MLPHead, load_our_head, save_head
+from chexfound.adapt.released import is_torch_pickle, load_released_head
 
 
-def load_head(path):  # the adapt issue extends this to the released glori.pth layout
-    """Load a head file -> Head module in eval mode (our format)."""
+def load_head(path: str | PathLike[str], name: str | None = None, findings: Sequence[str] | None = None,
+              num_heads: int = 8) -> Head:
+    """A head file -> Head in eval mode: our safetensors heads, or the original `glori.pth` / linear-probe
+    checkpoints (`name`, `findings`, `num_heads` only apply to those; see `chexfound.adapt.released`)."""
+    from chexfound.errors import CheckpointError
+
+    try:
+        pickled = is_torch_pickle(path)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot open head file ({e})") from e
+    if pickled:
+        return load_released_head(path, name=name, findings=findings, num_heads=num_heads)
     return load_our_head(path)[0]
 
 
-__all__ = ["Head", "LinearHead", "load_head", "save_head"]
+def __getattr__(name: str):  # lazy: keep `import chexfound.adapt` light for the serve path
+    if name == "FeatureCache":
+        from chexfound.adapt.cache import FeatureCache
+
+        return FeatureCache
+    if name == "fit_heads":
+        from chexfound.adapt.train import fit_heads
+
+        return fit_heads
+    if name == "predict":
+        from chexfound.adapt.inference import predict
+
+        return predict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FeatureCache", "GloriHead", "Head", "LinearHead", "MLPHead", "fit_heads", "load_head",
+           "load_released_head", "predict", "save_head"]

@@ -1,1 +1,15 @@
-"""Curation of pretraining corpora: filters, dedup, preprocessing cache."""
+"""Curation of pretraining corpora: pool public CXR datasets, filter, deduplicate, cache (`chexfound curate`).
+
+    chexfound curate --spec corpus.yaml --out DIR [--exclude patients.csv] [--workers 2]
+
+- `spec`: the YAML corpus spec (sources with formats manifest | folder | a reader of chexfound.data.readers;
+  filters; dedup; cache; report) -> `CorpusSpec`, `load_spec`.
+- `sources`: every image of every source as one item table (patients namespaced "<namespace>:<id>").
+- `filters`: view / modality / size / age / blank rules and the patient exclusion list, counted per rule.
+- `hashing`: exact digest of decoded pixels; 256-bit DCT pHash on a rank-equalised area thumbnail.
+- `index`: exact all-pairs-within-radius Hamming search by multi-index hashing (sub-quadratic).
+- `dedup`: exact groups, near-duplicate edges (pHash, optional backbone embeddings), greedy keep rule.
+- `cache`: decode once, hash, resize (shorter side N), 8/16-bit PNG files or tar shards; resumable records.
+- `report`: manifest.csv, duplicates.csv, quarantine.csv, filtered.csv, report.md/html with figures.
+- `pipeline.run_curation`: all of the above in order.
+"""

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from chexfound.data.manifest import Manifest, UncertainSpec
 from chexfound.errors import ChexfoundError
-from chexfound.io import read_image
+from chexfound.io import CXRImage, read_image
 
 
 class ImageDataset(Dataset):
@@ -23,10 +24,12 @@ class ImageDataset(Dataset):
         paths: Sequence[str | PathLike[str]],
         transform: Callable[[np.ndarray], torch.Tensor],
         labels: np.ndarray | None = None,
+        reader: Callable[[Path], CXRImage] = read_image,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self.transform = transform
         self.labels = labels
+        self.reader = reader  # e.g. functools.partial(read_image, min_size=64)
         if labels is not None and len(labels) != len(self.paths):
             raise ValueError(f"{len(labels)} label rows for {len(self.paths)} paths")
 
@@ -36,7 +39,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.paths[i]
         try:
-            img = read_image(p)
+            img = self.reader(p)
             x = self.transform(img.pixels)
         except (ChexfoundError, ValueError, OSError) as e:
             return {"index": i, "path": str(p), "error": str(e)}
@@ -44,6 +47,19 @@ class ImageDataset(Dataset):
         if self.labels is not None:
             item["label"] = torch.as_tensor(self.labels[i])
         return item
+
+
+def manifest_dataset(
+    manifest: Manifest,
+    transform: Callable[[np.ndarray], torch.Tensor],
+    uncertain: UncertainSpec = "nan",
+    with_labels: bool = True,
+    reader: Callable[[Path], CXRImage] = read_image,
+) -> ImageDataset:
+    """An ImageDataset over a manifest's images, with its labels (NaN = not labelled) resolved by the
+    `uncertain` policy."""
+    labels = manifest.labels(uncertain) if with_labels and manifest.label_columns else None
+    return ImageDataset(manifest.paths(), transform, labels, reader=reader)
 
 
 def collate_skip_errors(items: list[dict[str, Any]]) -> dict[str, Any]:

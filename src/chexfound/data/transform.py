@@ -44,27 +44,42 @@ class InputTransform:
         return cls(size=size or cfg.img_size, mode=mode, minmax_rescale=cfg.minmax_rescale,
                    mean=tuple(cfg.mean), std=tuple(cfg.std))
 
+    def resized_shape(self, h: int, w: int) -> tuple[int, int]:
+        """Size after the resize step. As torchvision's Resize(int): the shorter side (crop mode; the longer
+        in pad mode) becomes `size` and the other side is truncated, int(size * other / side)."""
+        if h <= 0 or w <= 0:
+            raise ValueError(f"empty image of shape ({h}, {w})")
+        s = self.size
+        if (h <= w) == (self.mode == "crop"):
+            return s, max(1, int(s * w / h))
+        return max(1, int(s * h / w)), s
+
     def geometry(self, pixels: np.ndarray | Tensor) -> Tensor:
         """Resize + crop/pad only: [H, W] -> [size, size] float32 tensor (used for heatmap overlays too)."""
-        x = torch.as_tensor(np.ascontiguousarray(pixels), dtype=torch.float32)
+        if isinstance(pixels, np.ndarray):
+            arr = np.ascontiguousarray(pixels, dtype=np.float32)
+            if not arr.flags.writeable:  # torch cannot wrap read-only memory (e.g. np.frombuffer)
+                arr = arr.copy()
+            x = torch.from_numpy(arr)
+        else:
+            x = pixels.to(torch.float32)
         if x.ndim != 2:
             raise ValueError(f"expected a 2-D grayscale image, got shape {tuple(x.shape)}")
         h, w = x.shape
+        nh, nw = self.resized_shape(h, w)
+        if (nh, nw) != (h, w):
+            # torch's antialiased bicubic equals PIL's BICUBIC resize (what torchvision's Resize runs on PIL
+            # images) to float precision, for down- and up-scaling.
+            x = F.interpolate(x[None, None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0, 0]
         s = self.size
         if self.mode == "crop":
-            scale = s / min(h, w)
-        else:
-            scale = s / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x[None, None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0, 0]
-        if self.mode == "crop":
-            top, left = (nh - s) // 2, (nw - s) // 2
+            # torchvision CenterCrop: offsets are round((n - s) / 2) with Python's rounding.
+            top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
             x = x[top : top + s, left : left + s]
         else:
             pad_h, pad_w = s - nh, s - nw
             x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
-        return x.clamp_(0.0, 1.0)
+        return x.clamp(0.0, 1.0)  # not in place: without a resize x may share memory with the input
 
     def __call__(self, pixels: np.ndarray | Tensor) -> Tensor:
         """[H, W] grayscale in [0, 1] -> normalised [3, size, size] float32."""

@@ -1,6 +1,6 @@
 """Reading chest X-rays: PNG (8/16-bit), JPEG and DICOM into one `CXRImage`."""
 
-from chexfound.io.image import CXRImage
-from chexfound.io.read import read_image
+from chexfound.io.image import MAX_PIXELS, MIN_SIZE, CXRImage, check_min_size
+from chexfound.io.read import read_image, read_image_bytes
 
-__all__ = ["CXRImage", "read_image"]
+__all__ = ["CXRImage", "MAX_PIXELS", "MIN_SIZE", "check_min_size", "read_image", "read_image_bytes"]

@@ -3,15 +3,19 @@
 from chexfound.models.config import ViTConfig
 from chexfound.models.registry import create_backbone, get_config, list_configs
 from chexfound.models.vit import VisionTransformer
+from chexfound.models.ours import backbone_sha256, load_ours, save_backbone
+from chexfound.models.loaders import SUPPORTED, load_backbone, resolve_config
 
-__all__ = ["ViTConfig", "VisionTransformer", "create_backbone", "get_config", "list_configs"]
-
-from chexfound.models.ours import backbone_sha256, load_ours, save_backbone  # noqa: E402
-
-
-def load_backbone(path, config=None):  # replaced by the multi-format loader of the backbone issue
-    """Load a backbone file -> (model in eval mode, metadata)."""
-    return load_ours(path)
-
-
-__all__ += ["backbone_sha256", "load_backbone", "save_backbone"]
+__all__ = [
+    "SUPPORTED",
+    "ViTConfig",
+    "VisionTransformer",
+    "backbone_sha256",
+    "create_backbone",
+    "get_config",
+    "list_configs",
+    "load_backbone",
+    "load_ours",
+    "resolve_config",
+    "save_backbone",
+]

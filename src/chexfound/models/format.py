@@ -26,6 +26,18 @@ FORMAT_VERSION = 1
 META_KEY = "chexfound"
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: str | PathLike[str], final: str | PathLike[str]) -> None:
+    """Rename a finished temp file into place with normal permissions (mkstemp makes files 0600)."""
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, final)
+
+
 def atomic_write_bytes(path: str | PathLike[str], data: bytes) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +47,7 @@ def atomic_write_bytes(path: str | PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -51,7 +63,7 @@ def save_tensors(path: str | PathLike[str], tensors: dict[str, torch.Tensor], me
     os.close(fd)
     try:
         save_file(clean, tmp, metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -7,13 +7,39 @@ Attention runs through `scaled_dot_product_attention` (no xFormers).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chexfound.models.config import ViTConfig
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float, antialias: bool) -> Tensor:
+    """Resize the patch part of a [1, 1 + M*M, D] position embedding to `grid` (rows, cols), bicubic in fp32.
+
+    The original's semantics: with `offset` > 0 the resize is specified by scale_factor (rows + offset) / M
+    (the DINO "kludge"; F.interpolate then maps output to input coordinates with that scale, not with
+    rows / M), otherwise by the output size. The CLS entry is kept as is. Returns fp32.
+    """
+    n = pos_embed.shape[1] - 1
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"position embedding has {n} patch entries, not a square grid")
+    rows, cols = grid
+    pos = pos_embed.float()
+    patch = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    if offset:
+        scale = (float(rows + offset) / m, float(cols + offset) / m)
+        patch = F.interpolate(patch, scale_factor=scale, mode="bicubic", antialias=antialias)
+    else:
+        patch = F.interpolate(patch, size=(rows, cols), mode="bicubic", antialias=antialias)
+    if tuple(patch.shape[-2:]) != (rows, cols):
+        raise RuntimeError(f"position embedding resized to {tuple(patch.shape[-2:])}, expected {(rows, cols)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+    return torch.cat((pos[:, :1], patch), dim=1)
 
 
 class PatchEmbed(nn.Module):
@@ -30,6 +56,22 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+_FUSED_ATTENTION = True
+
+
+@contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Within this block attention runs op by op as the original's non-xFormers fallback does
+    (softmax((q * scale) @ k^T) @ v) instead of fused SDPA: the same maths with the original's rounding
+    order, for comparisons against it tighter than fp32 summation-order noise (~1e-6 per block)."""
+    global _FUSED_ATTENTION
+    prev, _FUSED_ATTENTION = _FUSED_ATTENTION, False
+    try:
+        yield
+    finally:
+        _FUSED_ATTENTION = prev
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool) -> None:
         super().__init__()
@@ -42,8 +84,8 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if return_attention:
-            # The explicit path: needed only when a caller wants the softmax maps.
+        if return_attention or not _FUSED_ATTENTION:
+            # The explicit path: when a caller wants the softmax maps, or inside explicit_attention().
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = attn.softmax(dim=-1)
             out = attn @ v
@@ -93,11 +135,22 @@ class LayerScale(nn.Module):
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Per-sample stochastic depth. (The original's batch-subset variant has the same expectation.)"""
+    """Per-sample stochastic depth (used by the original for rates <= 0.1)."""
     if p == 0.0 or not training:
         return x
     keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
     return x * keep / (1 - p)
+
+
+def add_residual_batch_subset(x: Tensor, branch: Callable[[Tensor], Tensor], p: float) -> Tensor:
+    """The original's stochastic depth for rates > 0.1: run `branch` on a random subset of
+    max(1, int(B * (1 - p))) samples and add it back scaled by B / subset. Same expectation as per-sample
+    drop path, and it skips the dropped samples' compute (that is why the original uses it)."""
+    b = x.shape[0]
+    keep = max(int(b * (1 - p)), 1)
+    idx = torch.randperm(b, device=x.device)[:keep]
+    res = branch(x[idx])
+    return torch.index_add(x.flatten(1), 0, idx, res.flatten(1).to(x.dtype), alpha=b / keep).view_as(x)
 
 
 class Block(nn.Module):
@@ -117,15 +170,24 @@ class Block(nn.Module):
         self.ls2 = LayerScale(d, cfg.layerscale_init) if cfg.layerscale_init else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
+    def _attn_branch(self, x: Tensor) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def _ffn_branch(self, x: Tensor) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if return_attention:
             a, attn = self.attn(self.norm1(x), return_attention=True)
             x = x + self.ls1(a)
-            x = x + self.ls2(self.mlp(self.norm2(x)))
+            x = x + self._ffn_branch(x)
             return x, attn
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
-        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
-        return x
+        p = self.drop_path_rate
+        if self.training and p > 0.1:
+            x = add_residual_batch_subset(x, self._attn_branch, p)
+            return add_residual_batch_subset(x, self._ffn_branch, p)
+        x = x + drop_path(self._attn_branch(x), p, self.training)
+        return x + drop_path(self._ffn_branch(x), p, self.training)
 
 
 class VisionTransformer(nn.Module):
@@ -147,12 +209,13 @@ class VisionTransformer(nn.Module):
         rates = (
             [cfg.drop_path_rate] * cfg.depth
             if cfg.drop_path_uniform
-            else [float(r) for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+            else [float(v) for v in torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()]
         )
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.mask_token = nn.Parameter(torch.zeros(1, d))
-        self.init_weights()
+        if not self.pos_embed.is_meta:  # on the meta device (loaders) weights come from a file anyway
+            self.init_weights()
 
     # -- init (as the original: trunc-normal 0.02 for pos/linears, 1e-6 normal for tokens) --
     def init_weights(self) -> None:
@@ -167,28 +230,15 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     # -- tokens --
-    def interpolate_pos_encoding(self, n_tokens: int, h: int, w: int) -> Tensor:
-        """Position embedding for an h x w input (pixels), bicubic as the original (offset kludge kept)."""
-        npatch = n_tokens - 1
-        n = self.pos_embed.shape[1] - 1
-        if npatch == n and h == w:
+    def interpolate_pos_encoding(self, n_tokens: int, h: int, w: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Position embedding for an h x w input (pixels), cast to `dtype` (the token dtype, as the original)."""
+        if n_tokens - 1 == self.pos_embed.shape[1] - 1 and h == w:
             return self.pos_embed
-        dtype = self.pos_embed.dtype
-        pos = self.pos_embed.float()
-        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-        m = int(math.sqrt(n))
-        h0, w0 = h // self.patch_size, w // self.patch_size
-        grid = patch_pos.reshape(1, m, m, -1).permute(0, 3, 1, 2)
-        if self.cfg.interpolate_offset:
-            sx = float(h0 + self.cfg.interpolate_offset) / m
-            sy = float(w0 + self.cfg.interpolate_offset) / m
-            grid = F.interpolate(grid, scale_factor=(sx, sy), mode="bicubic", antialias=self.cfg.interpolate_antialias)
-        else:
-            grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=self.cfg.interpolate_antialias)
-        if grid.shape[-2:] != (h0, w0):
-            raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
-        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
-        return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)
+        grid = resize_pos_embed(
+            self.pos_embed, (h // self.patch_size, w // self.patch_size),
+            self.cfg.interpolate_offset, self.cfg.interpolate_antialias,
+        )
+        return grid.to(dtype or self.pos_embed.dtype)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
@@ -196,7 +246,7 @@ class VisionTransformer(nn.Module):
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
-        x = x + self.interpolate_pos_encoding(x.shape[1], h, w)
+        x = x + self.interpolate_pos_encoding(x.shape[1], h, w, x.dtype)
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]), dim=1)
         return x

@@ -3,6 +3,15 @@
 A head takes the backbone's `get_intermediate_layers(x, n, return_class_token=True)` output — a tuple over
 the last n blocks of (patch_tokens[B, N, D], cls[B, D]) — and returns (logits[B, C], attention or None),
 where attention is [B, heads, C, N_patches] for heads that attend over patches (GLoRI).
+
+Head files (safetensors; `save_head` / `load_our_head`): tensors = the head's state dict (incl. the
+`thresholds` buffer and, for regression, `target_mean`/`target_std`), metadata["chexfound"] =
+    kind="head", head_type ("glori" | "linear" | "mlp"), task ("multilabel" | "binary" | "multiclass" |
+    "regression" | "survival"), findings (output names, logit order), thresholds (per finding, chosen on
+    validation), n_blocks, config (constructor hyper-parameters), backbone_sha256 (state-dict hash of the
+    backbone the features came from), backbone_config (ViTConfig dict), transform (InputTransform dict),
+    plus extras written by `chexfound adapt`: selection (metric, lr, weight decay, epoch, val metrics),
+    label_columns, uncertain, train_manifest, finetune.
 """
 
 from __future__ import annotations
@@ -18,6 +27,14 @@ from chexfound.models.format import load_tensors, save_tensors
 
 Features = Sequence[tuple[Tensor, Tensor]]
 _HEAD_TYPES: dict[str, type["Head"]] = {}
+TASKS = ("multilabel", "binary", "multiclass", "regression", "survival")
+
+
+def output_dim(task: str, n_findings: int) -> int:
+    """Logits per image: one per finding/class/target; one risk score for survival (Cox)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    return 1 if task == "survival" else n_findings
 
 
 class Head(nn.Module):
@@ -25,11 +42,21 @@ class Head(nn.Module):
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel") -> None:
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        if task == "binary" and len(findings) != 1:
+            raise ValueError(f"a binary head has exactly one finding, got {list(findings)}")
+        if task == "multiclass" and len(findings) < 2:
+            raise ValueError(f"a multiclass head needs at least two classes, got {list(findings)}")
         self.findings = list(findings)
         self.n_blocks = n_blocks
         self.task = task
         # Decision thresholds on probabilities, chosen on validation (0.5 until then).
         self.register_buffer("thresholds", torch.full((len(self.findings),), 0.5))
+        if task == "regression":
+            # Heads regress standardised targets; predictions are mapped back with the training mean/std.
+            self.register_buffer("target_mean", torch.zeros(len(self.findings)))
+            self.register_buffer("target_std", torch.ones(len(self.findings)))
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -39,6 +66,15 @@ class Head(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.findings)
+
+    @property
+    def out_dim(self) -> int:
+        return output_dim(self.task, len(self.findings))
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether forward returns per-class attention over patches."""
+        return False
 
     def hparams(self) -> dict[str, Any]:
         """Constructor keyword arguments (besides findings/n_blocks/task) needed to rebuild this head."""
@@ -52,7 +88,9 @@ class Head(nn.Module):
             return logits.softmax(-1)
         if self.task in ("multilabel", "binary"):
             return logits.sigmoid()
-        return logits
+        if self.task == "regression":
+            return logits * self.target_std + self.target_mean
+        return logits  # survival: the log hazard ratio (risk score)
 
 
 def save_head(

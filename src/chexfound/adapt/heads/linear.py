@@ -18,8 +18,7 @@ class LinearHead(Head):
         super().__init__(findings, n_blocks, task)
         self.embed_dim, self.avgpool = embed_dim, avgpool
         in_dim = embed_dim * (n_blocks + int(avgpool))
-        out = 1 if task in ("regression", "survival") else len(self.findings)
-        self.linear = nn.Linear(in_dim, out)
+        self.linear = nn.Linear(in_dim, self.out_dim)
         nn.init.normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 

@@ -1,0 +1,204 @@
+"""Serving benchmark (loopback only, bounded to about a minute and a half).
+
+1. HTTP: requests/s and p50/p95 latency of POST /v1/predict for 1, 4 and 16 concurrent clients against a
+   `chexfound serve` process (uvicorn) on 127.0.0.1, with a small random-weight model (ViT-S/16 at 224 px + a linear
+   head over the 40 CXR-LT findings); throughput is also given relative to one client (micro-batching gain).
+2. Runtime: onnxruntime vs PyTorch CPU throughput for the same model at batch 1 and 8, as ratios.
+
+    python bench/serve.py [--seconds 6] [--threads 1] [--backbone vits16_224] [--json out.json]
+
+Numbers depend on the machine; the ratios compare runs made in this same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from chexfound.adapt import LinearHead, save_head  # noqa: E402
+from chexfound.data.findings import CXRLT24  # noqa: E402
+from chexfound.models import backbone_sha256, create_backbone, save_backbone  # noqa: E402
+from chexfound.serve import Predictor  # noqa: E402
+from chexfound.serve.export import export_onnx, onnx_session  # noqa: E402
+
+DATA = Path(os.environ.get("CHEXFOUND_DATA", ROOT.parent / "shared" / "data"))
+
+
+def make_model(tmp: Path, config: str) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    bb = create_backbone(config).eval()
+    head = LinearHead(CXRLT24, n_blocks=4, embed_dim=bb.embed_dim)
+    save_backbone(bb, tmp / "backbone.safetensors")
+    save_head(head, tmp / "head.safetensors", backbone_sha256=backbone_sha256(bb))
+    return tmp / "backbone.safetensors", tmp / "head.safetensors"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(backbone: Path, head: Path, threads: int) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "chexfound", "serve", "--backbone", str(backbone), "--head", str(head),
+           "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), "--log-level", "warning",
+           "--max-batch", "16", "--max-wait-ms", "5", "--queue-size", "64"]
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"chexfound serve exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("chexfound serve did not come up within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def load_level(url: str, body: bytes, name: str, clients: int, seconds: float) -> dict[str, float]:
+    """`clients` threads post back-to-back for `seconds`; latencies of completed requests."""
+    stop = time.monotonic() + seconds
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=60.0) as c:
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                r = c.post("/v1/predict", files={"file": (name, body)})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        lat.append(dt)
+                    else:
+                        errors[0] += 1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.monotonic() - t0
+    q = np.percentile(lat, [50, 95]) if lat else [float("nan")] * 2
+    return {"clients": clients, "requests": len(lat), "errors": errors[0], "rps": len(lat) / wall,
+            "p50_ms": float(q[0]) * 1e3, "p95_ms": float(q[1]) * 1e3}
+
+
+def compare(fns: dict[str, object], batch: np.ndarray, seconds: float, rounds: int = 3) -> dict[str, float]:
+    """Images/s of each fn, measured in alternating rounds so that load from other processes on the
+    machine hits both alike."""
+    count = {k: 0 for k in fns}
+    spent = {k: 0.0 for k in fns}
+    for fn in fns.values():
+        fn(batch)  # warm-up
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds / rounds:
+                fn(batch)
+                count[k] += len(batch)
+            spent[k] += time.perf_counter() - t0
+    return {k: count[k] / spent[k] for k in fns}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="vits16_224", help="registry config of the random-weight backbone")
+    ap.add_argument("--seconds", type=float, default=6.0, help="duration of each measurement")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="compute threads for PyTorch and onnxruntime alike (default 1: per-core numbers, "
+                         "stable on shared machines)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    threads = args.threads
+    torch.set_num_threads(threads)
+
+    image = sorted((DATA / "nih14" / "images").glob("*.png"))[0]
+    body = image.read_bytes()
+    results: dict[str, object] = {"backbone": args.backbone, "threads": threads, "image": image.name}
+    with tempfile.TemporaryDirectory(prefix="chexfound-bench-") as tmp:
+        bb_path, head_path = make_model(Path(tmp), args.backbone)
+        predictor = Predictor(bb_path, head_path, device="cpu")
+        size = predictor.transform.size
+
+        # 1. HTTP on loopback: the real `chexfound serve` in its own process (clients here do not share its GIL)
+        with serve_process(bb_path, head_path, threads) as url:
+            load_level(url, body, image.name, 2, min(2.0, args.seconds))  # warm-up
+            levels = []
+            for clients in (1, 4, 16):
+                before = httpx.get(f"{url}/healthz").json()["batcher"]
+                lv = load_level(url, body, image.name, clients, args.seconds)
+                after = httpx.get(f"{url}/healthz").json()["batcher"]
+                batches = after["batches"] - before["batches"]
+                lv["mean_batch"] = (after["items"] - before["items"]) / batches if batches else float("nan")
+                levels.append(lv)
+        base = levels[0]["rps"]
+        print(f"HTTP POST /v1/predict, {args.backbone} @ {size}px + linear head (40 findings), {threads} threads")
+        print(f"{'clients':>8} {'req/s':>8} {'x 1-client':>10} {'p50 ms':>8} {'p95 ms':>8} {'batch':>6} {'errors':>7}")
+        for lv in levels:
+            lv["rps_vs_1_client"] = lv["rps"] / base if base else float("nan")
+            print(f"{lv['clients']:>8} {lv['rps']:>8.1f} {lv['rps_vs_1_client']:>10.2f} {lv['p50_ms']:>8.1f} "
+                  f"{lv['p95_ms']:>8.1f} {lv['mean_batch']:>6.2f} {lv['errors']:>7}")
+        results["http"] = levels
+
+        # 2. onnxruntime vs PyTorch, same model, same inputs
+        onnx_path = Path(tmp) / "model.onnx"
+        export_onnx(predictor, onnx_path, verify=True, atol=1e-3)
+        sess = onnx_session(onnx_path, threads=threads)
+        runtime = []
+        print(f"\nonnxruntime vs PyTorch (CPU, {threads} threads), images/s")
+        print(f"{'batch':>6} {'torch':>8} {'onnxrt':>8} {'ort/torch':>10}")
+        for b in (1, 8):
+            x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
+            ips = compare({"torch": lambda a: predictor.predict_tensor(torch.from_numpy(a)),
+                           "ort": lambda a: sess.run(None, {"image": a})}, x, args.seconds)
+            t_torch, t_ort = ips["torch"], ips["ort"]
+            runtime.append({"batch": b, "torch_ips": t_torch, "onnxruntime_ips": t_ort, "ratio": t_ort / t_torch})
+            print(f"{b:>6} {t_torch:>8.1f} {t_ort:>8.1f} {t_ort / t_torch:>10.2f}")
+        results["runtime"] = runtime
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    failed = sum(lv["errors"] for lv in levels)
+    if failed:
+        print(f"{failed} requests failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""End-to-end adaptation (no feature cache): the backbone is trained with the head, fully, with LoRA, or
+biases only (BitFit), on augmented images. One configuration per run (a grid would multiply backbone cost).
+
+    backbone, result = finetune(backbone, make_head, train_paths, y_train, val_paths, y_val, mode="lora")
+
+LoRA as in the original (`peft`: r=16, alpha=16, dropout 0.1 on the attention `qkv` and `proj` linears),
+written here without peft; adapters are merged into the weights at the end, so the returned backbone is a
+plain VisionTransformer that saves and loads like any other (with a new sha256 the head records).
+Augmentation as the original's training transform: random resized crop (scale 0.75-1) and horizontal flip.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chexfound.adapt.grid import cosine_scale
+from chexfound.adapt.heads.base import Head
+from chexfound.adapt.losses import build_loss
+from chexfound.adapt.runtime import resolve_device, resolve_dtype
+from chexfound.adapt.metrics import DEFAULT_METRIC, choose_thresholds, higher_is_better, task_metrics
+
+log = logging.getLogger(__name__)
+Mode = Literal["full", "lora", "bitfit", "frozen"]
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(dropout(x))), A kaiming-uniform, B zero (so training starts at base)."""
+
+    def __init__(self, base: nn.Linear, r: int = 16, alpha: float = 16.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.base = base
+        self.r, self.scaling = r, alpha / r
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(self.drop(x), self.lora_a), self.lora_b) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        out = copy.deepcopy(self.base)
+        with torch.no_grad():
+            out.weight += (self.lora_b @ self.lora_a) * self.scaling
+        return out
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float = 0.1,
+               targets: Sequence[str] = ("qkv", "proj")) -> list[str]:
+    """Wrap every nn.Linear whose attribute name is in `targets` (the attention qkv/proj); returns their names."""
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+
+
+def backbone_trainable(backbone: nn.Module, mode: Mode) -> list[nn.Parameter]:
+    """Set requires_grad per mode; returns the backbone parameters to optimise."""
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    if mode == "full":
+        params = [p for n, p in backbone.named_parameters() if n != "mask_token"]  # unused outside SSL
+    elif mode == "lora":
+        params = [p for n, p in backbone.named_parameters() if "lora_" in n]
+    elif mode == "bitfit":
+        params = [p for n, p in backbone.named_parameters() if n.endswith(".bias")]
+    elif mode == "frozen":
+        params = []
+    else:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; use full, lora, bitfit or frozen")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def random_resized_crop_flip(x: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.75, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3), p_flip: float = 0.5) -> Tensor:
+    """Per-image random resized crop back to the input size (bicubic) and horizontal flip, on a batch."""
+    b, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(b):
+        u = torch.rand(4, generator=generator).tolist()
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+        cw, ch = min(w, max(1, round(math.sqrt(area * r)))), min(h, max(1, round(math.sqrt(area / r))))
+        top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
+        crop = x[i : i + 1, :, top : top + ch, left : left + cw]
+        crop = F.interpolate(crop, size=(h, w), mode="bicubic", align_corners=False)
+        if float(torch.rand(1, generator=generator)) < p_flip:
+            crop = crop.flip(-1)
+        out[i] = crop[0]
+    return out
+
+
+@dataclass
+class FinetuneResult:
+    head: Head
+    config: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_predictions: np.ndarray | None = None
+    metric: str = ""
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def _loader(paths: Sequence[Any], transform: Any, batch_size: int, workers: int, shuffle: bool, seed: int):
+    from torch.utils.data import DataLoader
+
+    from chexfound.data.datasets import ImageDataset, collate_skip_errors
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ImageDataset(list(paths), transform), batch_size=batch_size, shuffle=shuffle, generator=g,
+                      num_workers=workers, collate_fn=collate_skip_errors)
+
+
+def _forward(backbone: nn.Module, head: Head, x: Tensor, n_blocks: int, dtype: torch.dtype) -> Tensor:
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        feats = backbone.get_intermediate_layers(x, n=n_blocks, return_class_token=True)
+    logits, _ = head(tuple((p.float(), c.float()) for p, c in feats))
+    return logits
+
+
+def finetune(
+    backbone: nn.Module,
+    make_head: Callable[[], Head],
+    train_paths: Sequence[Any],
+    train_labels: np.ndarray,
+    val_paths: Sequence[Any] | None = None,
+    val_labels: np.ndarray | None = None,
+    *,
+    mode: Mode = "lora",
+    transform: Any = None,
+    lr: float = 1e-3,
+    backbone_lr: float | None = None,
+    weight_decay: float = 1e-4,
+    epochs: int = 5,
+    batch_size: int = 16,
+    loss: str | None = None,
+    class_balance: str = "none",
+    metric: str | None = None,
+    patience: int | None = None,
+    augment: bool = True,
+    lora_r: int = 16,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.1,
+    threshold_method: str = "f1",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    workers: int = 0,
+    seed: int = 0,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[nn.Module, FinetuneResult]:
+    """Train backbone + head end to end; returns (backbone with adapters merged, result with the best head on
+    val by `metric`). The backbone is modified in place (copy it first to keep the original)."""
+    from chexfound.data.transform import InputTransform
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    tf = transform or InputTransform.for_backbone(backbone.cfg)
+    head = make_head()
+    task, n_blocks = head.task, head.n_blocks
+    y_tr = np.asarray(train_labels, dtype=np.float32)
+    if task == "regression":
+        flat = y_tr.reshape(len(y_tr), -1)
+        sd = np.nanstd(flat, axis=0)
+        head.target_mean.copy_(torch.as_tensor(np.nanmean(flat, axis=0)))
+        head.target_std.copy_(torch.as_tensor(np.where(sd > 0, sd, 1.0)))
+    if mode == "lora":
+        apply_lora(backbone, lora_r, lora_alpha, lora_dropout)
+    bb_params = backbone_trainable(backbone, mode)
+    backbone.to(dev)
+    head.to(dev)
+    blr = backbone_lr if backbone_lr is not None else (1e-5 if mode == "full" else lr)
+    groups = [{"params": list(head.parameters()), "lr": lr}]
+    if bb_params:
+        groups.append({"params": bb_params, "lr": blr})
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    loss_fn = build_loss(task, loss, y_tr, head.out_dim, class_balance)
+    y_train_t = torch.as_tensor(y_tr)
+    if task == "regression":
+        y_train_t = (y_train_t.reshape(len(y_tr), -1) - head.target_mean.cpu()) / head.target_std.cpu()
+    metric = metric or DEFAULT_METRIC[task]
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    train_loader = _loader(train_paths, tf, batch_size, workers, True, seed)
+    total = max(1, len(train_loader) * epochs)
+    errors: dict[int, tuple[int, str, str]] = {}
+    history: list[dict[str, Any]] = []
+    best_score, best_epoch, bad = -math.inf, 0, 0
+    best_state: dict[str, Any] | None = None
+    val_pred = None
+    step = 0
+    for epoch in range(1, epochs + 1):
+        backbone.train(mode != "frozen")
+        head.train()
+        total_loss, n = 0.0, 0
+        for batch in train_loader:
+            for e in batch["errors"]:
+                errors[e[0]] = e
+            if "image" not in batch:
+                continue
+            x = batch["image"].to(dev)
+            if augment:
+                x = random_resized_crop_flip(x, gen)
+            y = y_train_t[batch["index"]].to(dev)
+            scale = cosine_scale(step, total)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * scale
+            out = loss_fn(_forward(backbone, head, x, n_blocks, dt), y)
+            opt.zero_grad(set_to_none=True)
+            out.backward()
+            opt.step()
+            total_loss += float(out.detach()) * len(x)
+            n += len(x)
+            step += 1
+        rec: dict[str, Any] = {"epoch": epoch, "mode": mode, "lr": lr, "backbone_lr": blr,
+                               "train_loss": total_loss / max(n, 1)}
+        if val_paths is not None and val_labels is not None:
+            val_pred = predict_images(backbone, head, val_paths, tf, batch_size, dev, dt, workers)
+            y_va = np.asarray(val_labels, dtype=np.float32)
+            ok = ~np.isnan(val_pred).any(1)
+            m = task_metrics(task, y_va[ok], val_pred[ok], head.findings)
+            rec.update({f"val_{k}": v for k, v in m.items()})
+            score = sign * m[metric] if not math.isnan(m[metric]) else -math.inf
+            if best_state is None or score > best_score:
+                best_score, best_epoch, bad = score, epoch, 0
+                best_state = {"head": copy.deepcopy(head.state_dict()),
+                              "backbone": copy.deepcopy(backbone.state_dict())}
+            else:
+                bad += 1
+        history.append(rec)
+        if callback:
+            callback(rec)
+        if patience is not None and bad >= patience:
+            log.info("early stopping after epoch %d", epoch)
+            break
+    if best_state is not None:
+        head.load_state_dict(best_state["head"])
+        backbone.load_state_dict(best_state["backbone"])
+    if mode == "lora":
+        merge_lora(backbone)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    backbone.eval()
+    head.eval()
+    config = {"mode": mode, "lr": lr, "backbone_lr": blr, "weight_decay": weight_decay,
+              "best_epoch": best_epoch or len(history)}
+    if val_paths is not None and val_labels is not None:
+        val_pred = predict_images(backbone, head, val_paths, tf, batch_size, dev, dt, workers)
+        y_va = np.asarray(val_labels, dtype=np.float32)
+        ok = ~np.isnan(val_pred).any(1)
+        config[metric] = task_metrics(task, y_va[ok], val_pred[ok], head.findings)[metric]
+        if task in ("multilabel", "binary"):
+            thr = choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], threshold_method)
+            head.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+    return backbone.cpu(), FinetuneResult(head.cpu(), config, history, val_pred, metric, sorted(errors.values()))
+
+
+@torch.no_grad()
+def predict_images(backbone: nn.Module, head: Head, paths: Sequence[Any], transform: Any, batch_size: int,
+                   device: torch.device, dtype: torch.dtype = torch.float32, workers: int = 0) -> np.ndarray:
+    """Outputs [N, K] of backbone + head on images (no augmentation); unreadable images give NaN rows."""
+    was = backbone.training, head.training
+    backbone.eval()
+    head.eval()
+    out = np.full((len(paths), head.out_dim), np.nan, dtype=np.float32)
+    for batch in _loader(paths, transform, batch_size, workers, False, 0):
+        if "image" in batch:
+            logits = _forward(backbone, head, batch["image"].to(device), head.n_blocks, dtype)
+            out[batch["index"].numpy()] = head.probabilities(logits).float().cpu().numpy()
+    backbone.train(was[0])
+    head.train(was[1])
+    return out

@@ -1,0 +1,173 @@
+"""`chexfound embed`: images, folders or a manifest -> one features file (CLS of the last n blocks + mean
+patch token per image). Resumable (rerun the same command), bad files skipped and listed, and under
+`torchrun` every rank embeds its own share of chunks and rank 0 merges them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from chexfound.errors import ChexfoundError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".pgm"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed images with a backbone into a features file",
+        description="Embed images (files, folders searched recursively, or a manifest) into OUT (.safetensors or "
+                    ".npz): CLS token of each of the last --n-blocks blocks and the mean patch token of the last "
+                    "block, with image ids and paths. Rerun the same command to resume after an interruption. "
+                    "Under torchrun each rank embeds its own chunks and rank 0 merges.",
+    )
+    p.add_argument("inputs", nargs="*", help="image files and/or folders")
+    p.add_argument("--manifest", help="manifest CSV/Parquet (column path, optional image_id)")
+    p.add_argument("--split", help="only the manifest rows of this split")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--backbone", help="backbone weights (any format `chexfound convert` reads)")
+    src.add_argument("--config", dest="config_name", help="named config with random weights (for tests/smoke runs)")
+    p.add_argument("--backbone-config", default=None, help="architecture for --backbone if not stored with it")
+    p.add_argument("--out", required=True, help="features file: .safetensors or .npz")
+    p.add_argument("--n-blocks", type=int, default=None,
+                   help="CLS of the last N blocks (default 4, or all blocks of a shallower model)")
+    p.add_argument("--size", type=int, default=None, help="input size (default: the backbone's)")
+    p.add_argument("--mode", choices=["crop", "pad"], default="crop", help="square the image by centre crop or pad")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=256, help="images per resumable part (default 256)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (bf16 = autocast)")
+    p.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config")
+    p.add_argument("--no-pack", action="store_true",
+                   help="on CPU, run the plain model instead of the oneDNN packed-weight fast path")
+    p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after merging")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any image was skipped")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def list_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Files as given; folders searched recursively for image files (id = path relative to the folder)."""
+    paths: list[str] = []
+    ids: list[str] = []
+    for item in inputs:
+        q = Path(item)
+        if q.is_dir():
+            found = sorted(f for f in q.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ChexfoundError(f"{q}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            paths += [str(f) for f in found]
+            ids += [f.relative_to(q).as_posix() for f in found]
+        else:
+            # A missing file is not fatal: like any unreadable image it is skipped and listed.
+            paths.append(str(q))
+            ids.append(item)
+    return paths, ids
+
+
+def manifest_inputs(manifest: str, split: str | None) -> tuple[list[str], list[str]]:
+    from chexfound.data.manifest import read_manifest
+
+    m = read_manifest(manifest, labels=[])
+    if split:
+        m = m.split(split)
+    paths = [str(p) for p in m.paths()]
+    col = "image_id" if "image_id" in m.df.columns else "path"
+    return paths, m.df[col].astype(str).tolist()
+
+
+def _device(name: str, local_rank: int) -> "torch.device":  # noqa: F821
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChexfoundError(f"--device {name}: CUDA is not available here")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from chexfound.data.transform import InputTransform
+    from chexfound.models import backbone_sha256, create_backbone, load_backbone
+    from chexfound.models.embedder import EmbedSettings, embed_paths
+    from chexfound.models.features import FEATURE_SUFFIXES
+
+    out = Path(args.out)
+    if out.suffix not in FEATURE_SUFFIXES:
+        raise ChexfoundError(f"{out}: --out must end with {' or '.join(FEATURE_SUFFIXES)}")
+    if bool(args.inputs) == bool(args.manifest):
+        raise ChexfoundError("give image files/folders or --manifest (one of them)")
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise ChexfoundError("--batch-size and --chunk-size must be positive")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(args.device, local_rank)
+    started_pg = False
+    if world > 1 and not dist.is_initialized():
+        # Long timeout: ranks wait at the final barrier until the slowest shard is done.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(days=7))
+        started_pg = True
+    try:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        paths, ids = manifest_inputs(args.manifest, args.split) if args.manifest else list_inputs(args.inputs)
+        if args.backbone:
+            model, meta = load_backbone(args.backbone, args.backbone_config)
+            source = {"backbone": str(args.backbone), "format": meta["format"]}
+            sha = meta["weights_sha256"]
+        else:
+            torch.manual_seed(args.seed)
+            try:
+                model = create_backbone(args.config_name)
+            except KeyError as e:
+                raise ChexfoundError(str(e).strip("'\"")) from e
+            source = {"backbone": f"random:{args.config_name}:seed={args.seed}"}
+            sha = backbone_sha256(model)
+        n_blocks = args.n_blocks if args.n_blocks is not None else min(4, model.cfg.depth)
+        tf = InputTransform.for_backbone(model.cfg, size=args.size, mode=args.mode)
+        settings = EmbedSettings(n_blocks=n_blocks, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                                 workers=args.workers, feature_dtype=args.feature_dtype, autocast=args.dtype,
+                                 keep_parts=args.keep_parts)
+        blocks = list(range(model.cfg.depth - n_blocks, model.cfg.depth))
+        file_meta = {**source, "backbone_sha256": sha, "backbone_config": model.cfg.to_dict(),
+                     "transform": tf.to_dict(), "blocks": blocks}
+        if rank == 0 and not args.quiet:
+            print(f"embedding {len(paths)} images with {model.cfg.name or 'backbone'} on {device} "
+                  f"({args.dtype}, world size {world}) -> {out}", file=sys.stderr)
+        if device.type == "cpu" and not args.no_pack:
+            from chexfound.models.fast import pack_for_inference
+
+            model = pack_for_inference(model, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        result = embed_paths(model, tf, paths, ids, out, settings, device=device, meta=file_meta,
+                             progress=not args.quiet)
+    finally:
+        if started_pg:
+            dist.destroy_process_group()
+    if result is None:
+        return 0
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable image(s) (listed in "
+              f"{out.with_name(out.stem + '.skipped.csv')}):", file=sys.stderr)
+        for i, p, reason in result.skipped[:20]:
+            print(f"  {reason if p in reason else f'{p}: {reason}'}", file=sys.stderr)
+        if len(result.skipped) > 20:
+            print(f"  ... and {len(result.skipped) - 20} more", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {result.count} embeddings to {out} ({result.computed_chunks} chunk(s) computed now, "
+              f"{result.seconds:.1f} s)")
+    return 1 if (args.strict and result.skipped) else 0

@@ -1,0 +1,1 @@
+"""`chexfound demo`: the whole pipeline on real CXRs, scaled to a CPU, with honest baselines."""

@@ -1,0 +1,418 @@
+"""`chexfound demo`: pretrain -> cache features -> GLoRI/linear heads -> evaluate with CIs -> explain.
+
+Everything runs on real chest X-rays from the shared data folder, on a CPU, in minutes. Three honest
+comparisons are always shown side by side: the pretrained backbone, the same architecture at random init,
+and logistic regression on 32x32 raw pixels. A tiny model on a few thousand images is not CheXFound; the
+report says what the numbers show and nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from chexfound.data.manifest import Manifest, patient_split
+from chexfound.data.readers import read_kermany, read_nih14_shared
+from chexfound.data.transform import InputTransform
+from chexfound.demo.pixels import pixel_features
+from chexfound.demo.stages import StageRunner
+from chexfound.errors import ConfigError
+from chexfound.models import backbone_sha256, load_backbone, save_backbone
+from chexfound.models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+NIH_BOX_RENAME = {"Infiltrate": "Infiltration", "Pleural Thickening": "Pleural_Thickening"}
+# Hernia has 2 positives in the NIH subset: no split can score it (shared data README).
+NIH_EXCLUDE = ("Hernia",)
+
+
+@dataclass
+class DemoConfig:
+    data: Path
+    out: Path
+    quick: bool = False
+    seed: int = 0
+    device: str | None = None
+    preset: str = "demo_tiny"
+    pretrain_budget_s: float | None = None  # None: by mode (and shipped checkpoint)
+    weights: Path | None = None             # a shipped pretrained backbone; None: look in weights/
+    use_shipped: bool = True
+    n_boot: int = 1000
+
+    @property
+    def budget(self) -> float:
+        if self.pretrain_budget_s is not None:
+            return float(self.pretrain_budget_s)
+        return 45.0 if self.quick else 300.0
+
+
+def repo_weights_dir() -> Path:
+    """weights/ of the source checkout (the package is installed from it in editable mode)."""
+    env = os.environ.get("CHEXFOUND_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "weights"
+
+
+def find_shipped_backbone(preset: str) -> Path | None:
+    root = repo_weights_dir()
+    for cand in sorted(root.glob(f"{preset}*/backbone*.safetensors")) + sorted(root.glob("*/backbone*.safetensors")):
+        return cand
+    return None
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+
+def _stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n row indices keeping the class balance of a binary label (quick mode)."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(y))
+    if n >= len(y):
+        return idx
+    pos, neg = idx[y == 1], idx[y != 1]
+    k = int(round(n * len(pos) / len(y)))
+    return np.sort(np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, n - k, replace=False)]))
+
+
+def prepare_data(cfg: DemoConfig) -> dict[str, Any]:
+    """Manifests for the demo: Kermany (official train/test; 10% of train patients as val), NIH-14 (patient
+    split 60/20/20), and the unlabelled pretraining corpus (Kermany train + NIH train: never an evaluation
+    image)."""
+    ddir = cfg.out / "data"
+    ddir.mkdir(parents=True, exist_ok=True)
+    k = read_kermany(cfg.data / "kermany")
+    kdf = k.df.copy()
+    kdf["path"] = [str(p) for p in k.paths()]
+    if cfg.quick:
+        keep = np.zeros(len(kdf), dtype=bool)
+        for split, n in (("train", 800), ("test", 300)):
+            rows = np.flatnonzero(kdf["split"].to_numpy() == split)
+            keep[rows[_stratified_subset(kdf["PNEUMONIA"].to_numpy()[rows], n, cfg.seed)]] = True
+        kdf = kdf[keep].reset_index(drop=True)
+    train_rows = kdf["split"].to_numpy() == "train"
+    sub = patient_split(kdf.loc[train_rows, "patient_id"].to_numpy(), (0.9, 0.1), ("train", "val"), seed=cfg.seed)
+    kdf.loc[train_rows, "split"] = sub
+    kdf[["path", "patient_id", "split", "label", "PNEUMONIA"]].to_csv(ddir / "kermany.csv", index=False)
+
+    n = read_nih14_shared(cfg.data / "nih14")
+    ndf = n.df.copy()
+    ndf["path"] = [str(p) for p in n.paths()]
+    ndf["split"] = patient_split(ndf["patient_id"].to_numpy(), (0.6, 0.2, 0.2), seed=cfg.seed)
+    ndf.to_csv(ddir / "nih14.csv", index=False)
+
+    pre = pd.concat([kdf.loc[kdf["split"] != "test", ["path", "patient_id"]].assign(source="kermany"),
+                     ndf.loc[ndf["split"] == "train", ["path", "patient_id"]].assign(source="nih14")])
+    pre.to_csv(ddir / "pretrain.csv", index=False)
+    counts = {f"kermany_{s}": int((kdf["split"] == s).sum()) for s in ("train", "val", "test")}
+    counts.update({f"nih14_{s}": int((ndf["split"] == s).sum()) for s in ("train", "val", "test")})
+    counts["pretrain_images"] = len(pre)
+    return {"counts": counts, "nih14_findings": [c for c in n.label_columns if c not in NIH_EXCLUDE]}
+
+
+def _manifest(path: Path, labels: list[str]) -> Manifest:
+    from chexfound.data.manifest import read_manifest
+
+    return read_manifest(path, labels=labels)
+
+
+# -- backbones -----------------------------------------------------------------------------------------------
+
+def pretrain_backbones(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+    from chexfound.ssl.config import load_config
+    from chexfound.ssl.train import pretrain
+
+    mdir = cfg.out / "models"
+    shipped = cfg.weights or (find_shipped_backbone(cfg.preset) if cfg.use_shipped else None)
+    run_dir = cfg.out / ("pretrain-check" if shipped else "pretrain")
+    overrides = [f"train.time_budget_s={cfg.budget}", f"train.seed={cfg.seed}"]
+    if cfg.quick:
+        overrides += ["probe.n_evals=0"]
+    ssl_cfg = load_config(cfg.preset, overrides)
+    ssl_cfg["data"]["sources"] = [{"path": str(cfg.out / "data" / "pretrain.csv"), "split": None}]
+    ssl_cfg["data"]["split"] = None
+    echo(f"  pretraining ({cfg.preset}, {cfg.budget:.0f} s budget) on {run_dir}"
+         + (" as a pipeline check; the shipped checkpoint is the pretrained backbone" if shipped else ""))
+    res = pretrain(ssl_cfg, run_dir, device=cfg.device, quiet=False, echo=echo)
+    from chexfound.ssl.diagnostics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train" and "loss" in r]
+    losses = [float(r["loss"]) for r in rows]
+    k = max(1, len(losses) // 5)
+    loss_first, loss_last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+    if shipped:
+        model, meta = load_backbone(shipped)
+        source = f"shipped checkpoint {shipped}"
+    else:
+        model, meta = load_backbone(res.exports["ours"])
+        source = f"this run's teacher ({res.iterations} iterations)"
+    tf = InputTransform.from_dict(meta["transform"]) if meta.get("transform") else InputTransform.for_backbone(model.cfg)
+    save_backbone(model, mdir / "pretrained" / "backbone.safetensors", transform=tf.to_dict(),
+                  extra={"source": source})
+    torch.manual_seed(cfg.seed + 1)
+    rnd = VisionTransformer(model.cfg)
+    save_backbone(rnd, mdir / "random" / "backbone.safetensors", transform=tf.to_dict(),
+                  extra={"source": f"random init (seed {cfg.seed + 1})"})
+    return {"source": source, "run_dir": str(run_dir), "iterations": res.iterations,
+            "loss_first": loss_first, "loss_last": loss_last, "loss_fell": loss_last < loss_first,
+            "config": model.cfg.to_dict(), "transform": tf.to_dict(),
+            "pretrained_sha256": backbone_sha256(model), "random_sha256": backbone_sha256(rnd)}
+
+
+# -- features, heads, scores ------------------------------------------------------------------------------
+
+@dataclass
+class TaskSpec:
+    name: str            # kermany | nih14
+    manifest: Path
+    findings: list[str]
+    heads: tuple[str, ...]
+
+
+def _splits(m: Manifest) -> dict[str, np.ndarray]:
+    s = m.df["split"].astype(str).to_numpy()
+    return {k: np.flatnonzero(s == k) for k in ("train", "val", "test")}
+
+
+def _trainer(head_type: str, findings: list[str], embed_dim: int, quick: bool, n_blocks: int):
+    from chexfound.evaluate.adapt_bridge import AdaptTrainer
+
+    lrs = (1e-3, 1e-2, 1e-1) if head_type == "linear" else (1e-4, 1e-3, 1e-2)
+    # The linear probe sees CLS + mean patch token (DINOv2's "avgpool" probe): with LayerScale 1e-5 a
+    # random-init ViT's CLS output is nearly constant, and a CLS-only probe would make that baseline a strawman.
+    head_kwargs: dict[str, Any] = {"avgpool": True} if head_type == "linear" else {}
+    if head_type == "glori":
+        # A decoder sized to the tiny backbone (the released head uses 768 / 2048 / 8 heads on ViT-L).
+        d = max(64, min(256, embed_dim))
+        head_kwargs = {"decoder_dim": d, "ffn_dim": 2 * d, "num_heads": 4}
+    fit = {"lrs": lrs if quick else lrs + ((3e-3,) if head_type != "linear" else (3e-2, 3e-1)),
+           "epochs": 10 if quick else 30, "patience": 5, "batch_size": 64}
+    return AdaptTrainer(head_type, findings, n_blocks, embed_dim, head_kwargs=head_kwargs, fit_kwargs=fit)
+
+
+def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Cache features of one backbone on one task, train its heads, score test with patient-level CIs."""
+    from chexfound.adapt.heads.base import save_head
+    from chexfound.evaluate.adapt_bridge import build_cache
+    from chexfound.evaluate.bootstrap import BootstrapConfig
+    from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
+
+    bb_path = cfg.out / "models" / which / "backbone.safetensors"
+    model, meta = load_backbone(bb_path)
+    tf = InputTransform.from_dict(meta["transform"])
+    n_blocks = min(4, len(model.blocks))
+    m = _manifest(task.manifest, task.findings)
+    sp = _splits(m)
+    cache = build_cache(model, [str(p) for p in m.paths()], tf, n_blocks, cfg.out / "cache" / which / task.name,
+                        meta["weights_sha256"], batch_size=64, device=cfg.device, progress=True)
+    y = m.labels()
+    valid = cache.valid
+    sp = {k: v[valid[v]] for k, v in sp.items()}
+    ecfg = EvalConfig(bootstrap=BootstrapConfig(n_boot=cfg.n_boot, seed=cfg.seed))
+    out: dict[str, Any] = {"n_skipped": int((~valid).sum()), "heads": {}}
+    pats = m.patients()
+    for head_type in task.heads:
+        trainer = _trainer(head_type, task.findings, model.embed_dim, cfg.quick, n_blocks)
+        fitted = trainer.fit(cache, y, sp["train"], sp["val"], seed=cfg.seed)
+        p = fitted.predict(cache, sp["test"])
+        res = score_predictions(y[sp["test"]], p, pats[sp["test"]], task.findings, fitted.thresholds,
+                                y[sp["train"]], ecfg)
+        head_file = cfg.out / "models" / which / f"{task.name}-{head_type}.safetensors"
+        save_head(fitted.head, head_file, backbone_sha256=meta["weights_sha256"], backbone_config=model.cfg.to_dict(),
+                  transform=tf.to_dict(), extra={"task_name": task.name, "trained_on": str(task.manifest)})
+        np.save(cfg.out / "cache" / which / f"{task.name}-{head_type}-test-probs.npy", p)
+        out["heads"][head_type] = {"metrics": res, "fit": fitted.info, "file": str(head_file)}
+        echo(f"  {which:>10} {task.name}-{head_type}: test macro AUROC {res['macro']['auroc']:.3f} "
+             f"[{res['macro'].get('auroc_ci', [np.nan, np.nan])[0]:.3f}, {res['macro'].get('auroc_ci', [np.nan, np.nan])[1]:.3f}]")
+    return out
+
+
+def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
+    from chexfound.evaluate.bootstrap import BootstrapConfig
+    from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
+    from chexfound.evaluate.trainers import LogisticTrainer
+
+    m = _manifest(task.manifest, task.findings)
+    sp = _splits(m)
+    x, ok = pixel_features(m.paths(), size=32)
+    np.save(cfg.out / "cache" / f"pixels-{task.name}.npy", x)
+    sp = {k: v[ok[v]] for k, v in sp.items()}
+    y = m.labels()
+    fitted = LogisticTrainer().fit(x, y, sp["train"], sp["val"], seed=cfg.seed)
+    p = fitted.predict(x, sp["test"])
+    np.save(cfg.out / "cache" / f"pixels-{task.name}-test-probs.npy", p)
+    res = score_predictions(y[sp["test"]], p, m.patients()[sp["test"]], task.findings, fitted.thresholds,
+                            y[sp["train"]], EvalConfig(bootstrap=BootstrapConfig(n_boot=cfg.n_boot, seed=cfg.seed)))
+    echo(f"  {'pixels':>10} {task.name}-logistic(32x32): test macro AUROC {res['macro']['auroc']:.3f}")
+    return {"metrics": res, "fit": fitted.info}
+
+
+def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
+    """Paired patient-level bootstrap of test macro AUROC/AP: model a minus model b (same test images)."""
+    from chexfound.evaluate.bootstrap import BootstrapConfig, paired_bootstrap
+
+    m = _manifest(task.manifest, task.findings)
+    test = _splits(m)["test"]
+    pa, pb = np.load(cfg.out / "cache" / f"{a}-test-probs.npy"), np.load(cfg.out / "cache" / f"{b}-test-probs.npy")
+    if len(pa) != len(test) or len(pb) != len(test):
+        return {"error": "some test images were unreadable for one model; no paired comparison"}
+    return paired_bootstrap(m.labels()[test], pa, pb, task.findings, m.patients()[test],
+                            BootstrapConfig(n_boot=cfg.n_boot, seed=cfg.seed))
+
+
+def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Kermany test AUROC vs share of training patients: pretrained vs random (linear heads) vs pixels."""
+    from chexfound.adapt.cache import FeatureCache
+    from chexfound.evaluate.bootstrap import BootstrapConfig
+    from chexfound.evaluate.protocols.common import EvalConfig, Splits
+    from chexfound.evaluate.protocols.label_efficiency import run_label_efficiency
+    from chexfound.evaluate.trainers import LogisticTrainer
+
+    m = _manifest(task.manifest, task.findings)
+    y, pats = m.labels(), m.patients()
+    sp = _splits(m)
+    fractions = (0.02, 0.1, 1.0) if cfg.quick else (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+    seeds = (0,) if cfg.quick else (0, 1, 2)
+    ecfg = EvalConfig(bootstrap=BootstrapConfig(n_boot=0))
+    out: dict[str, Any] = {}
+    for which in ("pretrained", "random"):
+        cache = FeatureCache.open(cfg.out / "cache" / which / task.name)
+        ok = cache.valid
+        splits = Splits(sp["train"][ok[sp["train"]]], sp["val"][ok[sp["val"]]], sp["test"][ok[sp["test"]]])
+        trainer = _trainer("linear", task.findings, cache.meta["embed_dim"], True, cache.n_blocks)
+        metrics, _ = run_label_efficiency(trainer, cache, y, pats, splits, task.findings, fractions, seeds, ecfg)
+        out[which] = {"curve": metrics["curve"], "runs": metrics["runs"]}
+        echo(f"  label efficiency {which}: " + ", ".join(f"{c['fraction']:.0%} {c['auroc_mean']:.3f}"
+                                                        for c in metrics["curve"]))
+    x = np.load(cfg.out / "cache" / f"pixels-{task.name}.npy")
+    splits = Splits(sp["train"], sp["val"], sp["test"])
+    metrics, _ = run_label_efficiency(LogisticTrainer(), x, y, pats, splits, task.findings, fractions, seeds, ecfg)
+    out["pixels"] = {"curve": metrics["curve"], "runs": metrics["runs"]}
+    echo("  label efficiency pixels: " + ", ".join(f"{c['fraction']:.0%} {c['auroc_mean']:.3f}"
+                                                    for c in metrics["curve"]))
+    return out
+
+
+def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
+    """GLoRI attention vs NIH expert boxes on the NIH test split (pointing game, mass in boxes, centre prior)."""
+    from chexfound.adapt import load_head
+    from chexfound.evaluate.figures import heatmap_gallery
+    from chexfound.evaluate.localisation import read_boxes
+    from chexfound.evaluate.protocols.localisation import collect_items, head_attention_heatmaps, run_localisation
+    from chexfound.models.format import atomic_write_bytes
+
+    m = _manifest(task.manifest, task.findings)
+    test = _splits(m)["test"]
+    boxes = read_boxes(cfg.data / "nih14" / "boxes.csv", rename=NIH_BOX_RENAME)
+    out: dict[str, Any] = {}
+    for which in ("pretrained", "random"):
+        model, meta = load_backbone(cfg.out / "models" / which / "backbone.safetensors")
+        head = load_head(cfg.out / "models" / which / f"{task.name}-glori.safetensors")
+        tf = InputTransform.from_dict(meta["transform"])
+        paths = [m.paths()[i] for i in test]
+        ids = m.df["image_id"].astype(str).to_numpy()[test]
+        scores, gallery, errors = collect_items(paths, ids, m.patients()[test], boxes, task.findings, tf,
+                                                head_attention_heatmaps(model, head), gallery=8)
+        res = run_localisation(scores, f"GLoRI attention ({which} backbone)", n_boot=cfg.n_boot, seed=cfg.seed)
+        res.pop("items", None)
+        if gallery:
+            atomic_write_bytes(cfg.out / "figures" / f"localisation-{which}.png", heatmap_gallery(gallery))
+        out[which] = res
+        ov = res.get("overall", {})
+        echo(f"  localisation {which}: " + ", ".join(f"{k} {v:.3f}" for k, v in ov.items()
+                                                     if isinstance(v, float)))
+    return out
+
+
+def heatmap_overlays(cfg: DemoConfig, task: TaskSpec, n_images: int = 4) -> dict[str, Any]:
+    """Per-finding GLoRI overlays (top 3 findings) for a few NIH test images, pretrained backbone."""
+    from chexfound.adapt import load_head
+    from chexfound.adapt.heatmap import save_heatmaps
+    from chexfound.io import read_image
+
+    model, meta = load_backbone(cfg.out / "models" / "pretrained" / "backbone.safetensors")
+    head = load_head(cfg.out / "models" / "pretrained" / f"{task.name}-glori.safetensors")
+    tf = InputTransform.from_dict(meta["transform"])
+    m = _manifest(task.manifest, task.findings)
+    test = _splits(m)["test"][:n_images]
+    files: list[str] = []
+    for i in test:
+        p = m.paths()[i]
+        img = read_image(p)
+        with torch.no_grad():
+            feats = model.get_intermediate_layers(tf(img.pixels)[None], head.n_blocks, return_class_token=True)
+            logits, attn = head(feats)
+        probs = head.probabilities(logits)[0].numpy()
+        files += [str(f) for f in save_heatmaps(attn[0], probs, head.findings, img.pixels, tf,
+                                                cfg.out / "heatmaps", Path(p).stem, top_k=3, original_space=True)]
+    return {"files": files}
+
+
+# -- the whole run ------------------------------------------------------------------------------------------
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    from chexfound.demo.report import summarise_and_write
+
+    if not (cfg.data / "kermany" / "labels.csv").is_file() or not (cfg.data / "nih14" / "labels.csv").is_file():
+        raise ConfigError(cfg.data, "expected the shared data folder (kermany/ and nih14/ with labels.csv); "
+                                    "set --data or CHEXFOUND_DATA")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "figures").mkdir(exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    st = StageRunner(cfg.out, echo)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    prev = cfg.out / "stages" / "settings.json"
+    if prev.is_file():
+        import json
+
+        old = json.loads(prev.read_text())
+        if {k: old.get(k) for k in ("quick", "seed", "preset")} != {k: settings[k] for k in ("quick", "seed", "preset")}:
+            raise ConfigError(cfg.out, "this folder holds a demo run with other settings (quick/seed/preset); "
+                                       "use another --out or delete it")
+    else:
+        from chexfound.models.format import atomic_write_bytes
+        import json
+
+        atomic_write_bytes(prev, json.dumps(settings, indent=1).encode())
+
+    data = st.run("data", "manifests: Kermany (official split), NIH-14 (patient split), pretraining corpus",
+                  lambda: prepare_data(cfg))
+    ker = TaskSpec("kermany", cfg.out / "data" / "kermany.csv", ["PNEUMONIA"], ("linear",))
+    nih = TaskSpec("nih14", cfg.out / "data" / "nih14.csv", list(data["nih14_findings"]), ("linear", "glori"))
+    pre = st.run("pretrain", "self-supervised pretraining (DINO + iBOT + KoLeo) and the random-init twin",
+                 lambda: pretrain_backbones(cfg, echo))
+    results: dict[str, Any] = {"data": data, "pretrain": pre, "models": {}}
+    for which in ("pretrained", "random"):
+        for task in (ker, nih):
+            results["models"][f"{which}/{task.name}"] = st.run(
+                f"heads-{which}-{task.name}", f"feature cache + {'/'.join(task.heads)} heads, {which} backbone, {task.name}",
+                lambda which=which, task=task: fit_and_score(cfg, which, task, echo))
+    for task in (ker, nih):
+        results["models"][f"pixels/{task.name}"] = st.run(
+            f"pixels-{task.name}", f"raw-pixel baseline (logistic regression on 32x32), {task.name}",
+            lambda task=task: pixel_baseline(cfg, task, echo))
+    comparisons = {
+        "kermany: pretrained - random (linear)": ("pretrained/kermany-linear", "random/kermany-linear", ker),
+        "kermany: pretrained - pixels": ("pretrained/kermany-linear", "pixels-kermany", ker),
+        "nih14: pretrained - random (linear)": ("pretrained/nih14-linear", "random/nih14-linear", nih),
+        "nih14: pretrained - random (GLoRI)": ("pretrained/nih14-glori", "random/nih14-glori", nih),
+        "nih14: GLoRI - linear (pretrained)": ("pretrained/nih14-glori", "pretrained/nih14-linear", nih),
+        "nih14: pretrained - pixels (linear)": ("pretrained/nih14-linear", "pixels-nih14", nih),
+    }
+    results["paired"] = st.run("paired", "paired patient-level bootstrap of the differences",
+                               lambda: {k: paired(cfg, t, a, b) for k, (a, b, t) in comparisons.items()})
+    results["label_efficiency"] = st.run("label-efficiency", "label-efficiency curve on Kermany",
+                                         lambda: label_efficiency(cfg, ker, echo))
+    results["localisation"] = st.run("localisation", "GLoRI attention vs NIH expert boxes (test split)",
+                                     lambda: localisation(cfg, nih, echo))
+    results["heatmaps"] = st.run("heatmaps", "heatmap overlays for a few NIH test images",
+                                 lambda: heatmap_overlays(cfg, nih))
+    results["timings_s"] = dict(st.timings)
+    summarise_and_write(cfg, results, echo)
+    return results

@@ -1,0 +1,89 @@
+"""The protocols' head-training step on the adapt stage: FeatureCache + fit_heads + predict.
+
+`AdaptTrainer` is a `HeadTrainer` (see trainers.py) whose feature source is a `chexfound.adapt.FeatureCache`
+(the backbone's `get_intermediate_layers` output on disk). It trains the adapt stage's heads (GLoRI, linear
+probe, MLP) with their learning-rate grid, selection on the validation rows and thresholds chosen there, so a
+protocol's numbers are those of the heads users train with `chexfound adapt`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+ADAPT_HEADS = ("linear", "mlp", "glori")
+
+
+def build_cache(backbone: torch.nn.Module, paths: Sequence[str | PathLike[str]], transform: Any, n_blocks: int,
+                root: str | PathLike[str], backbone_sha256: str, batch_size: int = 32, device: str | None = None,
+                dtype: str = "fp32", workers: int = 0, progress: bool = False) -> Any:
+    """Build (or reuse: the cache resumes and checks its inputs) the feature cache of `paths`."""
+    from chexfound.adapt.cache import FeatureCache
+
+    return FeatureCache.build(backbone, [str(p) for p in paths], Path(root), n_blocks=n_blocks,
+                              batch_size=batch_size, device=device, dtype=dtype, transform=transform,
+                              workers=workers, backbone_sha256=backbone_sha256, progress=progress)
+
+
+@dataclass
+class AdaptHead:
+    head: Any
+    thresholds: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, source: Any, idx: np.ndarray) -> np.ndarray:
+        from chexfound.adapt.inference import predict
+
+        return predict(self.head, source, indices=np.asarray(idx), device=self.info.get("device")).numpy()
+
+    @property
+    def has_attention(self) -> bool:
+        return bool(getattr(self.head, "has_attention", False))
+
+
+@dataclass
+class AdaptTrainer:
+    """Train one adapt head type on cached features; hyper-parameters as `chexfound adapt` (13-lr grid)."""
+
+    head_type: str
+    findings: Sequence[str]
+    n_blocks: int
+    embed_dim: int
+    task: str = "multilabel"
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    fit_kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.head_type not in ADAPT_HEADS:
+            raise ValueError(f"head type {self.head_type!r} is not one of {ADAPT_HEADS}")
+        self.name = self.name or f"adapt-{self.head_type}"
+
+    def _make(self) -> Any:
+        from chexfound.adapt import GloriHead, LinearHead, MLPHead
+
+        cls = {"linear": LinearHead, "mlp": MLPHead, "glori": GloriHead}[self.head_type]
+        return cls(list(self.findings), self.n_blocks, task=self.task, embed_dim=self.embed_dim, **self.head_kwargs)
+
+    def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
+            seed: int = 0) -> AdaptHead:
+        from chexfound.adapt.train import fit_heads
+
+        y = np.asarray(y, dtype=np.float32)
+        have_val = val_idx is not None and len(val_idx) > 0
+        res = fit_heads(self._make, source, y, source if have_val else None, y if have_val else None,
+                        train_indices=np.asarray(train_idx), val_indices=np.asarray(val_idx) if have_val else None,
+                        seed=seed, **self.fit_kwargs)
+        head = res.head.eval()
+        info = {"trainer": self.name, "head_type": self.head_type, "selected": res.config, "metric": res.metric,
+                "n_configs": len(res.configs), "n_train": int(len(train_idx)),
+                "n_val": int(len(val_idx)) if have_val else 0,
+                "threshold_rule": "adapt: chosen on val" if have_val else "0.5 (no val)",
+                "device": self.fit_kwargs.get("device")}
+        return AdaptHead(head, head.thresholds.detach().cpu().numpy().astype(np.float64), info)

@@ -1,0 +1,514 @@
+"""End-to-end evaluation runs behind `chexfound evaluate`: score a predictions file, or run a protocol on a
+dataset task with frozen backbones. Each run writes one report folder (see report.py)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from chexfound import __version__
+from chexfound.data.manifest import Manifest, read_manifest
+from chexfound.data.transform import InputTransform
+from chexfound.errors import ChexfoundError, ManifestError
+from chexfound.evaluate import figures
+from chexfound.adapt.runtime import resolve_device
+from chexfound.evaluate.features import FeatureSet, pooled_features
+from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
+from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
+from chexfound.evaluate.tasks import TaskData, load_task
+from chexfound.evaluate.trainers import LogisticTrainer
+from chexfound.models.format import atomic_write_bytes, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _provenance(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"created": _now(), "chexfound_version": __version__, "command": sys.argv, **extra}
+
+
+def _classification_figures(y: np.ndarray, preds: dict[str, np.ndarray], findings: Sequence[str],
+                            metrics: dict[str, Any], groups_by_model: dict[str, Any] | None = None) -> list[Figure]:
+    figs = [Figure("roc.png", "ROC curves per finding", figures.roc_pr_grid(y, preds, findings, "roc",
+                                                                            metrics.get("per_finding"))),
+            Figure("pr.png", "Precision-recall curves per finding",
+                   figures.roc_pr_grid(y, preds, findings, "pr", metrics.get("per_finding")),
+                   "Dotted line: prevalence (the AP of a random ranking).")]
+    gb = groups_by_model if groups_by_model is not None else (
+        {"model": metrics["groups"]} if metrics.get("groups") else None)
+    if gb:
+        figs.append(Figure("groups.png", "Prevalence groups", figures.group_bars(gb),
+                           "Whiskers: patient-level bootstrap 95% CI of the group mean."))
+    return figs
+
+
+# --- score a predictions file -----------------------------------------------------------------------------
+
+@dataclass
+class ScoreOptions:
+    findings: Sequence[str] | None = None
+    id_column: str | None = None
+    split: str | None = None
+    thresholds: str | None = None
+    train_labels: str | None = None
+    allow_missing: bool = False
+    uncertain: str = "nan"
+    kind: str = "multilabel"  # multilabel | multiclass | regression | survival
+    targets: Sequence[str] | None = None  # regression: target columns; survival: (time, event)
+    risk_column: str = "risk"  # survival: the prediction column with the risk score
+    cfg: EvalConfig = field(default_factory=EvalConfig)
+
+
+def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], out: str | PathLike[str],
+               opts: ScoreOptions = ScoreOptions()) -> dict[str, Any]:
+    from chexfound.evaluate.score import match_predictions, read_predictions, read_thresholds
+
+    pred_path = Path(predictions)
+    preds = read_predictions(pred_path)
+    man = read_manifest(labels, labels=opts.findings)
+    train_y = None
+    if opts.split:
+        if "split" not in man.df.columns:
+            raise ManifestError(man.source, "--split given but the manifest has no 'split' column")
+        if opts.train_labels is None and (man.df["split"] == "train").any():
+            train_y = man.split("train").labels(opts.uncertain)
+        man = man.split(opts.split)
+        if not len(man):
+            raise ManifestError(man.source, f"no rows with split == {opts.split!r}")
+    if opts.uncertain != "nan":  # resolve -1 before matching (Manifest.labels does it per call)
+        y_all = man.labels(opts.uncertain)
+        man.df[man.label_columns] = y_all
+    if opts.kind != "multilabel":
+        return _score_other(preds, pred_path, man, labels, out, opts, train_y)
+    mt = match_predictions(preds, man, pred_path, opts.findings, opts.id_column, opts.allow_missing)
+    if opts.train_labels:
+        tm = read_manifest(opts.train_labels)
+        from chexfound.data.findings import finding_map as map_findings
+
+        mp = map_findings(mt.findings, tm.label_columns)
+        miss = [f for f in mt.findings if f not in mp]
+        if miss:
+            raise ManifestError(tm.source, f"training manifest lacks label(s) {miss} (needed for prevalence groups)")
+        tm.label_columns = [mp[f] for f in mt.findings]
+        train_y = tm.labels(opts.uncertain)
+    thr = read_thresholds(opts.thresholds, mt.findings) if opts.thresholds else None
+    res = score_predictions(mt.y, mt.p, mt.patients, mt.findings, thr, train_y, opts.cfg)
+    prov = _provenance({
+        "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
+        "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
+        "manifest_sha256": sha256_file(labels), "matching": mt.info,
+        "thresholds": opts.thresholds or "0.5 for every finding",
+    })
+    metrics = {"protocol": "score", **res, "provenance": prov,
+               "config": {"split": opts.split, "uncertain": opts.uncertain, "findings": mt.findings,
+                          **opts.cfg.to_dict()}}
+    rep = Report(f"Evaluation of {pred_path.name}", metrics,
+                 _classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res),
+                 notes=[f"{mt.info['n_matched']} images matched by {mt.info['id_column']} ({mt.info['matched_by']});"
+                        f" {mt.info['n_missing']} without prediction; {mt.info['n_extra_predictions']} extra "
+                        f"prediction rows ignored"])
+    write_report(out, rep)
+    return metrics
+
+
+def _score_other(preds: Any, pred_path: Path, man: Manifest, labels: str | PathLike[str], out: str | PathLike[str],
+                 opts: ScoreOptions, train_y: np.ndarray | None) -> dict[str, Any]:
+    """Multiclass (one-hot label columns, one probability column per class), regression (`targets`, predicted
+    under the same names) or survival (`targets` = time, event; prediction column `risk_column`)."""
+    import pandas as pd
+
+    from chexfound.evaluate.score import match_predictions
+    from chexfound.evaluate.score_kinds import class_index, score_multiclass, score_regression, score_survival
+
+    figs: list[Figure] = []
+    if opts.kind == "multiclass":
+        mt = match_predictions(preds, man, pred_path, opts.findings, opts.id_column, opts.allow_missing)
+        # (no prevalence groups here: they describe long-tailed multi-label sets)
+        res = score_multiclass(class_index(mt.y), mt.p, mt.findings, mt.patients, opts.cfg)
+        figs = _classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res)
+        tables = [("Multiclass", pd.DataFrame([{k: res["multiclass"].get(k) for k in
+                                                ("n", "accuracy", "accuracy_ci", "balanced_accuracy",
+                                                 "balanced_accuracy_ci")} | {"macro AUROC": res["macro"]["auroc"]}]))]
+    elif opts.kind == "regression":
+        if not opts.targets:
+            raise ChexfoundError("--kind regression needs --targets COLUMN[,COLUMN...]")
+        mt = match_predictions(preds, man, pred_path, list(opts.targets), opts.id_column, opts.allow_missing)
+        y = mt.frame[mt.findings].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        res = score_regression(y, mt.p, mt.findings, mt.patients, opts.cfg)
+        tables = [("Regression", pd.DataFrame([{"target": t, **v} for t, v in res["regression"].items()]))]
+    elif opts.kind == "survival":
+        if not opts.targets or len(opts.targets) != 2:
+            raise ChexfoundError("--kind survival needs --targets TIME_COLUMN,EVENT_COLUMN")
+        missing = [c for c in opts.targets if c not in man.df.columns]
+        if missing:
+            raise ManifestError(man.source, f"survival column(s) {missing} not in manifest")
+        mt = match_predictions(preds, man, pred_path, None, opts.id_column, opts.allow_missing,
+                               columns=[opts.risk_column])
+        tv = mt.frame[list(opts.targets)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        res = score_survival(tv[:, 0], tv[:, 1], mt.p[:, 0], mt.patients, opts.cfg)
+        tables = [("Survival", pd.DataFrame([res["survival"]]))]
+    else:
+        raise ChexfoundError(f"unknown --kind {opts.kind!r} (multilabel, multiclass, regression, survival)")
+    prov = _provenance({
+        "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
+        "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
+        "manifest_sha256": sha256_file(labels), "matching": mt.info})
+    metrics = {"protocol": "score", "kind": opts.kind, **res, "provenance": prov,
+               "config": {"split": opts.split, "kind": opts.kind, "targets": opts.targets, **opts.cfg.to_dict()}}
+    write_report(out, Report(f"Evaluation of {pred_path.name} ({opts.kind})", metrics, figs, tables))
+    return metrics
+
+
+# --- task protocols -----------------------------------------------------------------------------------------
+
+def load_backbone_spec(spec: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """A backbone file (our format; other layouts through chexfound.models.load_backbone) or a registry
+    name (random initialisation, for smoke tests and baselines)."""
+    from chexfound.models import backbone_sha256, create_backbone, list_configs, load_backbone
+
+    p = Path(spec)
+    if p.exists():
+        model, meta = load_backbone(p)
+        info = {"path": str(p.resolve()), "file_sha256": sha256_file(p) if p.is_file() else None,
+                "weights_sha256": meta.get("weights_sha256") or backbone_sha256(model),
+                "config": meta.get("config"), "transform": meta.get("transform")}
+        return model.eval(), info, p.stem
+    if spec in list_configs():
+        log.warning("backbone %r is a registry name: using RANDOM weights (seed %d)", spec, seed)
+        torch.manual_seed(seed)
+        model = create_backbone(spec).eval()
+        return model, {"registry_name": spec, "random_init_seed": seed,
+                       "weights_sha256": backbone_sha256(model), "config": model.cfg.to_dict()}, spec
+    raise ChexfoundError(f"backbone {spec!r} is neither a file nor a registry name ({', '.join(list_configs())})")
+
+
+def _transform_for(model: torch.nn.Module, info: dict[str, Any], image_size: int | None) -> InputTransform:
+    if info.get("transform") and image_size is None:
+        return InputTransform.from_dict(info["transform"])
+    return InputTransform.for_backbone(model.cfg, size=image_size)
+
+
+def limit_task(td: TaskData, limit: int | None, seed: int) -> TaskData:
+    """Keep at most `limit` images per split (whole patients, seeded) for quick runs."""
+    if not limit:
+        return td
+    df = td.manifest.df
+    keep = np.zeros(len(df), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for s in ("train", "val", "test"):
+        idx = np.flatnonzero(df["split"].to_numpy() == s)
+        pats = df["patient_id"].astype(str).to_numpy()[idx]
+        order = rng.permutation(np.unique(pats))
+        counts = {q: int(c) for q, c in zip(*np.unique(pats, return_counts=True))}
+        chosen, n = set(), 0
+        for q in order:
+            if n >= limit:
+                break
+            chosen.add(q)
+            n += counts[q]
+        keep[idx[np.isin(pats, list(chosen))]] = True
+    td.manifest = td.manifest.subset(keep)
+    td.notes.append(f"quick run: at most ~{limit} images per split (whole patients, seed {seed})")
+    return td
+
+
+@dataclass
+class TaskOptions:
+    protocol: str = "compare"
+    heads: Sequence[str] = ("linear",)
+    n_blocks: int = 4
+    avgpool: bool = True
+    image_size: int | None = None
+    fractions: Sequence[float] = (0.01, 0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
+    seeds: Sequence[int] = (0, 1, 2)
+    ood_task: str | None = None
+    ood_root: str | None = None
+    epochs: int = 20           # adapt heads: epochs of the learning-rate grid
+    lrs: Sequence[float] | None = None  # adapt heads: learning-rate grid (default: the original's 13 values)
+    decoder_dim: int | None = None  # GLoRI decoder width (default 768)
+    image_root: str | None = None
+    loc_split: str = "test"
+    loc_tolerance: float = 0.0
+    gallery: int = 12
+    limit: int | None = None
+    batch_size: int = 32
+    workers: int = 0
+    device: str | None = None
+    dtype: str = "fp32"
+    seed: int = 0
+    progress: bool = True
+    cfg: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in self.__dict__.items() if k != "cfg"}
+        d.update(self.cfg.to_dict())
+        return d
+
+
+@dataclass
+class _Backbone:
+    """One backbone as the protocols see it: the model, its transform, its feature cache (what the adapt
+    heads train on) and the pooled features the logistic probe uses."""
+
+    label: str
+    model: torch.nn.Module
+    info: dict[str, Any]
+    transform: InputTransform
+    n_blocks: int
+    features: FeatureSet
+    cache: Any
+
+
+def _prepare_backbone(spec: str, paths: Sequence[Path], opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
+    model, info, label = load_backbone_spec(spec, opts.seed)
+    return _features_for(model, info, label, paths, opts, out, tag)
+
+
+def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, paths: Sequence[Path],
+                  opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
+    import hashlib
+
+    from chexfound.evaluate.adapt_bridge import build_cache
+
+    tf = _transform_for(model, info, opts.image_size)
+    n = min(opts.n_blocks, len(model.blocks))
+    sha = info["weights_sha256"]
+    # One cache folder per (backbone weights, image list); the cache itself checks transform and n_blocks.
+    key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:10]
+    cache = build_cache(model, paths, tf, n, out / "cache" / f"{tag}{sha[:12]}-{key}", sha,
+                        batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, workers=opts.workers,
+                        progress=opts.progress)
+    return _Backbone(label, model, info, tf, n, pooled_features(cache), cache)
+
+
+def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts: TaskOptions) -> tuple[Any, Any]:
+    """(trainer, feature source) for a head type on a backbone.
+
+    'logistic' is the L2 logistic-regression probe of trainers.py on pooled features (deterministic, fast on a
+    CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the feature cache.
+    """
+    from chexfound.evaluate.adapt_bridge import ADAPT_HEADS, AdaptTrainer
+
+    if head == "logistic":
+        return LogisticTrainer(), bb.features.vectors(bb.n_blocks, opts.avgpool)
+    if head not in ADAPT_HEADS:
+        raise ChexfoundError(f"unknown head {head!r}; choose from logistic, {', '.join(ADAPT_HEADS)}")
+    fit_kwargs: dict[str, Any] = {"epochs": opts.epochs, "device": opts.device, "batch_size": opts.batch_size}
+    if opts.lrs:
+        fit_kwargs["lrs"] = list(opts.lrs)
+    head_kwargs: dict[str, Any] = {"avgpool": opts.avgpool} if head in ("linear", "mlp") else {}
+    if head == "glori" and opts.decoder_dim:
+        head_kwargs["decoder_dim"] = opts.decoder_dim
+    return AdaptTrainer(head, findings, bb.n_blocks, int(bb.model.embed_dim), kind, head_kwargs, fit_kwargs), bb.cache
+
+
+def _log_jsonl(out: Path, rec: dict[str, Any]) -> None:
+    from chexfound.evaluate.report import to_jsonable
+
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(to_jsonable({"time": _now(), **rec})) + "\n")
+
+
+def _skipped(out: Path, errors: list[tuple[int, str, str]]) -> None:
+    if errors:
+        lines = "index,path,reason\n" + "".join(f"{i},\"{p}\",\"{r}\"\n" for i, p, r in errors)
+        atomic_write_bytes(out / "skipped.csv", lines.encode())
+        log.warning("%d image(s) could not be read; listed in %s", len(errors), out / "skipped.csv")
+
+
+def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str], out: str | PathLike[str],
+                  opts: TaskOptions = TaskOptions()) -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    td = limit_task(load_task(task, root, seed=opts.seed, image_root=opts.image_root), opts.limit, opts.seed)
+    import yaml
+
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(
+        {"task": task, "root": str(root), "backbones": list(backbones), **opts.to_dict()}, sort_keys=False).encode())
+    y = td.labels()
+    pats = td.manifest.patients()
+    findings = td.findings
+    splits_all = Splits.from_labels(td.manifest.df["split"])
+    models: dict[str, Any] = {}
+    backbone_info: dict[str, Any] = {}
+    feats: dict[str, _Backbone] = {}
+    errors: list[tuple[int, str, str]] = []
+    paths = td.manifest.paths()
+    for spec in backbones:
+        bb = _prepare_backbone(spec, paths, opts, out)
+        if bb.label in feats:
+            raise ChexfoundError(f"two backbones are both called {bb.label!r}; rename one of the files")
+        errors += bb.features.errors
+        feats[bb.label] = bb
+        backbone_info[bb.label] = bb.info
+        for head in opts.heads:
+            models[f"{bb.label}/{head}"] = _trainer(head, bb, findings, td.kind, opts)
+    _skipped(out, sorted(set(errors)))
+    ok = np.ones(len(y), dtype=bool)
+    for bb in feats.values():
+        ok &= bb.features.ok
+    splits = splits_all.restrict(ok)
+    prov = _provenance({"task": td.describe(), "manifest_sha256": td.describe()["manifest_sha256"],
+                        "backbones": backbone_info,
+                        "backbone_sha256": next(iter(backbone_info.values()))["weights_sha256"],
+                        "skipped_images": len(set(e[1] for e in errors))})
+    ids = td.manifest.df["image_id"].astype(str).tolist() if "image_id" in td.manifest.df.columns else \
+        td.manifest.df["path"].astype(str).tolist()
+    id_col = "image_id" if "image_id" in td.manifest.df.columns else "path"
+    figs: list[Figure] = []
+    files: dict[str, bytes] = {}
+    tables = []
+    proto = opts.protocol
+    if proto in ("compare", "localisation"):
+        from chexfound.evaluate.protocols.compare import run_compare
+
+        metrics, art = run_compare(models, y, pats, splits, findings, opts.cfg, opts.seed)
+        for label, res in metrics["models"].items():
+            _log_jsonl(out, {"protocol": "compare", "model": label, "macro": res["macro"]})
+        figs += _classification_figures(art["y_test"], art["predictions"], findings, metrics,
+                                         {k: v["groups"] for k, v in metrics["models"].items() if "groups" in v})
+        import pandas as pd
+
+        tables.append(("Models", pd.DataFrame([
+            {"model": k, "macro AUROC": v["macro"]["auroc"], "AUROC 95% CI": v["macro"].get("auroc_ci"),
+             "macro AP": v["macro"]["ap"], "AP 95% CI": v["macro"].get("ap_ci"), "micro AUROC": v["micro"]["auroc"]}
+            for k, v in metrics["models"].items()])))
+        if metrics["paired"]:
+            tables.append(("Paired differences (patient-level bootstrap)", pd.DataFrame([
+                {"comparison": k, "Δ macro AUROC": v["macro"]["auroc"]["diff"], "CI": v["macro"]["auroc"]["ci"],
+                 "p": v["macro"]["auroc"]["p_value"], "Δ macro AP": v["macro"]["ap"]["diff"],
+                 "AP CI": v["macro"]["ap"]["ci"]} for k, v in metrics["paired"].items()])))
+        for label, p in art["predictions"].items():
+            files[f"predictions_{label.replace('/', '_')}.csv"] = predictions_csv(
+                [ids[i] for i in art["test_idx"]], id_col, p, findings)
+        if proto == "localisation":
+            first = next(iter(models))
+            loc, gallery = _localisation(td, feats, opts, ok, first, art["heads"][first])
+            metrics["localisation"] = loc
+            figs.append(Figure("localisation.png", "Localisation against expert boxes",
+                               figures.localisation_bars(loc["per_finding"]),
+                               f"Heatmaps: {loc['heatmap_source']}. Pointing game and attention mass per finding; "
+                               "the centre prior is an isotropic Gaussian at the image centre."))
+            if gallery:
+                figs.append(Figure("gallery.png", "Heatmap gallery", figures.heatmap_gallery(gallery)))
+            tables.append(("Localisation (test images with boxes)", _loc_table(loc)))
+    elif proto == "label-efficiency":
+        from chexfound.evaluate.protocols.label_efficiency import run_label_efficiency
+
+        if len(models) != 1:
+            raise ChexfoundError("label-efficiency runs one backbone and one head; got " + ", ".join(models))
+        (label, (trainer, source)), = models.items()
+        metrics, art = run_label_efficiency(trainer, source, y, pats, splits, findings, opts.fractions, opts.seeds,
+                                            opts.cfg)
+        metrics["model"] = label
+        for r in metrics["runs"]:
+            _log_jsonl(out, {"protocol": "label-efficiency", "fraction": r["fraction"], "seed": r["seed"],
+                             "macro": r["macro"]})
+        figs.append(Figure("label_efficiency.png", "Label efficiency",
+                           figures.label_efficiency_curve(metrics["curve"], metrics["runs"]),
+                           "Heads trained on a fraction of the training patients; fixed test set."))
+        figs += _classification_figures(art["y_test"], art["predictions"], findings, metrics)
+        import pandas as pd
+
+        tables.append(("Label-efficiency curve", pd.DataFrame([
+            {"patients": f"{c['fraction'] * 100:g}%", "images (mean)": round(c["n_images_mean"]), "seeds": c["n_seeds"],
+             "macro AUROC": c["auroc_mean"], "± s.d.": c["auroc_std"], "macro AP": c["ap_mean"],
+             "AP ± s.d.": c["ap_std"]} for c in metrics["curve"]])))
+    elif proto == "ood":
+        metrics, figs_o, tables_o = _ood(td, feats, models, y, pats, splits, opts, out)
+        figs += figs_o
+        tables += tables_o
+    else:
+        raise ChexfoundError(f"unknown protocol {proto!r} (compare, label-efficiency, localisation, ood)")
+    metrics["provenance"] = prov
+    metrics["config"] = {"task": task, "root": str(root), "backbones": list(backbones), **opts.to_dict()}
+    rep = Report(f"chexfound evaluate: {td.name}, protocol {proto}", metrics, figs, tables,
+                 notes=td.notes + [f"backbones: {', '.join(backbone_info)}"], files=files)
+    write_report(out, rep)
+    return metrics
+
+
+def _loc_table(loc: dict[str, Any]) -> Any:
+    import pandas as pd
+
+    rows = []
+    for name, d in [("all", loc["overall"]), *loc["per_finding"].items()]:
+        rows.append({"finding": name, "items": d["n_items"], "pointing": d.get("pointing"),
+                     "pointing CI": d.get("pointing_ci"), "centre-prior pointing": d.get("centre_pointing"),
+                     "mass in box": d.get("mass"), "mass CI": d.get("mass_ci"),
+                     "centre-prior mass": d.get("centre_mass"), "box area (uniform)": d.get("uniform_mass")})
+    return pd.DataFrame(rows)
+
+
+def _localisation(td: TaskData, feats: dict[str, _Backbone], opts: TaskOptions, ok: np.ndarray, model_label: str,
+                  fitted: Any) -> tuple[dict[str, Any], list]:
+    from chexfound.evaluate.protocols.localisation import (cls_attention_heatmaps, collect_items,
+                                                           head_attention_heatmaps, run_localisation)
+
+    if td.boxes is None:
+        raise ChexfoundError(f"task {td.name} has no boxes for the localisation protocol")
+    bb = next(iter(feats.values()))
+    dev = resolve_device(opts.device)
+    model = bb.model.to(dev)
+    if getattr(fitted, "has_attention", False):
+        fn = head_attention_heatmaps(model, fitted.head.to(dev))
+        source = f"{model_label}: the head's cross-attention of each finding's query (heads averaged)"
+    else:
+        fn = cls_attention_heatmaps(model)
+        source = (f"{model_label}: the backbone's last-block CLS attention (class-agnostic; this head has no "
+                  "spatial attention)")
+    df = td.manifest.df
+    sel = ok & ((df["split"] == opts.loc_split).to_numpy() if opts.loc_split != "all" else True)
+    idx = np.flatnonzero(sel)
+    paths = [td.manifest.paths()[i] for i in idx]
+    ids = (df["image_id"] if "image_id" in df.columns else df["path"].map(lambda p: Path(p).name)).astype(str).to_numpy()[idx]
+    scores, gallery, errors = collect_items(paths, ids, td.manifest.patients()[idx], td.boxes, td.findings,
+                                            bb.transform, fn, batch_size=opts.batch_size, gallery=opts.gallery,
+                                            tolerance=opts.loc_tolerance)
+    loc = run_localisation(scores, source, opts.loc_tolerance, opts.cfg.bootstrap.n_boot, opts.seed)
+    loc["split"] = opts.loc_split
+    loc["read_errors"] = errors
+    return loc, gallery
+
+
+def _ood(td: TaskData, feats: dict[str, _Backbone], models: dict[str, Any], y: np.ndarray, pats: np.ndarray,
+         splits: Splits, opts: TaskOptions, out: Path) -> tuple[dict[str, Any], list[Figure], list]:
+    from chexfound.evaluate.protocols.ood import run_ood
+
+    if not opts.ood_task or not opts.ood_root:
+        raise ChexfoundError("--protocol ood needs --ood-task and --ood-root (the test dataset)")
+    if len(models) != 1:
+        raise ChexfoundError("ood runs one backbone and one head")
+    tb = limit_task(load_task(opts.ood_task, opts.ood_root, seed=opts.seed), opts.limit, opts.seed)
+    bb = next(iter(feats.values()))
+    (mlabel, (trainer, src)), = models.items()
+    bt = _features_for(bb.model, bb.info, bb.label, tb.manifest.paths(), opts, out, tag="ood-")
+    src_b = bt.cache if src is bb.cache else bt.features.vectors(bb.n_blocks, opts.avgpool)
+    test_b = np.flatnonzero((tb.manifest.df["split"] == "test").to_numpy() & bt.features.ok)
+    metrics, art = run_ood(trainer, src, y, pats, splits, td.findings, src_b, tb.labels(), tb.manifest.patients(),
+                           test_b, tb.findings, opts.cfg, opts.seed, names=(td.name, tb.name))
+    metrics["model"] = mlabel
+    metrics["test_task"] = tb.describe()
+    import pandas as pd
+
+    rows = []
+    for f in art["findings"]:
+        a, b = metrics["in_distribution"]["per_finding"][f], metrics["per_finding"][f]
+        rows.append({"finding": f, f"{td.name} AUROC (ID)": a["auroc"], f"{tb.name} AUROC (OOD)": b["auroc"],
+                     "OOD CI": b["auroc_ci"], f"{td.name} AP": a["ap"], f"{tb.name} AP": b["ap"]})
+    figs = [Figure("roc.png", f"ROC: {td.name} (ID) vs {tb.name} (OOD)", figures.roc_pr_grid(
+        art["y_test"], {f"{tb.name} (OOD)": art["predictions"][f"{tb.name} (OOD)"]}, art["findings"], "roc",
+        metrics["per_finding"]))]
+    return metrics, figs, [("In-distribution vs out-of-distribution", pd.DataFrame(rows))]

@@ -1,0 +1,64 @@
+"""Protocol (a): several frozen backbones x heads on one task, same splits, paired comparisons.
+
+Each model is a (trainer, feature source) pair under a label such as "tiny_vit/linear". All models are
+trained on the same train rows, select on the same val rows and are scored on the same test rows; the first
+model is the reference, and every other model gets a paired patient-level bootstrap of its difference to it.
+The top-level "macro"/"per_finding" of the result are the reference model's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from chexfound.evaluate.bootstrap import paired_bootstrap
+from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
+from chexfound.evaluate.trainers import HeadTrainer, train_and_predict
+
+log = logging.getLogger(__name__)
+
+
+def run_compare(
+    models: Mapping[str, tuple[HeadTrainer, Any]],
+    y: np.ndarray,
+    patients: Sequence[Any] | np.ndarray,
+    splits: Splits,
+    findings: Sequence[str],
+    cfg: EvalConfig = EvalConfig(),
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Returns (metrics, artefacts); artefacts["predictions"][label] = test probabilities, ["heads"][label] =
+    the fitted head."""
+    if not models:
+        raise ValueError("no models to compare")
+    y = np.asarray(y, dtype=np.float64)
+    y = y[:, None] if y.ndim == 1 else y
+    pats = np.asarray(patients).astype(str)
+    yt = y[splits.test]
+    results: dict[str, Any] = {}
+    preds: dict[str, np.ndarray] = {}
+    heads: dict[str, Any] = {}
+    for label, (trainer, source) in models.items():
+        log.info("compare: training %s", label)
+        p, head = train_and_predict(trainer, source, y, splits.train, splits.test, splits.val, seed)
+        preds[label] = p
+        heads[label] = head
+        res = score_predictions(yt, p, pats[splits.test], findings, head.thresholds, y[splits.train], cfg)
+        res["head"] = head.info
+        res["thresholds"] = dict(zip(findings, map(float, head.thresholds)))
+        results[label] = res
+    labels = list(models)
+    ref = labels[0]
+    groups = {g: v["findings"] for g, v in results[ref].get("groups", {}).items()}
+    paired = {}
+    for other in labels[1:]:
+        paired[f"{other} - {ref}"] = paired_bootstrap(yt, preds[other], preds[ref], findings, pats[splits.test],
+                                                      cfg.bootstrap, cfg.rule, subsets=groups)
+    core = {k: results[ref][k] for k in ("macro", "micro", "per_finding", "eligible", "excluded", "rule")}
+    for k in ("groups", "group_rule", "bootstrap"):
+        if k in results[ref]:
+            core[k] = results[ref][k]
+    metrics = {"protocol": "compare", "reference": ref, **core, "models": results, "paired": paired}
+    return metrics, {"predictions": preds, "heads": heads, "y_test": yt, "test_idx": splits.test}

@@ -1,0 +1,199 @@
+"""Report folder: metrics.json (every number + exact config and provenance), report.md, report.html, figures/.
+
+Every file is written atomically (temp file + rename); metrics.json is written last, so a folder with a
+metrics.json always holds a complete report. NaN/inf become JSON null. The HTML references the PNGs by
+relative path, so the folder can be moved or zipped as a whole.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from chexfound.models.format import atomic_write_bytes
+
+
+def to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _write(path: str | PathLike[str], data: bytes) -> None:
+    """Atomic write, then the usual file mode (mkstemp creates 0600; report files are meant to be shared)."""
+    atomic_write_bytes(path, data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_json(path: str | PathLike[str], obj: Any) -> None:
+    _write(path, (json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n").encode())
+
+
+@dataclass
+class Figure:
+    name: str       # file name under figures/ (…png)
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    metrics: dict[str, Any]
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)  # extra files (e.g. predictions.csv)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return "–" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return f"[{_fmt(v[0], digits)}, {_fmt(v[1], digits)}]"
+    return str(v)
+
+
+def per_finding_table(m: Mapping[str, Any]) -> pd.DataFrame:
+    rows = []
+    for name, d in m.get("per_finding", {}).items():
+        rows.append({
+            "finding": name, "group": d.get("group", ""), "n_pos": d.get("n_pos"), "n_neg": d.get("n_neg"),
+            "AUROC": d.get("auroc"), "AUROC 95% CI": d.get("auroc_ci"), "AP": d.get("ap"),
+            "AP 95% CI": d.get("ap_ci"), "threshold": d.get("threshold"), "sens": d.get("sensitivity"),
+            "spec": d.get("specificity"), "F1": d.get("f1"),
+        })
+    return pd.DataFrame(rows)
+
+
+def summary_table(m: Mapping[str, Any]) -> pd.DataFrame:
+    rows = [{"subset": "macro", "findings": m["macro"].get("n_findings"), "AUROC": m["macro"].get("auroc"),
+             "AUROC 95% CI": m["macro"].get("auroc_ci"), "AP": m["macro"].get("ap"),
+             "AP 95% CI": m["macro"].get("ap_ci")}]
+    if "micro" in m:
+        rows.append({"subset": "micro", "findings": m["macro"].get("n_findings"), "AUROC": m["micro"].get("auroc"),
+                     "AUROC 95% CI": m["micro"].get("auroc_ci"), "AP": m["micro"].get("ap"),
+                     "AP 95% CI": m["micro"].get("ap_ci")})
+    for g, d in m.get("groups", {}).items():
+        rows.append({"subset": g, "findings": d.get("n_eligible"), "AUROC": d.get("auroc"),
+                     "AUROC 95% CI": d.get("auroc_ci"), "AP": d.get("ap"), "AP 95% CI": d.get("ap_ci")})
+    return pd.DataFrame(rows)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for i in range(len(df)):  # per column, so integer columns stay integers
+        lines.append("| " + " | ".join(_fmt(df[c].iloc[i]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _html_table(df: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(df[c].iloc[i]))}</td>" for c in df.columns) + "</tr>"
+                   for i in range(len(df)))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+.note{color:#555;font-size:13px}code{background:#f5f5f5;padding:1px 3px}"""
+
+
+def write_report(out_dir: str | PathLike[str], report: Report) -> Path:
+    """Write figures, extra files, report.md, report.html and finally metrics.json into `out_dir`."""
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for fig in report.figures:
+        _write(out / "figures" / fig.name, fig.png)
+    for name, data in report.files.items():
+        _write(out / name, data)
+    m = report.metrics
+    md = [f"# {report.title}", ""]
+    hb = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(report.title)}</title>",
+          f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(report.title)}</h1>"]
+    rule = m.get("rule", {}).get("text")
+    prov = m.get("provenance", {})
+    facts = []
+    if prov:
+        for k in ("task", "backbone_sha256", "manifest_sha256", "created"):
+            v = prov.get(k)
+            if isinstance(v, dict):  # the task description: show its name and split sizes
+                sizes = ", ".join(f"{s}: {d.get('images')} images / {d.get('patients')} patients"
+                                  for s, d in v.get("splits", {}).items())
+                v = f"{v.get('task')} ({sizes})"
+            if v:
+                facts.append(f"{k}: `{v}`")
+    if rule:
+        facts.append(f"averaging rule: {rule}")
+    if m.get("bootstrap"):
+        b = m["bootstrap"]
+        facts.append(f"95% CIs: {b.get('level')}-level percentile bootstrap, {b.get('n_boot')} resamples over "
+                     f"{b.get('n_clusters')} clusters")
+    if m.get("group_rule"):
+        facts.append(f"prevalence groups: {m['group_rule']['rule']}")
+    facts += report.notes
+    md += [f"- {f}" for f in facts] + [""]
+    hb.append("<ul class='note'>" + "".join(f"<li>{html.escape(f).replace('`', '')}</li>" for f in facts) + "</ul>")
+    tables: list[tuple[str, pd.DataFrame]] = []
+    if "macro" in m and "per_finding" in m:
+        tables += [("Summary", summary_table(m)), ("Per finding", per_finding_table(m))]
+    tables += report.tables
+    for title, df in tables:
+        md += [f"## {title}", "", _md_table(df), ""]
+        hb += [f"<h2>{html.escape(title)}</h2>", _html_table(df)]
+    for fig in report.figures:
+        md += [f"## {fig.title}", "", f"![{fig.title}](figures/{fig.name})", ""]
+        if fig.caption:
+            md += [fig.caption, ""]
+        hb += [f"<h2>{html.escape(fig.title)}</h2>", f"<img src='figures/{html.escape(fig.name)}' alt='{html.escape(fig.title)}'>"]
+        if fig.caption:
+            hb.append(f"<p class='note'>{html.escape(fig.caption)}</p>")
+    md += ["", "All numbers, the exact configuration and data/model hashes are in `metrics.json`."]
+    hb += ["<p class='note'>All numbers, the exact configuration and data/model hashes are in "
+           "<a href='metrics.json'>metrics.json</a>.</p></body></html>"]
+    _write(out / "report.md", ("\n".join(md) + "\n").encode())
+    _write(out / "report.html", "\n".join(hb).encode())
+    write_json(out / "metrics.json", m)
+    return out
+
+
+def predictions_csv(ids: Sequence[str], id_column: str, probs: np.ndarray, findings: Sequence[str]) -> bytes:
+    """The `chexfound predict` CSV layout (id column, then one probability column per finding)."""
+    p = np.asarray(probs, dtype=np.float64)
+    p = p[:, None] if p.ndim == 1 else p
+    df = pd.DataFrame(p, columns=list(findings))
+    df.insert(0, id_column, list(ids))
+    return df.to_csv(index=False, float_format="%.6g").encode()

@@ -1,0 +1,219 @@
+"""Export a backbone + head for deployment: ONNX (runs without PyTorch) or one safetensors bundle.
+
+ONNX: input `image` float32 [batch, 3, S, S], already normalised by the recorded input transform;
+outputs `probabilities` [batch, C] and, for heads with attention, `attention` [batch, C, S/p, S/p]
+(mean over attention heads) — the same as `Classifier`, which `Predictor` runs. The model's metadata_props
+carry `chexfound` = JSON with findings, thresholds, task, input transform and backbone identity, so a
+deployment can preprocess and threshold without this package.
+
+safetensors bundle: tensors `backbone.*` and `head.*` with kind='classifier' metadata holding both
+files' metadata; `load_bundle` / `Predictor.from_bundle` read it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import warnings
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from chexfound.errors import CheckpointError, ConfigError
+from chexfound.models.format import load_tensors, save_tensors
+from chexfound.serve.predictor import Classifier, Predictor
+
+DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17; onnxruntime >= 1.14 runs it
+ONNX_META_KEY = "chexfound"
+
+
+class _OnnxClassifier(nn.Module):
+    """`Classifier` with tensor-only outputs (ONNX has no None)."""
+
+    def __init__(self, model: Classifier, with_attention: bool) -> None:
+        super().__init__()
+        self.model, self.with_attention = model, with_attention
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        probs, maps = self.model(x)
+        return (probs, maps) if self.with_attention and maps is not None else (probs,)
+
+
+def export_metadata(predictor: Predictor) -> dict[str, Any]:
+    info = predictor.info()
+    return {
+        "findings": predictor.findings,
+        "thresholds": [float(t) for t in predictor.thresholds],
+        "task": predictor.task,
+        "head_type": predictor.head_type,
+        "transform": predictor.transform.to_dict(),
+        "backbone_sha256": predictor.backbone_sha256,
+        "backbone_config": predictor.model.backbone.cfg.to_dict(),
+        "head_file_sha256": info["head"]["file_sha256"],
+        "has_attention": predictor.has_attention,
+        "input": "image: float32 [batch, 3, S, S], normalised by `transform`",
+        "outputs": ["probabilities"] + (["attention"] if predictor.has_attention else []),
+    }
+
+
+def export_onnx(
+    predictor: Predictor,
+    path: str | PathLike[str],
+    opset: int = DEFAULT_OPSET,
+    attention: bool = True,
+    verify: bool = True,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
+    """Write `path` (.onnx); returns {"path", "opset", "outputs", "max_abs_diff" (when verified)}."""
+    import onnx
+
+    out = Path(path)
+    size = predictor.transform.size
+    model = predictor.model if predictor.device.type == "cpu" else copy.deepcopy(predictor.model).cpu()
+    with_attention = attention and predictor.has_attention
+    wrapper = _OnnxClassifier(model.float().eval(), with_attention).eval()
+    names = ["probabilities"] + (["attention"] if with_attention else [])
+    example = torch.zeros(2, 3, size, size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp_file = Path(tmp) / out.name
+        with warnings.catch_warnings(), torch.no_grad():
+            # The legacy exporter traces one fixed input size; these warnings are about that, and expected.
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(
+                wrapper, (example,), str(tmp_file), dynamo=False, opset_version=opset,
+                input_names=["image"], output_names=names,
+                dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp_file), load_external_data=False)
+        meta = export_metadata(predictor)
+        meta["outputs"] = names
+        proto.metadata_props.add(key=ONNX_META_KEY, value=json.dumps(meta))
+        proto.producer_name = "chexfound"
+        onnx.save(proto, str(tmp_file))
+        onnx.checker.check_model(str(tmp_file))
+        result: dict[str, Any] = {"path": str(out), "opset": opset, "outputs": names}
+        if verify:  # before the file is put in place: a failed export leaves nothing behind
+            result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out)
+        # Large models come with external data files: move those first, the .onnx last (its arrival = done).
+        for f in Path(tmp).iterdir():
+            if f.name != out.name:
+                shutil.move(str(f), out.parent / f.name)
+        tmp_file.replace(out)
+    return result
+
+
+def _verify_dynamic(path: Path, predictor: Predictor, atol: float, name: Path) -> dict[str, float]:
+    diffs: dict[str, float] = {}
+    # Batch sizes other than the traced one (2): a shape baked in by tracing shows up here.
+    for batch in (1, 3):
+        try:
+            got = verify_onnx(path, predictor, batch=batch)
+        except Exception as e:  # onnxruntime's errors have no common base class
+            raise CheckpointError(name, f"the exported model fails at batch size {batch} in onnxruntime "
+                                        f"(an op whose shape tracing fixed?): {e}") from e
+        diffs = {k: max(v, diffs.get(k, 0.0)) for k, v in got.items()}
+    worst = max(diffs.values())
+    if not worst <= atol:
+        raise CheckpointError(name, f"ONNX outputs differ from PyTorch by {worst:.3g} (tolerance {atol:g})")
+    return diffs
+
+
+def onnx_session(path: str | PathLike[str], threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def read_onnx_metadata(path: str | PathLike[str]) -> dict[str, Any]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for p in proto.metadata_props:
+        if p.key == ONNX_META_KEY:
+            return json.loads(p.value)
+    raise CheckpointError(path, "ONNX file has no chexfound metadata (not exported by chexfound)")
+
+
+def verify_onnx(path: str | PathLike[str], predictor: Predictor, batch: int = 3, seed: int = 0) -> dict[str, float]:
+    """Max |onnxruntime - PyTorch| per output on a random batch (a batch size other than the traced one,
+    so the dynamic batch axis is exercised too)."""
+    size = predictor.transform.size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    sess = onnx_session(path)
+    got = sess.run(None, {"image": x.numpy()})
+    probs, maps = predictor.predict_tensor(x)
+    names = [o.name for o in sess.get_outputs()]
+    ref = {"probabilities": probs, "attention": maps}
+    return {n: float(np.abs(g - ref[n]).max()) for n, g in zip(names, got) if ref[n] is not None}
+
+
+# -- safetensors bundle --
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_safetensors(predictor: Predictor, path: str | PathLike[str], dtype: str = "fp32") -> str:
+    """One file with backbone + head weights and both metadata; returns its SHA-256."""
+    if dtype not in _DTYPES:
+        raise ConfigError(None, f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    tensors: dict[str, Tensor] = {}
+    for prefix, module in (("backbone.", predictor.model.backbone), ("head.", predictor.model.head)):
+        for k, v in module.state_dict().items():
+            # Buffers such as thresholds stay fp32: only floating weights are cast.
+            keep = not v.is_floating_point() or k == "thresholds"
+            tensors[prefix + k] = v if keep else v.to(_DTYPES[dtype])
+    head = predictor.model.head
+    meta = {
+        "kind": "classifier",
+        "weights_dtype": dtype,
+        "backbone": {
+            "config": predictor.model.backbone.cfg.to_dict(),
+            "weights_sha256": predictor.backbone_sha256,
+        },
+        "head": {
+            "head_type": predictor.head_type,
+            "task": head.task,
+            "findings": list(head.findings),
+            "thresholds": [float(t) for t in predictor.thresholds],
+            "n_blocks": head.n_blocks,
+            "config": head.hparams(),
+            "backbone_sha256": predictor.head_meta.get("backbone_sha256") or predictor.backbone_sha256,
+        },
+        "transform": predictor.transform.to_dict(),
+    }
+    return save_tensors(path, tensors, meta)
+
+
+def load_bundle(path: str | PathLike[str]) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """-> (backbone, head, metadata) from an `export_safetensors` file (weights back in fp32)."""
+    from chexfound.adapt.heads.base import head_from_meta
+    from chexfound.models import ViTConfig, VisionTransformer
+
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "classifier":
+        raise CheckpointError(path, f"expected a classifier bundle, found kind={meta.get('kind')!r}")
+    backbone = VisionTransformer(ViTConfig.from_dict(meta["backbone"]["config"]))
+    try:
+        head = head_from_meta(meta["head"])
+    except CheckpointError as e:
+        raise CheckpointError(path, e.reason) from e
+    for prefix, module in (("backbone.", backbone), ("head.", head)):
+        sd = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+              for k, v in tensors.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(path, f"{prefix.rstrip('.')} keys do not match: missing {missing}, "
+                                        f"unexpected {unexpected}")
+    return backbone.eval(), head.eval(), meta

@@ -1,0 +1,184 @@
+// The chexfound page: drop a CXR, see the model's view, sorted findings, and a heatmap per finding on click.
+// Talks only to this server's API (/v1/model, /v1/predict?heatmaps=url and the URLs it returns).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { base: null, overlay: null, selected: null, request: 0 };
+
+function setStatus(text, isError = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("could not load " + url));
+    img.src = url;
+  });
+}
+
+// Draw the model's view, then the selected finding's overlay (already blended) at the chosen opacity.
+function draw() {
+  const canvas = $("view");
+  const ctx = canvas.getContext("2d");
+  if (!state.base) return;
+  canvas.width = state.base.naturalWidth;
+  canvas.height = state.base.naturalHeight;
+  ctx.globalAlpha = 1;
+  ctx.drawImage(state.base, 0, 0);
+  if (state.overlay) {
+    ctx.globalAlpha = Number($("opacity").value);
+    ctx.drawImage(state.overlay, 0, 0, canvas.width, canvas.height);
+    ctx.globalAlpha = 1;
+  }
+}
+
+async function showModel() {
+  try {
+    const r = await fetch("/v1/model");
+    const m = await r.json();
+    const sha = (m.backbone.weights_sha256 || "").slice(0, 12);
+    $("model-summary").textContent =
+      `${m.head.head_type} head, ${m.findings.length} findings, backbone ${m.backbone.name || ""} ${sha}` +
+      (m.head.has_attention ? "" : " (no heatmaps: this head has no attention)");
+  } catch (e) {
+    $("model-summary").textContent = "model info unavailable";
+  }
+}
+
+function showImageInfo(image) {
+  const dl = $("image-info");
+  dl.replaceChildren();
+  const rows = [
+    ["file", image.filename],
+    ["format", image.source_format],
+    ["size", image.original_size ? image.original_size.join(" × ") : null],
+    ["photometric", image.photometric_interpretation],
+    ["view", image.view_position],
+  ];
+  for (const [k, v] of rows) {
+    if (v === null || v === undefined || v === "") continue;
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    dl.append(dt, dd);
+  }
+  dl.hidden = false;
+}
+
+async function selectFinding(li, finding) {
+  for (const el of document.querySelectorAll("#findings li.selected")) el.classList.remove("selected");
+  li.classList.add("selected");
+  state.selected = finding.name;
+  if (!finding.heatmap_url) return;
+  $("caption").textContent = `heatmap: ${finding.name} (loading…)`;
+  try {
+    const img = await loadImage(finding.heatmap_url);
+    if (state.selected !== finding.name) return; // another finding was clicked meanwhile
+    state.overlay = img;
+    draw();
+    $("caption").textContent = `heatmap: ${finding.name}`;
+    $("view").dataset.heatmap = finding.name;
+  } catch (e) {
+    $("caption").textContent = `heatmap for ${finding.name} unavailable (${e.message})`;
+  }
+}
+
+function showFindings(result) {
+  const list = $("findings");
+  list.replaceChildren();
+  const sorted = [...result.findings].sort((a, b) => b.probability - a.probability);
+  for (const f of sorted) {
+    const li = document.createElement("li");
+    li.tabIndex = 0;
+    li.dataset.name = f.name;
+    li.dataset.probability = String(f.probability);
+    if (f.positive) li.classList.add("positive");
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = f.name;
+    const prob = document.createElement("span");
+    prob.className = "prob";
+    prob.textContent = (100 * f.probability).toFixed(1) + " %";
+    prob.title = `threshold ${(100 * f.threshold).toFixed(1)} %`;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.style.width = Math.max(0, Math.min(100, 100 * f.probability)).toFixed(1) + "%";
+    bar.append(fill);
+    li.append(name, prob, bar);
+    li.addEventListener("click", () => selectFinding(li, f));
+    li.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") selectFinding(li, f); });
+    list.append(li);
+  }
+  const note = $("heatmap-note");
+  note.hidden = result.heatmaps.available;
+  note.textContent = result.heatmaps.available ? "" : "Heatmaps unavailable: " + result.heatmaps.reason;
+  $("right").hidden = false;
+}
+
+async function analyse(file) {
+  const request = ++state.request;
+  setStatus(`Analysing ${file.name}…`);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let r, body;
+  try {
+    r = await fetch("/v1/predict?heatmaps=url", { method: "POST", body: form });
+    body = await r.json().catch(() => ({ detail: r.statusText }));
+  } catch (e) {
+    setStatus("Could not reach the server: " + e.message, true);
+    return;
+  }
+  if (request !== state.request) return; // a newer upload superseded this one
+  if (!r.ok) {
+    const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    setStatus(`Error ${r.status}: ${detail}`, true);
+    return;
+  }
+  state.overlay = null;
+  state.selected = null;
+  delete $("view").dataset.heatmap;
+  try {
+    state.base = await loadImage(body.image.image_url);
+  } catch (e) {
+    setStatus(e.message, true);
+    return;
+  }
+  $("viewer").hidden = false;
+  draw();
+  $("caption").textContent = body.heatmaps.available ? "click a finding to overlay its heatmap" : "";
+  showImageInfo(body.image);
+  showFindings(body);
+  const n = body.positive.length;
+  const shown = body.positive.slice(0, 4).join(", ") + (n > 4 ? ", …" : "");
+  const pos = n ? `${n} positive: ${shown}` : "no finding above its threshold";
+  setStatus(`${file.name}: ${pos} (${Math.round(body.timing_ms.decode + body.timing_ms.model)} ms)`);
+}
+
+function setupDrop() {
+  const drop = $("drop");
+  const input = $("file");
+  input.addEventListener("change", () => {
+    if (!input.files.length) return;
+    const file = input.files[0];
+    input.value = ""; // so choosing the same file again re-runs it
+    analyse(file);
+  });
+  for (const ev of ["dragenter", "dragover"]) {
+    drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const ev of ["dragleave", "drop"]) {
+    drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) analyse(e.dataTransfer.files[0]); });
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") input.click(); });
+  $("opacity").addEventListener("input", draw);
+}
+
+setupDrop();
+showModel();

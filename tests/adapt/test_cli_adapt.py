@@ -1,0 +1,119 @@
+"""`chexfound adapt` end to end on real NIH images with a tiny random backbone."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from chexfound.adapt import GloriHead, LinearHead, load_head
+from chexfound.cli.main import main
+from chexfound.data.findings import NIH14
+from chexfound.data.manifest import read_manifest
+from chexfound.models.format import read_meta
+
+SMALL = ["--decoder-dim", "32", "--ffn-dim", "32", "--num-heads", "2", "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, data_root):
+    df = pd.read_csv(data_root / "nih14" / "labels.csv").head(40)
+    df["path"] = [str(data_root / "nih14" / p) for p in df["path"]]
+    d = tmp_path_factory.mktemp("m")
+    df.to_csv(d / "train.csv", index=False)
+    broken = d / "broken.png"
+    broken.write_bytes(b"nope")
+    bad = pd.concat([df, df.head(1).assign(path=str(broken), patient_id="bad")])
+    bad.to_csv(d / "with_bad.csv", index=False)
+    return d
+
+
+def test_glori_then_linear_reuse_the_cache(manifest, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    rc = main(["adapt", "--config", "tiny_vit", "--train", str(manifest / "with_bad.csv"), "--val-split", "0.25",
+               "--head", "glori", "--epochs", "2", "--lrs", "1e-3,1e-2", "--heatmaps", "2", "--heatmap-top-k", "1",
+               "--out", str(out), *SMALL])
+    assert rc == 0
+    head = load_head(out / "glori.safetensors")
+    meta = read_meta(out / "glori.safetensors")
+    assert isinstance(head, GloriHead)
+    assert head.findings == read_manifest(manifest / "train.csv").label_columns  # manifest column order
+    assert set(head.findings) == {n.replace(" ", "_") for n in NIH14}
+    assert meta["backbone_sha256"] and meta["transform"]["size"] == 64 and meta["n_blocks"] == 2
+    assert meta["selection"]["lr"] in (1e-3, 1e-2)
+    table = pd.read_csv(out / "glori.val_per_finding.csv")
+    assert list(table.columns[:5]) == ["finding", "n_pos", "n_neg", "auroc", "ap"] and len(table) == 14
+    assert len(pd.read_csv(out / "glori.grid.csv")) == 2
+    assert len(list((out / "heatmaps" / "glori").glob("*.png"))) == 2
+    assert pd.read_csv(out / "skipped.csv")["path"].str.endswith("broken.png").all()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"start", "cache", "done"} <= {r.get("event") for r in records}
+    assert sum("val_macro_ap" in r for r in records) == 2 * 2
+    summary = json.loads((out / "glori.metrics.json").read_text())
+    assert summary["val_images"] + summary["train_images"] == 41
+
+    # A second head in the same folder: the features are not recomputed.
+    import chexfound.adapt.cache as cache_mod
+
+    def fail(*a, **k):
+        raise AssertionError("the backbone ran again")
+
+    monkeypatch.setattr(cache_mod, "_compute", fail)
+    rc = main(["adapt", "--config", "tiny_vit", "--train", str(manifest / "with_bad.csv"), "--val-split", "0.25",
+               "--head", "linear", "--avgpool", "--epochs", "2", "--lrs", "1e-2", "--out", str(out), *SMALL])
+    assert rc == 0 and isinstance(load_head(out / "linear.safetensors"), LinearHead)
+    assert len(pd.read_csv(out / "linear.val_per_finding.csv")) == 14 and (out / "glori.grid.csv").is_file()
+    # --strict turns skipped images into a non-zero exit.
+    rc = main(["adapt", "--config", "tiny_vit", "--train", str(manifest / "with_bad.csv"), "--val-split", "0.25",
+               "--head", "linear", "--epochs", "1", "--lrs", "1e-2", "--out", str(out), "--strict", *SMALL])
+    assert rc == 1
+
+
+def test_split_column_and_backbone_file(manifest, tmp_path, tiny_backbone):
+    from chexfound.models import backbone_sha256, save_backbone
+
+    df = pd.read_csv(manifest / "train.csv")
+    df["split"] = ["val" if i % 4 == 0 else "train" for i in range(len(df))]
+    df.to_csv(tmp_path / "split.csv", index=False)
+    save_backbone(tiny_backbone, tmp_path / "bb.safetensors")
+    out = tmp_path / "run"
+    rc = main(["adapt", "--backbone", str(tmp_path / "bb.safetensors"), "--train", str(tmp_path / "split.csv"),
+               "--labels", "Atelectasis,Effusion", "--head", "mlp", "--hidden-dim", "16", "--epochs", "1",
+               "--lrs", "1e-3", "--out", str(out), *SMALL])
+    assert rc == 0
+    summary = json.loads((out / "mlp.metrics.json").read_text())
+    assert summary["val_images"] == 10 and summary["backbone_sha256"] == backbone_sha256(tiny_backbone)
+    assert load_head(out / "mlp.safetensors").findings == ["Atelectasis", "Effusion"]
+    assert main(["adapt", "--train", str(tmp_path / "split.csv"), "--out", str(out), "--quiet"]) == 2  # no backbone
+
+
+def test_end_to_end_lora_run(manifest, tmp_path):
+    from chexfound.models import backbone_sha256, load_backbone
+
+    df = pd.read_csv(manifest / "train.csv").head(8)
+    df["split"] = ["train"] * 6 + ["val"] * 2
+    df.to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "e2e"
+    rc = main(["adapt", "--config", "tiny_vit", "--train", str(tmp_path / "m.csv"), "--labels", "Atelectasis",
+               "--task", "binary", "--head", "linear", "--finetune", "lora", "--epochs", "1", "--lrs", "1e-3",
+               "--batch-size", "3", "--out", str(out), "--quiet"])
+    assert rc == 0
+    bb, _ = load_backbone(out / "linear.backbone.safetensors")
+    meta = read_meta(out / "linear.safetensors")
+    assert meta["backbone_sha256"] == backbone_sha256(bb) and meta["task"] == "binary" and meta["finetune"] == "lora"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--metric", "r2"], "does not exist for a multilabel task"),
+    (["--task", "survival", "--loss", "bce"], "does not fit a survival task"),
+    (["--flip-augment"], "needs --flip-tta"),
+    (["--config", "no_such_model"], "unknown backbone config"),
+])
+def test_bad_options_are_reported_before_any_work(manifest, tmp_path, capsys, extra, message):
+    args = ["adapt", "--train", str(manifest / "train.csv"), "--out", str(tmp_path / "o"), "--quiet"]
+    if "--config" not in extra:
+        args += ["--config", "tiny_vit"]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "cache").exists()

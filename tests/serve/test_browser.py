@@ -1,0 +1,103 @@
+"""The web page in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+upload a real DICOM, see the findings listed, click one, see its heatmap drawn; save a screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from chexfound.data.findings import NIH14
+from chexfound.serve import Predictor
+from chexfound.serve.app import create_app
+from chexfound.serve.server import BackgroundServer
+
+from .conftest import ARTIFACTS
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(120),
+    # In CI (.ci/run installs them) a missing browser is a failure, not a skip.
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
+                       reason="needs Debian's chromium and chromium-driver (listed in .ci/apt-packages)"),
+]
+
+# Fraction of canvas pixels that are clearly coloured (the image itself is grayscale).
+COLOURED_JS = """
+const c = document.getElementById('view');
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0;
+for (let i = 0; i < d.length; i += 4) {
+  if (Math.abs(d[i] - d[i + 2]) + Math.abs(d[i + 1] - d[i + 2]) > 40) n++;
+}
+return [n / (d.length / 4), c.width, c.height];
+"""
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1280,900", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_drop_a_dicom_and_see_findings_and_heatmap(browser, models: dict[str, Path], dicom_paths: list[Path],
+                                                   tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    predictor = Predictor(models["backbone"], models["attention"], device="cpu")
+    wait = WebDriverWait(browser, 30)
+    with BackgroundServer(create_app(predictor)) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: "findings" in d.find_element(By.ID, "model-summary").text)
+        browser.find_element(By.ID, "file").send_keys(str(dicom_paths[0]))  # RG1_UNCR.dcm
+
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#findings li")) == len(NIH14))
+        items = browser.find_elements(By.CSS_SELECTOR, "#findings li")
+        names = [li.get_attribute("data-name") for li in items]
+        probs = [float(li.get_attribute("data-probability")) for li in items]
+        assert sorted(names) == sorted(NIH14)
+        assert probs == sorted(probs, reverse=True)  # most probable first
+        expected = predictor.predict_image(dicom_paths[0])
+        assert names[0] == NIH14[int(expected.probabilities.argmax())]
+        assert "error" not in browser.find_element(By.ID, "status").get_attribute("class")
+
+        before, w, h = browser.execute_script(COLOURED_JS)
+        assert (w, h) == (512, 512) and before < 0.01  # the plain image first
+        items[0].click()
+        wait.until(lambda d: d.find_element(By.ID, "view").get_attribute("data-heatmap") == names[0])
+        after, _, _ = browser.execute_script(COLOURED_JS)
+        assert after > 0.05, f"only {after:.1%} of the canvas is coloured after choosing a heatmap"
+        assert names[0] in browser.find_element(By.ID, "caption").text
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "page_heatmap.png"
+        assert browser.save_screenshot(str(shot))
+        shutil.copy(shot, tmp_path / shot.name)
+
+        # An unreadable upload shows the server's 4xx message on the page.
+        bad = tmp_path / "bad.dcm"
+        bad.write_bytes(b"DICM? no." * 10)
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
+        status = browser.find_element(By.ID, "status").text
+        assert "400" in status and "bad.dcm" in status
