@@ -27,7 +27,7 @@ from chexfound.errors import CheckpointError, ConfigError
 from chexfound.models.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from chexfound.models.format import META_KEY, state_dict_sha256
 from chexfound.models.loaders.describe import ARCHITECTURES, SUPPORTED, describe_state_dict
-from chexfound.models.loaders.files import read_json, read_safetensors, read_safetensors_meta, sniff, torch_load
+from chexfound.models.loaders.files import read_json, read_safetensors, read_safetensors_meta, sniff, load_weights_only
 from chexfound.models.loaders.hf import config_from_hf, filter_hf_dinov2, hf_uses_mask_token, looks_hf
 from chexfound.models.loaders.infer import complete_from_registry, infer_config, match_registry
 from chexfound.models.loaders.keys import Filtered, RawStateDict, tensor_dtypes, unwrap_state_dict
@@ -117,7 +117,7 @@ def _read_raw(p: Path) -> RawStateDict | None:
         tensors, _ = read_safetensors(p)
         return unwrap_state_dict(tensors, p)
     if kind in ("torch-zip", "torch-legacy"):
-        return unwrap_state_dict(torch_load(p), p)
+        return unwrap_state_dict(load_weights_only(p), p)
     if kind == "npz":
         raise CheckpointError(p, f"this is a NumPy .npz archive (a features file?), not model weights; {SUPPORTED}")
     raise CheckpointError(p, f"this is {kind}, not a model checkpoint; {SUPPORTED}")

@@ -74,7 +74,7 @@ def _sniff_zip(path: Path) -> str:
     return f"a zip archive ({len(names)} members, not a PyTorch checkpoint)"
 
 
-def torch_load(path: str | PathLike[str]) -> Any:
+def load_weights_only(path: str | PathLike[str]) -> Any:
     """`torch.load(weights_only=True)` with errors that say what went wrong."""
     p = Path(path)
     if not p.is_file():
