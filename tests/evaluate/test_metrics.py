@@ -142,3 +142,10 @@ def test_multiclass_matches_sklearn():
     assert m["accuracy"] == pytest.approx(np.mean(prob.argmax(1) == y))
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, prob.argmax(1)))
     assert m["macro"]["auroc"] == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+
+
+def test_ranked_scores_with_no_rows_give_nan_not_an_error():
+    from chexfound.evaluate.ranking import RankedScores
+
+    auroc, ap = RankedScores(np.zeros(0), np.zeros(0)).auroc_ap(np.ones((2, 0)))
+    assert auroc.shape == (2,) and np.all(np.isnan(auroc)) and np.all(np.isnan(ap))

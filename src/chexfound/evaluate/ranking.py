@@ -45,7 +45,7 @@ class RankedScores:
         pw = ws * self.pos
         nw = ws - pw
         if self.starts.size == 0:
-            z = np.zeros((w.shape[0], 0))
+            z = np.zeros((ws.shape[0], 0))
             return z, z
         return np.add.reduceat(pw, self.starts, axis=1), np.add.reduceat(nw, self.starts, axis=1)
 
