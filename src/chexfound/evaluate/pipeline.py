@@ -1,12 +1,11 @@
 """End-to-end evaluation runs behind `chexfound evaluate`: score a predictions file, or run a protocol on a
-dataset task with frozen backbones. Each run writes one report folder (see report.py)."""
+dataset task with frozen backbones. Each run writes one report folder (see report.py).
+Scoring a predictions file lives in score_run.py; this module runs the task protocols."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -15,160 +14,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from chexfound import __version__
-from chexfound.data.manifest import Manifest, read_manifest
 from chexfound.data.transform import InputTransform
-from chexfound.errors import ChexfoundError, ManifestError
+from chexfound.errors import ChexfoundError
 from chexfound.evaluate import figures
 from chexfound.adapt.runtime import resolve_device
 from chexfound.evaluate.features import FeatureSet, pooled_features
-from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
+from chexfound.evaluate.protocols.common import EvalConfig, Splits
 from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
 from chexfound.evaluate.tasks import TaskData, load_task
 from chexfound.evaluate.trainers import LogisticTrainer
 from chexfound.models.format import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _provenance(extra: dict[str, Any]) -> dict[str, Any]:
-    return {"created": _now(), "chexfound_version": __version__, "command": sys.argv, **extra}
-
-
-def _classification_figures(y: np.ndarray, preds: dict[str, np.ndarray], findings: Sequence[str],
-                            metrics: dict[str, Any], groups_by_model: dict[str, Any] | None = None) -> list[Figure]:
-    figs = [Figure("roc.png", "ROC curves per finding", figures.roc_pr_grid(y, preds, findings, "roc",
-                                                                            metrics.get("per_finding"))),
-            Figure("pr.png", "Precision-recall curves per finding",
-                   figures.roc_pr_grid(y, preds, findings, "pr", metrics.get("per_finding")),
-                   "Dotted line: prevalence (the AP of a random ranking).")]
-    gb = groups_by_model if groups_by_model is not None else (
-        {"model": metrics["groups"]} if metrics.get("groups") else None)
-    if gb:
-        figs.append(Figure("groups.png", "Prevalence groups", figures.group_bars(gb),
-                           "Whiskers: patient-level bootstrap 95% CI of the group mean."))
-    return figs
-
-
-# --- score a predictions file -----------------------------------------------------------------------------
-
-@dataclass
-class ScoreOptions:
-    findings: Sequence[str] | None = None
-    id_column: str | None = None
-    split: str | None = None
-    thresholds: str | None = None
-    train_labels: str | None = None
-    allow_missing: bool = False
-    uncertain: str = "nan"
-    kind: str = "multilabel"  # multilabel | multiclass | regression | survival
-    targets: Sequence[str] | None = None  # regression: target columns; survival: (time, event)
-    risk_column: str = "risk"  # survival: the prediction column with the risk score
-    cfg: EvalConfig = field(default_factory=EvalConfig)
-
-
-def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], out: str | PathLike[str],
-               opts: ScoreOptions = ScoreOptions()) -> dict[str, Any]:
-    from chexfound.evaluate.score import match_predictions, read_predictions, read_thresholds
-
-    pred_path = Path(predictions)
-    preds = read_predictions(pred_path)
-    man = read_manifest(labels, labels=opts.findings)
-    train_y = None
-    if opts.split:
-        if "split" not in man.df.columns:
-            raise ManifestError(man.source, "--split given but the manifest has no 'split' column")
-        if opts.train_labels is None and (man.df["split"] == "train").any():
-            train_y = man.split("train").labels(opts.uncertain)
-        man = man.split(opts.split)
-        if not len(man):
-            raise ManifestError(man.source, f"no rows with split == {opts.split!r}")
-    if opts.uncertain != "nan":  # resolve -1 before matching (Manifest.labels does it per call)
-        y_all = man.labels(opts.uncertain)
-        man.df[man.label_columns] = y_all
-    if opts.kind != "multilabel":
-        return _score_other(preds, pred_path, man, labels, out, opts, train_y)
-    mt = match_predictions(preds, man, pred_path, opts.findings, opts.id_column, opts.allow_missing)
-    if opts.train_labels:
-        tm = read_manifest(opts.train_labels)
-        from chexfound.data.findings import finding_map as map_findings
-
-        mp = map_findings(mt.findings, tm.label_columns)
-        miss = [f for f in mt.findings if f not in mp]
-        if miss:
-            raise ManifestError(tm.source, f"training manifest lacks label(s) {miss} (needed for prevalence groups)")
-        tm.label_columns = [mp[f] for f in mt.findings]
-        train_y = tm.labels(opts.uncertain)
-    thr = read_thresholds(opts.thresholds, mt.findings) if opts.thresholds else None
-    res = score_predictions(mt.y, mt.p, mt.patients, mt.findings, thr, train_y, opts.cfg)
-    prov = _provenance({
-        "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
-        "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
-        "manifest_sha256": sha256_file(labels), "matching": mt.info,
-        "thresholds": opts.thresholds or "0.5 for every finding",
-    })
-    metrics = {"protocol": "score", **res, "provenance": prov,
-               "config": {"split": opts.split, "uncertain": opts.uncertain, "findings": mt.findings,
-                          **opts.cfg.to_dict()}}
-    rep = Report(f"Evaluation of {pred_path.name}", metrics,
-                 _classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res),
-                 notes=[f"{mt.info['n_matched']} images matched by {mt.info['id_column']} ({mt.info['matched_by']});"
-                        f" {mt.info['n_missing']} without prediction; {mt.info['n_extra_predictions']} extra "
-                        f"prediction rows ignored"])
-    write_report(out, rep)
-    return metrics
-
-
-def _score_other(preds: Any, pred_path: Path, man: Manifest, labels: str | PathLike[str], out: str | PathLike[str],
-                 opts: ScoreOptions, train_y: np.ndarray | None) -> dict[str, Any]:
-    """Multiclass (one-hot label columns, one probability column per class), regression (`targets`, predicted
-    under the same names) or survival (`targets` = time, event; prediction column `risk_column`)."""
-    import pandas as pd
-
-    from chexfound.evaluate.score import match_predictions
-    from chexfound.evaluate.score_kinds import class_index, score_multiclass, score_regression, score_survival
-
-    figs: list[Figure] = []
-    if opts.kind == "multiclass":
-        mt = match_predictions(preds, man, pred_path, opts.findings, opts.id_column, opts.allow_missing)
-        # (no prevalence groups here: they describe long-tailed multi-label sets)
-        res = score_multiclass(class_index(mt.y), mt.p, mt.findings, mt.patients, opts.cfg)
-        figs = _classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res)
-        tables = [("Multiclass", pd.DataFrame([{k: res["multiclass"].get(k) for k in
-                                                ("n", "accuracy", "accuracy_ci", "balanced_accuracy",
-                                                 "balanced_accuracy_ci")} | {"macro AUROC": res["macro"]["auroc"]}]))]
-    elif opts.kind == "regression":
-        if not opts.targets:
-            raise ChexfoundError("--kind regression needs --targets COLUMN[,COLUMN...]")
-        mt = match_predictions(preds, man, pred_path, list(opts.targets), opts.id_column, opts.allow_missing)
-        y = mt.frame[mt.findings].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        res = score_regression(y, mt.p, mt.findings, mt.patients, opts.cfg)
-        tables = [("Regression", pd.DataFrame([{"target": t, **v} for t, v in res["regression"].items()]))]
-    elif opts.kind == "survival":
-        if not opts.targets or len(opts.targets) != 2:
-            raise ChexfoundError("--kind survival needs --targets TIME_COLUMN,EVENT_COLUMN")
-        missing = [c for c in opts.targets if c not in man.df.columns]
-        if missing:
-            raise ManifestError(man.source, f"survival column(s) {missing} not in manifest")
-        mt = match_predictions(preds, man, pred_path, None, opts.id_column, opts.allow_missing,
-                               columns=[opts.risk_column])
-        tv = mt.frame[list(opts.targets)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        res = score_survival(tv[:, 0], tv[:, 1], mt.p[:, 0], mt.patients, opts.cfg)
-        tables = [("Survival", pd.DataFrame([res["survival"]]))]
-    else:
-        raise ChexfoundError(f"unknown --kind {opts.kind!r} (multilabel, multiclass, regression, survival)")
-    prov = _provenance({
-        "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
-        "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
-        "manifest_sha256": sha256_file(labels), "matching": mt.info})
-    metrics = {"protocol": "score", "kind": opts.kind, **res, "provenance": prov,
-               "config": {"split": opts.split, "kind": opts.kind, "targets": opts.targets, **opts.cfg.to_dict()}}
-    write_report(out, Report(f"Evaluation of {pred_path.name} ({opts.kind})", metrics, figs, tables))
-    return metrics
+from chexfound.evaluate.run_common import _classification_figures, _now, _provenance  # noqa: F401
 
 
 # --- task protocols -----------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def _cfg(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chexfound.evaluate.pipeline import ScoreOptions, TaskOptions, evaluate_task, score_file
+    from chexfound.evaluate.pipeline import TaskOptions, evaluate_task
+    from chexfound.evaluate.score_run import ScoreOptions, score_file
 
     cfg = _cfg(args)
     if args.predictions or args.labels:
