@@ -74,16 +74,22 @@ def _sniff_zip(path: Path) -> str:
     return f"a zip archive ({len(names)} members, not a PyTorch checkpoint)"
 
 
-def load_weights_only(path: str | PathLike[str]) -> Any:
-    """`torch.load(weights_only=True)` with errors that say what went wrong."""
+def _sniff_as(path: str | PathLike[str], kinds: tuple[str, ...], what: str) -> tuple[Path, str]:
+    """The file's kind, or a CheckpointError saying it is missing, empty or something else than `what`."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(p, "file not found" if not p.exists() else "not a file")
     kind = sniff(p)
     if kind == "empty":
         raise CheckpointError(p, "file is empty")
-    if kind not in ("torch-zip", "torch-legacy"):
-        raise CheckpointError(p, f"this is {kind}, not a PyTorch checkpoint")
+    if kind not in kinds:
+        raise CheckpointError(p, f"this is {kind}, not {what}")
+    return p, kind
+
+
+def load_weights_only(path: str | PathLike[str]) -> Any:
+    """`torch.load(weights_only=True)` with errors that say what went wrong."""
+    p, kind = _sniff_as(path, ("torch-zip", "torch-legacy"), "a PyTorch checkpoint")
     try:
         try:
             # mmap keeps a 1+ GB teacher checkpoint out of RAM until the tensors are copied into the model.
@@ -111,14 +117,7 @@ def load_weights_only(path: str | PathLike[str]) -> Any:
 
 def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the raw string metadata of a safetensors file."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(p, "file not found" if not p.exists() else "not a file")
-    kind = sniff(p)
-    if kind == "empty":
-        raise CheckpointError(p, "file is empty")
-    if kind != "safetensors":
-        raise CheckpointError(p, f"this is {kind}, not a safetensors file")
+    p, _ = _sniff_as(path, ("safetensors",), "a safetensors file")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
