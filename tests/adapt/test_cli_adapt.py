@@ -54,12 +54,12 @@ def test_glori_then_linear_reuse_the_cache(manifest, tmp_path, monkeypatch):
     assert summary["val_images"] + summary["train_images"] == 41
 
     # A second head in the same folder: the features are not recomputed.
-    import chexfound.adapt.cache as cache_mod
+    import chexfound.models.embedder as engine_mod
 
     def fail(*a, **k):
         raise AssertionError("the backbone ran again")
 
-    monkeypatch.setattr(cache_mod, "_compute", fail)
+    monkeypatch.setattr(engine_mod, "_forward_fn", fail)
     rc = main(["adapt", "--config", "tiny_vit", "--train", str(manifest / "with_bad.csv"), "--val-split", "0.25",
                "--head", "linear", "--avgpool", "--epochs", "2", "--lrs", "1e-2", "--out", str(out), *SMALL])
     assert rc == 0 and isinstance(load_head(out / "linear.safetensors"), LinearHead)

@@ -8,7 +8,7 @@ import torch
 
 from chexfound.adapt import GloriHead, LinearHead, MLPHead
 from chexfound.adapt.sources import TensorFeatures
-from chexfound.adapt.train import fit_heads
+from chexfound.adapt.fit import fit_heads
 
 P, D = 16, 8
 

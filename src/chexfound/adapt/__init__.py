@@ -39,11 +39,11 @@ def load_head(path: str | PathLike[str], name: str | None = None, findings: Sequ
 
 def __getattr__(name: str):  # lazy: keep `import chexfound.adapt` light for the serve path
     if name == "FeatureCache":
-        from chexfound.adapt.cache import FeatureCache
+        from chexfound.adapt.token_cache import FeatureCache
 
         return FeatureCache
     if name == "fit_heads":
-        from chexfound.adapt.train import fit_heads
+        from chexfound.adapt.fit import fit_heads
 
         return fit_heads
     if name == "predict":

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from chexfound.adapt.heads.base import Features, Head
-from chexfound.adapt.runtime import resolve_device
+from chexfound.adapt.device import resolve_device
 from chexfound.adapt.sources import FeatureSource
 
 

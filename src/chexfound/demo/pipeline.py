@@ -271,7 +271,7 @@ def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
 
 def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
     """Kermany test AUROC vs share of training patients: pretrained vs random (linear heads) vs pixels."""
-    from chexfound.adapt.cache import FeatureCache
+    from chexfound.adapt.token_cache import FeatureCache
     from chexfound.evaluate.bootstrap import BootstrapConfig
     from chexfound.evaluate.protocols.common import EvalConfig, Splits
     from chexfound.evaluate.protocols.label_efficiency import run_label_efficiency

@@ -24,7 +24,7 @@ def build_cache(backbone: torch.nn.Module, paths: Sequence[str | PathLike[str]],
                 root: str | PathLike[str], backbone_sha256: str, batch_size: int = 32, device: str | None = None,
                 dtype: str = "fp32", workers: int = 0, progress: bool = False) -> Any:
     """Build (or reuse: the cache resumes and checks its inputs) the feature cache of `paths`."""
-    from chexfound.adapt.cache import FeatureCache
+    from chexfound.adapt.token_cache import FeatureCache
 
     return FeatureCache.build(backbone, [str(p) for p in paths], Path(root), n_blocks=n_blocks,
                               batch_size=batch_size, device=device, dtype=dtype, transform=transform,
@@ -73,7 +73,7 @@ class AdaptTrainer:
 
     def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
             seed: int = 0) -> AdaptHead:
-        from chexfound.adapt.train import fit_heads
+        from chexfound.adapt.fit import fit_heads
 
         y = np.asarray(y, dtype=np.float32)
         have_val = val_idx is not None and len(val_idx) > 0

@@ -17,8 +17,8 @@ import torch
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError
 from chexfound.evaluate import figures
-from chexfound.adapt.runtime import resolve_device
-from chexfound.evaluate.features import FeatureSet, pooled_features
+from chexfound.adapt.device import resolve_device
+from chexfound.models.pooled import PooledFeatures
 from chexfound.evaluate.protocols.common import EvalConfig, Splits
 from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
 from chexfound.evaluate.tasks import TaskData, load_task
@@ -125,7 +125,7 @@ class _Backbone:
     info: dict[str, Any]
     transform: InputTransform
     n_blocks: int
-    features: FeatureSet
+    features: PooledFeatures
     cache: Any
 
 
@@ -148,7 +148,7 @@ def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, path
     cache = build_cache(model, paths, tf, n, out / "cache" / f"{tag}{sha[:12]}-{key}", sha,
                         batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, workers=opts.workers,
                         progress=opts.progress)
-    return _Backbone(label, model, info, tf, n, pooled_features(cache), cache)
+    return _Backbone(label, model, info, tf, n, cache.pooled(), cache)
 
 
 def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts: TaskOptions) -> tuple[Any, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chexfound.adapt.runtime import resolve_device
+from chexfound.adapt.device import resolve_device
 from chexfound.data.transform import InputTransform
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.io import CXRImage, read_image

@@ -29,6 +29,7 @@ from torch import Tensor
 from chexfound.data.manifest import patient_split, read_manifest
 from chexfound.data.readers import read_kermany
 from chexfound.data.transform import InputTransform
+from chexfound.models.extract import extract_features
 from chexfound.models.vit import VisionTransformer
 from chexfound.ssl.data import Skipped, decode_all
 
@@ -92,29 +93,14 @@ def nih14_task(root: str | Path, size: int, n_train: int, n_test: int, seed: int
 
 
 # -- features --------------------------------------------------------------------------------------
-@torch.no_grad()
 def backbone_features(model: VisionTransformer, images: Tensor, device: torch.device, batch_size: int = 64,
                       autocast: Callable[[], Any] | None = None) -> np.ndarray:
+    """[N, 2D]: final-norm CLS + mean patch token of the last block, from the project's feature engine
+    (uint8 images normalised on the device by the backbone's input transform)."""
     tf = InputTransform.for_backbone(model.cfg, size=images.shape[-1])
-    mean = torch.tensor(tf.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(tf.std, device=device).view(1, 3, 1, 1)
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size].to(device).float() / 255.0
-        if tf.minmax_rescale:
-            lo = x.amin(dim=(1, 2, 3), keepdim=True)
-            hi = x.amax(dim=(1, 2, 3), keepdim=True)
-            x = (x - lo) / (hi - lo).clamp_min(1e-6)
-        x = (x.expand(-1, 3, -1, -1) - mean) / std
-        ctx = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
-        with ctx:
-            f = model.forward_features(x)
-        feat = torch.cat([f["x_norm_clstoken"], f["x_norm_patchtokens"].mean(dim=1)], dim=-1)
-        out.append(feat.float().cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy()
+    feats = extract_features(model, images, n_blocks=1, transform=tf, batch_size=batch_size, device=device,
+                             autocast=autocast)
+    return feats.vectors(1, avgpool=True)
 
 
 def pixel_features(images: Tensor, size: int = 32) -> np.ndarray:

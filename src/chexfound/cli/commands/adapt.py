@@ -109,8 +109,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from chexfound.adapt.run import AdaptOptions, run_adapt
-    from chexfound.adapt.train import DEFAULT_LRS
+    from chexfound.adapt.pipeline import AdaptOptions, run_adapt
+    from chexfound.adapt.fit import DEFAULT_LRS
 
     known = {f.name for f in fields(AdaptOptions)}
     kw = {k: v for k, v in vars(args).items() if k in known and v is not None}

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from chexfound.data.transform import InputTransform
     from chexfound.models import backbone_sha256, create_backbone, load_backbone
     from chexfound.models.embedder import EmbedSettings, embed_paths
-    from chexfound.models.features import FEATURE_SUFFIXES
+    from chexfound.models.pooled_file import FEATURE_SUFFIXES
 
     out = Path(args.out)
     if out.suffix not in FEATURE_SUFFIXES:

@@ -25,8 +25,8 @@ import yaml
 
 from chexfound.adapt.heads import GloriHead, Head, LinearHead, MLPHead, save_head
 from chexfound.adapt.metrics import per_finding
-from chexfound.adapt.runtime import resolve_device
-from chexfound.adapt.train import DEFAULT_LRS
+from chexfound.adapt.device import resolve_device
+from chexfound.adapt.fit import DEFAULT_LRS
 from chexfound.errors import ConfigError, ManifestError
 from chexfound.models.format import atomic_write_bytes
 
@@ -244,8 +244,8 @@ def validate(opts: AdaptOptions) -> None:
 
 
 def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
-    from chexfound.adapt.cache import FeatureCache
-    from chexfound.adapt.train import fit_heads
+    from chexfound.adapt.token_cache import FeatureCache
+    from chexfound.adapt.fit import fit_heads
     from chexfound.data.transform import InputTransform
 
     validate(opts)
