@@ -122,3 +122,34 @@ def test_uncertain_labels_follow_the_policy():
     w = lambda r: r.heads[0].linear.weight  # noqa: E731
     torch.testing.assert_close(w(ignored), w(as_nan))
     assert not torch.allclose(w(as_one), w(as_nan))
+
+
+def test_the_13_lr_grid_is_13_separately_trained_heads():
+    """The original's 13-value grid runs as one batched computation (stacked parameters, vmapped forward,
+    one AdamW over the stack); every config ends where training it alone ends.
+
+    One exception, by the mathematics rather than the grid: attention's key bias has an exactly zero
+    gradient (softmax ignores a constant added to every score), so Adam turns the float noise of that zero
+    into steps of size lr; it never changes an output, and outputs are what is compared for it."""
+    from chexfound.adapt.fit import DEFAULT_LRS
+
+    ftr, ytr = _data(64, 0)
+    fva, yva = _data(32, 1)
+    kw = dict(epochs=2, batch_size=32, weight_decays=[1e-3], seed=5, return_all=True)
+    make = lambda: _glori(dropout=0.0)  # noqa: E731
+    grid = fit_heads(make, ftr, ytr, fva, yva, lrs=DEFAULT_LRS, **kw)
+    assert len(grid.heads) == 13
+    for g, lr in enumerate(DEFAULT_LRS):
+        alone = fit_heads(make, ftr, ytr, fva, yva, lrs=[lr], **kw)
+        mine, single = grid.heads[g].state_dict(), alone.heads[0].state_dict()
+        for k in single:
+            a, b = mine[k], single[k]
+            if k.endswith("multihead_attn.in_proj_bias"):  # [q; k; v]: drop the key third
+                a, b = torch.cat([a[:16], a[32:]]), torch.cat([b[:16], b[32:]])
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5, msg=f"lr {lr}: {k}")
+        with torch.no_grad():
+            out_grid = grid.heads[g](fva)[0]
+            out_alone = alone.heads[0](fva)[0]
+        torch.testing.assert_close(out_grid, out_alone, rtol=1e-4, atol=1e-4)
+        assert grid.configs[g]["best_epoch"] == alone.configs[0]["best_epoch"]
+        assert grid.configs[g]["macro_ap"] == pytest.approx(alone.configs[0]["macro_ap"], abs=1e-4)

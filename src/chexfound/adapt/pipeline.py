@@ -1,9 +1,14 @@
-"""The `chexfound adapt` pipeline as a function (the CLI and the demo call it).
+"""The `chexfound adapt` pipeline as a function (the CLI and the demo call it), stage by stage:
 
-backbone -> manifests (+ patient split when no validation manifest) -> label arrays for the task ->
-feature caches per split (reused on reruns) -> grid training with selection on val -> best head saved with
-backbone identity and input transform -> per-finding val table, grid table, val predictions -> heatmaps.
-With `finetune` set (full | lora | bitfit) the cache is skipped and backbone + head train end to end.
+1. `_backbone_stage`: the backbone and its identity (sha256, config, input transform), or with `features`
+   the identity recorded in what `chexfound embed` wrote (no backbone is loaded or run);
+2. `split_manifests` + `task_labels`: manifests (+ patient split when no validation manifest), label arrays;
+3. `_feature_sources`: per split, the rows of `features`, or token caches built by the feature engine
+   (reused on reruns);
+4. `_train_on_features` (`fit_heads`: the lr x wd grid, selection on val) or `_train_end_to_end`
+   (`finetune`: full | lora | bitfit, no cache);
+5. `_write_outputs`: best head saved with backbone identity and input transform, per-finding val table, grid
+   table, val predictions, heatmaps.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class AdaptOptions:
     flip_tta: bool = False
     flip_augment: bool = False
     cache: str | None = None
+    features: str | None = None  # what `chexfound embed` wrote (token cache folder or pooled file): no backbone run
     # GLoRI / probe hyper-parameters
     decoder_dim: int = 768
     num_heads: int = 8
@@ -86,6 +92,8 @@ class AdaptOptions:
     quiet: bool = False
     strict: bool = False
     grid_chunk: int | None = None
+    compile: bool = False  # per-block torch.compile of the backbone while caching features (GPU)
+    pack: bool = True      # CPU: oneDNN packed-weight backbone while caching features
 
 
 class _RunLog:
@@ -105,7 +113,8 @@ def load_backbone_for(opts: AdaptOptions) -> tuple[torch.nn.Module, str, dict[st
     from chexfound.models import backbone_sha256, create_backbone, load_backbone
 
     if bool(opts.backbone) == bool(opts.config):
-        raise ConfigError(None, "give exactly one of --backbone FILE or --config NAME (random init)")
+        raise ConfigError(None, "give exactly one of --backbone FILE or --config NAME (random init), "
+                                "or --features (what `chexfound embed` wrote)")
     if opts.backbone:
         model, meta = load_backbone(opts.backbone)
         sha = meta.get("weights_sha256") or backbone_sha256(model)
@@ -237,17 +246,166 @@ def validate(opts: AdaptOptions) -> None:
         raise ConfigError(None, "--epochs and --batch-size must be at least 1")
     if opts.finetune and opts.flip_augment:
         raise ConfigError(None, "--flip-augment applies to cached features; end-to-end runs augment images")
-    if opts.flip_augment and not opts.flip_tta:
+    if opts.flip_augment and not opts.flip_tta and not opts.features:
         raise ConfigError(None, "--flip-augment needs --flip-tta (features of flipped images in the cache)")
     if opts.uncertain not in ("nan", "zero", "one"):
         raise ConfigError(None, f"--uncertain {opts.uncertain}: use nan, zero or one")
 
 
-def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
-    from chexfound.adapt.token_cache import FeatureCache
-    from chexfound.adapt.fit import fit_heads
+@dataclass
+class _Backbone:
+    """What the heads are trained on: the backbone (None when features come from `--features`) and the
+    identity every head file records."""
+
+    model: torch.nn.Module | None
+    sha256: str
+    config: dict[str, Any]
+    transform: Any  # InputTransform
+    n_blocks: int
+    embed_dim: int
+    name: str
+
+
+@dataclass
+class _Trained:
+    head: Head
+    best: dict[str, Any]
+    configs: list[dict[str, Any]]
+    val_predictions: np.ndarray | None
+    metric: str
+    val_source: Any  # where heatmaps read attention from (None for end-to-end runs)
+    skipped: list[tuple[str, str, str]]
+
+
+def _backbone_stage(opts: AdaptOptions) -> _Backbone:
+    """The backbone and its identity, or (with --features) the identity recorded in the features."""
     from chexfound.data.transform import InputTransform
 
+    if opts.features:
+        from chexfound.adapt.sources import open_features
+
+        if opts.finetune:
+            raise ConfigError(None, "--finetune trains the backbone: it cannot start from --features")
+        src = open_features(opts.features)
+        meta = src.meta
+        cfg = dict(meta.get("backbone_config") or {})
+        if opts.backbone or opts.config:
+            model, sha, _ = load_backbone_for(opts)
+            if sha != meta.get("backbone_sha256"):
+                raise ConfigError(Path(opts.features), f"these features were made by backbone "
+                                  f"{str(meta.get('backbone_sha256'))[:12]}..., not by the given one ({sha[:12]}...)")
+        tf = InputTransform.from_dict(meta["transform"])
+        n_blocks = opts.n_blocks or src.n_blocks
+        if not 1 <= n_blocks <= src.n_blocks:
+            raise ConfigError(None, f"--n-blocks {n_blocks}: the features hold {src.n_blocks} block(s)")
+        return _Backbone(None, str(meta.get("backbone_sha256", "")), cfg, tf, n_blocks,
+                         int(cfg.get("embed_dim") or meta.get("embed_dim")), cfg.get("name") or "features")
+    model, sha, recorded_tf = load_backbone_for(opts)
+    depth = len(model.blocks)
+    n_blocks = opts.n_blocks or min(4, depth)
+    if not 1 <= n_blocks <= depth:
+        raise ConfigError(None, f"--n-blocks {n_blocks} but the backbone has {depth} blocks")
+    tf = InputTransform.from_dict(recorded_tf) if recorded_tf else InputTransform.for_backbone(model.cfg)
+    if opts.image_size:
+        tf = InputTransform.from_dict({**tf.to_dict(), "size": opts.image_size})
+    return _Backbone(model, sha, model.cfg.to_dict(), tf, n_blocks, model.embed_dim, model.cfg.name or "file")
+
+
+def _feature_sources(opts: AdaptOptions, bb: _Backbone, splits: dict[str, Any], out: Path,
+                     runlog: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One feature source per split: rows of `--features`, or token caches built (or reused) here."""
+    from chexfound.adapt.sources import RowSubset, match_rows, open_features
+    from chexfound.adapt.token_cache import FeatureCache
+
+    sources: dict[str, Any] = {}
+    if opts.features:
+        whole = open_features(opts.features)
+        if opts.head == "glori" and not getattr(whole, "has_tokens", True):
+            raise ConfigError(Path(opts.features), "a GLoRI head attends over patch tokens, and this file holds "
+                                                   "pooled features: embed with --tokens DIR and pass that folder")
+        if opts.flip_augment and not whole.has_flip:
+            raise ConfigError(Path(opts.features), "--flip-augment needs features of flipped images "
+                                                   "(embed with --tokens DIR --flip-tta)")
+        for split, m in splits.items():
+            ids = m.df["image_id"].astype(str).tolist() if "image_id" in m.df.columns else None
+            rows = match_rows(whole, [str(p) for p in m.paths()], ids)
+            missing = int((rows < 0).sum())
+            if missing == len(rows):
+                raise ConfigError(Path(opts.features), f"holds none of the {split} images (matched by path, "
+                                                       "then image_id): embed the manifests you train on")
+            if missing:
+                log.warning("%s: %d of %d %s images are not in %s (skipped)", opts.features, missing, len(rows),
+                            split, opts.features)
+            sources[split] = RowSubset(whole, rows)
+            runlog({"event": "features", "split": split, "source": str(opts.features), "images": len(m),
+                    "valid": int(sources[split].valid.sum())})
+        return sources
+    cache_root = Path(opts.cache) if opts.cache else out / "cache"
+    for split, m in splits.items():
+        paths = [str(p) for p in m.paths()]
+        d = _cache_dir(cache_root, bb.sha256, split, paths, bb.transform.to_dict(), bb.n_blocks, opts.flip_tta)
+        t0 = time.perf_counter()
+        sources[split] = FeatureCache.build(bb.model, m, d, n_blocks=bb.n_blocks, batch_size=opts.batch_size,
+                                            device=resolve_device(opts.device), dtype=opts.dtype,
+                                            transform=bb.transform, flip_tta=opts.flip_tta, workers=opts.workers,
+                                            backbone_sha256=bb.sha256, progress=not opts.quiet, pack=opts.pack,
+                                            compile=opts.compile)
+        runlog({"event": "cache", "split": split, "dir": str(d), "images": len(m),
+                "valid": int(sources[split].valid.sum()), "seconds": round(time.perf_counter() - t0, 3)})
+    return sources
+
+
+def _skipped_rows(split: str, src: Any, m: Any) -> list[tuple[str, str, str]]:
+    """Unreadable images, and images a --features collection does not hold."""
+    out = [(split, p, r) for _, p, r in getattr(src, "errors", [])]
+    rows = getattr(src, "rows", None)
+    if rows is not None:
+        paths = [str(p) for p in m.paths()]
+        out += [(split, paths[k], "not in --features") for k in np.flatnonzero(rows < 0)]
+    return out
+
+
+def _train_on_features(opts: AdaptOptions, make: Callable[[], Head], sources: dict[str, Any], y_tr: np.ndarray,
+                       y_va: np.ndarray, splits: dict[str, Any], runlog: Callable[[dict[str, Any]], None]) -> _Trained:
+    from chexfound.adapt.fit import FitSettings, fit_heads
+
+    st = FitSettings(lrs=opts.lrs, weight_decays=opts.weight_decays, epochs=opts.epochs, batch_size=opts.batch_size,
+                     loss=opts.loss, class_balance=opts.class_balance, metric=opts.metric, eval_every=opts.eval_every,
+                     patience=opts.patience, flip_augment=opts.flip_augment, threshold_method=opts.threshold_method,
+                     device=resolve_device(opts.device), seed=opts.seed, grid_chunk=opts.grid_chunk)
+    res = fit_heads(make, sources["train"], y_tr, sources["val"], y_va, st, callback=runlog, progress=not opts.quiet)
+    skipped = [row for split in ("train", "val") for row in _skipped_rows(split, sources[split], splits[split])]
+    return _Trained(res.head, res.config, res.configs, res.val_predictions, res.metric, sources["val"], skipped)
+
+
+def _train_end_to_end(opts: AdaptOptions, make: Callable[[], Head], bb: _Backbone, y_tr: np.ndarray,
+                      y_va: np.ndarray, splits: dict[str, Any], out: Path, name: str,
+                      runlog: Callable[[dict[str, Any]], None]) -> tuple[_Trained, _Backbone]:
+    from chexfound.adapt.finetune import FinetuneSettings, finetune
+    from chexfound.models import backbone_sha256, save_backbone
+
+    if len(opts.lrs) > 1 or len(opts.weight_decays) > 1:
+        log.warning("end-to-end training runs one configuration: lr %g, weight decay %g (the first values)",
+                    opts.lrs[0], opts.weight_decays[0])
+    st = FinetuneSettings(mode=opts.finetune, lr=opts.lrs[0], backbone_lr=opts.backbone_lr,  # type: ignore[arg-type]
+                          weight_decay=opts.weight_decays[0], epochs=opts.epochs, batch_size=opts.batch_size,
+                          loss=opts.loss, class_balance=opts.class_balance, metric=opts.metric,
+                          patience=opts.patience, threshold_method=opts.threshold_method,
+                          device=resolve_device(opts.device), dtype=opts.dtype, workers=opts.workers, seed=opts.seed)
+    model, res = finetune(copy.deepcopy(bb.model), make, splits["train"].paths(), y_tr, splits["val"].paths(), y_va,
+                          st, transform=bb.transform, callback=runlog)
+    save_backbone(model, out / f"{name}.backbone.safetensors", transform=bb.transform.to_dict(),
+                  extra={"finetuned_from": bb.sha256, "finetune": opts.finetune})
+    adapted = _Backbone(model, backbone_sha256(model), model.cfg.to_dict(), bb.transform, bb.n_blocks, bb.embed_dim,
+                        bb.name)
+    trained = _Trained(res.head, res.config, [res.config], res.val_predictions, res.metric, None,
+                       [("train", p, r) for _, p, r in res.errors])
+    return trained, adapted
+
+
+def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
+    """The `chexfound adapt` pipeline: backbone (or --features) -> splits and labels -> features per split ->
+    grid training (or end to end) -> head file, tables, predictions, heatmaps. Returns the summary."""
     validate(opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,95 +415,57 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
     atomic_write_bytes(out / f"{name}.config.yaml", yaml.safe_dump(asdict(opts), sort_keys=False).encode())
     runlog = _RunLog(out / "metrics.jsonl", name)
     runlog({"event": "start", "head_type": opts.head, "task": opts.task})
-    dev = resolve_device(opts.device)
 
-    backbone, sha, recorded_tf = load_backbone_for(opts)
-    depth = len(backbone.blocks)
-    n_blocks = opts.n_blocks or min(4, depth)
-    if not 1 <= n_blocks <= depth:
-        raise ConfigError(None, f"--n-blocks {n_blocks} but the backbone has {depth} blocks")
-    tf = InputTransform.from_dict(recorded_tf) if recorded_tf else InputTransform.for_backbone(backbone.cfg)
-    if opts.image_size:
-        tf = InputTransform.from_dict({**tf.to_dict(), "size": opts.image_size})
-    grid = (tf.size // backbone.patch_size, tf.size // backbone.patch_size)
-
+    bb = _backbone_stage(opts)
     train_m, val_m = split_manifests(opts)
     y_tr, findings = task_labels(train_m, opts.task, opts.uncertain)
     y_va, _ = task_labels(val_m, opts.task, opts.uncertain, classes=findings if opts.task == "multiclass" else None)
     if len(train_m) == 0 or len(val_m) == 0:
         raise ManifestError(Path(opts.train), f"empty split: {len(train_m)} train / {len(val_m)} val images")
+    splits = {"train": train_m, "val": val_m}
     runlog({"event": "data", "train_images": len(train_m), "val_images": len(val_m), "findings": findings})
     if not opts.quiet:
         print(f"adapt: {opts.head} head, {opts.task}, {len(findings)} output(s); {len(train_m)} train / "
-              f"{len(val_m)} val images; backbone {backbone.cfg.name or 'file'} ({sha[:12]}), "
-              f"{n_blocks} blocks, {tf.size}px, device {dev}")
-    make = head_factory(opts, findings, n_blocks, backbone.embed_dim, grid)
-    skipped: list[tuple[str, str, str]] = []
-
+              f"{len(val_m)} val images; backbone {bb.name} ({bb.sha256[:12]}), {bb.n_blocks} blocks, "
+              f"{bb.transform.size}px, device {resolve_device(opts.device)}"
+              + (f", features from {opts.features}" if opts.features else ""))
+    p = int(bb.config.get("patch_size", 16))
+    make = head_factory(opts, findings, bb.n_blocks, bb.embed_dim, (bb.transform.size // p, bb.transform.size // p))
     if opts.finetune:
-        from chexfound.adapt.finetune import finetune
-        from chexfound.models import backbone_sha256, save_backbone
-
-        if len(opts.lrs) > 1 or len(opts.weight_decays) > 1:
-            log.warning("end-to-end training runs one configuration: lr %g, weight decay %g (the first values)",
-                        opts.lrs[0], opts.weight_decays[0])
-        bb = copy.deepcopy(backbone)
-        bb, res = finetune(bb, make, train_m.paths(), y_tr, val_m.paths(), y_va, mode=opts.finetune, transform=tf,
-                           lr=opts.lrs[0], backbone_lr=opts.backbone_lr, weight_decay=opts.weight_decays[0],
-                           epochs=opts.epochs, batch_size=opts.batch_size, loss=opts.loss,
-                           class_balance=opts.class_balance, metric=opts.metric, patience=opts.patience,
-                           threshold_method=opts.threshold_method, device=dev, dtype=opts.dtype,
-                           workers=opts.workers, seed=opts.seed, callback=runlog)
-        save_backbone(bb, out / f"{name}.backbone.safetensors", transform=tf.to_dict(),
-                      extra={"finetuned_from": sha, "finetune": opts.finetune})
-        sha = backbone_sha256(bb)
-        backbone = bb
-        head, best, configs, val_pred, metric = res.head, res.config, [res.config], res.val_predictions, res.metric
-        skipped += [("train", p, r) for _, p, r in res.errors]
-        val_cache = None
+        trained, bb = _train_end_to_end(opts, make, bb, y_tr, y_va, splits, out, name, runlog)
     else:
-        cache_root = Path(opts.cache) if opts.cache else out / "cache"
-        caches = {}
-        for split, m in (("train", train_m), ("val", val_m)):
-            paths = [str(p) for p in m.paths()]
-            d = _cache_dir(cache_root, sha, split, paths, tf.to_dict(), n_blocks, opts.flip_tta)
-            t0 = time.perf_counter()
-            caches[split] = FeatureCache.build(backbone, m, d, n_blocks=n_blocks, batch_size=opts.batch_size,
-                                               device=dev, dtype=opts.dtype, transform=tf, flip_tta=opts.flip_tta,
-                                               workers=opts.workers, backbone_sha256=sha, progress=not opts.quiet)
-            runlog({"event": "cache", "split": split, "dir": str(d), "images": len(m),
-                    "valid": int(caches[split].valid.sum()), "seconds": round(time.perf_counter() - t0, 3)})
-            skipped += [(split, p, r) for _, p, r in caches[split].errors]
-        res = fit_heads(make, caches["train"], y_tr, caches["val"], y_va, lrs=opts.lrs,
-                        weight_decays=opts.weight_decays, epochs=opts.epochs, batch_size=opts.batch_size,
-                        loss=opts.loss, class_balance=opts.class_balance, metric=opts.metric,
-                        eval_every=opts.eval_every, patience=opts.patience, flip_augment=opts.flip_augment,
-                        threshold_method=opts.threshold_method, device=dev, seed=opts.seed,
-                        grid_chunk=opts.grid_chunk, callback=runlog, progress=not opts.quiet)
-        head, best, configs, val_pred, metric = res.head, res.config, res.configs, res.val_predictions, res.metric
-        val_cache = caches["val"]
+        sources = _feature_sources(opts, bb, splits, out, runlog)
+        trained = _train_on_features(opts, make, sources, y_tr, y_va, splits, runlog)
+    return _write_outputs(opts, name, out, bb, trained, findings, train_m, val_m, y_va, runlog)
 
+
+def _write_outputs(opts: AdaptOptions, name: str, out: Path, bb: _Backbone, tr: _Trained, findings: list[str],
+                   train_m: Any, val_m: Any, y_va: np.ndarray, runlog: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Head file (with backbone identity and transform), grid / per-finding tables, val predictions, heatmaps."""
+    head = tr.head
     head_path = out / f"{name}.safetensors"
-    extra = {"selection": {"metric": metric, **best}, "label_columns": list(train_m.label_columns),
+    extra = {"selection": {"metric": tr.metric, **tr.best}, "label_columns": list(train_m.label_columns),
              "uncertain": opts.uncertain, "train_manifest": str(opts.train), "finetune": opts.finetune}
-    save_head(head, head_path, backbone_sha256=sha, backbone_config=backbone.cfg.to_dict(), transform=tf.to_dict(),
+    if opts.features:
+        extra["features"] = str(opts.features)
+    save_head(head, head_path, backbone_sha256=bb.sha256, backbone_config=bb.config, transform=bb.transform.to_dict(),
               extra=extra)
     files = {"head": head_path, "grid": out / f"{name}.grid.csv", "summary": out / f"{name}.metrics.json",
              "val_predictions": out / f"{name}.val_predictions.csv",
              "val_per_finding": out / f"{name}.val_per_finding.csv", "log": out / "metrics.jsonl"}
-    _write_csv(pd.DataFrame(configs), files["grid"])
+    _write_csv(pd.DataFrame(tr.configs), files["grid"])
 
-    summary: dict[str, Any] = {"head": str(head_path), "best": best, "metric": metric, "backbone_sha256": sha,
-                               "train_images": len(train_m), "val_images": len(val_m), "skipped": len(skipped),
-                               "files": {k: str(v) for k, v in files.items()}}
-    if val_pred is not None:
+    summary: dict[str, Any] = {"head": str(head_path), "best": tr.best, "metric": tr.metric,
+                               "backbone_sha256": bb.sha256, "train_images": len(train_m), "val_images": len(val_m),
+                               "skipped": len(tr.skipped), "files": {k: str(v) for k, v in files.items()}}
+    if tr.val_predictions is not None:
         cols = findings if head.out_dim == len(findings) else ["risk"]
-        pred_df = pd.DataFrame(val_pred, columns=cols)
+        pred_df = pd.DataFrame(tr.val_predictions, columns=cols)
         pred_df.insert(0, "path", [str(p) for p in val_m.paths()])
         _write_csv(pred_df, files["val_predictions"])
         if opts.task in ("multilabel", "binary", "multiclass"):
             y_table = y_va.reshape(len(y_va), -1) if opts.task != "multiclass" else _onehot(y_va, len(findings))
-            rows = per_finding(y_table, val_pred, findings)
+            rows = per_finding(y_table, tr.val_predictions, findings)
             for r, t in zip(rows, head.thresholds.tolist()):
                 r["threshold"] = t
             table = pd.DataFrame(rows)
@@ -353,19 +473,20 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
             summary["per_finding"] = rows
             if not opts.quiet:
                 print(_format_table(table))
-    if skipped:
-        _write_csv(pd.DataFrame(skipped, columns=["split", "path", "reason"]), out / "skipped.csv")
-        log.warning("%d unreadable image(s) skipped; listed in %s", len(skipped), out / "skipped.csv")
+    if tr.skipped:
+        _write_csv(pd.DataFrame(tr.skipped, columns=["split", "path", "reason"]), out / "skipped.csv")
+        log.warning("%d unreadable image(s) skipped; listed in %s", len(tr.skipped), out / "skipped.csv")
 
-    if opts.heatmaps and val_cache is not None:
-        summary["heatmaps"] = [str(p) for p in _heatmaps(head, val_cache, tf, out / "heatmaps" / name, opts)]
+    if opts.heatmaps and tr.val_source is not None and getattr(tr.val_source, "has_tokens", True):
+        summary["heatmaps"] = [str(p) for p in _heatmaps(head, tr.val_source, bb.transform, out / "heatmaps" / name,
+                                                         opts)]
     elif opts.heatmaps:
-        log.warning("heatmaps are drawn from the feature cache; skipped for end-to-end runs")
+        log.warning("heatmaps are drawn from patch-token features; skipped for end-to-end runs and pooled features")
     runlog({"event": "done", **{k: v for k, v in summary.items() if k not in ("per_finding",)}})
     atomic_write_bytes(files["summary"], json.dumps(_jsonable(summary), indent=1).encode())
     if not opts.quiet:
-        print(f"best: {_short(best)}\nsaved {head_path}")
-    summary["exit_code"] = 1 if (opts.strict and skipped) else 0
+        print(f"best: {_short(tr.best)}\nsaved {head_path}")
+    summary["exit_code"] = 1 if (opts.strict and tr.skipped) else 0
     return summary
 
 
