@@ -79,3 +79,21 @@ def test_sdpa_backend_choice_and_settings():
     assert prepare_backbone(wrapped, "cpu", InferenceSettings()) is wrapped
     with pytest.raises(RuntimeError, match="CUDA"):
         CudaGraphForward(model, 1, run_context(dev, InferenceSettings()))(x)
+
+
+@pytest.mark.slow
+def test_compiled_predictor_pads_batches_and_matches_eager(tmp_path):
+    from chexfound.adapt import GloriHead
+    from chexfound.serve.predictor import Predictor
+
+    model = _model()
+    torch.manual_seed(1)
+    head = GloriHead(["a", "b"], 2, embed_dim=64, decoder_dim=16, num_heads=2, ffn_dim=16).eval()
+    eager = Predictor(model, head, device="cpu")
+    fast = Predictor(model, head, device="cpu", compile=True)
+    x = torch.randn(3, 3, 64, 64)  # padded to 4 inside, cut back to 3
+    pe, me = eager.predict_tensor(x)
+    pf, mf = fast.predict_tensor(x)
+    assert pf.shape == (3, 2) and mf.shape == me.shape
+    np.testing.assert_allclose(pf, pe, atol=1e-5)
+    np.testing.assert_allclose(mf, me, atol=1e-5)

@@ -136,6 +136,8 @@ class Predictor:
     transform: the input transform; default: the one recorded with the head (what its features were
         computed with), else the backbone's, else the backbone config's.
     strict: raise (instead of warn) when the head was trained on a different backbone.
+    compile: run each backbone block through torch.compile (static shapes; batches are padded to the next
+        power of two so a server compiles a handful of shapes once). Pays on a GPU; off by default.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class Predictor:
         strict: bool = False,
         backbone_meta: dict[str, Any] | None = None,
         head_meta: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         from chexfound.adapt.heads.base import load_our_head
         from chexfound.models import backbone_sha256, load_backbone
@@ -180,6 +183,11 @@ class Predictor:
             raise ConfigError(None, f"dtype must be fp32 or bf16, got {dtype!r}")
         self.dtype = dtype
         self.model = Classifier(bb, hd).to(self.device).eval()
+        self.compiled = bool(compile)
+        if self.compiled:
+            from chexfound.models.inference import compile_blocks
+
+            self.model.backbone = compile_blocks(self.model.backbone)
         self.head = hd
         self.findings: list[str] = list(hd.findings)
         self.thresholds: np.ndarray = hd.thresholds.detach().cpu().float().numpy().copy()
@@ -275,8 +283,12 @@ class Predictor:
     @torch.inference_mode()
     def predict_tensor(self, x: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Normalised images [B, 3, S, S] -> (probabilities [B, C], attention maps [B, C, g, g] or None)."""
+        n = x.shape[0]
+        if self.compiled and n & (n - 1):  # compiled graphs are per shape: pad to the next power of two
+            x = torch.cat([x, x.new_zeros((1 << n.bit_length()) - n, *x.shape[1:])])
         with self._autocast():
             probs, maps = self.model(x.to(self.device, non_blocking=True))
+        probs, maps = probs[:n], None if maps is None else maps[:n]
         return probs.float().cpu().numpy(), None if maps is None else maps.float().cpu().numpy()
 
     def preprocess(self, image: CXRImage | np.ndarray) -> Tensor:

@@ -14,7 +14,7 @@ from chexfound.errors import ChexfoundError, ConfigError
 log = logging.getLogger(__name__)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, compile_option: bool = True) -> None:
     """--backbone/--head (or --model bundle), shared by predict, serve and export."""
     g = p.add_argument_group("model")
     g.add_argument("--backbone", help="backbone file (as chexfound.models.load_backbone reads)")
@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                    "safetensors`")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    if compile_option:
+        g.add_argument("--compile", action="store_true",
+                       help="torch.compile each backbone block (pays on a GPU after a one-off compile; off on CPU)")
     g.add_argument("--strict", action="store_true",
                    help="fail (instead of warn) when the head was trained on another backbone; for predict, "
                         "also exit non-zero when any input was skipped")
@@ -34,10 +37,12 @@ def load_predictor(args: argparse.Namespace) -> Any:
     if args.model:
         if args.backbone or args.head:
             raise ConfigError(None, "give either --model or --backbone and --head, not both")
-        return Predictor.from_bundle(args.model, device=args.device, dtype=args.dtype, strict=args.strict)
+        return Predictor.from_bundle(args.model, device=args.device, dtype=args.dtype, strict=args.strict,
+                                     compile=getattr(args, "compile", False))
     if not (args.backbone and args.head):
         raise ConfigError(None, "--backbone and --head are required (or --model BUNDLE)")
-    return Predictor(args.backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict)
+    return Predictor(args.backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
+                     compile=getattr(args, "compile", False))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
