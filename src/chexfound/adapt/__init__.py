@@ -8,9 +8,11 @@
     probs, attn = predict(load_head("glori.safetensors"), val, return_attention=True)
 
 Modules: heads/ (GloriHead, LinearHead, MLPHead; tasks multilabel | binary | multiclass | regression |
-survival), cache (FeatureCache), train (fit_heads), grid (vmapped AdamW over stacked heads), losses (masked
-BCE, ASL, CE, MSE, Cox), metrics, inference (predict), heatmap, released (original glori.pth), finetune
-(end to end: full, LoRA, BitFit, when the cache is off), run (the `chexfound adapt` pipeline).
+survival), token_cache (FeatureCache: what the feature engine `chexfound.models.embedder` writes for heads),
+sources (feature sources: token cache, pooled file, tensors, row subsets), fit (fit_heads + FitSettings),
+grid (vmapped AdamW over stacked heads), losses (masked BCE, ASL, CE, MSE, Cox), metrics, inference
+(predict), heatmap, released (original glori.pth), finetune (end to end: full, LoRA, BitFit, when the cache
+is off; FinetuneSettings), pipeline (the `chexfound adapt` command as a function), device (device/dtype names).
 """
 
 from __future__ import annotations
