@@ -322,7 +322,10 @@ class TokenCacheWriter:
         self._mm = {}
         _fold_rank_status(self.root)
         status = np.load(self.root / "status.npy")
-        _write_index(self.root, self.paths, self.ids, status, _read_errors(self.root))
+        names = np.array(["pending", "ok", "failed"])[status]
+        listed = pd.read_csv(self.root / "index.csv", keep_default_na=False)["status"].to_numpy()
+        if len(listed) != len(names) or (listed != names).any():  # a rerun that computed nothing leaves it be
+            _write_index(self.root, self.paths, self.ids, status, _read_errors(self.root))
         return self.root
 
 

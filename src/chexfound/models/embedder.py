@@ -189,7 +189,7 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
     log.info("rank %d/%d: %d images to compute in %d batches", rank, world, total, len(batches))
     run = EngineRun(results=[])
     was_training = model.training
-    timings = {"prepare_model": 0.0, "wait_for_data": 0.0, "forward": 0.0, "to_sinks": 0.0}
+    timings = {"prepare_model": 0.0, "wait_for_data": 0.0, "to_device_and_forward": 0.0, "to_sinks": 0.0}
     if batches:
         t = time.perf_counter()
         fast = prepare_backbone(model, device, settings.inference())
@@ -234,7 +234,7 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
                         flipped = None if flipped is None else tuple((p[:b], cl[:b]) for p, cl in flipped)
                     out = Batch(batch["index"].numpy(), tokens, flipped)
                     out.pooled()  # moves to the CPU: the forward is done (and timed) here
-                    timings["forward"] += time.perf_counter() - t
+                    timings["to_device_and_forward"] += time.perf_counter() - t
                     t = time.perf_counter()
                     for s in sinks:
                         s.add(c, out)
