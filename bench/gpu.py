@@ -412,7 +412,8 @@ def section(rep: Report, name: str, fn: Callable[[], Any]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write every figure here")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU check of every code path; timings meaningless)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes (a CPU check of every code path; its timings mean nothing)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data", default=os.environ.get("CHEXFOUND_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile / CUDA-graph variants")

@@ -218,7 +218,8 @@ def _train_epoch(backbone: nn.Module, head: Head, loader: Any, targets: Tensor, 
 
 
 def _validate(backbone: nn.Module, head: Head, val_paths: Sequence[Any], val_labels: np.ndarray, tf: Any,
-              st: FinetuneSettings, metric: str, dev: torch.device, dt: torch.dtype) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+              st: FinetuneSettings, metric: str, dev: torch.device,
+              dt: torch.dtype) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
     """(predictions, metrics on the readable rows, which rows were readable)."""
     pred = predict_images(backbone, head, val_paths, tf, st.batch_size, dev, dt, st.workers)
     y_va = np.asarray(val_labels, dtype=np.float32)
@@ -276,12 +277,14 @@ def finetune(
         rec: dict[str, Any] = {"epoch": epoch, "mode": st.mode, "lr": st.lr, "backbone_lr": st.resolved_backbone_lr,
                                "train_loss": loss}
         if has_val:
-            _, m, _ = _validate(backbone, head, val_paths, val_labels, tf, st, metric, dev, dt)  # type: ignore[arg-type]
+            _, m, _ = _validate(backbone, head, val_paths, val_labels, tf, st, metric, dev,  # type: ignore[arg-type]
+                                dt)
             rec.update({f"val_{k}": v for k, v in m.items()})
             score = sign * m[metric] if not math.isnan(m[metric]) else -math.inf
             if best_state is None or score > best_score:
                 best_score, best_epoch, bad = score, epoch, 0
-                best_state = {"head": copy.deepcopy(head.state_dict()), "backbone": copy.deepcopy(backbone.state_dict())}
+                best_state = {"head": copy.deepcopy(head.state_dict()),
+                              "backbone": copy.deepcopy(backbone.state_dict())}
             else:
                 bad += 1
         history.append(rec)

@@ -210,7 +210,8 @@ def _train_epoch(grid: HeadGrid, data: _Data, loss_fn: Callable[[torch.Tensor, t
                  dev: torch.device, bar: Any) -> tuple[np.ndarray, int]:
     """One pass over the training rows for every config; returns (mean loss per config, step counter)."""
     order = rng.permutation(data.train_rows)
-    batches = [np.sort(order[s : s + st.batch_size]) for s in range(0, len(order), st.batch_size)]  # sorted: faster reads
+    # Rows sorted within a batch: memory-mapped caches read fastest in row order.
+    batches = [np.sort(order[s : s + st.batch_size]) for s in range(0, len(order), st.batch_size)]
     flips = [rng.random(len(b)) < 0.5 if st.flip_augment else None for b in batches]
     sums, n = torch.zeros(grid.g), 0
     for b, feats in zip(batches, _prefetch(data.train, batches, flips, dev)):

@@ -440,7 +440,8 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
 
 
 def _write_outputs(opts: AdaptOptions, name: str, out: Path, bb: _Backbone, tr: _Trained, findings: list[str],
-                   train_m: Any, val_m: Any, y_va: np.ndarray, runlog: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                   train_m: Any, val_m: Any, y_va: np.ndarray,
+                   runlog: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Head file (with backbone identity and transform), grid / per-finding tables, val predictions, heatmaps."""
     head = tr.head
     head_path = out / f"{name}.safetensors"
