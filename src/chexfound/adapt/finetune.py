@@ -218,8 +218,7 @@ def _train_epoch(backbone: nn.Module, head: Head, loader: Any, targets: Tensor, 
 
 
 def _validate(backbone: nn.Module, head: Head, val_paths: Sequence[Any], val_labels: np.ndarray, tf: Any,
-              st: FinetuneSettings, metric: str, dev: torch.device,
-              dt: torch.dtype) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+              st: FinetuneSettings, dev: torch.device, dt: torch.dtype) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
     """(predictions, metrics on the readable rows, which rows were readable)."""
     pred = predict_images(backbone, head, val_paths, tf, st.batch_size, dev, dt, st.workers)
     y_va = np.asarray(val_labels, dtype=np.float32)
@@ -277,8 +276,7 @@ def finetune(
         rec: dict[str, Any] = {"epoch": epoch, "mode": st.mode, "lr": st.lr, "backbone_lr": st.resolved_backbone_lr,
                                "train_loss": loss}
         if has_val:
-            _, m, _ = _validate(backbone, head, val_paths, val_labels, tf, st, metric, dev,  # type: ignore[arg-type]
-                                dt)
+            _, m, _ = _validate(backbone, head, val_paths, val_labels, tf, st, dev, dt)  # type: ignore[arg-type]
             rec.update({f"val_{k}": v for k, v in m.items()})
             score = sign * m[metric] if not math.isnan(m[metric]) else -math.inf
             if best_state is None or score > best_score:
@@ -315,7 +313,7 @@ def _finish(backbone: nn.Module, head: Head, best_state: dict[str, Any] | None, 
               "best_epoch": best_epoch or len(history)}
     val_pred = None
     if val_paths is not None and val_labels is not None:
-        val_pred, m, ok = _validate(backbone, head, val_paths, val_labels, tf, st, metric, dev, dt)
+        val_pred, m, ok = _validate(backbone, head, val_paths, val_labels, tf, st, dev, dt)
         config[metric] = m[metric]
         if head.task in ("multilabel", "binary"):
             y_va = np.asarray(val_labels, dtype=np.float32)
