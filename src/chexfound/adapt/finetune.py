@@ -218,7 +218,8 @@ def _train_epoch(backbone: nn.Module, head: Head, loader: Any, targets: Tensor, 
 
 
 def _validate(backbone: nn.Module, head: Head, val_paths: Sequence[Any], val_labels: np.ndarray, tf: Any,
-              st: FinetuneSettings, dev: torch.device, dt: torch.dtype) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+              st: FinetuneSettings, dev: torch.device,
+              dt: torch.dtype) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
     """(predictions, metrics on the readable rows, which rows were readable)."""
     pred = predict_images(backbone, head, val_paths, tf, st.batch_size, dev, dt, st.workers)
     y_va = np.asarray(val_labels, dtype=np.float32)
