@@ -194,6 +194,12 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
         t = time.perf_counter()
         fast = prepare_backbone(model, device, settings.inference())
         fwd = _forward_fn(fast, device, settings)
+        if settings.inference().static_shapes:  # compile / capture now, so the throughput figures exclude it
+            size = int(transform.size)
+            with torch.inference_mode():
+                fwd(torch.zeros(settings.batch_size, 3, size, size, device=device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         timings["prepare_model"] = time.perf_counter() - t
         flip = any(s.wants_flip for s in sinks)
         tdtype = settings.transfer_dtype(device)
