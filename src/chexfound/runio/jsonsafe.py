@@ -21,12 +21,14 @@ def json_safe(obj: Any) -> Any:
     numbers, and a strict reader rejects them); paths -> str; dataclasses -> dicts; sets -> sorted lists (a
     stable file for the same set); tuples -> lists; enums -> their value; mapping keys -> str. Anything else
     that JSON cannot hold raises TypeError rather than being written as an opaque string."""
-    if obj is None or isinstance(obj, (bool, str)):
+    if obj is None or isinstance(obj, bool):
         return obj
-    if isinstance(obj, (int, np.integer)) and not isinstance(obj, np.bool_):
-        return int(obj)
+    if isinstance(obj, str):
+        return str(obj)  # numpy's str_ is a str subclass: hand out the plain one
     if isinstance(obj, np.bool_):
         return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
     if isinstance(obj, (float, np.floating)):
         v = float(obj)
         return v if math.isfinite(v) else None
@@ -37,7 +39,11 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     if isinstance(obj, (set, frozenset)):
-        return sorted((json_safe(v) for v in obj), key=lambda v: (str(type(v)), str(v)))
+        items = [json_safe(v) for v in obj]
+        try:
+            return sorted(items)
+        except TypeError:  # mixed types: still one stable order
+            return sorted(items, key=lambda v: (type(v).__name__, str(v)))
     if isinstance(obj, np.ndarray):
         return json_safe(obj.tolist())
     if isinstance(obj, np.generic):  # numpy str_/bytes_/datetime64 and friends
