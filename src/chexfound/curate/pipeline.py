@@ -121,8 +121,8 @@ def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: Reco
         now = time.perf_counter()
         if now - last_log > 10 or processed == len(pending):
             metrics.write("stage", stage="cache", done=processed, total=len(pending),
-                                   images_per_s=round(processed / max(now - t0, 1e-9), 2),
-                                   errors=sum(r.get("status") != "ok" for r in recs))
+                          images_per_s=round(processed / max(now - t0, 1e-9), 2),
+                          errors=sum(r.get("status") != "ok" for r in recs))
             last_log = now
 
     stopped = False
