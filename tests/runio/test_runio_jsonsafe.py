@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import json
 import math
@@ -40,6 +41,8 @@ class _Kind(enum.Enum):
     ((1, (2, 3)), [1, [2, 3]]),
     ({3, 10, 2}, [2, 3, 10]), (frozenset({"b", "a"}), ["a", "b"]), ({"a", 1}, [1, "a"]),
     (_Kind.BINARY, "binary"),
+    (dt.datetime(2026, 11, 30, 9, 15, tzinfo=dt.timezone.utc), "2026-11-30T09:15:00+00:00"),
+    (np.datetime64("2026-11-30"), "2026-11-30"),
     ({1: "a", np.int64(2): "b", "k": np.float32(1.0)}, {"1": "a", "2": "b", "k": 1.0}),
 ])
 def test_golden_values(value, expected):

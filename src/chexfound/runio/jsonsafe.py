@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import enum
 import math
 from collections.abc import Mapping
@@ -19,8 +20,9 @@ def json_safe(obj: Any) -> Any:
 
     numpy scalars and arrays, torch tensors -> numbers / nested lists; NaN and +-inf -> None (JSON has no such
     numbers, and a strict reader rejects them); paths -> str; dataclasses -> dicts; sets -> sorted lists (a
-    stable file for the same set); tuples -> lists; enums -> their value; mapping keys -> str. Anything else
-    that JSON cannot hold raises TypeError rather than being written as an opaque string."""
+    stable file for the same set); tuples -> lists; enums -> their value; dates and times -> ISO-8601 strings;
+    mapping keys -> str. Anything else that JSON cannot hold raises TypeError rather than being written as an
+    opaque string."""
     if obj is None or isinstance(obj, bool):
         return obj
     if isinstance(obj, str):
@@ -52,6 +54,8 @@ def json_safe(obj: Any) -> Any:
         return str(obj.__fspath__())
     if isinstance(obj, enum.Enum):
         return json_safe(obj.value)
+    if isinstance(obj, (_dt.datetime, _dt.date, _dt.time)):
+        return obj.isoformat()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: json_safe(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if _is_tensor(obj):
