@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from chexfound.adapt import GloriHead, LinearHead  # noqa: E402
 from chexfound.adapt.token_cache import FeatureCache  # noqa: E402
-from chexfound.adapt.device import resolve_dtype  # noqa: E402
+from chexfound.models.extract import resolve_dtype  # noqa: E402
 from chexfound.adapt.grid import HeadGrid  # noqa: E402
 from chexfound.adapt.losses import build_loss  # noqa: E402
 from chexfound.adapt.fit import DEFAULT_LRS, fit_heads  # noqa: E402

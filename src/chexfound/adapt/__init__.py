@@ -12,7 +12,7 @@ survival), token_cache (FeatureCache: what the feature engine `chexfound.models.
 sources (feature sources: token cache, pooled file, tensors, row subsets), fit (fit_heads + FitSettings),
 grid (vmapped AdamW over stacked heads), losses (masked BCE, ASL, CE, MSE, Cox), metrics, inference
 (predict), heatmap, released (original glori.pth), finetune (end to end: full, LoRA, BitFit, when the cache
-is off; FinetuneSettings), pipeline (the `chexfound adapt` command as a function), device (device/dtype names).
+is off; FinetuneSettings), pipeline (the `chexfound adapt` command as a function).
 """
 
 from __future__ import annotations

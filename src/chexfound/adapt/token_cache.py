@@ -38,9 +38,9 @@ import pandas as pd
 import torch
 
 from chexfound.adapt.heads.base import Features
-from chexfound.adapt.device import resolve_device, resolve_dtype
+from chexfound.models.extract import resolve_dtype
+from chexfound.runio import atomic_output, atomic_write_bytes, resolve_device
 from chexfound.errors import ConfigError
-from chexfound.models.format import atomic_write_bytes
 from chexfound.models.pooled import PooledFeatures
 
 log = logging.getLogger(__name__)
@@ -313,9 +313,8 @@ class TokenCacheWriter:
         for m in self._maps().values():
             m.flush()
         name = "status.npy" if not _multi_rank() else f"status.rank{self.rank}.npy"
-        tmp = self.root / f".{name}.tmp.npy"
-        np.save(tmp, self._status())
-        tmp.replace(self.root / name)
+        with atomic_output(self.root / name, fsync=False) as tmp:  # per chunk: atomic, not synced
+            np.save(tmp, self._status())
 
     # -- after (rank 0) --
     def finish(self) -> Path:
@@ -330,9 +329,9 @@ class TokenCacheWriter:
 
 
 def _multi_rank() -> bool:
-    from chexfound.models.embedder import dist_rank_world
+    from chexfound.runio import distributed as D
 
-    return dist_rank_world()[1] > 1
+    return D.world_size() > 1
 
 
 def _rank_files(root: Path) -> list[Path]:
@@ -348,9 +347,8 @@ def _fold_rank_status(root: Path) -> None:
     for f in files:
         mine = np.load(f)
         status = np.where(mine != PENDING, mine, status)
-    tmp = root / ".status.npy.tmp.npy"
-    np.save(tmp, status)
-    tmp.replace(root / "status.npy")
+    with atomic_output(root / "status.npy") as tmp:
+        np.save(tmp, status)
     for f in files:
         f.unlink()
 

@@ -17,7 +17,6 @@ torch.compile, CUDA graphs at a fixed batch shape).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from chexfound.errors import ChexfoundError
@@ -36,6 +34,8 @@ from chexfound.models.extract import BlockOutputs
 from chexfound.models.inference import CudaGraphForward, InferenceSettings, prepare_backbone, run_context
 from chexfound.models.pooled import pool_tokens
 from chexfound.models.pooled_file import EmbedResult, PooledFileWriter
+from chexfound.runio import RunLog, resolve_device
+from chexfound.runio import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,6 @@ class EngineRun:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _plan(n: int, settings: EmbedSettings, sinks: Sequence[FeatureSink], rank: int,
           world: int) -> list[tuple[int, list[int]]]:
     """This rank's batches as (chunk, rows): rows any sink still needs, in chunk order."""
@@ -172,8 +161,8 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
     from chexfound.data.datasets import ImageDataset, collate_skip_errors
 
     t_start = time.perf_counter()
-    device = torch.device(device)
-    rank, world = dist_rank_world()
+    device = resolve_device(device)
+    rank, world = D.rank(), D.world_size()
     if not paths:
         raise ChexfoundError("no images to embed")
     depth = len(model.blocks)  # type: ignore[arg-type]
@@ -183,7 +172,7 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
         raise ChexfoundError("batch size and chunk size must be positive")
     for s in sinks:
         s.open(rank)
-    _barrier()
+    D.barrier()
     batches = _plan(len(paths), settings, sinks, rank, world)
     total = sum(len(r) for _, r in batches)
     log.info("rank %d/%d: %d images to compute in %d batches", rank, world, total, len(batches))
@@ -216,6 +205,8 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
 
             bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
         chunk_t0, chunk_images = time.perf_counter(), 0
+        # Every rank logs its own chunks (rows carry the rank); no log without a path.
+        chunk_log = RunLog(metrics or Path("metrics.jsonl"), enabled=metrics is not None)
         it = iter(loader)
         with torch.inference_mode():
             for c, rows in batches:
@@ -257,17 +248,13 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
                     timings["to_sinks"] += time.perf_counter() - t
                     run.computed_chunks += 1
                     dt = time.perf_counter() - chunk_t0
-                    if metrics is not None:
-                        rec = {"rank": rank, "chunk": c, "images": chunk_images, "seconds": round(dt, 3),
-                               "images_per_s": round(chunk_images / dt, 3) if dt else None}
-                        metrics.parent.mkdir(parents=True, exist_ok=True)
-                        with open(metrics, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
+                    chunk_log.write("chunk", rank=rank, chunk=c, images=chunk_images, seconds=round(dt, 3),
+                                    images_per_s=round(chunk_images / dt, 3) if dt else None)
                     chunk_t0, chunk_images = time.perf_counter(), 0
         if bar is not None:
             bar.close()
         model.train(was_training)
-    _barrier()
+    D.barrier()
     if rank == 0:
         t = time.perf_counter()
         run.results = [s.finish() for s in sinks]

@@ -22,6 +22,20 @@ BlockOutputs = tuple[tuple[Tensor, Tensor], ...]
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A compute dtype as the CLI spells it (fp32 | bf16 | fp16, or the torch names); None is float32."""
+    from chexfound.errors import ConfigError
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {**COMPUTE_DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ConfigError(None, f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return table[dtype]
+
+
 def autocast_for(device: torch.device, compute: str | torch.dtype) -> ContextManager[Any]:
     """Autocast context for a compute dtype name (fp32 | bf16 | fp16) or dtype; fp32 is a no-op."""
     dt = COMPUTE_DTYPES[compute] if isinstance(compute, str) else compute

@@ -24,9 +24,7 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -38,8 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from chexfound.errors import CheckpointError, ChexfoundError
-from chexfound.models.format import atomic_write_bytes, load_tensors, publish, save_tensors
+from chexfound.models.format import load_tensors, save_tensors
 from chexfound.models.pooled import PooledFeatures, linear_input as _linear_input
+from chexfound.runio import atomic_output, atomic_write_bytes
 
 FEATURE_SUFFIXES = (".safetensors", ".npz")
 
@@ -74,18 +73,9 @@ def write_features(path: str | PathLike[str], arrays: dict[str, np.ndarray], ids
         tensors["path_utf8"] = encode_strings(paths)
         save_tensors(p, tensors, meta)
     elif p.suffix == ".npz":
-        p.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays, image_id=np.array(ids, dtype=str), path=np.array(paths, dtype=str),
-                 meta=np.array(json.dumps(meta)))
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            publish(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(p) as tmp:
+            np.savez(tmp, **arrays, image_id=np.array(ids, dtype=str), path=np.array(paths, dtype=str),
+                     meta=np.array(json.dumps(meta)))
     else:
         raise ValueError(f"features file must end with {' or '.join(FEATURE_SUFFIXES)}: {p}")
 
@@ -250,10 +240,8 @@ class PooledFileWriter:
             "cls": torch.cat(acc["cls"]) if acc["cls"] else torch.zeros(0, self.n_blocks, d, dtype=self.dtype),
             "patch_mean": torch.cat(acc["pm"]) if acc["pm"] else torch.zeros(0, d, dtype=self.dtype),
         }
-        final = self._part(chunk)
-        tmp = final.with_name(f".{final.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"errors": json.dumps(acc["err"]), "dim": str(d)})
-        tmp.replace(final)
+        with atomic_output(self._part(chunk)) as tmp:
+            save_file(tensors, str(tmp), metadata={"errors": json.dumps(acc["err"]), "dim": str(d)})
 
     # -- after (rank 0) --
     def finish(self) -> EmbedResult:
