@@ -13,9 +13,9 @@ from PIL import Image
 
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import MIN_SIZE, CXRImage, read_image
-from chexfound.io.read import _DICOM_SUFFIXES
+from chexfound.io.read import DICOM_SUFFIXES
 
-_SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | _DICOM_SUFFIXES
+_SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
