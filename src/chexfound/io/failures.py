@@ -46,7 +46,3 @@ def clean_message(text: str) -> str:
     text = _OBJECT_REPR.sub("the data", text)
     text = " ".join(text.split())
     return text if len(text) <= 400 else text[:397] + "..."
-
-
-def describe_size(rows: int, cols: int) -> str:
-    return f"{rows}x{cols} pixels"
