@@ -13,6 +13,7 @@ exact and near-duplicate removal -> outputs under DIR:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -29,9 +30,10 @@ import pandas as pd
 import yaml
 
 from chexfound.curate import dedup as dd
-from chexfound.curate.cache import (RECORDS, CacheConfig, RecordLog, WorkItem, chunks, is_reusable,
-                                    process_chunk)
+from chexfound.curate.image_cache import (RECORDS, CacheConfig, RecordLog, WorkItem, _atomic_write, chunks,
+                                          is_reusable, process_chunk)
 from chexfound.curate.filters import post_filter, pre_filter
+from chexfound.curate.keep import keep_rank
 from chexfound.curate.sources import list_items
 from chexfound.curate.spec import CorpusSpec
 from chexfound.errors import ConfigError, ManifestError
@@ -95,8 +97,7 @@ def _check_state(out: Path, cfg: CacheConfig) -> dict[str, Any]:
             raise ConfigError(p, f"{out} holds a cache built with {state.get('cache')}; this run asks for {fp}. "
                                  "Use another --out, or the same cache settings to resume.")
     state["runs"] = int(state.get("runs", 0)) + 1
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(state, indent=1))
+    _write_text(p, json.dumps(state, indent=1))  # atomic: a kill mid-write must not lose the fingerprint
     return state
 
 
@@ -164,22 +165,12 @@ def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: Reco
     return processed, stopped
 
 
-def _rank(df: pd.DataFrame, keep: str) -> np.ndarray:
-    area = -(df["orig_width"].astype(float) * df["orig_height"].astype(float)).to_numpy()
-    src = df["source_index"].to_numpy()
-    rel = df["rel_path"].astype(str).to_numpy()
-    order = np.lexsort((rel, src, area) if keep == "largest" else (rel, area, src))
-    rank = np.empty(len(df), dtype=np.int64)
-    rank[order] = np.arange(len(df))
-    return rank
-
-
 def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpec, device: str,
                 progress: bool) -> np.ndarray:
     """CLS embeddings of the cached images (resumable via work/embeddings-<backbone sha>.npz)."""
     import torch
 
-    from chexfound.curate.cache import decode_png, read_cached
+    from chexfound.curate.image_cache import decode_png, read_cached
     from chexfound.data.transform import InputTransform
     from chexfound.models import registry
     from chexfound.models.ours import backbone_sha256
@@ -220,7 +211,9 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
             have[keys[k]] = v
     if todo:
         ks = list(have)
-        np.savez(cache_file, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
+        buf = io.BytesIO()
+        np.savez(buf, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
+        _atomic_write(cache_file, buf.getvalue())
     return np.stack([have[k] for k in keys]) if len(keys) else np.zeros((0, 1), np.float32)
 
 
@@ -297,13 +290,11 @@ def run_curation(
 
 
 def _write_text(path: Path, text: str) -> None:
-    from chexfound.curate.cache import _atomic_write
-
     _atomic_write(path, text.encode())
 
 
 _REC_COLS = ["orig_width", "orig_height", "width", "height", "exact", "phash", "blank", "file", "member", "offset",
-             "length", "reason", "view_position", "modality", "patient_age", "source_format"]
+             "length", "reason", "view_position", "modality", "patient_age", "source_format", "lossy", "grey_bits"]
 
 
 def _assemble(items: pd.DataFrame, done: dict[str, dict], spec: CorpusSpec) -> pd.DataFrame:
@@ -339,7 +330,7 @@ def _deduplicate(t: pd.DataFrame, spec: CorpusSpec, out: Path, device: str, prog
     if not len(ok):
         return t, stats
     sub = t.iloc[ok].reset_index(drop=True)
-    rank = _rank(sub, spec.dedup.keep)
+    rank = keep_rank(sub, spec.dedup.keep)
     exact_best = dd.exact_groups(sub["exact"].tolist(), rank) if spec.dedup.exact else None
     survivors = np.nonzero(exact_best == np.arange(len(sub)))[0] if exact_best is not None else np.arange(len(sub))
     edges = []
