@@ -2,8 +2,7 @@
 
 The maps themselves come from `chexfound.adapt.heatmap` (head average, bilinear upsampling, gamma 0.5 as the
 original notebook), so adapt, predict and serve draw the same thing:
-- files (`chexfound predict --heatmaps`): `adapt.heatmap.save_heatmaps` (titled figures, one per finding;
-  written by `serve.results.save_overlay_files`);
+- files (`chexfound predict --heatmaps`): `adapt.heatmap.save_heatmaps` (titled figures, one per finding);
 - the web page and API: a pixel-aligned blend with the same colour map and opacity ramp (`blend`), so the
   page can lay it exactly over the image on a canvas.
 Both are drawn on the model's field of view of the image (`transform.geometry`: resized, cropped/padded),
@@ -14,20 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from chexfound.adapt.heatmap import attention_map
+from chexfound.adapt.heatmap import attention_map, save_heatmaps
 from chexfound.data.transform import InputTransform
 
 GAMMA = 0.5  # the original notebook's display curve
 MAX_ALPHA = 0.6  # as adapt.heatmap.overlay_png
 COLORMAP = "jet"  # as adapt.heatmap.overlay_png
 DEFAULT_DISPLAY_SIZE = 512
+INDEX_FILE = "heatmaps.json"
 
 
 def display_size_for(transform: InputTransform, minimum: int = DEFAULT_DISPLAY_SIZE) -> int:
@@ -94,3 +97,29 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 def overlay_png(gray: np.ndarray, attention: np.ndarray) -> bytes:
     return png_bytes(overlay(gray, attention))
+
+
+def save_overlay_files(view: np.ndarray, attention: np.ndarray, probabilities: np.ndarray,
+                       findings: Sequence[str], which: Sequence[int], out_dir: Path, stem: str) -> dict[str, str]:
+    """Titled overlay PNGs for the findings `which` of one image into `out_dir`, plus an index
+    (`heatmaps.json`: finding -> file name) so later runs know what is there. Returns that mapping."""
+    c, gh, gw = attention.shape
+    tf = InputTransform(size=view.shape[0])  # the view is already the model's field of view: geometry = identity
+    paths = save_heatmaps(attention.reshape(1, c, gh * gw), probabilities, findings, view, tf, out_dir, stem,
+                          which=list(which), gamma=GAMMA, grid=(gh, gw))
+    from chexfound.serve.results import make_readable, publish_bytes
+
+    for p in paths:
+        make_readable(p)
+    written = {findings[i]: p.name for i, p in zip(which, paths)}
+    publish_bytes(out_dir / INDEX_FILE, json.dumps(written, indent=1).encode())
+    return written
+
+
+def read_overlay_index(out_dir: Path) -> dict[str, str]:
+    """finding -> overlay file path, for the files that exist."""
+    try:
+        names = json.loads((out_dir / INDEX_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: str(out_dir / v) for k, v in names.items() if (out_dir / v).is_file()}

@@ -22,9 +22,6 @@ import numpy as np
 
 from chexfound.errors import ChexfoundError
 from chexfound.models.format import atomic_write_bytes
-from chexfound.adapt.heatmap import save_heatmaps
-from chexfound.data.transform import InputTransform
-from chexfound.serve.overlay import GAMMA
 from chexfound.serve.predictor import CALL_TASKS, Prediction
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -159,6 +156,8 @@ class PredictionStore:
     def _heatmaps_of(self, path: str) -> dict[str, str]:
         if self.heatmap_dir is None:
             return {}
+        from chexfound.serve.overlay import read_overlay_index
+
         return read_overlay_index(self.heatmap_dir / heatmap_folder(path))
 
     def records(self) -> list[dict[str, Any]]:
@@ -205,31 +204,3 @@ class PredictionStore:
 
     def _write_run(self, doc: dict[str, Any]) -> None:
         publish_bytes(self.run_file, json.dumps(doc, indent=1, default=str).encode())
-
-
-# -- heatmap overlay files of `chexfound predict --heatmaps DIR` (one folder per image) --
-INDEX_FILE = "heatmaps.json"
-
-
-def save_overlay_files(view: np.ndarray, attention: np.ndarray, probabilities: np.ndarray,
-                       findings: Sequence[str], which: Sequence[int], out_dir: Path, stem: str) -> dict[str, str]:
-    """Titled overlay PNGs for the findings `which` of one image into `out_dir`, plus an index
-    (`heatmaps.json`: finding -> file name) so later runs know what is there. Returns that mapping."""
-    c, gh, gw = attention.shape
-    tf = InputTransform(size=view.shape[0])  # the view is already the model's field of view: geometry = identity
-    paths = save_heatmaps(attention.reshape(1, c, gh * gw), probabilities, findings, view, tf, out_dir, stem,
-                          which=list(which), gamma=GAMMA, grid=(gh, gw))
-    for p in paths:
-        make_readable(p)
-    written = {findings[i]: p.name for i, p in zip(which, paths)}
-    publish_bytes(out_dir / INDEX_FILE, json.dumps(written, indent=1).encode())
-    return written
-
-
-def read_overlay_index(out_dir: Path) -> dict[str, str]:
-    """finding -> overlay file path, for the files that exist."""
-    try:
-        names = json.loads((out_dir / INDEX_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: str(out_dir / v) for k, v in names.items() if (out_dir / v).is_file()}

@@ -121,7 +121,7 @@ def _loop(predictor: Any, todo: list[Path], store: Any, bar: Any, skipped: list[
           heat_dir: Path | None, args: argparse.Namespace) -> None:
     import numpy as np
 
-    from chexfound.serve.results import save_overlay_files
+    from chexfound.serve.overlay import save_overlay_files
     from chexfound.serve.results import heatmap_folder
 
     for preds in predictor.iter_batches(todo, batch_size=args.batch_size, workers=args.workers,
