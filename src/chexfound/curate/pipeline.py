@@ -13,7 +13,6 @@ exact and near-duplicate removal -> outputs under DIR:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -30,8 +29,8 @@ import pandas as pd
 import yaml
 
 from chexfound.curate import dedup as dd
-from chexfound.curate.image_cache import (RECORDS, CacheConfig, RecordLog, WorkItem, _atomic_write, chunks,
-                                          is_reusable, process_chunk)
+from chexfound.curate.image_cache import (RECORDS, CacheConfig, RecordLog, WorkItem, chunks, is_reusable,
+                                          process_chunk)
 from chexfound.curate.filters import post_filter, pre_filter
 from chexfound.curate.keep import keep_rank
 from chexfound.curate.sources import list_items
@@ -97,7 +96,8 @@ def _check_state(out: Path, cfg: CacheConfig) -> dict[str, Any]:
             raise ConfigError(p, f"{out} holds a cache built with {state.get('cache')}; this run asks for {fp}. "
                                  "Use another --out, or the same cache settings to resume.")
     state["runs"] = int(state.get("runs", 0)) + 1
-    _write_text(p, json.dumps(state, indent=1))  # atomic: a kill mid-write must not lose the fingerprint
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(state, indent=1))
     return state
 
 
@@ -211,9 +211,7 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
             have[keys[k]] = v
     if todo:
         ks = list(have)
-        buf = io.BytesIO()
-        np.savez(buf, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
-        _atomic_write(cache_file, buf.getvalue())
+        np.savez(cache_file, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
     return np.stack([have[k] for k in keys]) if len(keys) else np.zeros((0, 1), np.float32)
 
 
@@ -290,6 +288,8 @@ def run_curation(
 
 
 def _write_text(path: Path, text: str) -> None:
+    from chexfound.curate.image_cache import _atomic_write
+
     _atomic_write(path, text.encode())
 
 

@@ -1,5 +1,7 @@
-"""Radiograph view codes (PA, AP, LATERAL...) as the public datasets write them, and the view presets a corpus
-spec's `filters.views` may name. A leaf module: the spec validates with it, the filters apply it.
+"""View positions (PA, AP, lateral...) as the public datasets spell them, and the view filter's vocabulary.
+
+Used by the corpus spec (to validate `filters.views`) and by the filters (to apply it); kept apart from both so
+neither imports the other.
 """
 
 from __future__ import annotations
