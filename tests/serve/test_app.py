@@ -56,6 +56,7 @@ def test_health_model_and_spec(client: TestClient, attention_predictor: Predicto
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     page = client.get("/")
     assert page.status_code == 200 and "<canvas" in page.text
+    assert client.head("/").status_code == 200 and client.head("/healthz").status_code == 200  # uptime checks
     assert client.get("/static/app.js").status_code == 200
 
 

@@ -41,7 +41,7 @@ State = Annotated[ServeState, Depends(serve_state)]
 router = APIRouter()
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: uptime checks, curl -I
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
@@ -51,7 +51,7 @@ def api_reference(request: Request) -> HTMLResponse:
     return HTMLResponse(render_api_page(request.app.openapi()))
 
 
-@router.get("/healthz", summary="Liveness and queue state")
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness and queue state")
 def healthz(state: State) -> dict[str, Any]:
     b = state.batcher
     return {"status": "ok", "in_flight": b.in_flight, "capacity": b.capacity, "batcher": b.stats.to_dict(),
