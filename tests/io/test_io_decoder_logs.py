@@ -92,3 +92,20 @@ def test_info_output_has_no_third_party_traceback(data_root: Path, tmp_path: Pat
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "pydicom" not in out + err
     assert "1 of 2 file(s) read" in out and "cut.dcm: truncated pixel data" in out
+
+
+def test_concurrent_decodes_leave_the_warning_state_alone(data_root: Path,
+                                                          root_records: list[logging.LogRecord]) -> None:
+    """The server decodes in a thread pool: holding messages back must not swap process-wide warning state
+    under another thread (warnings.catch_warnings would), and each thread keeps its own messages."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    damaged = _damaged_jpeg_dicom(data_root)
+    filters = list(warnings.filters)
+    with ThreadPoolExecutor(4) as pool:
+        shapes = list(pool.map(lambda k: read_image_bytes(damaged, f"t{k}.dcm").shape, range(8)))
+    assert shapes == [(1024, 1024)] * 8
+    assert warnings.filters == filters
+    assert not [r for r in root_records if r.levelno >= logging.WARNING]
+    said = [r.getMessage() for r in root_records if r.name == "chexfound.io"]
+    assert all(any(m.startswith(f"t{k}.dcm: ") for m in said) for k in range(8)), said
