@@ -21,7 +21,7 @@ from chexfound.io.raster import decode_raster, open_raster
 
 ColorPolicy = Literal["error", "luminance"]
 
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})  # read as DICOM even without the "DICM" preamble
 
 
 def read_image_bytes(
