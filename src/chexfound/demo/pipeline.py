@@ -184,7 +184,7 @@ def _splits(m: Manifest) -> dict[str, np.ndarray]:
 
 
 def _trainer(head_type: str, findings: list[str], embed_dim: int, quick: bool, n_blocks: int):
-    from chexfound.evaluate.adapt_bridge import AdaptTrainer
+    from chexfound.evaluate.trainers import AdaptTrainer
 
     lrs = (1e-3, 1e-2, 1e-1) if head_type == "linear" else (1e-4, 1e-3, 1e-2)
     # The linear probe sees CLS + mean patch token (DINOv2's "avgpool" probe): with LayerScale 1e-5 a
@@ -202,8 +202,8 @@ def _trainer(head_type: str, findings: list[str], embed_dim: int, quick: bool, n
 def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
     """Cache features of one backbone on one task, train its heads, score test with patient-level CIs."""
     from chexfound.adapt.heads.base import save_head
-    from chexfound.evaluate.adapt_bridge import build_cache
-    from chexfound.evaluate.bootstrap import BootstrapConfig
+    from chexfound.evaluate.trainers import build_cache
+    from chexfound.stats.bootstrap import BootstrapConfig
     from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
 
     bb_path = cfg.out / "models" / which / "backbone.safetensors"
@@ -237,7 +237,7 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
 
 
 def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
-    from chexfound.evaluate.bootstrap import BootstrapConfig
+    from chexfound.stats.bootstrap import BootstrapConfig
     from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
     from chexfound.evaluate.trainers import LogisticTrainer
 
@@ -258,7 +258,7 @@ def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None])
 
 def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
     """Paired patient-level bootstrap of test macro AUROC/AP: model a minus model b (same test images)."""
-    from chexfound.evaluate.bootstrap import BootstrapConfig, paired_bootstrap
+    from chexfound.stats.bootstrap import BootstrapConfig, paired_bootstrap
 
     m = _manifest(task.manifest, task.findings)
     test = _splits(m)["test"]
@@ -272,7 +272,7 @@ def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
 def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
     """Kermany test AUROC vs share of training patients: pretrained vs random (linear heads) vs pixels."""
     from chexfound.adapt.cache import FeatureCache
-    from chexfound.evaluate.bootstrap import BootstrapConfig
+    from chexfound.stats.bootstrap import BootstrapConfig
     from chexfound.evaluate.protocols.common import EvalConfig, Splits
     from chexfound.evaluate.protocols.label_efficiency import run_label_efficiency
     from chexfound.evaluate.trainers import LogisticTrainer
@@ -306,7 +306,7 @@ def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -
     """GLoRI attention vs NIH expert boxes on the NIH test split (pointing game, mass in boxes, centre prior)."""
     from chexfound.adapt import load_head
     from chexfound.evaluate.figures import heatmap_gallery
-    from chexfound.evaluate.localisation import read_boxes
+    from chexfound.evaluate.box_scores import read_boxes
     from chexfound.evaluate.protocols.localisation import collect_items, head_attention_heatmaps, run_localisation
     from chexfound.models.format import atomic_write_bytes
 

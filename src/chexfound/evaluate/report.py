@@ -7,10 +7,12 @@ relative path, so the folder can be moved or zipped as a whole.
 
 from __future__ import annotations
 
+import datetime as _dt
 import html
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from chexfound import __version__
 from chexfound.models.format import atomic_write_bytes
 
 
@@ -197,3 +200,31 @@ def predictions_csv(ids: Sequence[str], id_column: str, probs: np.ndarray, findi
     df = pd.DataFrame(p, columns=list(findings))
     df.insert(0, id_column, list(ids))
     return df.to_csv(index=False, float_format="%.6g").encode()
+
+
+# --- what every `chexfound evaluate` run records: provenance and the classification figures ---------------
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"created": utc_now(), "chexfound_version": __version__, "command": sys.argv, **extra}
+
+
+def classification_figures(y: np.ndarray, preds: dict[str, np.ndarray], findings: Sequence[str],
+                           metrics: dict[str, Any], groups_by_model: dict[str, Any] | None = None) -> list[Figure]:
+    """ROC and PR curves per finding, and the prevalence-group bars when the metrics have groups."""
+    from chexfound.evaluate import figures
+
+    figs = [Figure("roc.png", "ROC curves per finding", figures.roc_pr_grid(y, preds, findings, "roc",
+                                                                            metrics.get("per_finding"))),
+            Figure("pr.png", "Precision-recall curves per finding",
+                   figures.roc_pr_grid(y, preds, findings, "pr", metrics.get("per_finding")),
+                   "Dotted line: prevalence (the AP of a random ranking).")]
+    gb = groups_by_model if groups_by_model is not None else (
+        {"model": metrics["groups"]} if metrics.get("groups") else None)
+    if gb:
+        figs.append(Figure("groups.png", "Prevalence groups", figures.group_bars(gb),
+                           "Whiskers: patient-level bootstrap 95% CI of the group mean."))
+    return figs
