@@ -81,7 +81,7 @@ def test_grid_heads_differ_and_best_state_is_kept_with_early_stopping():
     for c in res.configs:
         assert 1 <= c["best_epoch"] <= last_epoch - 2 or c["best_epoch"] == last_epoch
     # The returned head reproduces its recorded best validation score (the snapshot, not the last weights).
-    from chexfound.adapt.metrics import task_metrics
+    from chexfound.adapt.selection import task_metrics
 
     m = task_metrics("multilabel", yva, res.val_predictions, ["a", "b", "c"])
     assert m["macro_ap"] == pytest.approx(res.config["macro_ap"], rel=1e-5)

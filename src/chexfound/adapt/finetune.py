@@ -26,7 +26,8 @@ from chexfound.adapt.grid import cosine_scale
 from chexfound.adapt.heads.base import Head
 from chexfound.adapt.losses import build_loss
 from chexfound.adapt.runtime import resolve_device, resolve_dtype
-from chexfound.adapt.metrics import DEFAULT_METRIC, choose_thresholds, higher_is_better, task_metrics
+from chexfound.adapt.selection import DEFAULT_METRIC, higher_is_better, task_metrics
+from chexfound.stats.thresholds import choose_thresholds, label_prevalence
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "lora", "bitfit", "frozen"]
@@ -271,8 +272,8 @@ def finetune(
         ok = ~np.isnan(val_pred).any(1)
         config[metric] = task_metrics(task, y_va[ok], val_pred[ok], head.findings)[metric]
         if task in ("multilabel", "binary"):
-            thr = choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], threshold_method)
-            head.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+            head.set_thresholds(choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], threshold_method,
+                                                  label_prevalence(y_tr.reshape(len(y_tr), -1)), head.findings))
     return backbone.cpu(), FinetuneResult(head.cpu(), config, history, val_pred, metric, sorted(errors.values()))
 
 

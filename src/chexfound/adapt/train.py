@@ -26,9 +26,10 @@ import torch
 from chexfound.adapt.grid import HeadGrid, cosine_scale
 from chexfound.adapt.heads.base import Features, Head
 from chexfound.adapt.losses import build_loss
-from chexfound.adapt.metrics import DEFAULT_METRIC, check_metric, choose_thresholds, higher_is_better, task_metrics
+from chexfound.adapt.selection import DEFAULT_METRIC, check_metric, higher_is_better, task_metrics
 from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.sources import FeatureSource, as_source
+from chexfound.stats.thresholds import choose_thresholds, label_prevalence
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,9 @@ def fit_heads(
 
     Early stopping: a config stops updating after `patience` evaluations without improvement; training ends
     when every config has stopped. Without validation data the config with the lowest final training loss
-    is taken (logged as a warning) and thresholds stay at 0.5. Uncertain labels (-1) of multilabel/binary
+    is taken (logged as a warning) and thresholds stay at 0.5. Thresholds follow `chexfound.stats.thresholds`
+    (`threshold_method` where validation evidence is strong, else the training prevalence); each finding's rule
+    and evidence are on `result.head.threshold_rules`. Uncertain labels (-1) of multilabel/binary
     tasks follow `uncertain`: "nan" (ignored), "zero" or "one". `return_all` also returns every config's head
     (at its best validation state, or final state without validation) in `result.heads`."""
     dev = resolve_device(device)
@@ -261,8 +264,9 @@ def fit_heads(
     head = grid.extract(best, snap)
     val_pred = predict_rows(head, val_src, np.arange(len(val_src)), batch_size, dev)
     if task in ("multilabel", "binary"):
-        thr = choose_thresholds(y_va[va_idx].reshape(len(va_idx), -1), val_pred[va_idx], threshold_method)
-        head.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+        # Validation-optimal where the evidence is strong, else the training prevalence (chexfound.stats.thresholds).
+        head.set_thresholds(choose_thresholds(y_va[va_idx].reshape(len(va_idx), -1), val_pred[va_idx], threshold_method,
+                                              label_prevalence(y_tr[tr_idx]), template.findings))
     summary = [{"config": g, "lr": lr, "weight_decay": wd, "best_epoch": int(best_epoch[g]),
                 metric: float(sign * best_score[g]) if np.isfinite(best_score[g]) else math.nan,
                 **{f"val_{k}": v for k, v in best_metrics[g].items()}}

@@ -69,6 +69,9 @@ class FindingOut(BaseModel):
     probability: float
     threshold: float
     positive: bool | None = Field(None, description="probability >= threshold (absent for regression/survival)")
+    threshold_rule: str | None = Field(None, description="how the threshold was chosen: f1 | youden | prevalence "
+                                                         "| default | unrecorded")
+    threshold_reason: str | None = Field(None, description="why that rule (validation evidence)")
     heatmap_url: str | None = None
     heatmap_png: str | None = Field(None, description="base64 PNG overlay (heatmaps=base64, top-k findings)")
 
@@ -311,7 +314,9 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
         calls = probs >= predictor.thresholds if predictor.task in CALL_TASKS else None
         findings = [
             {"name": n, "probability": float(probs[i]), "threshold": float(predictor.thresholds[i]),
-             "positive": None if calls is None else bool(calls[i])}
+             "positive": None if calls is None else bool(calls[i]),
+             "threshold_rule": predictor.threshold_rules[i]["rule"],
+             "threshold_reason": predictor.threshold_rules[i]["reason"]}
             for i, n in enumerate(predictor.findings)
         ]
         pid = None
