@@ -122,3 +122,20 @@ def test_uncertain_labels_follow_the_policy():
     w = lambda r: r.heads[0].linear.weight  # noqa: E731
     torch.testing.assert_close(w(ignored), w(as_nan))
     assert not torch.allclose(w(as_one), w(as_nan))
+
+
+def test_thresholds_record_their_rule_and_survive_the_head_file(tmp_path):
+    from chexfound.adapt.heads.base import load_our_head, save_head
+    from chexfound.stats.thresholds import METHODS
+
+    ftr, ytr = _data(160, 0)
+    fva, yva = _data(80, 1)
+    res = fit_heads(lambda: LinearHead(["a", "b", "c"], 2, embed_dim=D, avgpool=True), ftr, ytr, fva, yva,
+                    lrs=[3e-2], epochs=4, batch_size=32)
+    rules = res.head.threshold_rules
+    assert [r["finding"] for r in rules] == ["a", "b", "c"]
+    assert all(r["rule"] in METHODS and r["reason"] and r["n_val"] > 0 for r in rules)
+    np.testing.assert_allclose([r["threshold"] for r in rules], res.head.thresholds.numpy(), rtol=1e-6)
+    save_head(res.head, tmp_path / "h.safetensors")
+    head, meta = load_our_head(tmp_path / "h.safetensors")
+    assert meta["threshold_rules"] == rules and head.threshold_rules == rules

@@ -204,11 +204,13 @@ class LogisticTrainer:
     c_grid: Sequence[float] = C_GRID
     max_iter: int = 200  # as scikit-learn, stop early on separable data rather than chase infinite weights
     threshold_method: str = "f1"
+    findings: Sequence[str] | None = None  # names for the threshold records
     name: str = "logistic"
 
     def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
             seed: int = 0, groups: Sequence[Any] | np.ndarray | None = None) -> LogisticProbe:
         probe = fit_probe(np.asarray(source), y, train_idx, val_idx, groups, c_grid=self.c_grid,
-                          max_iter=self.max_iter, seed=seed, threshold_method=self.threshold_method)
+                          max_iter=self.max_iter, seed=seed, threshold_method=self.threshold_method,
+                          findings=self.findings)
         probe.info["trainer"] = self.name
         return probe

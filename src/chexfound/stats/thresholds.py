@@ -156,8 +156,8 @@ def choose_thresholds(
         raise ValueError(f"unknown threshold method {method!r}; use one of {METHODS}")
     y = np.asarray(y_val, dtype=np.float64)
     p = np.asarray(p_val, dtype=np.float64)
-    y = y.reshape(len(y), -1)
-    p = p.reshape(len(p), -1)
+    y = y[:, None] if y.ndim == 1 else y
+    p = p[:, None] if p.ndim == 1 else p
     if y.shape != p.shape:
         raise ValueError(f"validation labels {y.shape} and scores {p.shape} differ in shape")
     n_cols = y.shape[1]
