@@ -46,7 +46,8 @@ def test_near_random_validation_auroc_falls_back_and_the_policy_is_settable():
     y, p = _scores(400, 0.3, 0.1, 3)
     (ch,) = choose_thresholds(y[:, None], p[:, None], "f1", prevalence=[0.3])
     assert ch.rule == "prevalence" and "near-random" in ch.reason and ch.val_auroc < 0.7
-    strict = choose_thresholds(y[:, None], p[:, None], "f1", prevalence=[0.3], policy=ThresholdPolicy(min_positives=500))
+    strict = choose_thresholds(y[:, None], p[:, None], "f1", prevalence=[0.3],
+                               policy=ThresholdPolicy(min_positives=500))
     assert "(< 500)" in strict[0].reason
 
 
@@ -61,7 +62,14 @@ def test_an_all_positive_optimum_falls_back_and_degenerate_thresholds_are_flagge
     # A near-constant head: the prevalence quantile sits on the tie and calls almost everything -> flagged.
     flat = np.where(np.arange(400) < 390, 0.2, 0.9)
     (deg,) = choose_thresholds(y[:, None], flat[:, None], "prevalence", prevalence=[0.1])
-    assert deg.val_call_rate > 0.9 and deg.degenerate and any("prevalence is 10%" in w for w in deg.warnings)
+    assert deg.val_call_rate > 0.9 and deg.degenerate and any("every image" in w for w in deg.warnings)
+    # A quarter of the images tie at the top: the quantile calls 25 %, over twice the 10 % prevalence -> flagged.
+    quarter = np.where(np.arange(400) < 300, 0.2, 0.9)
+    (deg,) = choose_thresholds(y[:, None], quarter[:, None], "prevalence", prevalence=[0.1])
+    assert deg.val_call_rate == 0.25 and any("prevalence is 10%" in w for w in deg.warnings)
+    # Too few validation images to judge a call rate: nothing is flagged.
+    (few,) = choose_thresholds(y[:10, None], flat[:10, None], "prevalence", prevalence=[0.1])
+    assert few.val_call_rate == 1.0 and not few.warnings
 
 
 def test_prevalence_sources_and_edge_cases():

@@ -132,10 +132,10 @@ def _columns(ytr: np.ndarray, yte: np.ndarray) -> list[int]:
 
 
 def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, groups: np.ndarray | None = None,
-                        seed: int = 0) -> np.ndarray:
+                        seed: int = 0, n_jobs: int = 1) -> np.ndarray:
     """Test logits [n_test, C] of the statistics layer's logistic probe (`chexfound.stats.fit_probe`: C chosen
     by cross-validation on the train rows, patient folds when `groups` holds the train patient ids)."""
-    return fit_probe(ftr, ytr, groups=groups, seed=seed).decision_function(fte)
+    return fit_probe(ftr, ytr, groups=groups, seed=seed, n_jobs=n_jobs).decision_function(fte)
 
 
 def mean_auroc(scores: np.ndarray, yte: np.ndarray, cols: list[int]) -> float:

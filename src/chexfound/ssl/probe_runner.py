@@ -127,7 +127,8 @@ class ProbeRunner:
             names = [task.label_names[c] for c in cols]
 
             def scores_of(ftr: np.ndarray, fte: np.ndarray) -> np.ndarray:
-                return linear_probe_scores(ftr, task.train_labels, fte, task.train_groups, seed=seed)[:, cols]
+                return linear_probe_scores(ftr, task.train_labels, fte, task.train_groups, seed=seed,
+                                           n_jobs=int(self.p.get("n_jobs", 1)))[:, cols]
 
             def backbone_scores(model: VisionTransformer) -> np.ndarray:
                 return scores_of(backbone_features(model, task.train_images, self.device, bs, self.trainer.autocast),

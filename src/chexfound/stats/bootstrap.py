@@ -65,7 +65,8 @@ def _draws(
     eligible = _eligible(y, rule)
     name_to_c = {f: i for i, f in enumerate(findings)}
     sub_idx = {k: [name_to_c[f] for f in v if f in name_to_c and name_to_c[f] in eligible] for k, v in subsets.items()}
-    models = [[FindingResampler(y[:, c], np.asarray(p, dtype=np.float64)[:, c], float(thresholds[m][c])) for c in eligible]
+    models = [[FindingResampler(y[:, c], np.asarray(p, dtype=np.float64)[:, c], float(thresholds[m][c]))
+               for c in eligible]
               for m, p in enumerate(preds)]
     per: list[dict[str, dict[str, list[np.ndarray]]]] = [
         {findings[c]: {k: [] for k in _KEYS} for c in eligible} for _ in preds]

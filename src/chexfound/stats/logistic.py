@@ -20,7 +20,7 @@ C when there is no validation split, with the training prevalence as the fallbac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -117,6 +117,16 @@ def _fit_columns(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> tuple
     return coef, b, constant
 
 
+def _map(fn: Callable[[float], Any], values: Sequence[float], n_jobs: int) -> list[Any]:
+    """fn over values, in `n_jobs` threads (the solver's matrix products release the GIL)."""
+    if n_jobs <= 1 or len(values) < 2:
+        return [fn(v) for v in values]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(n_jobs, len(values))) as pool:
+        return list(pool.map(fn, values))
+
+
 def patient_folds(groups: Sequence[Any] | np.ndarray | None, n: int, k: int, seed: int) -> np.ndarray:
     """Fold number (0..k-1) per row; whole clusters (patients) per fold; rows are their own cluster if None."""
     g = np.arange(n).astype(str) if groups is None else np.asarray(groups).astype(str)
@@ -140,9 +150,11 @@ def fit_probe(
     seed: int = 0,
     threshold_method: str = "f1",
     findings: Sequence[str] | None = None,
+    n_jobs: int = 1,
 ) -> LogisticProbe:
     """Fit the logistic probe on rows `train_idx` of x [N, F] / y [N, C] (NaN = unlabelled), choosing C as
-    the module docstring says. `groups` (patient ids, [N]) make the cross-validation folds patient-disjoint."""
+    the module docstring says. `groups` (patient ids, [N]) make the cross-validation folds patient-disjoint;
+    `n_jobs` threads fit the grid's C values in parallel (same result)."""
     feats = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     y = y[:, None] if y.ndim == 1 else y
@@ -156,21 +168,27 @@ def fit_probe(
     oof: dict[float, np.ndarray] = {}
     if va is not None:
         selection = "validation macro AUROC"
-        for c in grid:
+
+        def val_score(c: float) -> float:
             coef, b, _ = _fit_columns(xs[tr], yt, c, max_iter)
-            scores[str(c)] = macro_auroc(y[va], xs[va] @ coef.T + b)
+            return macro_auroc(y[va], xs[va] @ coef.T + b)
+
+        scores = dict(zip(map(str, grid), _map(val_score, grid, n_jobs)))
     elif folds >= 2 and len(grid) > 1 and len(tr) >= 2 * folds:
         fold = patient_folds(None if groups is None else np.asarray(groups)[tr], len(tr), folds, seed)
         selection = f"{folds}-fold cross-validated macro AUROC" + (" (patient folds)" if groups is not None else "")
-        for c in grid:
+
+        def out_of_fold(c: float) -> np.ndarray:
             pred = np.full(yt.shape, np.nan)
             for f in range(folds):
                 inn, out = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
                 m, s = _standardise(feats[tr][inn])
                 coef, b, _ = _fit_columns((feats[tr][inn] - m) / s, yt[inn], c, max_iter)
                 pred[out] = ((feats[tr][out] - m) / s) @ coef.T + b
-            oof[c] = pred
-            scores[str(c)] = macro_auroc(yt, pred)
+            return pred
+
+        oof = dict(zip(grid, _map(out_of_fold, grid, n_jobs)))
+        scores = {str(c): macro_auroc(yt, oof[c]) for c in grid}
     else:
         selection = "none (no validation rows, too few for cross-validation): middle of the grid"
         grid = [grid[len(grid) // 2]]

@@ -65,7 +65,8 @@ def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def resample_indices(groups: Sequence[Any] | np.ndarray | None, n: int, cfg: BootstrapConfig) -> Iterator[np.ndarray]:
+def resample_indices(groups: Sequence[Any] | np.ndarray | None, n: int,
+                     cfg: BootstrapConfig) -> Iterator[np.ndarray]:
     """Yield one index array per resample: every image of each drawn patient, repeated as often as it was
     drawn (for statistics that have no weighted form, e.g. the C-index)."""
     for w in resample_weights(groups, n, cfg):
@@ -75,7 +76,8 @@ def resample_indices(groups: Sequence[Any] | np.ndarray | None, n: int, cfg: Boo
 
 
 def bootstrap_statistic(
-    fn: Callable[[np.ndarray], float], n: int, groups: Sequence[Any] | np.ndarray | None, cfg: BootstrapConfig = BootstrapConfig()
+    fn: Callable[[np.ndarray], float], n: int, groups: Sequence[Any] | np.ndarray | None,
+    cfg: BootstrapConfig = BootstrapConfig(),
 ) -> dict[str, Any]:
     """Percentile CI of `fn(indices) -> float` over patient-level resamples (materialised indices)."""
     vals = np.array([fn(idx) for idx in resample_indices(groups, n, cfg)], dtype=np.float64)

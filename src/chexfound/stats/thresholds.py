@@ -15,7 +15,8 @@ positive (a threshold at or below the 1st percentile of the validation scores), 
 "prevalence", and its record says why. The reason: the F1 of calling everything positive, 2p / (1 + p), is
 hard for a near-random ranker to beat, so F1-optimal thresholds of a weak model degenerate to "all positive".
 Whatever the rule, a threshold is flagged degenerate (a warning in its record and the log) when it calls
-more than twice the prevalence of the validation images positive.
+every validation image positive (at or below the 1st percentile of the scores) or more than twice the
+prevalence of them; only with at least 20 validation images, below which call rates are too coarse.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ThresholdPolicy:
     min_auroc: float = 0.70     # validation AUROC below this counts as near-random
     degenerate_ratio: float = 2.0  # calls above this multiple of the prevalence are flagged
     all_positive_quantile: float = 0.01  # an optimum at/below this score quantile calls (nearly) everything
+    min_images_to_flag: int = 20  # fewer validation images: call rates are too coarse to flag a threshold
 
     def describe(self) -> str:
         return (f"validation-optimal only with >= {self.min_positives} validation positives and negatives and "
@@ -195,7 +197,7 @@ def choose_thresholds(
             elif not auc >= policy.min_auroc:
                 weak.append(f"validation AUROC {auc:.2f} (< {policy.min_auroc:.2f}: near-random)")
             thr = float(optimal(yc[:, None], pc[:, None])[0]) if not weak else float("nan")
-            if not weak and thr <= float(np.quantile(scores, policy.all_positive_quantile)):
+            if not weak and np.mean(scores >= thr) >= 1.0 - policy.all_positive_quantile:
                 weak.append(f"the {method} optimum calls every validation image positive")
             if weak or not np.isfinite(prev):
                 if not np.isfinite(prev):
@@ -207,16 +209,18 @@ def choose_thresholds(
                 reason = f"{n_pos} validation positives, validation AUROC {auc:.2f}"
         calls = float(np.mean(scores >= thr)) if scores.size else float("nan")
         ch = ThresholdChoice(names[c], float(thr), rule, reason, int(lab.sum()), n_pos, auc, prev, source, calls)
-        if scores.size and thr <= float(np.quantile(scores, policy.all_positive_quantile)) and prev < 0.99:
-            ch.warnings.append(f"threshold {thr:.3g} is at or below the 1st percentile of the validation scores")
-        if np.isfinite(prev) and prev > 0 and calls > policy.degenerate_ratio * prev:
-            ch.warnings.append(f"calls {calls:.0%} of validation images positive; the {source} prevalence is "
-                               f"{prev:.0%}")
+        if scores.size >= policy.min_images_to_flag:
+            if calls >= 1.0 - policy.all_positive_quantile and prev < 0.9:
+                ch.warnings.append(f"threshold {thr:.3g} is at or below the 1st percentile of the validation scores "
+                                   "(every image is called positive)")
+            elif np.isfinite(prev) and prev > 0 and calls > policy.degenerate_ratio * prev:
+                ch.warnings.append(f"calls {calls:.0%} of validation images positive; the {source} prevalence is "
+                                   f"{prev:.0%}")
         for w in ch.warnings:
             log.warning("threshold for %s (%s): %s", ch.finding, ch.rule, w)
         out.append(ch)
     fell_back = [c.finding for c in out if c.rule != method]
     if fell_back and optimal is not None:
-        log.info("thresholds: %d of %d findings use the prevalence rule instead of %s (weak validation evidence): "
+        log.debug("thresholds: %d of %d findings use the prevalence rule instead of %s (weak validation evidence): "
                  "%s", len(fell_back), len(out), method, ", ".join(fell_back))
     return out
