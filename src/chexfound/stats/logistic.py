@@ -166,14 +166,11 @@ def fit_probe(
     yt = y[tr]
     scores: dict[str, float] = {}
     oof: dict[float, np.ndarray] = {}
+    fits: dict[float, tuple[np.ndarray, np.ndarray, list[int]]] = {}
     if va is not None:
         selection = "validation macro AUROC"
-
-        def val_score(c: float) -> float:
-            coef, b, _ = _fit_columns(xs[tr], yt, c, max_iter)
-            return macro_auroc(y[va], xs[va] @ coef.T + b)
-
-        scores = dict(zip(map(str, grid), _map(val_score, grid, n_jobs)))
+        fits = dict(zip(grid, _map(lambda c: _fit_columns(xs[tr], yt, c, max_iter), grid, n_jobs)))
+        scores = {str(c): macro_auroc(y[va], xs[va] @ fits[c][0].T + fits[c][1]) for c in grid}
     elif folds >= 2 and len(grid) > 1 and len(tr) >= 2 * folds:
         fold = patient_folds(None if groups is None else np.asarray(groups)[tr], len(tr), folds, seed)
         selection = f"{folds}-fold cross-validated macro AUROC" + (" (patient folds)" if groups is not None else "")
@@ -193,7 +190,7 @@ def fit_probe(
         selection = "none (no validation rows, too few for cross-validation): middle of the grid"
         grid = [grid[len(grid) // 2]]
     best = max(grid, key=lambda c: (-np.inf if np.isnan(scores.get(str(c), np.nan)) else scores[str(c)], -c))
-    coef, b, constant = _fit_columns(xs[tr], yt, best, max_iter)
+    coef, b, constant = fits[best] if best in fits else _fit_columns(xs[tr], yt, best, max_iter)
     probe = LogisticProbe(coef, b, mean, scale, np.full(y.shape[1], 0.5))
     prev = label_prevalence(yt)
     if va is not None:
