@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -101,9 +101,10 @@ def _sweep(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return ps[last], tp[last], fp[last], float(ys.sum())
 
 
-def best_f1_thresholds(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> np.ndarray:
-    """Per column, the score threshold (predict positive when p >= t) that maximises F1 on labelled rows
-    (the highest such score on ties); `default` for a column without both classes."""
+def _optimal_thresholds(y: np.ndarray, p: np.ndarray, default: float,
+                        objective: Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]) -> np.ndarray:
+    """Per column, the score (predict positive when p >= t) maximising objective(tp, fp, n_pos, n_neg) over the
+    labelled rows (the highest such score on ties); `default` for a column without both classes."""
     y, p = np.atleast_2d(y.T).T, np.atleast_2d(p.T).T
     out = np.full(y.shape[1], default, dtype=np.float64)
     for c in range(y.shape[1]):
@@ -112,22 +113,18 @@ def best_f1_thresholds(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> np
         if yc.sum() == 0 or yc.sum() == yc.size:
             continue
         ts, tp, fp, n_pos = _sweep(yc, pc)
-        out[c] = float(ts[int(np.argmax(2 * tp / (tp + fp + n_pos)))])
+        out[c] = float(ts[int(np.argmax(objective(tp, fp, n_pos, yc.size - n_pos)))])
     return out
+
+
+def best_f1_thresholds(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """Per column, the score threshold that maximises F1 = 2 TP / (2 TP + FP + FN) on labelled rows."""
+    return _optimal_thresholds(y, p, default, lambda tp, fp, n_pos, n_neg: 2 * tp / (tp + fp + n_pos))
 
 
 def youden_thresholds(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> np.ndarray:
     """Per column, the score threshold that maximises sensitivity + specificity - 1 (Youden's J)."""
-    y, p = np.atleast_2d(y.T).T, np.atleast_2d(p.T).T
-    out = np.full(y.shape[1], default, dtype=np.float64)
-    for c in range(y.shape[1]):
-        m = ~np.isnan(y[:, c]) & ~np.isnan(p[:, c])
-        yc, pc = y[m, c], p[m, c]
-        if yc.sum() == 0 or yc.sum() == yc.size:
-            continue
-        ts, tp, fp, n_pos = _sweep(yc, pc)
-        out[c] = float(ts[int(np.argmax(tp / n_pos - fp / (yc.size - n_pos)))])
-    return out
+    return _optimal_thresholds(y, p, default, lambda tp, fp, n_pos, n_neg: tp / n_pos - fp / n_neg)
 
 
 def prevalence_threshold(scores: np.ndarray, prevalence: float) -> float:
