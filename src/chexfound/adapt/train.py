@@ -27,8 +27,8 @@ from chexfound.adapt.grid import HeadGrid, cosine_scale
 from chexfound.adapt.heads.base import Features, Head
 from chexfound.adapt.losses import build_loss
 from chexfound.adapt.selection import DEFAULT_METRIC, check_metric, higher_is_better, task_metrics
-from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.sources import FeatureSource, as_source
+from chexfound.runio import resolve_device
 from chexfound.stats.thresholds import choose_thresholds, label_prevalence
 
 log = logging.getLogger(__name__)

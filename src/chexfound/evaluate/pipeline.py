@@ -4,7 +4,6 @@ Scoring a predictions file lives in score_run.py; this module runs the task prot
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from os import PathLike
@@ -17,14 +16,14 @@ import torch
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError
 from chexfound.evaluate import figures
-from chexfound.adapt.runtime import resolve_device
 from chexfound.evaluate.features import FeatureSet, pooled_features
 from chexfound.evaluate.protocols.common import EvalConfig, Splits
-from chexfound.evaluate.report import (Figure, Report, classification_figures, predictions_csv, provenance, utc_now,
-                                       write_report)
+from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
+from chexfound.evaluate.run_common import classification_figures, provenance
 from chexfound.evaluate.tasks import TaskData, load_task
 from chexfound.evaluate.trainers import LogisticTrainer
-from chexfound.models.format import atomic_write_bytes, sha256_file
+from chexfound.models.format import sha256_file
+from chexfound.runio import RunLog, atomic_write_bytes, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +173,7 @@ def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts:
 
 
 def _log_jsonl(out: Path, rec: dict[str, Any]) -> None:
-    from chexfound.evaluate.report import to_jsonable
-
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(to_jsonable({"time": utc_now(), **rec})) + "\n")
+    RunLog(out / "metrics.jsonl").write("result", **rec)
 
 
 def _skipped(out: Path, errors: list[tuple[int, str, str]]) -> None:

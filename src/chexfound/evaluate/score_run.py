@@ -13,9 +13,10 @@ import numpy as np
 from chexfound.data.manifest import Manifest, read_manifest
 from chexfound.errors import ChexfoundError, ManifestError
 from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
-from chexfound.evaluate.report import Figure, Report, classification_figures, provenance, write_report
+from chexfound.evaluate.report import Figure, Report, write_report
 from chexfound.models.format import sha256_file
 
+from chexfound.evaluate.run_common import classification_figures, provenance
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ final:    linear probes of the teacher vs the same architecture at random init (
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -91,8 +90,8 @@ class ProbeRunner:
             res = probe_backbone(backbone, self.task, self.device, int(self.p["knn_k"]), int(self.p["batch_size"]),
                                  autocast=self.trainer.autocast)
             self.t_probe = time.perf_counter() - t0
-            metrics.write({"kind": "probe", "iteration": iteration, "task": "kermany",
-                           **{f"probe_{k}": v for k, v in res.items()}, "probe_s": self.t_probe})
+            metrics.write("probe", iteration=iteration, task="kermany",
+                          **{f"probe_{k}": v for k, v in res.items()}, probe_s=self.t_probe)
             self.say(f"probe @ {iteration}: Kermany k-NN AUROC {res['knn_auroc']:.3f}, "
                      f"linear AUROC {res['linear_auroc']:.3f} ({self.t_probe:.1f}s)")
         D.barrier()
@@ -154,11 +153,11 @@ class ProbeRunner:
                                  "auroc": table["auroc"], "paired": diffs, "bootstrap": table["bootstrap"],
                                  "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
             self._print(task.name, report[task.name])
-            metrics.write({"kind": "final_probe", "task": task.name,
-                           **{f"{k}_auroc": v["auroc"] for k, v in table["auroc"].items()}})
-        from chexfound.models.format import atomic_write_bytes
+            metrics.write("final_probe", task=task.name,
+                          **{f"{k}_auroc": v["auroc"] for k, v in table["auroc"].items()})
+        from chexfound.runio import atomic_write_json
 
-        atomic_write_bytes(self.out / "probe_comparison.json", json.dumps(report, indent=2).encode())
+        atomic_write_json(self.out / "probe_comparison.json", report)
         return report
 
     def _print(self, name: str, r: dict[str, Any]) -> None:
