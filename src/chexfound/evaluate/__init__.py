@@ -9,9 +9,9 @@ The statistics themselves (AUROC/AP, thresholds, patient bootstrap, paired diffe
 logistic probe) live in `chexfound.stats`; they are re-exported here as before. Modules: groups (head/medium/
 tail), box_scores (boxes, pointing game, attention mass, centre prior), tasks (dataset task definitions),
 trainers (the head-training step of the protocols: the stats logistic probe, the adapt heads), protocols/
-(compare, label efficiency, OOD, localisation), figures + report (metrics.json, report.md/html, provenance),
-score (matching a predictions file to a manifest) / score_kinds / score_run (scoring it), pipeline (what
-`chexfound evaluate --task` runs).
+(compare, label efficiency, OOD, localisation), figures + report (metrics.json, report.md/html) + run_common
+(provenance, the classification figures), score (matching a predictions file to a manifest) / score_kinds /
+score_run (scoring it), pipeline (what `chexfound evaluate --task` runs).
 """
 
 from chexfound.evaluate.groups import GroupConfig, prevalence_groups
