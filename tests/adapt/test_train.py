@@ -81,7 +81,7 @@ def test_grid_heads_differ_and_best_state_is_kept_with_early_stopping():
     for c in res.configs:
         assert 1 <= c["best_epoch"] <= last_epoch - 2 or c["best_epoch"] == last_epoch
     # The returned head reproduces its recorded best validation score (the snapshot, not the last weights).
-    from chexfound.adapt.metrics import task_metrics
+    from chexfound.adapt.selection import task_metrics
 
     m = task_metrics("multilabel", yva, res.val_predictions, ["a", "b", "c"])
     assert m["macro_ap"] == pytest.approx(res.config["macro_ap"], rel=1e-5)
@@ -153,3 +153,20 @@ def test_the_13_lr_grid_is_13_separately_trained_heads():
         torch.testing.assert_close(out_grid, out_alone, rtol=1e-4, atol=1e-4)
         assert grid.configs[g]["best_epoch"] == alone.configs[0]["best_epoch"]
         assert grid.configs[g]["macro_ap"] == pytest.approx(alone.configs[0]["macro_ap"], abs=1e-4)
+
+
+def test_thresholds_record_their_rule_and_survive_the_head_file(tmp_path):
+    from chexfound.adapt.heads.base import load_our_head, save_head
+    from chexfound.stats.thresholds import METHODS
+
+    ftr, ytr = _data(160, 0)
+    fva, yva = _data(80, 1)
+    res = fit_heads(lambda: LinearHead(["a", "b", "c"], 2, embed_dim=D, avgpool=True), ftr, ytr, fva, yva,
+                    lrs=[3e-2], epochs=4, batch_size=32)
+    rules = res.head.threshold_rules
+    assert [r["finding"] for r in rules] == ["a", "b", "c"]
+    assert all(r["rule"] in METHODS and r["reason"] and r["n_val"] > 0 for r in rules)
+    np.testing.assert_allclose([r["threshold"] for r in rules], res.head.thresholds.numpy(), rtol=1e-6)
+    save_head(res.head, tmp_path / "h.safetensors")
+    head, meta = load_our_head(tmp_path / "h.safetensors")
+    assert meta["threshold_rules"] == rules and head.threshold_rules == rules

@@ -26,8 +26,9 @@ from chexfound.adapt.grid import cosine_scale
 from chexfound.adapt.heads.base import Head
 from chexfound.adapt.losses import build_loss
 from chexfound.models.extract import resolve_dtype
-from chexfound.adapt.metrics import DEFAULT_METRIC, choose_thresholds, higher_is_better, task_metrics
+from chexfound.adapt.selection import DEFAULT_METRIC, higher_is_better, task_metrics
 from chexfound.runio import resolve_device
+from chexfound.stats.thresholds import choose_thresholds, label_prevalence
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "lora", "bitfit", "frozen"]
@@ -294,13 +295,13 @@ def finetune(
             log.info("early stopping after epoch %d", epoch)
             break
     return _finish(backbone, head, best_state, best_epoch, history, errors, val_paths, val_labels, tf, st, metric,
-                   dev, dt)
+                   dev, dt, label_prevalence(y_tr.reshape(len(y_tr), -1)))
 
 
 def _finish(backbone: nn.Module, head: Head, best_state: dict[str, Any] | None, best_epoch: int,
             history: list[dict[str, Any]], errors: dict[int, tuple[int, str, str]], val_paths: Sequence[Any] | None,
             val_labels: np.ndarray | None, tf: Any, st: FinetuneSettings, metric: str, dev: torch.device,
-            dt: torch.dtype) -> tuple[nn.Module, FinetuneResult]:
+            dt: torch.dtype, train_prevalence: np.ndarray) -> tuple[nn.Module, FinetuneResult]:
     """Best state restored, LoRA merged, everything frozen; thresholds chosen on validation."""
     if best_state is not None:
         head.load_state_dict(best_state["head"])
@@ -319,8 +320,9 @@ def _finish(backbone: nn.Module, head: Head, best_state: dict[str, Any] | None, 
         config[metric] = m[metric]
         if head.task in ("multilabel", "binary"):
             y_va = np.asarray(val_labels, dtype=np.float32)
-            thr = choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], st.threshold_method)
-            head.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+            # Validation-optimal where the evidence is strong, else the training prevalence.
+            head.set_thresholds(choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], st.threshold_method,
+                                                  train_prevalence, head.findings))
     return backbone.cpu(), FinetuneResult(head.cpu(), config, history, val_pred, metric, sorted(errors.values()))
 
 

@@ -26,9 +26,10 @@ import torch
 from chexfound.adapt.grid import HeadGrid, cosine_scale
 from chexfound.adapt.heads.base import Features, Head
 from chexfound.adapt.losses import build_loss
-from chexfound.adapt.metrics import DEFAULT_METRIC, check_metric, choose_thresholds, higher_is_better, task_metrics
-from chexfound.runio import resolve_device
+from chexfound.adapt.selection import DEFAULT_METRIC, check_metric, higher_is_better, task_metrics
 from chexfound.adapt.sources import FeatureSource, as_source
+from chexfound.runio import resolve_device
+from chexfound.stats.thresholds import choose_thresholds, label_prevalence
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,9 @@ def fit_heads(
     Settings come as a `FitSettings` and/or as its field names (`fit_heads(..., lrs=[1e-3], epochs=5)`).
     Early stopping: a config stops updating after `patience` evaluations without improvement; training ends
     when every config has stopped. Without validation data the config with the lowest final training loss
-    is taken (logged as a warning) and thresholds stay at 0.5. Uncertain labels (-1) of multilabel/binary
+    is taken (logged as a warning) and thresholds stay at 0.5. Thresholds follow `chexfound.stats.thresholds`
+    (`threshold_method` where validation evidence is strong, else the training prevalence); each finding's rule
+    and evidence are on `result.head.threshold_rules`. Uncertain labels (-1) of multilabel/binary
     tasks follow `uncertain`: "nan" (ignored), "zero" or "one". `return_all` also returns every config's head
     (at its best validation state, or final state without validation) in `result.heads`."""
     unknown = set(overrides) - {f.name for f in fields(FitSettings)}
@@ -326,8 +329,10 @@ def _finalise(grid: HeadGrid, template: Head, data: _Data, sel: _Selection, conf
     val_pred = predict_rows(head, data.val, np.arange(len(data.val)), st.batch_size, dev)
     if data.task in ("multilabel", "binary"):
         rows = data.val_rows
-        thr = choose_thresholds(data.val_labels[rows].reshape(len(rows), -1), val_pred[rows], st.threshold_method)
-        head.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+        # Validation-optimal where the evidence is strong, else the training prevalence (chexfound.stats.thresholds).
+        head.set_thresholds(choose_thresholds(data.val_labels[rows].reshape(len(rows), -1), val_pred[rows],
+                                              st.threshold_method, label_prevalence(data.train_labels[data.train_rows]),
+                                              template.findings))
     summary = [{"config": g, "lr": lr, "weight_decay": wd, "best_epoch": int(sel.epoch[g]), metric: sel.best_value(g),
                 **{f"val_{k}": v for k, v in sel.metrics[g].items()}}
                for g, (lr, wd) in enumerate(configs)]

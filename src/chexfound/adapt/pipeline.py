@@ -28,8 +28,8 @@ import torch
 import yaml
 
 from chexfound.adapt.heads import GloriHead, Head, LinearHead, MLPHead, save_head
-from chexfound.adapt.metrics import per_finding
 from chexfound.adapt.fit import DEFAULT_LRS
+from chexfound.adapt.selection import per_finding
 from chexfound.errors import ConfigError, ManifestError
 from chexfound.runio import RunLog, atomic_write_bytes, atomic_write_json, resolve_device
 
@@ -215,7 +215,7 @@ def validate(opts: AdaptOptions) -> None:
     """Reject inconsistent options before any work (as ConfigError: the CLI prints them, exit 2)."""
     from chexfound.adapt.heads.base import TASKS
     from chexfound.adapt.losses import LOSSES
-    from chexfound.adapt.metrics import TASK_METRICS
+    from chexfound.adapt.selection import TASK_METRICS
 
     if opts.task not in TASKS:
         raise ConfigError(None, f"unknown task {opts.task!r}; use one of {TASKS}")
@@ -435,6 +435,11 @@ def _write_outputs(opts: AdaptOptions, name: str, out: Path, bb: _Backbone, tr: 
                    runlog: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Head file (with backbone identity and transform), grid / per-finding tables, val predictions, heatmaps."""
     head = tr.head
+    if head.threshold_rules:  # how every threshold was chosen, in the run log and on the terminal
+        runlog({"event": "thresholds", "findings": head.threshold_rules})
+        for r in head.threshold_rules:
+            for w in r.get("warnings", []):
+                log.warning("threshold for %s: %s", r["finding"], w)
     head_path = out / f"{name}.safetensors"
     extra = {"selection": {"metric": tr.metric, **tr.best}, "label_columns": list(train_m.label_columns),
              "uncertain": opts.uncertain, "train_manifest": str(opts.train), "finetune": opts.finetune}
@@ -458,8 +463,11 @@ def _write_outputs(opts: AdaptOptions, name: str, out: Path, bb: _Backbone, tr: 
         if opts.task in ("multilabel", "binary", "multiclass"):
             y_table = y_va.reshape(len(y_va), -1) if opts.task != "multiclass" else _onehot(y_va, len(findings))
             rows = per_finding(y_table, tr.val_predictions, findings)
-            for r, t in zip(rows, head.thresholds.tolist()):
+            rules = head.threshold_rules or [{} for _ in rows]
+            for r, t, rule in zip(rows, head.thresholds.tolist(), rules):
                 r["threshold"] = t
+                r["threshold_rule"] = rule.get("rule", "")
+                r["threshold_reason"] = rule.get("reason", "")
             table = pd.DataFrame(rows)
             _write_csv(table, files["val_per_finding"])
             summary["per_finding"] = rows
@@ -514,10 +522,10 @@ def _short(best: dict[str, Any]) -> str:
 
 
 def _format_table(df: pd.DataFrame) -> str:
-    lines = [f"{'finding':<28} {'n_pos':>6} {'n_neg':>6} {'AUROC':>7} {'AP':>7} {'thr':>6}"]
+    lines = [f"{'finding':<28} {'n_pos':>6} {'n_neg':>6} {'AUROC':>7} {'AP':>7} {'thr':>6}  threshold rule"]
     for r in df.itertuples():
         lines.append(f"{str(r.finding)[:28]:<28} {r.n_pos:>6d} {r.n_neg:>6d} {r.auroc:>7.3f} {r.ap:>7.3f} "
-                     f"{r.threshold:>6.3f}")
+                     f"{r.threshold:>6.3f}  {getattr(r, 'threshold_rule', '')}")
     macro = df[["auroc", "ap"]].mean(skipna=True)
     lines.append(f"{'macro (scored findings)':<28} {'':>6} {'':>6} {macro['auroc']:>7.3f} {macro['ap']:>7.3f}")
     return "\n".join(lines)

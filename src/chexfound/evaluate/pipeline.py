@@ -137,7 +137,7 @@ def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, path
                   opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
     import hashlib
 
-    from chexfound.evaluate.adapt_bridge import build_cache
+    from chexfound.evaluate.trainers import build_cache
 
     tf = _transform_for(model, info, opts.image_size)
     n = min(opts.n_blocks, len(model.blocks))
@@ -153,13 +153,14 @@ def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, path
 def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts: TaskOptions) -> tuple[Any, Any]:
     """(trainer, feature source) for a head type on a backbone.
 
-    'logistic' is the L2 logistic-regression probe of trainers.py on pooled features (deterministic, fast on a
-    CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the feature cache.
+    'logistic' is the statistics layer's logistic probe (chexfound.stats) on pooled features (deterministic,
+    fast on a CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the
+    feature cache.
     """
-    from chexfound.evaluate.adapt_bridge import ADAPT_HEADS, AdaptTrainer
+    from chexfound.evaluate.trainers import ADAPT_HEADS, AdaptTrainer
 
     if head == "logistic":
-        return LogisticTrainer(), bb.features.vectors(bb.n_blocks, opts.avgpool)
+        return LogisticTrainer(findings=findings), bb.features.vectors(bb.n_blocks, opts.avgpool)
     if head not in ADAPT_HEADS:
         raise ChexfoundError(f"unknown head {head!r}; choose from logistic, {', '.join(ADAPT_HEADS)}")
     fit_kwargs: dict[str, Any] = {"epochs": opts.epochs, "device": opts.device, "batch_size": opts.batch_size}

@@ -99,8 +99,15 @@ def run(args: argparse.Namespace) -> int:
     info = predictor.info()
     identity = {"backbone_sha256": predictor.backbone_sha256, "head_sha256": info["head"]["file_sha256"],
                 "findings": predictor.findings, "transform": info["transform"]}
-    store = PredictionStore(out, predictor.findings, predictor.thresholds, predictor.task, identity, heat_dir)
+    store = PredictionStore(out, predictor.findings, predictor.thresholds, predictor.task, identity, heat_dir,
+                            predictor.threshold_rules)
     store.load()
+    if not args.quiet and predictor.task in ("multilabel", "binary"):
+        # What a positive call means: the rule behind each threshold (per finding in the JSON and run.json).
+        rules = [r["rule"] for r in predictor.threshold_rules]
+        counts = ", ".join(f"{rules.count(r)} by {r}" for r in dict.fromkeys(rules))
+        print(f"thresholds of {len(rules)} findings: {counts} (chexfound.stats.thresholds; per finding in "
+              f"{store.run_file.name})", file=sys.stderr)
     todo = [p for p in paths if not store.done(p)]
     settings = {"inputs": [str(i) for i in args.inputs], "manifest": args.manifest, "out": str(out),
                 "heatmaps": args.heatmaps, "top_k": args.top_k, "batch_size": args.batch_size,
