@@ -41,7 +41,8 @@ from chexfound.errors import CXRReadError
 from chexfound.io import read_image
 from chexfound.serve import overlay
 from chexfound.serve.batching import MicroBatcher, QueueFull
-from chexfound.serve.predictor import CALL_TASKS, Predictor
+from chexfound.serve.prediction import CALL_TASKS
+from chexfound.serve.predictor import Predictor
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"

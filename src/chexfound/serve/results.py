@@ -22,7 +22,8 @@ import numpy as np
 
 from chexfound.errors import ChexfoundError
 from chexfound.models.format import atomic_write_bytes
-from chexfound.serve.predictor import CALL_TASKS, Prediction
+from chexfound.serve.overlay import read_overlay_index
+from chexfound.serve.prediction import CALL_TASKS, Prediction
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -37,18 +38,9 @@ def heatmap_folder(path: str | Path) -> str:
     return f"{safe_name(Path(path).stem)}-{digest}"
 
 
-def make_readable(path: str | Path) -> None:
-    """The usual permissions (0666 less the umask): atomic writes go through 0600 temp files, but results
-    are meant to be read by whoever may read the folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def publish_bytes(path: str | Path, data: bytes) -> None:
-    """Atomic write (temp + rename) with the usual permissions."""
+    """Atomic write (temp + rename) with the usual permissions (0666 less the umask)."""
     atomic_write_bytes(path, data)
-    make_readable(path)
 
 
 def _fmt(v: float) -> str:
@@ -156,8 +148,6 @@ class PredictionStore:
     def _heatmaps_of(self, path: str) -> dict[str, str]:
         if self.heatmap_dir is None:
             return {}
-        from chexfound.serve.overlay import read_overlay_index
-
         return read_overlay_index(self.heatmap_dir / heatmap_folder(path))
 
     def records(self) -> list[dict[str, Any]]:

@@ -5,12 +5,14 @@ patch token per image). Resumable (rerun the same command), bad files skipped an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from datetime import timedelta
 from pathlib import Path
 
+from chexfound.cli.options import DeprecatedOption, add_arch_options
 from chexfound.errors import ChexfoundError
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", help="manifest CSV/Parquet (column path, optional image_id)")
     p.add_argument("--split", help="only the manifest rows of this split")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--backbone", help="backbone weights (any format `chexfound convert` reads)")
-    src.add_argument("--config", dest="config_name", help="named config with random weights (for tests/smoke runs)")
-    p.add_argument("--backbone-config", default=None, help="architecture for --backbone if not stored with it")
+    src.add_argument("--backbone", metavar="FILE|NAME",
+                     help="backbone weights (any format `chexfound convert` reads), or a named architecture with "
+                          "random weights (--seed; for baselines and smoke runs)")
+    src.add_argument("--config", dest="backbone", action=DeprecatedOption, replacement="--backbone NAME")
+    add_arch_options(p, old_spelling="--backbone-config")
     p.add_argument("--out", required=True, help="features file: .safetensors or .npz")
     p.add_argument("--n-blocks", type=int, default=None,
                    help="CLS of the last N blocks (default 4, or all blocks of a shallower model)")
@@ -45,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (bf16 = autocast)")
     p.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a named --backbone")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, run the plain model instead of the oneDNN packed-weight fast path")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after merging")
@@ -103,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from chexfound.data.transform import InputTransform
-    from chexfound.models import backbone_sha256, create_backbone, load_backbone
+    from chexfound.models import create_backbone
     from chexfound.models.embedder import EmbedSettings, embed_paths
     from chexfound.models.features import FEATURE_SUFFIXES
 
@@ -126,20 +129,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
         paths, ids = manifest_inputs(args.manifest, args.split) if args.manifest else list_inputs(args.inputs)
-        if args.backbone:
-            model, meta = load_backbone(args.backbone, args.backbone_config)
-            source = {"backbone": str(args.backbone), "format": meta["format"]}
-            sha = meta["weights_sha256"]
-        else:
-            torch.manual_seed(args.seed)
-            try:
-                model = create_backbone(args.config_name)
-            except KeyError as e:
-                raise ChexfoundError(str(e).strip("'\"")) from e
-            source = {"backbone": f"random:{args.config_name}:seed={args.seed}"}
-            sha = backbone_sha256(model)
+        model = create_backbone(args.backbone, seed=args.seed, config=args.arch, num_heads=args.num_heads,
+                                head_dim=args.head_dim)
+        info = model.info
+        source = {"backbone": str(args.backbone), "format": info.format, "backbone_name": info.name,
+                  "backbone_info": info.describe()}
+        if info.format == "random":
+            source["backbone"] = f"random:{args.backbone}:seed={args.seed}"
+        sha = info.weights_sha256
         n_blocks = args.n_blocks if args.n_blocks is not None else min(4, model.cfg.depth)
-        tf = InputTransform.for_backbone(model.cfg, size=args.size, mode=args.mode)
+        # The transform the weights record, at another size / squaring mode when asked.
+        tf = dataclasses.replace(info.transform, size=args.size or info.transform.size, mode=args.mode)
         settings = EmbedSettings(n_blocks=n_blocks, batch_size=args.batch_size, chunk_size=args.chunk_size,
                                  workers=args.workers, feature_dtype=args.feature_dtype, autocast=args.dtype,
                                  keep_parts=args.keep_parts)
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         file_meta = {**source, "backbone_sha256": sha, "backbone_config": model.cfg.to_dict(),
                      "transform": tf.to_dict(), "blocks": blocks}
         if rank == 0 and not args.quiet:
-            print(f"embedding {len(paths)} images with {model.cfg.name or 'backbone'} on {device} "
+            print(f"embedding {len(paths)} images with {info.summary()} on {device} "
                   f"({args.dtype}, world size {world}) -> {out}", file=sys.stderr)
         if device.type == "cpu" and not args.no_pack:
             from chexfound.models.fast import pack_for_inference
