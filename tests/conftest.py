@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # The tiny test backbones (tiny_vit, tiny_vit_mlp) are not in the production registry: register them here
 # and, through the environment, in CLI subprocesses the tests start.
-os.environ["CHEXFOUND_TEST_MODELS"] = "1"
+os.environ["CHEXFOUND_MODEL_MODULES"] = "chexfound.models.testing"
 import chexfound.models.testing  # noqa: E402,F401
 
 

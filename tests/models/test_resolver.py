@@ -90,18 +90,19 @@ def test_unknown_names_and_missing_files(tmp_path: Path) -> None:
 
 
 def test_test_configs_are_not_in_the_production_registry() -> None:
-    """A fresh process without CHEXFOUND_TEST_MODELS sees no tiny_vit; with it (as CLI tests run), it does."""
+    """A fresh process sees no tiny_vit; with CHEXFOUND_MODEL_MODULES naming the testing module (as the CLI
+    processes tests start), it does."""
     assert {"tiny_vit", "tiny_vit_mlp"} <= set(list_configs())  # this process: the test conftest registered them
     code = ("from chexfound.models import list_configs, get_config\n"
             "names = list_configs()\n"
             "assert 'tiny_vit' not in names and 'tiny_vit_mlp' not in names and 'vits16_224' in names, names\n"
             "try:\n    get_config('tiny_vit')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
-    env = {k: v for k, v in os.environ.items() if k != "CHEXFOUND_TEST_MODELS"}
+    env = {k: v for k, v in os.environ.items() if k != "CHEXFOUND_MODEL_MODULES"}
     env["PYTHONPATH"] = str(REPO / "src")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ConfigError" in out.stdout and "chexfound.models.testing" in out.stdout
-    env["CHEXFOUND_TEST_MODELS"] = "1"
+    env["CHEXFOUND_MODEL_MODULES"] = "chexfound.models.testing"
     out = subprocess.run([sys.executable, "-c", "from chexfound.models import get_config; "
                           "print(get_config('tiny_vit').embed_dim)"], env=env, capture_output=True, text=True,
                          timeout=120)

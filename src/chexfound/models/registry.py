@@ -1,13 +1,15 @@
 """Named backbone configs, timm-style: `create_backbone("chexfound_vitl16_reg4_512")`.
 
 Only architectures someone would deploy live here. The tiny configs the tests use are registered by
-`chexfound.models.testing` (imported by the test suite, or in any process with CHEXFOUND_TEST_MODELS=1).
+`chexfound.models.testing` (imported by the test suite, and in any process whose CHEXFOUND_MODEL_MODULES
+names it).
 A config changed by overrides is a different model: `derive_config` gives it its own name (e.g. the
 pretraining preset that made it) and records what it was derived from.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import fields, replace
@@ -22,7 +24,10 @@ _REGISTRY: dict[str, Callable[[], ViTConfig]] = {}
 RELEASED: set[str] = set()
 # Settings that change training only, not the function a trained model computes.
 _TRAINING_ONLY = ("drop_path_rate", "drop_path_uniform", "name", "extra")
-TEST_MODELS_ENV = "CHEXFOUND_TEST_MODELS"
+# Modules that register more configs (comma-separated import names), imported on first use of the registry:
+# how the test suite, and the CLI processes it starts, reach `chexfound.models.testing`; users can add their own.
+MODULES_ENV = "CHEXFOUND_MODEL_MODULES"
+_imported: set[str] = set()
 
 
 def register(name: str, released: bool = False) -> Callable[[Callable[[], ViTConfig]], Callable[[], ViTConfig]]:
@@ -35,21 +40,27 @@ def register(name: str, released: bool = False) -> Callable[[Callable[[], ViTCon
     return deco
 
 
-def _load_test_models() -> None:
-    if os.environ.get(TEST_MODELS_ENV, "").strip() not in ("", "0"):
-        import chexfound.models.testing  # noqa: F401  (registers the tiny test configs)
+def _import_modules() -> None:
+    for mod in os.environ.get(MODULES_ENV, "").split(","):
+        mod = mod.strip()
+        if mod and mod not in _imported:
+            _imported.add(mod)
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                raise ConfigError(None, f"{MODULES_ENV}: cannot import {mod!r} ({e})") from e
 
 
 def list_configs() -> list[str]:
-    _load_test_models()
+    _import_modules()
     return sorted(_REGISTRY)
 
 
 def get_config(name: str, **overrides: Any) -> ViTConfig:
-    _load_test_models()
+    _import_modules()
     if name not in _REGISTRY:
-        hint = (f" (the tiny test configs are registered by chexfound.models.testing, or with {TEST_MODELS_ENV}=1)"
-                if name.startswith("tiny_") else "")
+        hint = (f" (the tiny test configs are registered by importing chexfound.models.testing, e.g. with "
+                f"{MODULES_ENV}=chexfound.models.testing)" if name.startswith("tiny_") else "")
         raise ConfigError(None, f"unknown backbone config {name!r}; known: {', '.join(list_configs())}{hint}")
     cfg = replace(_REGISTRY[name](), name=name)
     return replace(cfg, **overrides) if overrides else cfg

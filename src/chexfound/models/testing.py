@@ -1,7 +1,8 @@
 """Tiny backbone configs for tests and smoke runs, kept out of the production registry.
 
 Importing this module registers them (`tiny_vit`, `tiny_vit_mlp`); the test suite does so in its conftest and
-sets CHEXFOUND_TEST_MODELS=1, so CLI subprocesses started by tests (torchrun) see them too. They are too small
+sets CHEXFOUND_MODEL_MODULES=chexfound.models.testing, so CLI subprocesses started by tests (torchrun) see them
+too. They are too small
 to learn anything useful, which is why `chexfound.models.list_configs()` does not offer them to users.
 """
 
