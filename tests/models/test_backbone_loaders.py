@@ -94,7 +94,8 @@ def test_dinov2_pth_and_registry_match(tmp_path: Path) -> None:
     assert "settings of tiny_vit" in meta["config_source"]
     # The head count cannot be seen in the tensors: without it (or a config) the loader refuses to guess and
     # says how to give it; given either way it builds the same model.
-    with pytest.raises(CheckpointError, match="number of attention heads cannot be read.*--num-heads.*--head-dim.*--arch") as e:
+    with pytest.raises(CheckpointError,
+                       match="number of attention heads cannot be read.*--num-heads.*--head-dim.*--arch") as e:
         load_backbone(tmp_path / "dinov2_tiny.pth")
     assert str(tmp_path / "dinov2_tiny.pth") in str(e.value)
     by_count, _ = load_backbone(tmp_path / "dinov2_tiny.pth", num_heads=2)

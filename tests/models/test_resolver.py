@@ -87,6 +87,10 @@ def test_unknown_names_and_missing_files(tmp_path: Path) -> None:
         create_backbone(tmp_path / "b.safetensors", checkpoint=tmp_path / "b.safetensors")
     with pytest.raises(ConfigError, match="apply to named configs"):
         create_backbone(tmp_path / "b.safetensors", depth=1)
+    # A head count given for a file that records its own must agree with it, not be ignored.
+    assert create_backbone(tmp_path / "b.safetensors", num_heads=2).cfg.num_heads == 2
+    with pytest.raises(ConfigError, match="4 attention heads given, but its metadata says 2"):
+        create_backbone(tmp_path / "b.safetensors", num_heads=4)
 
 
 def test_test_configs_are_not_in_the_production_registry() -> None:

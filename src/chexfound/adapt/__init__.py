@@ -36,5 +36,6 @@ def __getattr__(name: str):  # lazy: keep `import chexfound.adapt` light for the
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FeatureCache", "GloriHead", "Head", "HeadInfo", "LinearHead", "MLPHead", "fit_heads", "head_info", "load_head",
+__all__ = ["FeatureCache", "GloriHead", "Head", "HeadInfo", "LinearHead", "MLPHead", "fit_heads", "head_info",
+           "load_head",
            "load_released_head", "predict", "save_head"]

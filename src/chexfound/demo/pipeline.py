@@ -227,7 +227,8 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
         res = score_predictions(y[sp["test"]], p, pats[sp["test"]], task.findings, fitted.thresholds,
                                 y[sp["train"]], ecfg)
         head_file = cfg.out / "models" / which / f"{task.name}-{head_type}.safetensors"
-        save_head(fitted.head, head_file, backbone_sha256=model.info.weights_sha256, backbone_config=model.cfg.to_dict(),
+        save_head(fitted.head, head_file, backbone_sha256=model.info.weights_sha256,
+                  backbone_config=model.cfg.to_dict(),
                   transform=tf.to_dict(), extra={"task_name": task.name, "trained_on": str(task.manifest)})
         np.save(cfg.out / "cache" / which / f"{task.name}-{head_type}-test-probs.npy", p)
         out["heads"][head_type] = {"metrics": res, "fit": fitted.info, "file": str(head_file)}

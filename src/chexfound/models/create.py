@@ -98,7 +98,8 @@ def _random(cfg: ViTConfig, seed: int | None) -> VisionTransformer:
     on_meta = model.pos_embed.is_meta
     info = ModelInfo(
         name=cfg.name, config=cfg, transform=InputTransform.for_backbone(cfg),
-        weights_sha256="" if on_meta else state_dict_sha256(model.state_dict()), source=f"registry:{cfg.extra.get('derived_from', cfg.name)}",
+        weights_sha256="" if on_meta else state_dict_sha256(model.state_dict()),
+        source=f"registry:{cfg.extra.get('derived_from', cfg.name)}",
         format="random", config_source="named config" + (" with overrides" if "derived_from" in cfg.extra else ""),
         origin={"random_init": {"seed": seed}})
     return attach_info(model, info)  # type: ignore[return-value]

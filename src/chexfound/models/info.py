@@ -80,7 +80,8 @@ class ModelInfo:
 
     def summary(self) -> str:
         """`demo_tiny: 0.9 M params, 64 px, pretrained with preset demo_tiny, 600 iterations`."""
-        return f"{self.name or 'unnamed'}: {format_params(self.num_params)} params, {self.input_size} px, {self.provenance()}"
+        return (f"{self.name or 'unnamed'}: {format_params(self.num_params)} params, {self.input_size} px, "
+                f"{self.provenance()}")
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe identity for APIs, run records and features files (no tensors)."""

@@ -181,7 +181,8 @@ def load_bundle(path: str | PathLike[str]) -> tuple[VisionTransformer, Head, dic
                                         f"unexpected {unexpected}")
     b = meta["backbone"]
     attach_info(backbone, ModelInfo(
-        name=b.get("name") or cfg.name or Path(path).stem, config=cfg, transform=InputTransform.from_dict(meta["transform"]),
+        name=b.get("name") or cfg.name or Path(path).stem, config=cfg,
+        transform=InputTransform.from_dict(meta["transform"]),
         # The identity of the weights exported (fp16/bf16 bundles hold a rounded copy of them).
         weights_sha256=b.get("weights_sha256") or "", source=str(path), format="chexfound_bundle",
         config_source="bundle metadata", origin=dict(b.get("origin") or {})))

@@ -20,7 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--backbone", help="backbone file (any layout chexfound.models.create_backbone reads; the kind "
                                       "is read from the bytes, not the name)")
-    g.add_argument("--head", help="head file (ours in safetensors, or the released glori.pth: chexfound.adapt.load_head)")
+    g.add_argument("--head", help="head file (ours in safetensors, or the released glori.pth: "
+                                  "chexfound.adapt.load_head)")
     g.add_argument("--model", help="instead of --backbone/--head: one bundle from `chexfound export --format "
                                    "safetensors`")
     add_arch_options(g)

@@ -92,7 +92,8 @@ def _config_from_mapping(d: dict[str, Any], source: str | Path, preprocessor: di
         except (TypeError, ValueError) as e:
             raise ConfigError(source, str(e)) from e
     raise ConfigError(source, "not a ViTConfig, a chexfound pretraining config.yaml (student.arch + overrides), a "
-                              "DINOv2/CheXFound SSL config (student: ...) or a Hugging Face config.json (model_type: ...)")
+                              "DINOv2/CheXFound SSL config (student: ...) or a Hugging Face config.json "
+                              "(model_type: ...)")
 
 
 def _hf_preprocessor(folder: Path) -> dict[str, Any] | None:
@@ -217,6 +218,13 @@ def _count_heads(sd: dict[str, Any], p: Path, fmt: str, num_heads: int | None,
         "file)"))
 
 
+def _check_given_heads(cfg: ViTConfig, where: str, num_heads: int | None, head_dim: int | None, p: Path) -> None:
+    """A head count given for a file that records its own must agree with it (never silently ignored)."""
+    given = num_heads if num_heads is not None else (cfg.embed_dim // head_dim if head_dim else None)
+    if given is not None and given != cfg.num_heads:
+        raise ConfigError(None, f"{p}: {given} attention heads given, but {where} says {cfg.num_heads}")
+
+
 def load_file(
     path: str | PathLike[str], config: ConfigLike = None, *, num_heads: int | None = None,
     head_dim: int | None = None,
@@ -238,6 +246,7 @@ def load_file(
     if raw is None:
         model, _ = load_ours(p, explicit)
         info: ModelInfo = model.info  # type: ignore[assignment]
+        _check_given_heads(info.config, "its metadata", num_heads, head_dim, p)
         info.config_source = explicit_src or "file metadata"
         info.notes += [mismatch] if mismatch else []
         return model
@@ -252,9 +261,11 @@ def load_file(
         name = None if fmt == "hf_dinov2" else match_registry(
             inferred, prefer="chexfound" if fmt == "chexfound_official" else "dinov2")
         if name:
-            cfg, cfg_src = complete_from_registry(inferred, name), f"inferred from tensors ({heads_src}); settings of {name}"
+            cfg = complete_from_registry(inferred, name)
+            cfg_src = f"inferred from tensors ({heads_src}); settings of {name}"
         else:
             cfg, cfg_src = _defaults_for(fmt, inferred), f"inferred from tensors ({heads_src}); {fmt} defaults"
+    _check_given_heads(cfg, cfg_src, num_heads, head_dim, p)
     if not cfg.name:
         cfg = replace(cfg, name=p.parent.name if fmt == "hf_dinov2" else p.stem)
     model, warns = load_backbone_strict(cfg, filt.backbone, p, optional)

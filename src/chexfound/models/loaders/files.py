@@ -44,7 +44,8 @@ def load_weights_only(path: str | PathLike[str]) -> Any:
         raise CheckpointError(
             p,
             "contains pickled Python objects beyond tensors and plain containers (a whole model, optimizer "
-            f"object or custom class?); only weights-only loading (torch.load(weights_only=True)) is allowed. Save model.state_dict() instead. "
+            "object or custom class?); only weights-only loading (torch.load(weights_only=True)) is allowed. "
+            "Save model.state_dict() instead. "
             f"({first})",
         ) from e
     except (EOFError, zipfile.BadZipFile) as e:
