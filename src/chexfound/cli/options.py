@@ -31,9 +31,9 @@ class DeprecatedOption(argparse.Action):
 def add_arch_options(p: argparse.ArgumentParser | Any, old_spelling: str | None = None) -> None:
     """--arch / --num-heads / --head-dim: what a checkpoint without a recorded architecture is."""
     p.add_argument("--arch", default=None, metavar="NAME|FILE",
-                   help="architecture of weights that do not record it: a named config, a pretraining run's "
-                        "config.yaml, a DINOv2/CheXFound config.yaml or a Hugging Face config.json "
-                        "(default: what the file records; never guessed)")
+                   help="the weights' architecture: a named config, a pretraining run's config.yaml, a "
+                        "DINOv2/CheXFound config.yaml or a Hugging Face config.json (default: what the file or the "
+                        "config beside it records; never guessed)")
     if old_spelling:
         p.add_argument(old_spelling, dest="arch", action=DeprecatedOption, replacement="--arch")
     p.add_argument("--num-heads", type=int, default=None,
