@@ -122,7 +122,7 @@ class Predictor:
 
     def info(self) -> dict[str, Any]:
         """What `GET /v1/model` reports: backbone identity (name, size, input resolution, where it came from),
-        head identity, findings, thresholds (and the rule that chose them), input transform."""
+        head identity, findings, thresholds, input transform."""
         cfg = self.model.backbone.cfg
         bi = self.backbone_info
         return {
@@ -148,7 +148,6 @@ class Predictor:
                 "trained_on_backbone_sha256": self.head_info.backbone_sha256,
                 "pairing_warning": self.pairing_warning,
                 "has_attention": self.has_attention,
-                "threshold_rule": self.head_info.threshold_rule(),
             },
             "findings": self.findings,
             "thresholds": [float(t) for t in self.thresholds],

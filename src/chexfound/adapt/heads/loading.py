@@ -38,12 +38,12 @@ class HeadInfo:
                    backbone_config=meta.get("backbone_config") or None, transform=meta.get("transform") or None,
                    meta=dict(meta))
 
-    def threshold_rule(self) -> Any:
-        """How the thresholds were chosen, as the head's metadata records it (None when it does not)."""
-        for key in ("threshold_rule", "threshold_rules", "thresholds_rule"):
-            if key in self.meta:
-                return self.meta[key]
-        return None
+    @property
+    def threshold_rules(self) -> list[dict[str, Any]] | None:
+        """Per finding, how its threshold was chosen (`chexfound.stats.thresholds`), as the head file records
+        it; None for files that do not."""
+        rules = self.meta.get("threshold_rules")
+        return list(rules) if isinstance(rules, list) else None
 
 
 def head_info(head: Head) -> HeadInfo:
