@@ -200,7 +200,7 @@ def _validate(spec: CorpusSpec) -> None:
                              "(random weights: for testing only)")
     if spec.dedup.embedding and not (0 < spec.dedup.embedding.threshold <= 1):
         raise ConfigError(p, "dedup.embedding.threshold must be a cosine in (0, 1]")
-    from chexfound.curate.filters import parse_views
+    from chexfound.curate.views import parse_views
 
     try:
         parse_views(spec.filters.views)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,7 @@ from PIL import Image
 
 from chexfound.adapt.heatmap import attention_map, save_heatmaps
 from chexfound.data.transform import InputTransform
-from chexfound.models.format import atomic_write_bytes
+from chexfound.runio import atomic_write_json
 
 GAMMA = 0.5  # the original notebook's display curve
 MAX_ALPHA = 0.6  # as adapt.heatmap.overlay_png
@@ -109,19 +108,9 @@ def save_overlay_files(view: np.ndarray, attention: np.ndarray, probabilities: n
     tf = InputTransform(size=view.shape[0])  # the view is already the model's field of view: geometry = identity
     paths = save_heatmaps(attention.reshape(1, c, gh * gw), probabilities, findings, view, tf, out_dir, stem,
                           which=list(which), gamma=GAMMA, grid=(gh, gw))
-    for p in paths:
-        make_readable(p)
     written = {findings[i]: p.name for i, p in zip(which, paths)}
-    atomic_write_bytes(out_dir / INDEX_FILE, json.dumps(written, indent=1).encode())
+    atomic_write_json(out_dir / INDEX_FILE, written, indent=1)
     return written
-
-
-def make_readable(path: str | Path) -> None:
-    """The usual permissions (0666 less the umask): atomic writes go through 0600 temp files, but results
-    are meant to be read by whoever may read the folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def read_overlay_index(out_dir: Path) -> dict[str, str]:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chexfound.adapt.runtime import resolve_device
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ConfigError
 from chexfound.io import CXRImage, read_image
+from chexfound.runio import resolve_device
 from chexfound.serve.bundle import Classifier, check_pairing, load_bundle, load_pair
 from chexfound.serve.overlay import view_from_input
 from chexfound.serve.prediction import CALL_TASKS, Prediction
