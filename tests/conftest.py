@@ -13,6 +13,11 @@ DATA = Path(os.environ.get("CHEXFOUND_DATA", REPO.parent / "shared" / "data")).r
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The tiny test backbones (tiny_vit, tiny_vit_mlp) are not in the production registry: register them here
+# and, through the environment, in CLI subprocesses the tests start.
+os.environ["CHEXFOUND_MODEL_MODULES"] = "chexfound.models.testing"
+import chexfound.models.testing  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:

@@ -43,7 +43,7 @@ def test_embedding_dedup_is_consistent_with_the_backbone(corpus, tmp_path):
 
     from chexfound.data.transform import InputTransform
     from chexfound.io import read_image
-    from chexfound.models.registry import create_backbone
+    from chexfound.models import create_backbone
 
     out = tmp_path / "o"
     thr = 0.995

@@ -9,7 +9,7 @@ import torch
 
 from ckpt_layouts import official_teacher, ssl_heads, tiny
 from chexfound.cli.main import main
-from chexfound.models import load_backbone
+from chexfound.models import create_backbone
 from chexfound.models.format import read_meta, sha256_file
 
 
@@ -27,12 +27,12 @@ def test_convert_official_keeps_heads_and_records_sha(tmp_path: Path, capsys: py
     meta = read_meta(out)
     assert meta["source"]["format"] == "chexfound_official" and meta["source"]["sha256"] == sha256_file(src)
     assert meta["head_names"] == ["dino_head", "ibot_head"]
-    loaded, lmeta = load_backbone(out)
+    loaded = create_backbone(out)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
-    assert torch.equal(lmeta["heads"]["ibot_head"]["last_layer.weight_v"], heads["ibot_head.last_layer.weight_v"])
-    assert lmeta["weights_sha256"] == meta["weights_sha256"]
+    assert torch.equal(loaded.info.heads["ibot_head"]["last_layer.weight_v"], heads["ibot_head.last_layer.weight_v"])
+    assert loaded.info.weights_sha256 == meta["weights_sha256"]
 
     bare = tmp_path / "bare.safetensors"
     assert main(["convert", str(out), "--out", str(bare), "--no-heads", "--quiet"]) == 0

@@ -15,10 +15,15 @@ from safetensors.torch import save_file
 import vit_reference as ref
 from ckpt_layouts import dinov2_yaml, hf_config, official_teacher, ssl_heads, tiny, to_hf
 from chexfound.errors import CheckpointError
-from chexfound.models import get_config, load_backbone, save_backbone
+from chexfound.models import get_config, save_backbone
 from chexfound.models.loaders.infer import same_architecture
 from chexfound.models.loaders.official import config_from_dinov2_yaml
-from chexfound.models.registry import create_backbone
+from chexfound.models import create_backbone
+
+
+def load_backbone(path, config=None, **kw):  # the resolver, with the old (model, meta) view for these tests
+    model = create_backbone(path, config=config, **kw)
+    return model, model.info.to_meta()
 
 
 def same_outputs(a: torch.nn.Module, b: torch.nn.Module, size: int = 64) -> None:
@@ -87,9 +92,14 @@ def test_dinov2_pth_and_registry_match(tmp_path: Path) -> None:
     same_outputs(model, loaded)
     assert meta["format"] == "dinov2" and meta["heads"] == {}
     assert "settings of tiny_vit" in meta["config_source"]
-    # Head dim 64 unless told: the same tensors then read as one 64-wide head (a different model).
-    one_head, _ = load_backbone(tmp_path / "dinov2_tiny.pth")
-    assert one_head.cfg.num_heads == 1
+    # The head count cannot be seen in the tensors: without it (or a config) the loader refuses to guess and
+    # says how to give it; given either way it builds the same model.
+    with pytest.raises(CheckpointError,
+                       match="number of attention heads cannot be read.*--num-heads.*--head-dim.*--arch") as e:
+        load_backbone(tmp_path / "dinov2_tiny.pth")
+    assert str(tmp_path / "dinov2_tiny.pth") in str(e.value)
+    by_count, _ = load_backbone(tmp_path / "dinov2_tiny.pth", num_heads=2)
+    same_outputs(model, by_count)
 
 
 @pytest.mark.parametrize("variant", ["dinov2_mlp", "with_registers_swiglu"])

@@ -122,8 +122,26 @@ def test_resume_refuses_another_model(models: dict[str, Path], png_paths: list[P
     out = tmp_path / "preds.csv"
     assert predict(models, "--out", str(out), str(png_paths[0])) == 0
     rc = main(["predict", "--backbone", str(models["other_backbone"]), "--head", str(models["linear"]), "--quiet",
-               "--out", str(out), str(png_paths[1])])
+               "--allow-backbone-mismatch", "--out", str(out), str(png_paths[1])])
     assert rc == 2 and "different model" in capsys.readouterr().err
+
+
+def test_head_from_another_backbone_needs_the_flag(models: dict[str, Path], png_paths: list[Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "preds.csv"
+    base = ["predict", "--backbone", str(models["other_backbone"]), "--head", str(models["linear"]), "--quiet",
+            "--out", str(out), str(png_paths[0])]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "linear.safetensors" in err and "trained on backbone" in err and "--allow-backbone-mismatch" in err
+    assert not out.exists()
+    with pytest.warns(UserWarning, match="trained on backbone"):
+        assert main(base + ["--allow-backbone-mismatch"]) == 0
+    assert out.is_file()
+    for verb in (["export", "--format", "safetensors", "--out", str(tmp_path / "b.safetensors")],
+                 ["serve", "--port", "1"]):
+        args = [verb[0], "--backbone", str(models["other_backbone"]), "--head", str(models["linear"]), *verb[1:]]
+        assert main(args) == 2 and "trained on backbone" in capsys.readouterr().err
 
 
 def test_manifest_input(models: dict[str, Path], png_paths: list[Path], tmp_path: Path) -> None:

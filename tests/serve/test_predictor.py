@@ -14,7 +14,7 @@ from chexfound.adapt import load_head
 from chexfound.data.findings import NIH14
 from chexfound.errors import CheckpointError
 from chexfound.io import read_image
-from chexfound.models import load_backbone
+from chexfound.models import create_backbone
 from chexfound.serve import Predictor
 from chexfound.serve.export import export_safetensors
 
@@ -48,12 +48,10 @@ def test_batched_equals_single_and_manual_pipeline(models: dict[str, Path], png_
     for path, b in zip(png_paths, batched):
         single = p.predict_image(path)
         np.testing.assert_allclose(single.probabilities, b.probabilities, atol=1e-5)
-    # Against the contracts done by hand: load_backbone + transform + get_intermediate_layers + head.
-    from chexfound.data.transform import InputTransform
-
-    bb, meta = load_backbone(models["backbone"])
+    # Against the contracts done by hand: create_backbone + its transform + get_intermediate_layers + head.
+    bb = create_backbone(models["backbone"])
     head = load_head(models["linear"])
-    x = InputTransform.from_dict(meta["transform"])(read_image(png_paths[0]).pixels)[None]
+    x = bb.info.transform(read_image(png_paths[0]).pixels)[None]
     with torch.no_grad():
         logits, _ = head(bb.get_intermediate_layers(x, n=head.n_blocks, return_class_token=True))
     np.testing.assert_allclose(head.probabilities(logits)[0].numpy(), batched[0].probabilities, atol=1e-5)
@@ -82,11 +80,14 @@ def test_attention_head_gives_maps(models: dict[str, Path], png_paths: list[Path
 
 
 def test_head_from_another_backbone_warns_or_fails(models: dict[str, Path]) -> None:
+    # Refused unless explicitly allowed; allowed, it warns and says so in the model info; strict refuses anyway.
+    with pytest.raises(CheckpointError, match="linear.safetensors.*trained on backbone.*allow_backbone_mismatch"):
+        Predictor(models["other_backbone"], models["linear"], device="cpu")
     with pytest.warns(UserWarning, match="trained on backbone"):
-        p = Predictor(models["other_backbone"], models["linear"], device="cpu")
+        p = Predictor(models["other_backbone"], models["linear"], device="cpu", allow_backbone_mismatch=True)
     assert p.pairing_warning and p.info()["head"]["pairing_warning"] == p.pairing_warning
     with pytest.raises(CheckpointError, match="linear.safetensors.*trained on backbone"):
-        Predictor(models["other_backbone"], models["linear"], device="cpu", strict=True)
+        Predictor(models["other_backbone"], models["linear"], device="cpu", strict=True, allow_backbone_mismatch=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Predictor(models["backbone"], models["linear"], device="cpu").pairing_warning is None
@@ -95,8 +96,8 @@ def test_head_from_another_backbone_warns_or_fails(models: dict[str, Path]) -> N
 def test_model_info(models: dict[str, Path]) -> None:
     p = Predictor(models["backbone"], models["attention"], device="cpu")
     info = p.info()
-    _, meta = load_backbone(models["backbone"])
-    assert info["backbone"]["weights_sha256"] == meta["weights_sha256"]
+    bb = create_backbone(models["backbone"])
+    assert info["backbone"]["weights_sha256"] == bb.info.weights_sha256
     assert info["head"]["head_type"] == "glori" and info["head"]["has_attention"]
     assert info["findings"] == list(NIH14) and len(info["thresholds"]) == len(NIH14)
     assert info["transform"]["size"] == 64

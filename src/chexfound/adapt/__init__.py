@@ -17,26 +17,9 @@ is off; FinetuneSettings), pipeline (the `chexfound adapt` command as a function
 
 from __future__ import annotations
 
-from os import PathLike
-from typing import Sequence
-
-from chexfound.adapt.heads import GloriHead, Head, LinearHead, MLPHead, load_our_head, save_head
-from chexfound.adapt.released import is_torch_pickle, load_released_head
-
-
-def load_head(path: str | PathLike[str], name: str | None = None, findings: Sequence[str] | None = None,
-              num_heads: int = 8) -> Head:
-    """A head file -> Head in eval mode: our safetensors heads, or the original `glori.pth` / linear-probe
-    checkpoints (`name`, `findings`, `num_heads` only apply to those; see `chexfound.adapt.released`)."""
-    from chexfound.errors import CheckpointError
-
-    try:
-        pickled = is_torch_pickle(path)
-    except OSError as e:
-        raise CheckpointError(path, f"cannot open head file ({e})") from e
-    if pickled:
-        return load_released_head(path, name=name, findings=findings, num_heads=num_heads)
-    return load_our_head(path)[0]
+from chexfound.adapt.heads import GloriHead, Head, LinearHead, MLPHead, save_head
+from chexfound.adapt.heads.loading import HeadInfo, head_info, load_head
+from chexfound.adapt.released import load_released_head
 
 
 def __getattr__(name: str):  # lazy: keep `import chexfound.adapt` light for the serve path
@@ -55,5 +38,6 @@ def __getattr__(name: str):  # lazy: keep `import chexfound.adapt` light for the
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FeatureCache", "GloriHead", "Head", "LinearHead", "MLPHead", "fit_heads", "load_head",
+__all__ = ["FeatureCache", "GloriHead", "Head", "HeadInfo", "LinearHead", "MLPHead", "fit_heads", "head_info",
+           "load_head",
            "load_released_head", "predict", "save_head"]

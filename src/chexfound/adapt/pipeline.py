@@ -95,22 +95,15 @@ class AdaptOptions:
 
 
 def load_backbone_for(opts: AdaptOptions) -> tuple[torch.nn.Module, str, dict[str, Any]]:
-    """(backbone in eval mode, weights sha256, its recorded transform or {})."""
-    from chexfound.models import backbone_sha256, create_backbone, load_backbone
+    """(backbone in eval mode, weights sha256, its recorded transform): `--backbone` is a file or a named
+    architecture (random weights, seeded); `config` is the deprecated spelling of the latter."""
+    from chexfound.models import create_backbone
 
     if bool(opts.backbone) == bool(opts.config):
-        raise ConfigError(None, "give exactly one of --backbone FILE or --config NAME (random init), "
+        raise ConfigError(None, "give --backbone FILE or --backbone NAME (a named architecture, random init), "
                                 "or --features (what `chexfound embed` wrote)")
-    if opts.backbone:
-        model, meta = load_backbone(opts.backbone)
-        sha = meta.get("weights_sha256") or backbone_sha256(model)
-        return model.eval(), sha, dict(meta.get("transform") or {})
-    try:
-        torch.manual_seed(opts.seed)
-        model = create_backbone(opts.config)
-    except KeyError as e:
-        raise ConfigError(None, str(e.args[0])) from e
-    return model.eval(), backbone_sha256(model), {}
+    model = create_backbone(str(opts.backbone or opts.config), seed=opts.seed)
+    return model.eval(), model.info.weights_sha256, model.info.transform.to_dict()
 
 
 def _read(path: str, labels: Sequence[str] | None, task: str):
@@ -294,7 +287,7 @@ def _backbone_stage(opts: AdaptOptions) -> _Backbone:
     tf = InputTransform.from_dict(recorded_tf) if recorded_tf else InputTransform.for_backbone(model.cfg)
     if opts.image_size:
         tf = InputTransform.from_dict({**tf.to_dict(), "size": opts.image_size})
-    return _Backbone(model, sha, model.cfg.to_dict(), tf, n_blocks, model.embed_dim, model.cfg.name or "file")
+    return _Backbone(model, sha, model.cfg.to_dict(), tf, n_blocks, model.embed_dim, model.info.name or "file")
 
 
 def _feature_sources(opts: AdaptOptions, bb: _Backbone, splits: dict[str, Any], out: Path,

@@ -18,7 +18,6 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
 from chexfound.adapt.heads.base import Head
@@ -42,22 +41,13 @@ _DECODER_KEYS["layers.0.multihead_attn.in_proj_bias"] = "layer.multihead_attn.in
 _NAME_RE = re.compile(r"(?:^|.*\.)classifiers_dict\.(?P<name>.+?)\.(?P<kind>decoder|linear)\.(?P<param>.+)$")
 
 
-def is_torch_pickle(path: str | PathLike[str]) -> bool:
-    """torch.save files are zip archives (new format) or start with a pickle protocol byte (legacy)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
-
-
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled classes, truncated files...
-        raise CheckpointError(path, f"cannot read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from e
-    sd = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError(path, "expected a state dict or an fvcore {'model': state_dict} checkpoint")
-    return sd
+    from chexfound.models.loaders.files import load_weights_only
+    from chexfound.models.loaders.keys import unwrap_state_dict
+
+    obj = load_weights_only(path)  # checks the bytes; pickled classes and truncated files are CheckpointErrors
+    # fvcore {"model": state_dict, "optimizer": ..., "iteration": ...} or a bare state dict; non-tensors are dropped.
+    return unwrap_state_dict(obj, path).tensors
 
 
 def _group(sd: dict[str, Tensor]) -> dict[str, tuple[str, dict[str, Tensor]]]:
@@ -176,9 +166,13 @@ def load_released_head(path: str | PathLike[str], name: str | None = None, findi
                        num_heads: int = 8) -> Head:
     """Original CheXFound head file -> our Head (eval mode). `num_heads` is not stored in the file (8 released)."""
     p = Path(path)
-    groups = _group(_read_state_dict(p))
+    sd = _read_state_dict(p)
+    groups = _group(sd)
     if not groups:
-        raise CheckpointError(p, "no `classifiers_dict.<name>.decoder.` or `.linear.` keys: not a CheXFound head")
+        from chexfound.models.loaders.describe import describe_state_dict
+
+        raise CheckpointError(p, f"no `classifiers_dict.<name>.decoder.` or `.linear.` keys: not a CheXFound head "
+                                 f"(this is {describe_state_dict(sd)})")
     chosen = _pick(p, groups, name)
     kind, params = groups[chosen]
     head = _glori(p, chosen, params, findings, num_heads) if kind == "decoder" else _linear(p, chosen, params, findings)

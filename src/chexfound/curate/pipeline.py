@@ -35,7 +35,7 @@ from chexfound.curate.filters import post_filter, pre_filter
 from chexfound.curate.keep import keep_rank
 from chexfound.curate.sources import list_items
 from chexfound.curate.spec import CorpusSpec
-from chexfound.errors import ConfigError, ManifestError
+from chexfound.errors import ChexfoundError, ConfigError, ManifestError
 from chexfound.runio import RunLog, atomic_output, atomic_write_json, atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
@@ -162,28 +162,21 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
     import torch
 
     from chexfound.curate.image_cache import decode_png, read_cached
-    from chexfound.data.transform import InputTransform
-    from chexfound.models import registry
+    from chexfound.models import create_backbone
     from chexfound.models.extract import extract_features
-    from chexfound.models.ours import backbone_sha256
 
     es = spec.dedup.embedding
     assert es is not None
-    if Path(es.backbone).is_file():
-        from chexfound.models.ours import load_ours
-
-        model, _ = load_ours(es.backbone)
-    elif es.backbone in registry.list_configs():
-        torch.manual_seed(0)  # a registry name without weights: random init, only useful for testing
-        model = registry.create_backbone(es.backbone)
+    try:
+        model = create_backbone(es.backbone, seed=0)  # the seed matters for a named architecture only
+    except ChexfoundError as e:
+        raise ConfigError(spec.path, f"dedup.embedding.backbone: {e}") from e
+    if model.info.format == "random":  # a registry name without weights: only useful for testing
         log.warning("embedding dedup with randomly initialised %s: pass a trained backbone file", es.backbone)
-    else:
-        raise ConfigError(spec.path, f"dedup.embedding.backbone {es.backbone!r} is neither a file nor one of "
-                                     f"{registry.list_configs()}")
     dev = resolve_device(device)
+    tf = model.info.transform
+    cache_file = out / f"work/embeddings-{model.info.weights_sha256[:16]}.npz"
     model = model.to(dev).eval()
-    tf = InputTransform.for_backbone(model.cfg)
-    cache_file = out / f"work/embeddings-{backbone_sha256(model)[:16]}.npz"
     have: dict[str, np.ndarray] = {}
     if cache_file.is_file():
         z = np.load(cache_file, allow_pickle=False)

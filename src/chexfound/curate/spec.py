@@ -72,7 +72,7 @@ class FilterSpec:
 
 @dataclass
 class EmbeddingSpec:
-    backbone: str = "tiny_vit"  # a registry name or one of our backbone files
+    backbone: str = ""  # a backbone file (any format chexfound reads) or a named architecture (random weights)
     threshold: float = 0.98  # cosine
     batch_size: int = 32
 
@@ -199,6 +199,9 @@ def _validate(spec: CorpusSpec) -> None:
     t = spec.dedup.phash_threshold
     if t is not None and not (0 <= t < spec.dedup.phash_bits // 2):
         raise ConfigError(p, f"dedup.phash_threshold must be in [0, {spec.dedup.phash_bits // 2}), got {t}")
+    if spec.dedup.embedding and not spec.dedup.embedding.backbone:
+        raise ConfigError(p, "dedup.embedding.backbone is required: a backbone file, or a named architecture "
+                             "(random weights: for testing only)")
     if spec.dedup.embedding and not (0 < spec.dedup.embedding.threshold <= 1):
         raise ConfigError(p, "dedup.embedding.threshold must be a cosine in (0, 1]")
     from chexfound.curate.views import parse_views

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,10 +24,9 @@ import torch
 
 from chexfound.data.manifest import Manifest, patient_split
 from chexfound.data.readers import read_kermany, read_nih14_shared
-from chexfound.data.transform import InputTransform
 from chexfound.demo.stages import StageRunner
 from chexfound.errors import ConfigError
-from chexfound.models import backbone_sha256, load_backbone, save_backbone
+from chexfound.models import backbone_sha256, create_backbone, save_backbone
 from chexfound.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -152,16 +151,17 @@ def pretrain_backbones(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str
     k = max(1, len(losses) // 5)
     loss_first, loss_last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
     if shipped:
-        model, meta = load_backbone(shipped)
+        model = create_backbone(shipped)
         source = f"shipped checkpoint {shipped}"
     else:
-        model, meta = load_backbone(res.exports["ours"])
+        model = create_backbone(res.exports["ours"])
         source = f"this run's teacher ({res.iterations} iterations)"
-    tf = InputTransform.from_dict(meta["transform"]) if meta.get("transform") else InputTransform.for_backbone(model.cfg)
+    tf = model.info.transform
     save_backbone(model, mdir / "pretrained" / "backbone.safetensors", transform=tf.to_dict(),
                   extra={"source": source})
     torch.manual_seed(cfg.seed + 1)
-    rnd = VisionTransformer(model.cfg)
+    # Same architecture, untrained: named so (it is not the pretrained model).
+    rnd = VisionTransformer(replace(model.cfg, name=f"{model.cfg.name}_random"))
     save_backbone(rnd, mdir / "random" / "backbone.safetensors", transform=tf.to_dict(),
                   extra={"source": f"random init (seed {cfg.seed + 1})"})
     return {"source": source, "run_dir": str(run_dir), "iterations": res.iterations,
@@ -235,13 +235,13 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
     from chexfound.stats import BootstrapConfig, LogisticTrainer
 
     bb_path = cfg.out / "models" / which / "backbone.safetensors"
-    model, meta = load_backbone(bb_path)
-    tf = InputTransform.from_dict(meta["transform"])
+    model = create_backbone(bb_path)
+    tf = model.info.transform
     n_blocks = min(4, len(model.blocks))
     m = _manifest(task.manifest, task.findings)
     sp = _splits(m)
     cache = build_cache(model, [str(p) for p in m.paths()], tf, n_blocks, cfg.out / "cache" / which / task.name,
-                        meta["weights_sha256"], batch_size=64, device=cfg.device, progress=True)
+                        model.info.weights_sha256, batch_size=64, device=cfg.device, progress=True)
     y = m.labels()
     valid = cache.valid
     sp = {k: v[valid[v]] for k, v in sp.items()}
@@ -262,7 +262,7 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
         res = score_predictions(y[sp["test"]], p, pats[sp["test"]], task.findings, fitted.thresholds,
                                 y[sp["train"]], ecfg)
         head_file = cfg.out / "models" / which / f"{task.name}-{head_type}.safetensors"
-        save_head(head, head_file, backbone_sha256=meta["weights_sha256"], backbone_config=model.cfg.to_dict(),
+        save_head(head, head_file, backbone_sha256=model.info.weights_sha256, backbone_config=model.cfg.to_dict(),
                   transform=tf.to_dict(), extra={"task_name": task.name, "trained_on": str(task.manifest)})
         np.save(cfg.out / "cache" / which / f"{task.name}-{head_type}-test-probs.npy", p)
         calls = call_rates(y[sp["test"]], p, np.asarray(fitted.thresholds))
@@ -371,9 +371,9 @@ def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -
     boxes = read_boxes(cfg.data / "nih14" / "boxes.csv", rename=NIH_BOX_RENAME)
     out: dict[str, Any] = {}
     for which in ("pretrained", "random"):
-        model, meta = load_backbone(cfg.out / "models" / which / "backbone.safetensors")
+        model = create_backbone(cfg.out / "models" / which / "backbone.safetensors")
         head = load_head(cfg.out / "models" / which / f"{task.name}-glori.safetensors")
-        tf = InputTransform.from_dict(meta["transform"])
+        tf = model.info.transform
         paths = [m.paths()[i] for i in test]
         ids = m.df["image_id"].astype(str).to_numpy()[test]
         scores, gallery, errors = collect_items(paths, ids, m.patients()[test], boxes, task.findings, tf,
@@ -395,9 +395,9 @@ def heatmap_overlays(cfg: DemoConfig, task: TaskSpec, n_images: int = 4) -> dict
     from chexfound.adapt.heatmap import save_heatmaps
     from chexfound.io import read_image
 
-    model, meta = load_backbone(cfg.out / "models" / "pretrained" / "backbone.safetensors")
+    model = create_backbone(cfg.out / "models" / "pretrained" / "backbone.safetensors")
     head = load_head(cfg.out / "models" / "pretrained" / f"{task.name}-glori.safetensors")
-    tf = InputTransform.from_dict(meta["transform"])
+    tf = model.info.transform
     m = _manifest(task.manifest, task.findings)
     test = _splits(m)["test"][:n_images]
     files: list[str] = []

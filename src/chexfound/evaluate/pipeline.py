@@ -31,24 +31,25 @@ log = logging.getLogger(__name__)
 # --- task protocols -----------------------------------------------------------------------------------------
 
 def load_backbone_spec(spec: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any], str]:
-    """A backbone file (our format; other layouts through chexfound.models.load_backbone) or a registry
-    name (random initialisation, for smoke tests and baselines)."""
-    from chexfound.models import backbone_sha256, create_backbone, list_configs, load_backbone
+    """A backbone file (any layout `chexfound.models.create_backbone` reads) or a registry name (random
+    initialisation, for smoke tests and baselines)."""
+    from chexfound.errors import ConfigError
+    from chexfound.models import create_backbone
 
-    p = Path(spec)
-    if p.exists():
-        model, meta = load_backbone(p)
-        info = {"path": str(p.resolve()), "file_sha256": sha256_file(p) if p.is_file() else None,
-                "weights_sha256": meta.get("weights_sha256") or backbone_sha256(model),
-                "config": meta.get("config"), "transform": meta.get("transform")}
-        return model.eval(), info, p.stem
-    if spec in list_configs():
+    try:
+        model = create_backbone(spec, seed=seed)
+    except ConfigError as e:
+        raise ChexfoundError(f"backbone {spec!r} is neither a file nor a registry name ({e})") from e
+    mi = model.info
+    if mi.format == "random":
         log.warning("backbone %r is a registry name: using RANDOM weights (seed %d)", spec, seed)
-        torch.manual_seed(seed)
-        model = create_backbone(spec).eval()
-        return model, {"registry_name": spec, "random_init_seed": seed,
-                       "weights_sha256": backbone_sha256(model), "config": model.cfg.to_dict()}, spec
-    raise ChexfoundError(f"backbone {spec!r} is neither a file nor a registry name ({', '.join(list_configs())})")
+        return model, {"registry_name": spec, "random_init_seed": seed, "weights_sha256": mi.weights_sha256,
+                       "config": model.cfg.to_dict()}, spec
+    p = Path(spec)
+    info = {"path": str(p.resolve()), "file_sha256": sha256_file(p) if p.is_file() else None,
+            "weights_sha256": mi.weights_sha256, "name": mi.name, "config": mi.config.to_dict(),
+            "transform": mi.transform.to_dict()}
+    return model.eval(), info, p.stem
 
 
 def _transform_for(model: torch.nn.Module, info: dict[str, Any], image_size: int | None) -> InputTransform:

@@ -35,13 +35,25 @@ def save_tensors(path: str | PathLike[str], tensors: dict[str, torch.Tensor], me
     return sha256_file(p)
 
 
+def _unreadable(p: Path, e: Exception) -> CheckpointError:
+    """Why safetensors could not open `p`: the file is something else (said so), or a damaged safetensors."""
+    from chexfound.models.filekind import describe_kind, sniff
+
+    if not p.is_file():
+        return CheckpointError(p, "file not found" if not p.exists() else "not a file")
+    kind = sniff(p)
+    if kind != "safetensors":
+        return CheckpointError(p, f"this is {describe_kind(kind)}, not a chexfound safetensors file")
+    return CheckpointError(p, f"truncated or corrupt safetensors file ({e})")
+
+
 def read_meta(path: str | PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-    except Exception as e:
-        raise CheckpointError(p, f"not a readable safetensors file ({e})") from e
+    except Exception as e:  # SafetensorError, OSError: say what the file is instead
+        raise _unreadable(p, e) from e
     if raw is None:
         raise CheckpointError(p, "safetensors file has no chexfound metadata (not written by chexfound)")
     try:
@@ -57,7 +69,7 @@ def load_tensors(path: str | PathLike[str]) -> tuple[dict[str, torch.Tensor], di
         with safe_open(str(p), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise CheckpointError(p, f"could not read tensors ({e})") from e
+        raise _unreadable(p, e) from e
     return tensors, meta
 
 

@@ -7,15 +7,16 @@ listed in meta["head_names"], so converting a checkpoint never loses them.
 
 from __future__ import annotations
 
+import json
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import Tensor
 
 from chexfound.errors import CheckpointError
 from chexfound.models.config import ViTConfig
-from chexfound.models.format import load_tensors, save_tensors, state_dict_sha256
+from chexfound.models.format import FORMAT_VERSION, load_tensors, save_tensors, state_dict_sha256
 from chexfound.models.vit import VisionTransformer
 
 HEADS_PREFIX = "heads."
@@ -25,6 +26,32 @@ def backbone_sha256(model: VisionTransformer) -> str:
     return state_dict_sha256(model.state_dict())
 
 
+def backbone_meta(model: VisionTransformer, transform: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None, head_names: Sequence[str] = ()) -> dict[str, Any]:
+    """Our description of a backbone: config (with its name), input transform, weights hash, provenance.
+    Written as the safetensors metadata of a backbone file and as the `chexfound` entry of the torch
+    checkpoints pretraining exports, so either file says exactly which model it holds."""
+    from chexfound.data.transform import InputTransform
+
+    if transform is None:
+        info = getattr(model, "info", None)
+        transform = info.transform.to_dict() if info is not None else InputTransform.for_backbone(model.cfg).to_dict()
+    return {
+        **(extra or {}),
+        "kind": "backbone",
+        "config": model.cfg.to_dict(),
+        "transform": transform,
+        "weights_sha256": state_dict_sha256(model.state_dict()),
+        "head_names": sorted(head_names),
+    }
+
+
+def checkpoint_entry(model: VisionTransformer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`backbone_meta` as plain JSON values (what `torch.load(weights_only=True)` may read back), with the
+    format version: put it under META_KEY beside the state dict of a torch checkpoint."""
+    return json.loads(json.dumps({"format_version": FORMAT_VERSION, **backbone_meta(model, extra=extra)}))
+
+
 def save_backbone(
     model: VisionTransformer,
     path: str | PathLike[str],
@@ -32,9 +59,8 @@ def save_backbone(
     extra: dict[str, Any] | None = None,
     heads: dict[str, dict[str, Tensor]] | None = None,
 ) -> str:
-    """Write `model` (its config, transform and any `heads`) to `path`; returns the file SHA-256."""
-    from chexfound.data.transform import InputTransform
-
+    """Write `model` (its config, transform, provenance and any `heads`) to `path`; returns the file SHA-256.
+    A model from `create_backbone` keeps its transform and provenance (`model.info`) unless given here."""
     sd = model.state_dict()
     tensors = dict(sd)
     for name, hsd in sorted((heads or {}).items()):
@@ -42,14 +68,9 @@ def save_backbone(
             raise ValueError(f"head name {name!r} must not contain '.'")
         for k, v in hsd.items():
             tensors[f"{HEADS_PREFIX}{name}.{k}"] = v
-    meta = {
-        **(extra or {}),
-        "kind": "backbone",
-        "config": model.cfg.to_dict(),
-        "transform": transform or InputTransform.for_backbone(model.cfg).to_dict(),
-        "weights_sha256": state_dict_sha256(sd),
-        "head_names": sorted(heads or {}),
-    }
+    info = getattr(model, "info", None)
+    origin = info.file_extra() if info is not None else {}
+    meta = backbone_meta(model, transform, {**origin, **(extra or {})}, head_names=list(heads or {}))
     return save_tensors(path, tensors, meta)
 
 
@@ -60,6 +81,9 @@ def read_ours(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, d
     if kind == "head":
         raise CheckpointError(path, f"this is a chexfound head file (head_type={meta.get('head_type')!r}), not a "
                                     "backbone; load it with chexfound.adapt.load_head")
+    if kind == "classifier":
+        raise CheckpointError(path, "this is a chexfound classifier bundle (backbone + head, from `chexfound export "
+                                    "--format safetensors`), not a backbone file; use it with --model")
     if kind != "backbone":
         raise CheckpointError(path, f"expected a backbone file, found kind={kind!r}")
     if "config" not in meta:
@@ -80,23 +104,25 @@ def read_ours(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, d
 
 
 def load_ours(path: str | PathLike[str], config: ViTConfig | None = None) -> tuple[VisionTransformer, dict[str, Any]]:
-    """Strictly load our backbone file -> (model in eval mode, meta with meta["heads"] as tensors)."""
+    """Strictly load our backbone file -> (model in eval mode with `model.info`, the legacy meta dict).
+    Prefer `chexfound.models.create_backbone(path)`."""
+    from chexfound.data.transform import InputTransform
+    from chexfound.models.info import ModelInfo, attach_info, origin_from_file_meta
+    from chexfound.models.loaders.keys import tensor_dtypes
     from chexfound.models.loaders.strict import load_backbone_strict
 
     backbone, heads, meta = read_ours(path)
     try:
         cfg = config or ViTConfig.from_dict(meta["config"])
+        transform = InputTransform.from_dict(meta["transform"]) if meta.get("transform") and config is None \
+            else InputTransform.for_backbone(cfg)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(path, f"invalid config in metadata ({e})") from e
+        raise CheckpointError(path, f"invalid config or transform in metadata ({e})") from e
     model, warns = load_backbone_strict(cfg, backbone, Path(path))
-    from chexfound.models.loaders.keys import tensor_dtypes
-
-    meta = {**meta, "format": "chexfound", "source": str(path), "heads": heads, "warnings": warns, "ignored": [],
-            "notes": [], "source_dtypes": tensor_dtypes(backbone), "converted_from": meta.get("source")}
-    if config is not None:
-        from chexfound.data.transform import InputTransform
-
-        meta["config"] = cfg.to_dict()
-        meta["transform"] = InputTransform.for_backbone(cfg).to_dict()
-        meta["weights_sha256"] = backbone_sha256(model)
-    return model, meta
+    sha = meta.get("weights_sha256") if config is None and meta.get("weights_sha256") else backbone_sha256(model)
+    info = ModelInfo(
+        name=cfg.name or Path(path).stem, config=cfg, transform=transform, weights_sha256=sha, source=str(path),
+        format="chexfound", config_source="file metadata", origin=origin_from_file_meta(meta), heads=heads,
+        warnings=warns, source_dtypes=tensor_dtypes(backbone))
+    attach_info(model, info)
+    return model, info.to_meta()

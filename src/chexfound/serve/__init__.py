@@ -4,6 +4,8 @@
 wraps one in the HTTP service; `chexfound.serve.export` writes ONNX / safetensors bundles.
 """
 
-from chexfound.serve.predictor import Classifier, Prediction, Predictor
+from chexfound.serve.bundle import Classifier
+from chexfound.serve.prediction import Prediction
+from chexfound.serve.predictor import Predictor
 
 __all__ = ["Classifier", "Prediction", "Predictor"]

@@ -7,7 +7,7 @@ carry `chexfound` = JSON with findings, thresholds, task, input transform and ba
 deployment can preprocess and threshold without this package.
 
 safetensors bundle: tensors `backbone.*` and `head.*` with kind='classifier' metadata holding both
-files' metadata; `chexfound.serve.bundle.load_bundle` / `Predictor.from_bundle` read it back.
+files' metadata (`chexfound.serve.bundle`); `Predictor.from_bundle` reads it back.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chexfound.errors import CheckpointError, ConfigError
-from chexfound.models.format import save_tensors
-from chexfound.serve.bundle import load_bundle  # noqa: F401  (read side; kept importable from here)
-from chexfound.serve.predictor import Classifier, Predictor
+from chexfound.errors import CheckpointError
+from chexfound.serve.bundle import Classifier, ModelPair, load_bundle, save_bundle
+from chexfound.serve.predictor import Predictor
+
+__all__ = ["DEFAULT_OPSET", "export_metadata", "export_onnx", "export_safetensors", "load_bundle", "onnx_session",
+           "read_onnx_metadata", "verify_onnx"]
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17; onnxruntime >= 1.14 runs it
 ONNX_META_KEY = "chexfound"
@@ -55,6 +57,8 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
         "head_type": predictor.head_type,
         "transform": predictor.transform.to_dict(),
         "backbone_sha256": predictor.backbone_sha256,
+        "backbone_name": info["backbone"]["name"],
+        "backbone_provenance": info["backbone"]["provenance"],
         "backbone_config": predictor.model.backbone.cfg.to_dict(),
         "head_file_sha256": info["head"]["file_sha256"],
         "has_attention": predictor.has_attention,
@@ -162,36 +166,10 @@ def verify_onnx(path: str | PathLike[str], predictor: Predictor, batch: int = 3,
 
 
 # -- safetensors bundle --
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def export_safetensors(predictor: Predictor, path: str | PathLike[str], dtype: str = "fp32") -> str:
-    """One file with backbone + head weights and both metadata; returns its SHA-256."""
-    if dtype not in _DTYPES:
-        raise ConfigError(None, f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    tensors: dict[str, Tensor] = {}
-    for prefix, module in (("backbone.", predictor.model.backbone), ("head.", predictor.model.head)):
-        for k, v in module.state_dict().items():
-            # Buffers such as thresholds stay fp32: only floating weights are cast.
-            keep = not v.is_floating_point() or k == "thresholds"
-            tensors[prefix + k] = v if keep else v.to(_DTYPES[dtype])
-    head = predictor.model.head
-    meta = {
-        "kind": "classifier",
-        "weights_dtype": dtype,
-        "backbone": {
-            "config": predictor.model.backbone.cfg.to_dict(),
-            "weights_sha256": predictor.backbone_sha256,
-        },
-        "head": {
-            "head_type": predictor.head_type,
-            "task": head.task,
-            "findings": list(head.findings),
-            "thresholds": [float(t) for t in predictor.thresholds],
-            "n_blocks": head.n_blocks,
-            "config": head.hparams(),
-            "backbone_sha256": predictor.head_meta.get("backbone_sha256") or predictor.backbone_sha256,
-        },
-        "transform": predictor.transform.to_dict(),
-    }
-    return save_tensors(path, tensors, meta)
+    """One file with backbone + head weights and both identities (`chexfound.serve.bundle`); returns its
+    SHA-256. `Predictor.from_bundle` / `--model` read it back."""
+    pair = ModelPair(predictor.model.backbone, predictor.model.head, predictor.backbone_info, predictor.head_info,
+                     predictor.transform, predictor.pairing_warning)
+    return save_bundle(pair, path, dtype=dtype)
+

@@ -10,9 +10,7 @@ The one object behind `chexfound predict`, `chexfound serve` and `chexfound expo
 from __future__ import annotations
 
 import logging
-import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import cached_property
 from os import PathLike
 from pathlib import Path
@@ -23,100 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from chexfound.data.transform import InputTransform
-from chexfound.errors import CheckpointError, ConfigError
+from chexfound.errors import ConfigError
 from chexfound.io import CXRImage, read_image
 from chexfound.runio import resolve_device
+from chexfound.serve.bundle import Classifier, check_pairing, load_bundle, load_pair
+from chexfound.serve.overlay import view_from_input
+from chexfound.serve.prediction import CALL_TASKS, Prediction
 
 log = logging.getLogger(__name__)
 
-# Tasks whose outputs are probabilities that a threshold turns into a positive/negative call.
-CALL_TASKS = ("multilabel", "binary", "multiclass")
-
-
-class Classifier(nn.Module):
-    """Backbone + head as one module: normalised images [B, 3, S, S] -> (probabilities [B, C],
-    attention maps [B, C, S/p, S/p] averaged over attention heads, or None for heads without attention).
-
-    The same module is what `chexfound export` writes to ONNX, so served and exported outputs agree.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        feats = self.backbone.get_intermediate_layers(x, n=self.head.n_blocks, return_class_token=True)
-        logits, attention = self.head(feats)
-        probs = self.head.probabilities(logits.float())
-        if attention is None:
-            return probs, None
-        # [B, heads, C, N] -> mean over heads -> [B, C, gh, gw]; patches are row-major like the backbone's.
-        p = self.backbone.patch_size
-        gh, gw = x.shape[-2] // p, x.shape[-1] // p
-        maps = attention.float().mean(dim=1)
-        return probs, maps.reshape(maps.shape[0], maps.shape[1], gh, gw)
-
-
-@dataclass
-class Prediction:
-    """The result for one image. `probabilities` is None (and `error` says why) for unreadable files."""
-
-    path: str | None
-    findings: list[str]
-    thresholds: np.ndarray
-    task: str
-    probabilities: np.ndarray | None = None
-    attention: np.ndarray | None = None  # [C, gh, gw] or None
-    error: str | None = None
-    image_meta: dict[str, Any] = field(default_factory=dict)
-    view: np.ndarray | None = None  # the model's view as float32 [D, D] in [0, 1] (for overlays), on request
-    threshold_rules: list[dict[str, str]] | None = None  # per finding: {"rule", "reason"} the head recorded
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def positives(self) -> np.ndarray | None:
-        """Boolean call per finding at the head's thresholds (None for regression/survival outputs)."""
-        if self.probabilities is None or self.task not in CALL_TASKS:
-            return None
-        return self.probabilities >= self.thresholds
-
-    def positive_findings(self) -> list[str]:
-        pos = self.positives()
-        return [] if pos is None else [n for n, b in zip(self.findings, pos) if b]
-
-    def ranked(self, top_k: int | None = None) -> list[int]:
-        """Finding indices by decreasing probability (the first `top_k` when given)."""
-        if self.probabilities is None:
-            return []
-        order = [int(i) for i in np.argsort(-self.probabilities, kind="stable")]
-        return order if top_k is None else order[:top_k]
-
-    def findings_list(self) -> list[dict[str, Any]]:
-        """[{"name", "probability", "threshold", "positive", "threshold_rule", "threshold_reason"}] in the head's
-        finding order (the rule that chose each threshold: chexfound.stats.thresholds)."""
-        if self.probabilities is None:
-            return []
-        pos = self.positives()
-        rules = self.threshold_rules or [{} for _ in self.findings]
-        return [
-            {
-                "name": name,
-                "probability": float(self.probabilities[i]),
-                "threshold": float(self.thresholds[i]),
-                "positive": None if pos is None else bool(pos[i]),
-                "threshold_rule": rules[i].get("rule"),
-                "threshold_reason": rules[i].get("reason"),
-            }
-            for i, name in enumerate(self.findings)
-        ]
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        return {"path": self.path, "findings": self.findings_list(), "positive": self.positive_findings()}
+__all__ = ["CALL_TASKS", "Classifier", "Prediction", "Predictor", "check_pairing", "threshold_rules_of"]
 
 
 def threshold_rules_of(head_meta: dict[str, Any], head: Any) -> list[dict[str, str]]:
@@ -129,28 +43,16 @@ def threshold_rules_of(head_meta: dict[str, Any], head: Any) -> list[dict[str, s
     return [{"rule": str(r.get("rule", "")), "reason": str(r.get("reason", ""))} for r in rules]
 
 
-def check_pairing(head_meta: dict[str, Any], backbone_sha: str | None, head_path: Any, strict: bool) -> str | None:
-    """Heads are trained on one backbone's features; on another backbone they output nonsense.
-    Returns a warning message (or raises with `strict`) when the recorded backbone differs."""
-    expected = head_meta.get("backbone_sha256")
-    if not expected or not backbone_sha or expected == backbone_sha:
-        return None
-    msg = (f"head was trained on backbone {expected[:12]}..., but the given backbone is {backbone_sha[:12]}...; "
-           "its outputs are not meaningful on this backbone")
-    if strict:
-        raise CheckpointError(head_path, msg)
-    warnings.warn(f"{head_path}: {msg}", stacklevel=3)
-    return msg
-
-
 class Predictor:
     """Run a backbone + head on chest X-rays.
 
-    backbone: a backbone file (`chexfound.models.load_backbone`) or a `VisionTransformer`.
-    head: a head file (`chexfound.adapt.load_head`) or a `Head`.
+    backbone: a backbone file (any layout `chexfound.models.create_backbone` reads; the kind comes from the
+        bytes), a named architecture, or a `VisionTransformer`.
+    head: a head file (`chexfound.adapt.load_head`: ours or the released glori.pth) or a `Head`.
     transform: the input transform; default: the one recorded with the head (what its features were
-        computed with), else the backbone's, else the backbone config's.
-    strict: raise (instead of warn) when the head was trained on a different backbone.
+        computed with), else the backbone's.
+    allow_backbone_mismatch: run a head trained on another backbone (a warning, recorded in `info()`);
+        without it such a pair is refused with a CheckpointError. `strict` refuses it even when allowed.
     compile: run each backbone block through torch.compile (static shapes; batches are padded to the next
         power of two so a server compiles a handful of shapes once). Pays on a GPU; off by default.
     """
@@ -163,71 +65,48 @@ class Predictor:
         dtype: str = "fp32",
         transform: InputTransform | None = None,
         strict: bool = False,
-        backbone_meta: dict[str, Any] | None = None,
-        head_meta: dict[str, Any] | None = None,
+        allow_backbone_mismatch: bool = False,
         compile: bool = False,
     ) -> None:
-        from chexfound.adapt.heads.base import load_our_head
-        from chexfound.models import backbone_sha256, load_backbone
-
         self.backbone_path = None if isinstance(backbone, nn.Module) else str(backbone)
         self.head_path = None if isinstance(head, nn.Module) else str(head)
-        if isinstance(backbone, nn.Module):
-            bb, self.backbone_meta = backbone, dict(backbone_meta or {})
-        else:
-            bb, self.backbone_meta = load_backbone(backbone)
-        if isinstance(head, nn.Module):
-            hd, self.head_meta = head, dict(head_meta or {})
-        elif Path(head).suffix == ".safetensors":
-            hd, self.head_meta = load_our_head(head)
-        else:  # other layouts (e.g. the released glori.pth) through the adapt loader; they carry no metadata
-            from chexfound.adapt import load_head
-
-            hd, self.head_meta = load_head(head), {}
-        self.backbone_sha256: str = self.backbone_meta.get("weights_sha256") or backbone_sha256(bb)
-        self.pairing_warning = check_pairing(self.head_meta, self.backbone_sha256, self.head_path or "head", strict)
-        if hd.n_blocks > len(bb.blocks):
-            raise CheckpointError(self.head_path, f"head reads the last {hd.n_blocks} blocks but the backbone has "
-                                                  f"only {len(bb.blocks)}")
-
-        self.transform = transform or self._default_transform(bb)
-        if self.transform.size % bb.patch_size:
-            raise ConfigError(None, f"input size {self.transform.size} is not a multiple of patch {bb.patch_size}")
+        pair = load_pair(backbone, head, allow_backbone_mismatch=allow_backbone_mismatch and not strict,
+                         transform=transform)
+        self.backbone_info = pair.backbone_info
+        self.head_info = pair.head_info
+        self.backbone_sha256: str = pair.backbone_info.weights_sha256
+        self.pairing_warning = pair.pairing_warning
+        self.transform = pair.transform
         self.device = resolve_device(device)
         if dtype not in ("fp32", "bf16"):
             raise ConfigError(None, f"dtype must be fp32 or bf16, got {dtype!r}")
         self.dtype = dtype
-        self.model = Classifier(bb, hd).to(self.device).eval()
+        self.model = Classifier(pair.backbone, pair.head).to(self.device).eval()
         self.compiled = bool(compile)
         if self.compiled:
             from chexfound.models.inference import compile_blocks
 
             self.model.backbone = compile_blocks(self.model.backbone)
-        self.head = hd
-        self.findings: list[str] = list(hd.findings)
-        self.thresholds: np.ndarray = hd.thresholds.detach().cpu().float().numpy().copy()
-        self.threshold_rules = threshold_rules_of(self.head_meta, hd)
-        self.task: str = hd.task
+        self.head = pair.head
+        self.findings: list[str] = list(pair.head.findings)
+        self.thresholds: np.ndarray = pair.head.thresholds.detach().cpu().float().numpy().copy()
+        self.threshold_rules = threshold_rules_of(pair.head_info.meta, pair.head)
+        self.task: str = pair.head.task
         self._has_attention: bool | None = None
 
     @classmethod
     def from_bundle(cls, path: str | PathLike[str], **kwargs: Any) -> "Predictor":
         """A Predictor from one `chexfound export --format safetensors` file."""
-        from chexfound.serve.bundle import load_bundle
-
         bb, hd, meta = load_bundle(path)
         kwargs.setdefault("transform", InputTransform.from_dict(meta["transform"]))
-        p = cls(bb, hd, backbone_meta=meta["backbone"], head_meta=meta["head"], **kwargs)
+        p = cls(bb, hd, **kwargs)
         p.backbone_path = p.head_path = str(path)
         return p
 
-    def _default_transform(self, bb: nn.Module) -> InputTransform:
-        head_tf, bb_tf = self.head_meta.get("transform"), self.backbone_meta.get("transform")
-        if head_tf and bb_tf and InputTransform.from_dict(head_tf) != InputTransform.from_dict(bb_tf):
-            log.warning("head and backbone record different input transforms; using the head's (%s)", head_tf)
-        if head_tf or bb_tf:
-            return InputTransform.from_dict(head_tf or bb_tf)
-        return InputTransform.for_backbone(bb.cfg)
+    @property
+    def head_meta(self) -> dict[str, Any]:
+        """The head file's metadata (selection, thresholds and how they were chosen, ...)."""
+        return self.head_info.meta
 
     # -- identity --
     @property
@@ -261,12 +140,18 @@ class Predictor:
         return sha256_file(self.head_path) if self.head_path else None
 
     def info(self) -> dict[str, Any]:
-        """What `GET /v1/model` reports: backbone and head identity, findings, thresholds, input transform."""
+        """What `GET /v1/model` reports: backbone identity (name, size, input resolution, where it came from),
+        head identity, findings, thresholds, input transform."""
         cfg = self.model.backbone.cfg
+        bi = self.backbone_info
         return {
             "backbone": {
                 "path": Path(self.backbone_path).name if self.backbone_path else None,
-                "name": cfg.name or None,
+                "name": bi.name or cfg.name or None,
+                "num_params": bi.num_params or sum(p.numel() for p in self.model.backbone.parameters()),
+                "input_size": self.transform.size,
+                "provenance": bi.provenance(),
+                "format": bi.format,
                 "weights_sha256": self.backbone_sha256,
                 "embed_dim": cfg.embed_dim,
                 "depth": cfg.depth,
@@ -279,7 +164,7 @@ class Predictor:
                 "head_type": self.head_type,
                 "task": self.task,
                 "n_blocks": self.head.n_blocks,
-                "trained_on_backbone_sha256": self.head_meta.get("backbone_sha256"),
+                "trained_on_backbone_sha256": self.head_info.backbone_sha256,
                 "pairing_warning": self.pairing_warning,
                 "has_attention": self.has_attention,
             },
@@ -337,8 +222,6 @@ class Predictor:
     ) -> Iterator[list[Prediction]]:
         """Yield one list of Predictions per batch (in input order; unreadable files come as error
         Predictions in the batch they were read in). `keep_view` adds the model's view for overlays."""
-        from chexfound.serve.overlay import view_from_input
-
         from torch.utils.data import DataLoader
 
         from chexfound.data.datasets import ImageDataset, collate_skip_errors

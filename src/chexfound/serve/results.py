@@ -22,7 +22,8 @@ import numpy as np
 
 from chexfound.errors import ChexfoundError
 from chexfound.runio import atomic_write_bytes
-from chexfound.serve.predictor import CALL_TASKS, Prediction
+from chexfound.serve.overlay import read_overlay_index
+from chexfound.serve.prediction import CALL_TASKS, Prediction
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -144,8 +145,6 @@ class PredictionStore:
     def _heatmaps_of(self, path: str) -> dict[str, str]:
         if self.heatmap_dir is None:
             return {}
-        from chexfound.serve.overlay import read_overlay_index
-
         return read_overlay_index(self.heatmap_dir / heatmap_folder(path))
 
     def records(self) -> list[dict[str, Any]]:

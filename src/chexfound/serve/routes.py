@@ -27,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from chexfound.serve import overlay
 from chexfound.serve.api_page import render_api_page
 from chexfound.serve.batching import QueueFull
+from chexfound.serve.prediction import CALL_TASKS
 from chexfound.serve.prediction_cache import CachedPrediction
-from chexfound.serve.predictor import CALL_TASKS
 from chexfound.serve.schemas import ErrorOut, PredictionOut
 from chexfound.serve.state import ServeState, serve_state
 from chexfound.serve.uploads import DecodedUpload, decode_upload

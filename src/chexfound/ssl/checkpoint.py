@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError
 from chexfound.models import VisionTransformer, save_backbone
+from chexfound.models.format import META_KEY
+from chexfound.models.ours import checkpoint_entry
 from chexfound.runio import atomic_output, atomic_write_bytes
 from chexfound.ssl.config import dump_config
 
@@ -153,7 +155,10 @@ def export_teacher(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config:
     ours = out / "teacher_backbone.safetensors"
     save_backbone(vit, ours, extra={"ssl": extra})
     orig = out / "teacher_checkpoint.pth"
-    _atomic_torch_save(original_teacher_layout(model_sd, vit_config.depth, block_chunks), orig)
+    layout = original_teacher_layout(model_sd, vit_config.depth, block_chunks)
+    # Self-describing: our config beside {"teacher": ...} (the original tools read only "teacher").
+    layout[META_KEY] = checkpoint_entry(vit, extra={"ssl": extra})
+    _atomic_torch_save(layout, orig)
     return {"ours": ours, "original": orig}
 
 

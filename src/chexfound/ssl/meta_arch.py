@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from chexfound.models import VisionTransformer, get_config
+from chexfound.models import VisionTransformer
 from chexfound.models.config import ViTConfig
+from chexfound.models.loaders.run_config import config_from_run
 from chexfound.ssl import distributed as D
 from chexfound.ssl.centering import SoftmaxCentering, sinkhorn_knopp
 from chexfound.ssl.heads import DINOHead
@@ -31,12 +32,12 @@ from chexfound.ssl.losses import dino_cls_loss, ibot_patch_loss, koleo_loss
 
 
 def backbone_config(cfg: dict[str, Any], drop_path: bool = True) -> ViTConfig:
-    """The student's ViTConfig: registry entry + overrides, img_size = global crop size."""
+    """The student's ViTConfig: registry entry + overrides, img_size = global crop size, named after the preset
+    when the overrides change it (the same reader `chexfound convert` uses on a run's config.yaml)."""
     s = cfg["student"]
-    vit = get_config(s["arch"], **(s.get("overrides") or {}))
+    vit = config_from_run(cfg)
     return replace(
         vit,
-        img_size=int(cfg["crops"]["global_crops_size"]),
         drop_path_rate=float(s["drop_path_rate"]) if drop_path else 0.0,
         drop_path_uniform=bool(s["drop_path_uniform"]),
     )

@@ -141,7 +141,7 @@ def pretrain(
     meta = trainer.meta
     n_params = sum(p.numel() for p in meta.student.backbone.parameters())
     say(f"pretrain: {n_items} images ({pipeline} pipeline), {info.world_size} process(es) on {info.device}, "
-        f"backbone {cfg['student']['arch']} {n_params / 1e6:.1f}M params, global batch {trainer.global_batch}, "
+        f"backbone {trainer.vit_config.name} {n_params / 1e6:.1f}M params, global batch {trainer.global_batch}, "
         f"lr {trainer.base_lr():.3g}, precision {trainer.amp_dtype or torch.float32}")
     monitor_state: dict[str, Any] = {}
     start = 0

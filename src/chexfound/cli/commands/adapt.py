@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from chexfound.cli.options import DeprecatedOption
+
 EPILOG = """\
 examples:
   chexfound adapt --backbone chexfound.safetensors --train train.csv --val val.csv --head glori --out runs/glori
-  chexfound adapt --config tiny_vit --train ../shared/data/nih14/labels.csv --val-split 0.2 --head linear \\
+  chexfound adapt --backbone vits16_224 --train ../shared/data/nih14/labels.csv --val-split 0.2 --head linear \\
       --epochs 10 --out runs/lin --heatmaps 4
   chexfound adapt ... --finetune lora --lrs 1e-3 --epochs 5     # end to end (no cache): full | lora | bitfit
   chexfound embed --backbone B --manifest all.csv --tokens feats/ && \
@@ -47,9 +49,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("adapt", help="train GLoRI / linear / MLP heads on frozen cached features",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("backbone and data")
-    src.add_argument("--backbone", metavar="FILE", help="backbone weights (any format chexfound can load; "
-                                                         "optional with --features, where it is checked against them)")
-    src.add_argument("--config", metavar="NAME", help="a registry backbone with random weights (tests, baselines)")
+    src.add_argument("--backbone", metavar="FILE|NAME",
+                     help="backbone weights (any format chexfound can load), or a named architecture with random "
+                          "weights (baselines); optional with --features, where it is checked against them")
+    src.add_argument("--config", dest="backbone", action=DeprecatedOption, replacement="--backbone NAME")
     src.add_argument("--train", required=True, metavar="MANIFEST", help="training manifest (CSV/Parquet)")
     src.add_argument("--val", metavar="MANIFEST", help="validation manifest (default: split column or --val-split)")
     src.add_argument("--val-split", type=float, default=0.2, help="patient fraction held out when no val given")

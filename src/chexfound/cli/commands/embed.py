@@ -14,6 +14,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from chexfound.cli.options import DeprecatedOption, add_arch_options
 from chexfound.errors import ChexfoundError
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", help="manifest CSV/Parquet (column path, optional image_id)")
     p.add_argument("--split", help="only the manifest rows of this split")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--backbone", help="backbone weights (any format `chexfound convert` reads)")
-    src.add_argument("--config", dest="config_name", help="named config with random weights (for tests/smoke runs)")
-    p.add_argument("--backbone-config", default=None, help="architecture for --backbone if not stored with it")
+    src.add_argument("--backbone", metavar="FILE|NAME",
+                     help="backbone weights (any format `chexfound convert` reads), or a named architecture with "
+                          "random weights (--seed; for baselines and smoke runs)")
+    src.add_argument("--config", dest="backbone", action=DeprecatedOption, replacement="--backbone NAME")
+    add_arch_options(p, old_spelling="--backbone-config")
     p.add_argument("--out", help="pooled-features file: .safetensors or .npz")
     p.add_argument("--tokens", metavar="DIR",
                    help="also write a token cache folder (patch + CLS tokens of the last --n-blocks blocks, float16)")
@@ -53,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (bf16 = autocast)")
     p.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a named --backbone")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, run the plain model instead of the oneDNN packed-weight fast path")
     add_speed_options(p, cuda_graphs=True)
@@ -108,8 +111,7 @@ def manifest_inputs(manifest: str, split: str | None) -> tuple[list[str], list[s
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from chexfound.data.transform import InputTransform
-    from chexfound.models import backbone_sha256, create_backbone, load_backbone
+    from chexfound.models import create_backbone
     from chexfound.models.embedder import EmbedSettings, run_engine
     from chexfound.models.pooled_file import FEATURE_SUFFIXES, PooledFileWriter
     from chexfound.runio import distributed as D
@@ -130,20 +132,17 @@ def run(args: argparse.Namespace) -> int:
     device, world, rank = info.device, info.world_size, info.rank
     try:
         paths, ids = manifest_inputs(args.manifest, args.split) if args.manifest else list_inputs(args.inputs)
-        if args.backbone:
-            model, meta = load_backbone(args.backbone, args.backbone_config)
-            source = {"backbone": str(args.backbone), "format": meta["format"]}
-            sha = meta["weights_sha256"]
-        else:
-            torch.manual_seed(args.seed)
-            try:
-                model = create_backbone(args.config_name)
-            except KeyError as e:
-                raise ChexfoundError(str(e).strip("'\"")) from e
-            source = {"backbone": f"random:{args.config_name}:seed={args.seed}"}
-            sha = backbone_sha256(model)
+        model = create_backbone(args.backbone, seed=args.seed, config=args.arch, num_heads=args.num_heads,
+                                head_dim=args.head_dim)
+        info = model.info
+        source = {"backbone": str(args.backbone), "format": info.format, "backbone_name": info.name,
+                  "backbone_info": info.describe()}
+        if info.format == "random":
+            source["backbone"] = f"random:{args.backbone}:seed={args.seed}"
+        sha = info.weights_sha256
         n_blocks = args.n_blocks if args.n_blocks is not None else min(4, model.cfg.depth)
-        tf = InputTransform.for_backbone(model.cfg, size=args.size, mode=args.mode)
+        # The transform the weights record, at another size / squaring mode when asked.
+        tf = dataclasses.replace(info.transform, size=args.size or info.transform.size, mode=args.mode)
         settings = EmbedSettings(n_blocks=n_blocks, batch_size=args.batch_size, chunk_size=args.chunk_size,
                                  workers=args.workers, feature_dtype=args.feature_dtype, autocast=args.dtype,
                                  keep_parts=args.keep_parts, pack=not args.no_pack, compile=args.compile,
@@ -153,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                      "transform": tf.to_dict(), "blocks": blocks}
         if rank == 0 and not args.quiet:
             dest = " and ".join(str(d) for d in (out, args.tokens) if d)
-            print(f"embedding {len(paths)} images with {model.cfg.name or 'backbone'} on {device} "
+            print(f"embedding {len(paths)} images with {info.summary()} on {device} "
                   f"({args.dtype}, world size {world}) -> {dest}", file=sys.stderr)
         sinks: list = []
         if out is not None:

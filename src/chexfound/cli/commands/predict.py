@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chexfound.cli.options import add_arch_options
 from chexfound.errors import ChexfoundError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -17,18 +18,24 @@ log = logging.getLogger(__name__)
 def add_model_args(p: argparse.ArgumentParser, compile_option: bool = True) -> None:
     """--backbone/--head (or --model bundle), shared by predict, serve and export."""
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", help="backbone file (as chexfound.models.load_backbone reads)")
-    g.add_argument("--head", help="head file (ours in safetensors, or what chexfound.adapt.load_head reads)")
+    g.add_argument("--backbone", help="backbone file (any layout chexfound.models.create_backbone reads; the kind "
+                                      "is read from the bytes, not the name)")
+    g.add_argument("--head", help="head file (ours in safetensors, or the released glori.pth: "
+                                  "chexfound.adapt.load_head)")
     g.add_argument("--model", help="instead of --backbone/--head: one bundle from `chexfound export --format "
                                    "safetensors`")
+    add_arch_options(g)
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     if compile_option:
         g.add_argument("--compile", action="store_true",
                        help="torch.compile each backbone block (pays on a GPU after a one-off compile; off on CPU)")
+    g.add_argument("--allow-backbone-mismatch", action="store_true",
+                   help="run a head trained on another backbone (its outputs are then not meaningful; a warning "
+                        "is logged and recorded in the model info). Without it such a pair is refused")
     g.add_argument("--strict", action="store_true",
-                   help="fail (instead of warn) when the head was trained on another backbone; for predict, "
-                        "also exit non-zero when any input was skipped")
+                   help="refuse a backbone mismatch even with --allow-backbone-mismatch; for predict, also exit "
+                        "non-zero when any input was skipped")
 
 
 def load_predictor(args: argparse.Namespace) -> Any:
@@ -37,12 +44,23 @@ def load_predictor(args: argparse.Namespace) -> Any:
     if args.model:
         if args.backbone or args.head:
             raise ConfigError(None, "give either --model or --backbone and --head, not both")
+        if args.arch or args.num_heads or args.head_dim:
+            raise ConfigError(None, "--arch/--num-heads/--head-dim describe a --backbone file; a --model bundle "
+                                    "records its architecture")
         return Predictor.from_bundle(args.model, device=args.device, dtype=args.dtype, strict=args.strict,
+                                     allow_backbone_mismatch=args.allow_backbone_mismatch,
                                      compile=getattr(args, "compile", False))
     if not (args.backbone and args.head):
         raise ConfigError(None, "--backbone and --head are required (or --model BUNDLE)")
-    return Predictor(args.backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
-                     compile=getattr(args, "compile", False))
+    backbone = args.backbone
+    if args.arch or args.num_heads or args.head_dim:
+        from chexfound.models import create_backbone
+
+        backbone = create_backbone(args.backbone, config=args.arch, num_heads=args.num_heads, head_dim=args.head_dim)
+    p = Predictor(backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
+                  allow_backbone_mismatch=args.allow_backbone_mismatch, compile=getattr(args, "compile", False))
+    p.backbone_path = str(args.backbone)
+    return p
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,4 +1,7 @@
-"""`load_backbone(path, config=None)`: any supported backbone file -> (VisionTransformer, meta).
+"""`load_file(path, config=None)`: any supported backbone file -> VisionTransformer carrying `model.info`.
+
+(`chexfound.models.create_backbone(path)` is the public entry; `load_backbone` is its deprecated
+predecessor that returned `(model, meta dict)`.)
 
 Formats (detected from the file, not its name):
 - chexfound: our safetensors (config + transform in the metadata),
@@ -7,16 +10,19 @@ Formats (detected from the file, not its name):
 - dinov2: original DINOv2 `.pth` state dicts,
 - hf_dinov2: Hugging Face Dinov2Model / Dinov2WithRegistersModel (model.safetensors or pytorch_model.bin,
   config.json and preprocessor_config.json beside it).
+The file's kind comes from its bytes (zip/pickle magic or a safetensors header), never its name.
 Loading is strict for the backbone (missing or unexpected keys -> CheckpointError listing them); a different
-position-embedding grid is resized with a warning; heads in the file are returned in meta["heads"].
-
-meta keys: kind, format, source, config (dict), config_source, transform (dict), weights_sha256,
-heads ({name: {param: tensor}}), ignored (what was deliberately not loaded), notes, warnings, source_dtypes.
+position-embedding grid is resized with a warning; heads in the file are kept in `model.info.heads`.
+The architecture comes from, in order: the `config` argument; the file (our metadata, the `chexfound` entry
+of our torch exports, the release's or our run's config.yaml beside it, a Hugging Face config.json); the
+tensors plus a head count given as `num_heads`/`head_dim`, or that of a released architecture with exactly
+these tensors. Nothing is guessed: otherwise the error lists the ways to say it.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import fields, replace
 from os import PathLike
@@ -26,13 +32,15 @@ from typing import Any
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.models.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from chexfound.models.format import META_KEY, state_dict_sha256
+from chexfound.models.info import ModelInfo, attach_info, origin_from_file_meta
 from chexfound.models.loaders.describe import ARCHITECTURES, SUPPORTED, describe_state_dict
-from chexfound.models.loaders.files import read_json, read_safetensors, read_safetensors_meta, sniff, load_weights_only
+from chexfound.models.loaders.files import (describe_kind, load_weights_only, read_json, read_safetensors,
+                                            read_safetensors_meta, sniff, suffix_mismatch)
 from chexfound.models.loaders.hf import config_from_hf, filter_hf_dinov2, hf_uses_mask_token, looks_hf
-from chexfound.models.loaders.infer import complete_from_registry, infer_config, match_registry
+from chexfound.models.loaders.infer import complete_from_registry, infer_config, match_registry, same_architecture
 from chexfound.models.loaders.keys import Filtered, RawStateDict, tensor_dtypes, unwrap_state_dict
 from chexfound.models.loaders.official import (
-    config_from_dinov2_yaml,
+    config_from_ssl_yaml,
     filter_chexfound_official,
     filter_dinov2,
     find_release_config,
@@ -41,12 +49,13 @@ from chexfound.models.loaders.official import (
     read_yaml,
 )
 from chexfound.models.loaders.strict import load_backbone_strict
-from chexfound.models.registry import get_config, list_configs
+from chexfound.models.loaders.run_config import is_run_config
+from chexfound.models.registry import RELEASED, get_config, list_configs
 from chexfound.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED", "load_backbone", "resolve_config", "read_foreign"]
+__all__ = ["SUPPORTED", "load_backbone", "load_file", "resolve_config", "read_foreign"]
 
 ConfigLike = ViTConfig | str | PathLike[str] | Mapping[str, Any] | None
 
@@ -72,8 +81,8 @@ def resolve_config(config: ConfigLike) -> tuple[ViTConfig | None, str]:
 
 
 def _config_from_mapping(d: dict[str, Any], source: str | Path, preprocessor: dict[str, Any] | None = None) -> ViTConfig:
-    if is_dinov2_ssl_config(d):
-        return config_from_dinov2_yaml(d, source)
+    if is_run_config(d) or is_dinov2_ssl_config(d):
+        return config_from_ssl_yaml(d, source)
     if "model_type" in d:
         return config_from_hf(d, source, preprocessor)
     known = {f.name for f in fields(ViTConfig)}
@@ -82,8 +91,9 @@ def _config_from_mapping(d: dict[str, Any], source: str | Path, preprocessor: di
             return ViTConfig.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ConfigError(source, str(e)) from e
-    raise ConfigError(source, "not a ViTConfig, a DINOv2/CheXFound SSL config (student: ...) or a Hugging Face "
-                              "config.json (model_type: ...)")
+    raise ConfigError(source, "not a ViTConfig, a chexfound pretraining config.yaml (student.arch + overrides), a "
+                              "DINOv2/CheXFound SSL config (student: ...) or a Hugging Face config.json "
+                              "(model_type: ...)")
 
 
 def _hf_preprocessor(folder: Path) -> dict[str, Any] | None:
@@ -105,22 +115,29 @@ def _resolve_path(path: Path) -> Path:
     return path
 
 
-def _read_raw(p: Path) -> RawStateDict | None:
-    """Foreign tensors of `p`, or None when it is our own format."""
+def _read_raw(p: Path) -> tuple[RawStateDict | None, str]:
+    """(foreign tensors of `p` or None when it is our own format, the kind its bytes say it is)."""
     kind = sniff(p)
     if kind == "empty":
         raise CheckpointError(p, "file is empty")
     if kind == "safetensors":
         _, smeta = read_safetensors_meta(p)
         if META_KEY in smeta:
-            return None
+            return None, kind
         tensors, _ = read_safetensors(p)
-        return unwrap_state_dict(tensors, p)
+        return unwrap_state_dict(tensors, p), kind
     if kind in ("torch-zip", "torch-legacy"):
-        return unwrap_state_dict(load_weights_only(p), p)
+        obj = load_weights_only(p)
+        embedded = None
+        if isinstance(obj, Mapping) and isinstance(obj.get(META_KEY), Mapping):
+            obj = dict(obj)
+            embedded = dict(obj.pop(META_KEY))
+        raw = unwrap_state_dict(obj, p)
+        raw.embedded = embedded
+        return raw, kind
     if kind == "npz":
         raise CheckpointError(p, f"this is a NumPy .npz archive (a features file?), not model weights; {SUPPORTED}")
-    raise CheckpointError(p, f"this is {kind}, not a model checkpoint; {SUPPORTED}")
+    raise CheckpointError(p, f"this is {describe_kind(kind)}, not a model checkpoint; {SUPPORTED}")
 
 
 def read_foreign(p: Path, raw: RawStateDict) -> tuple[str, Filtered, ViTConfig | None, str, tuple[str, ...]]:
@@ -135,12 +152,21 @@ def read_foreign(p: Path, raw: RawStateDict) -> tuple[str, Filtered, ViTConfig |
         return "hf_dinov2", filt, cfg, str(cj) if cfg else "", optional
     if any(k.endswith("patch_embed.proj.weight") for k in keys):
         yaml_path = find_release_config(p)
-        if looks_official(keys, raw.wrapper) or yaml_path is not None:
-            filt = filter_chexfound_official(raw.tensors, p)
-            cfg = config_from_dinov2_yaml(read_yaml(yaml_path), yaml_path) if yaml_path else None
-            return "chexfound_official", filt, cfg, str(yaml_path or ""), ()
-        return "dinov2", filter_dinov2(raw.tensors, p), None, "", ()
+        official = looks_official(keys, raw.wrapper) or yaml_path is not None
+        filt = filter_chexfound_official(raw.tensors, p) if official else filter_dinov2(raw.tensors, p)
+        fmt = "chexfound_official" if official else "dinov2"
+        if raw.embedded is not None:
+            return fmt, filt, _embedded_config(p, raw.embedded), f"{p.name} (its {META_KEY} entry)", ()
+        cfg = config_from_ssl_yaml(read_yaml(yaml_path), yaml_path) if yaml_path else None
+        return fmt, filt, cfg, str(yaml_path or ""), ()
     raise CheckpointError(p, f"this is {describe_state_dict(keys)}; {SUPPORTED}")
+
+
+def _embedded_config(p: Path, entry: dict[str, Any]) -> ViTConfig:
+    try:
+        return ViTConfig.from_dict(entry["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(p, f"invalid config in the file's {META_KEY} entry ({e})") from e
 
 
 def _defaults_for(fmt: str, cfg: ViTConfig) -> ViTConfig:
@@ -157,25 +183,73 @@ def _defaults_for(fmt: str, cfg: ViTConfig) -> ViTConfig:
                    mean=IMAGENET_MEAN, std=IMAGENET_STD, minmax_rescale=False)
 
 
-def load_backbone(
-    path: str | PathLike[str], config: ConfigLike = None, *, head_dim: int = 64
-) -> tuple[VisionTransformer, dict[str, Any]]:
-    """Load any supported backbone file (or a folder holding one) -> (model in eval mode, meta).
+def _count_heads(sd: dict[str, Any], p: Path, fmt: str, num_heads: int | None,
+                 head_dim: int | None) -> tuple[ViTConfig, str]:
+    """The architecture from the tensors, with a head count that was given or is that of a released model
+    with exactly these tensors. Tensors cannot show it, so it is never assumed: otherwise say how to give it."""
+    try:
+        shape = infer_config(sd, p, head_dim=1)  # everything but the head count (1-wide heads always divide)
+    except CheckpointError as e:
+        raise CheckpointError(p, f"{e.reason}; {ARCHITECTURES}") from e
+    dim = shape.embed_dim
+    if num_heads is not None or head_dim is not None:
+        if num_heads is not None and head_dim is not None and num_heads * head_dim != dim:
+            raise ConfigError(None, f"num_heads {num_heads} x head_dim {head_dim} != embed dim {dim} of {p}")
+        n = num_heads if num_heads is not None else dim // int(head_dim or 1)
+        if n < 1 or dim % n or (head_dim is not None and dim % head_dim):
+            raise ConfigError(None, f"{p}: embed dim {dim} does not split into "
+                                    + (f"{num_heads} heads" if num_heads is not None else f"heads of width {head_dim}"))
+        return replace(shape, num_heads=n), f"{n} heads as given"
+    released = sorted(n for n in RELEASED if same_architecture(replace(shape, num_heads=get_config(n).num_heads),
+                                                               get_config(n)))
+    counts = {get_config(n).num_heads for n in released}
+    if len(counts) == 1:
+        n = counts.pop()
+        return replace(shape, num_heads=n), f"{n} heads of the released {released[0]} architecture"
+    divisors = [h for h in (64, 32, 128, 16) if dim % h == 0]
+    hint = f" (a head width of {divisors[0]}: {dim // divisors[0]} heads)" if divisors else ""
+    raise CheckpointError(p, (
+        f"the number of attention heads cannot be read from this {fmt} checkpoint: it carries no config, no "
+        f"config.yaml / config.json lies beside it, and no released architecture has these tensors "
+        f"(dim {dim}, depth {shape.depth}, patch {shape.patch_size}, {shape.num_register_tokens} registers, "
+        f"{shape.ffn_layer}). Say which model it is: the head count (num_heads=N / --num-heads N), the head "
+        f"width (head_dim=D / --head-dim D{hint}), or its architecture (config= / --arch: a named config such as "
+        f"{', '.join(list_configs()[:4])}, ..., a pretraining run's config.yaml, or a DINOv2 / Hugging Face config "
+        "file)"))
 
-    `config` (optional): a ViTConfig, registry name, dict or YAML/JSON path; otherwise the config stored
-    with the weights (our metadata, the release's config.yaml, HF config.json) or, failing that, the
-    architecture inferred from the tensors (`head_dim` gives the number of heads).
+
+def _check_given_heads(cfg: ViTConfig, where: str, num_heads: int | None, head_dim: int | None, p: Path) -> None:
+    """A head count given for a file that records its own must agree with it (never silently ignored)."""
+    given = num_heads if num_heads is not None else (cfg.embed_dim // head_dim if head_dim else None)
+    if given is not None and given != cfg.num_heads:
+        raise ConfigError(None, f"{p}: {given} attention heads given, but {where} says {cfg.num_heads}")
+
+
+def load_file(
+    path: str | PathLike[str], config: ConfigLike = None, *, num_heads: int | None = None,
+    head_dim: int | None = None,
+) -> VisionTransformer:
+    """Load any supported backbone file (or a folder holding one) -> model in eval mode with `model.info`.
+
+    `config` (optional): a ViTConfig, registry name, dict or YAML/JSON path that overrides what the file says.
+    `num_heads` / `head_dim`: the head count of a checkpoint that carries no config (see `_count_heads`).
     """
     from chexfound.data.transform import InputTransform
     from chexfound.models.ours import load_ours
 
     p = _resolve_path(Path(path))
     explicit, explicit_src = resolve_config(config)
-    raw = _read_raw(p)
+    raw, kind = _read_raw(p)
+    mismatch = suffix_mismatch(p, kind)
+    if mismatch:
+        log.warning("%s", mismatch)
     if raw is None:
-        model, meta = load_ours(p, explicit)
-        meta["config_source"] = explicit_src or "file metadata"
-        return model, meta
+        model, _ = load_ours(p, explicit)
+        info: ModelInfo = model.info  # type: ignore[assignment]
+        _check_given_heads(info.config, "its metadata", num_heads, head_dim, p)
+        info.config_source = explicit_src or "file metadata"
+        info.notes += [mismatch] if mismatch else []
+        return model
 
     fmt, filt, file_cfg, file_src, optional = read_foreign(p, raw)
     if explicit is not None:
@@ -183,34 +257,47 @@ def load_backbone(
     elif file_cfg is not None:
         cfg, cfg_src = file_cfg, file_src
     else:
-        try:
-            inferred = infer_config(filt.backbone, p, head_dim)
-        except CheckpointError as e:
-            raise CheckpointError(p, f"{e.reason}; {ARCHITECTURES}") from e
+        inferred, heads_src = _count_heads(filt.backbone, p, fmt, num_heads, head_dim)
         name = None if fmt == "hf_dinov2" else match_registry(
             inferred, prefer="chexfound" if fmt == "chexfound_official" else "dinov2")
         if name:
-            cfg, cfg_src = complete_from_registry(inferred, name), f"inferred from tensors; settings of {name}"
+            cfg = complete_from_registry(inferred, name)
+            cfg_src = f"inferred from tensors ({heads_src}); settings of {name}"
         else:
-            cfg, cfg_src = _defaults_for(fmt, inferred), f"inferred from tensors; {fmt} defaults"
+            cfg, cfg_src = _defaults_for(fmt, inferred), f"inferred from tensors ({heads_src}); {fmt} defaults"
+    _check_given_heads(cfg, cfg_src, num_heads, head_dim, p)
+    if not cfg.name:
+        cfg = replace(cfg, name=p.parent.name if fmt == "hf_dinov2" else p.stem)
     model, warns = load_backbone_strict(cfg, filt.backbone, p, optional)
-    heads = filt.heads
-    meta: dict[str, Any] = {
-        "kind": "backbone",
-        "format": fmt,
-        "source": str(p),
-        "config": model.cfg.to_dict(),
-        "config_source": cfg_src,
-        "transform": InputTransform.for_backbone(model.cfg).to_dict(),
-        "weights_sha256": state_dict_sha256(model.state_dict()),
-        "heads": heads,
-        "ignored": raw.ignored + filt.ignored,
-        "notes": ([f"unwrapped {'/'.join(raw.wrapper)}"] if raw.wrapper else []) + filt.notes,
-        "warnings": warns,
-        "source_dtypes": tensor_dtypes(filt.backbone),
-    }
-    for h, sd in heads.items():
-        log.info("%s: kept head %r (%d tensors) in meta['heads']", p, h, len(sd))
-    if meta["ignored"]:
-        log.info("%s: not loaded: %s", p, "; ".join(meta["ignored"][:8]))
-    return model, meta
+    embedded = raw.embedded if (raw.embedded is not None and explicit is None) else None
+    transform = InputTransform.for_backbone(model.cfg)
+    if embedded is not None and isinstance(embedded.get("transform"), Mapping):
+        transform = InputTransform.from_dict(dict(embedded["transform"]))
+    info = ModelInfo(
+        name=model.cfg.name, config=model.cfg, transform=transform,
+        weights_sha256=state_dict_sha256(model.state_dict()), source=str(p), format=fmt, config_source=cfg_src,
+        origin=origin_from_file_meta(embedded) if embedded is not None else {}, heads=filt.heads,
+        ignored=raw.ignored + filt.ignored,
+        notes=([mismatch] if mismatch else []) + ([f"unwrapped {'/'.join(raw.wrapper)}"] if raw.wrapper else [])
+        + filt.notes,
+        warnings=warns, source_dtypes=tensor_dtypes(filt.backbone))
+    if embedded is not None and embedded.get("weights_sha256") not in (None, info.weights_sha256):
+        raise CheckpointError(p, f"weights do not match the SHA-256 recorded in the file's {META_KEY} entry "
+                                 f"({str(embedded['weights_sha256'])[:12]}... vs {info.weights_sha256[:12]}...)")
+    for h, sd in filt.heads.items():
+        log.info("%s: kept head %r (%d tensors) in model.info.heads", p, h, len(sd))
+    if info.ignored:
+        log.info("%s: not loaded: %s", p, "; ".join(info.ignored[:8]))
+    return attach_info(model, info)  # type: ignore[return-value]
+
+
+def load_backbone(
+    path: str | PathLike[str], config: ConfigLike = None, *, head_dim: int | None = None,
+    num_heads: int | None = None,
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Deprecated: use `chexfound.models.create_backbone(path)`, whose model carries `model.info` (a typed
+    ModelInfo) instead of this untyped meta dict. Returns (model in eval mode, `model.info.to_meta()`)."""
+    warnings.warn("chexfound.models.load_backbone(path) is deprecated: use chexfound.models.create_backbone(path); "
+                  "the model carries its config, transform and hash as model.info", DeprecationWarning, stacklevel=2)
+    model = load_file(path, config, num_heads=num_heads, head_dim=head_dim)
+    return model, model.info.to_meta()  # type: ignore[union-attr]

@@ -43,5 +43,7 @@ def describe_state_dict(keys: Iterable[str]) -> str:
         return "a convolutional network (ResNet/DenseNet) state dict"
     if has("patch_embed.proj.weight") and not has("blocks."):
         return "a patch embedding without transformer blocks"
+    if has("patch_embed.proj.weight") and has("blocks.", "attn.qkv"):
+        return "a ViT backbone checkpoint (DINOv2/CheXFound key layout)"
     sample = ", ".join(sorted(ks)[:6])
     return f"an unrecognised state dict with {len(ks)} tensors (e.g. {sample})"

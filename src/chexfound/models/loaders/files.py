@@ -1,4 +1,4 @@
-"""Reading checkpoint files safely: sniff what a file is, `torch.load(weights_only=True)`, safetensors.
+"""Reading checkpoint files safely: `torch.load(weights_only=True)` and safetensors, after `filekind.sniff`.
 
 Every failure becomes a CheckpointError that names the file and says what it is (truncated, an image,
 a pickled Python object, ...), never a raw pickle/zip traceback.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import struct
 import zipfile
 from os import PathLike
 from pathlib import Path
@@ -18,79 +17,21 @@ import torch
 from safetensors import safe_open
 
 from chexfound.errors import CheckpointError
+from chexfound.models.filekind import describe_kind, sniff, sniff_as, suffix_mismatch
 
-# Magic numbers of files people hand to a model loader by mistake.
-_MAGIC: list[tuple[bytes, str]] = [
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"II*\x00", "a TIFF image"),
-    (b"MM\x00*", "a TIFF image"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow weights?)"),
-    (b"GGUF", "a GGUF file (llama.cpp)"),
-    (b"\x93NUMPY", "a NumPy .npy array"),
-    (b"\x1f\x8b", "a gzip archive"),
-    (b"%PDF", "a PDF document"),
-]
-
-
-def sniff(path: Path) -> str:
-    """What kind of file this is, from its first bytes: 'torch-zip', 'torch-legacy', 'safetensors', 'npz',
-    'empty', or a human description such as 'a PNG image'."""
-    with open(path, "rb") as f:
-        head = f.read(1024)
-    if not head:
-        return "empty"
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "a DICOM file"
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            return what
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return _sniff_zip(path)
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] in (2, 3, 4, 5):
-        return "torch-legacy"  # a raw pickle stream (torch.save with _use_new_zipfile_serialization=False)
-    if len(head) >= 10:
-        (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 0 < n < 100_000_000:
-            return "safetensors"
-    text = head.lstrip()
-    if text[:1] in (b"{", b"["):
-        return "a JSON text file"
-    if b"\x00" not in head:
-        return "a text file (YAML/CSV/...?)"
-    return "an unrecognised binary file"
-
-
-def _sniff_zip(path: Path) -> str:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except zipfile.BadZipFile:
-        return "torch-zip"  # a zip whose central directory is missing: a truncated torch file, reported on load
-    if any(n.endswith("data.pkl") for n in names):
-        return "torch-zip"
-    if names and all(n.endswith(".npy") for n in names):
-        return "npz"
-    return f"a zip archive ({len(names)} members, not a PyTorch checkpoint)"
-
-
-def _sniff_as(path: str | PathLike[str], kinds: tuple[str, ...], what: str) -> tuple[Path, str]:
-    """The file's kind, or a CheckpointError saying it is missing, empty or something else than `what`."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(p, "file not found" if not p.exists() else "not a file")
-    kind = sniff(p)
-    if kind == "empty":
-        raise CheckpointError(p, "file is empty")
-    if kind not in kinds:
-        raise CheckpointError(p, f"this is {kind}, not {what}")
-    return p, kind
+__all__ = ["describe_kind", "load_weights_only", "read_json", "read_safetensors", "read_safetensors_meta", "sniff",
+           "sniff_as", "suffix_mismatch"]
 
 
 def load_weights_only(path: str | PathLike[str]) -> Any:
     """`torch.load(weights_only=True)` with errors that say what went wrong."""
-    p, kind = _sniff_as(path, ("torch-zip", "torch-legacy"), "a PyTorch checkpoint")
+    p, kind = sniff_as(path, ("torch-zip", "torch-legacy"), "a PyTorch checkpoint")
     try:
+        if p.name.endswith(".safetensors"):
+            # torch.load reads any *path* ending in .safetensors as safetensors, whatever its bytes: hand it the
+            # open file instead (no mmap then), so the bytes decide.
+            with open(p, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
         try:
             # mmap keeps a 1+ GB teacher checkpoint out of RAM until the tensors are copied into the model.
             return torch.load(p, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
@@ -103,7 +44,8 @@ def load_weights_only(path: str | PathLike[str]) -> Any:
         raise CheckpointError(
             p,
             "contains pickled Python objects beyond tensors and plain containers (a whole model, optimizer "
-            f"object or custom class?); only weights_only loading is allowed. Save model.state_dict() instead. "
+            "object or custom class?); only weights-only loading (torch.load(weights_only=True)) is allowed. "
+            "Save model.state_dict() instead. "
             f"({first})",
         ) from e
     except (EOFError, zipfile.BadZipFile) as e:
@@ -117,7 +59,7 @@ def load_weights_only(path: str | PathLike[str]) -> Any:
 
 def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the raw string metadata of a safetensors file."""
-    p, _ = _sniff_as(path, ("safetensors",), "a safetensors file")
+    p, _ = sniff_as(path, ("safetensors",), "a safetensors file")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})

@@ -31,6 +31,9 @@ class RawStateDict:
     tensors: dict[str, Tensor]
     wrapper: list[str] = field(default_factory=list)  # container keys descended into, e.g. ["teacher"]
     ignored: list[str] = field(default_factory=list)  # keys/entries not used, with a reason
+    # Our own description of the weights inside a torch checkpoint (the `chexfound` entry that pretraining
+    # exports write beside {"teacher": ...}): config, transform, provenance.
+    embedded: dict[str, Any] | None = None
 
 
 @dataclass

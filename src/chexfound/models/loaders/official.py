@@ -105,13 +105,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def find_release_config(ckpt: Path) -> Path | None:
-    """The release ships `config.yaml` beside `teacher_checkpoint.pth`; use it when it is a DINOv2 SSL config."""
+    """The `config.yaml` beside a `teacher_checkpoint.pth`: the release's (a DINOv2 SSL config) or, in one of
+    our pretraining run folders, the run's own (`chexfound.models.loaders.run_config`)."""
+    from chexfound.models.loaders.run_config import is_run_config
+
     cand = ckpt.parent / "config.yaml"
     if cand.is_file():
         try:
-            if is_dinov2_ssl_config(read_yaml(cand)):
-                return cand
+            d = read_yaml(cand)
         except ConfigError:
             return None
+        if is_run_config(d) or is_dinov2_ssl_config(d):
+            return cand
     return None
 
+
+def config_from_ssl_yaml(d: dict[str, Any], source: str | Path) -> ViTConfig:
+    """Either SSL config layout -> the backbone's architecture (ours is recognised first: its `student.arch`
+    is a registry name, which no DINOv2 config uses)."""
+    from chexfound.models.loaders.run_config import config_from_run, is_run_config
+
+    if is_run_config(d):
+        return config_from_run(d, source)
+    return config_from_dinov2_yaml(d, source)

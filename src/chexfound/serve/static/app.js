@@ -41,9 +41,13 @@ async function showModel() {
     const r = await fetch("/v1/model");
     const m = await r.json();
     const sha = (m.backbone.weights_sha256 || "").slice(0, 12);
+    const b = m.backbone;
+    const size = b.num_params >= 1e6 ? `${(b.num_params / 1e6).toFixed(1)} M` : `${(b.num_params / 1e3).toFixed(0)} k`;
     $("model-summary").textContent =
-      `${m.head.head_type} head, ${m.findings.length} findings, backbone ${m.backbone.name || ""} ${sha}` +
+      `${m.head.head_type} head, ${m.findings.length} findings, backbone ${b.name || ""} ` +
+      `(${size} params, ${b.input_size} px, ${b.provenance || "unknown origin"}) ${sha}` +
       (m.head.has_attention ? "" : " (no heatmaps: this head has no attention)");
+    $("model-summary").title = `backbone weights sha256 ${b.weights_sha256 || "?"}`;
   } catch (e) {
     $("model-summary").textContent = "model info unavailable";
   }

@@ -1,0 +1,42 @@
+"""Options shared by several verbs, and old spellings that keep working.
+
+`--config` means one thing on the command line: a pretraining recipe (`chexfound pretrain --config PRESET`).
+Where it used to mean something else it was renamed, and the old spelling still works with a notice:
+`embed/adapt --config NAME` -> `--backbone NAME` (a named architecture with random weights), and
+`convert --config` / `embed --backbone-config` -> `--arch` (the architecture of weights that do not record it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+
+class DeprecatedOption(argparse.Action):
+    """An old spelling: stores into the new option's `dest` and says on stderr what to use instead."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
+        self.replacement = replacement
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated here (it means a pretraining recipe only in "
+              f"`chexfound pretrain`); use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_arch_options(p: argparse.ArgumentParser | Any, old_spelling: str | None = None) -> None:
+    """--arch / --num-heads / --head-dim: what a checkpoint without a recorded architecture is."""
+    p.add_argument("--arch", default=None, metavar="NAME|FILE",
+                   help="the weights' architecture: a named config, a pretraining run's config.yaml, a "
+                        "DINOv2/CheXFound config.yaml or a Hugging Face config.json (default: what the file or the "
+                        "config beside it records; never guessed)")
+    if old_spelling:
+        p.add_argument(old_spelling, dest="arch", action=DeprecatedOption, replacement="--arch")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, for a checkpoint that records no architecture (tensors cannot show it)")
+    p.add_argument("--head-dim", type=int, default=None,
+                   help="or the attention head width (64 in every DINOv2/CheXFound ViT)")

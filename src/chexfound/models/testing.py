@@ -1,0 +1,28 @@
+"""Tiny backbone configs for tests and smoke runs, kept out of the production registry.
+
+Importing this module registers them (`tiny_vit`, `tiny_vit_mlp`); the test suite does so in its conftest and
+sets CHEXFOUND_MODEL_MODULES=chexfound.models.testing, so CLI subprocesses started by tests (torchrun) see them
+too. They are too small
+to learn anything useful, which is why `chexfound.models.list_configs()` does not offer them to users.
+"""
+
+from __future__ import annotations
+
+from chexfound.models.config import ViTConfig
+from chexfound.models.registry import register
+
+TEST_CONFIGS = ("tiny_vit", "tiny_vit_mlp")
+
+
+@register("tiny_vit")
+def _tiny() -> ViTConfig:
+    """2 blocks, 64 px, patch 16, dim 64, 2 heads, 2 registers, SwiGLU."""
+    return ViTConfig(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_register_tokens=2,
+                     ffn_layer="swiglu", layerscale_init=1e-5)
+
+
+@register("tiny_vit_mlp")
+def _tiny_mlp() -> ViTConfig:
+    """4 blocks, 64 px, patch 16, dim 64, 4 heads, no registers, GELU MLP, no LayerScale."""
+    return ViTConfig(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=4, num_register_tokens=0,
+                     ffn_layer="mlp", layerscale_init=None)
