@@ -93,3 +93,45 @@ def test_real_cxr_through_multicrop(data_root):
     aug = MultiCropAugment(64, 32, 2, (0.32, 1.0), (0.05, 0.32), augment_config("dinov2_original"), MEAN, STD)
     out = aug(x[None], _gen())
     assert np.isfinite(out["global_crops"].numpy()).all() and out["local_crops"].shape == (2, 3, 32, 32)
+
+
+def test_static_blur_equals_the_subset_blur():
+    """On a GPU the blur runs on every crop and keeps the drawn ones (no sync); on the CPU it indexes the drawn
+    subset. Same draws, same pixels."""
+    from chexfound.ssl.augment import blur_params, blur_rows
+
+    cfg = AugmentConfig()
+    x = torch.rand(40, 1, 16, 16, generator=_gen(6))
+    sigma, apply = blur_params(40, 0.5, cfg, _gen(7), x.device)
+    a = blur_rows(x, sigma, apply, cfg.blur_kernel, static_shapes=True)
+    b = blur_rows(x, sigma, apply, cfg.blur_kernel, static_shapes=False)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a[~apply], x[~apply]) and not torch.equal(a[apply], x[apply])
+    aug = MultiCropAugment(32, 16, 3, (0.32, 1.0), (0.05, 0.32), augment_config("cxr"), MEAN, STD)
+    ref = aug(_images(), _gen(8))
+    aug.static_shapes = True
+    out = aug(_images(), _gen(8))
+    for k in ("global_crops", "local_crops"):
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-6, atol=1e-5)
+
+
+def test_jitter_applies_brightness_and_contrast_in_the_drawn_order():
+    """Each image: torchvision's brightness then contrast, or contrast then brightness, as drawn."""
+    cfg = AugmentConfig(jitter_p=1.0)
+    x = torch.rand(64, 1, 6, 6, generator=_gen(9))
+    out = jitter(x, cfg, _gen(10))
+    g = _gen(10)  # the same draws, by hand
+    b = 0.6 + 0.8 * torch.rand(64, generator=g)
+    c = 0.6 + 0.8 * torch.rand(64, generator=g)
+    b_first = torch.rand(64, 2, generator=g)[:, 1] < 0.5
+
+    def bright(img, f):
+        return (img * f).clamp(0, 1)
+
+    def contrast(img, f):
+        return (f * img + (1 - f) * img.mean()).clamp(0, 1)
+
+    for i in range(64):
+        want = contrast(bright(x[i], b[i]), c[i]) if b_first[i] else bright(contrast(x[i], c[i]), b[i])
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-6)
+    assert 15 < int(b_first.sum()) < 49
