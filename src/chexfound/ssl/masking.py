@@ -128,36 +128,39 @@ class DeviceBlockMasks:
         """[n, height, width] bool masks with at most (usually exactly) `target[i]` patches set ([n] long)."""
         n, dev = target.shape[0], target.device
         h_grid, w_grid, t = self.height, self.width, self.tries
-        mask = torch.zeros(n, h_grid, w_grid, dtype=torch.bool, device=dev)
+        mask = torch.zeros(n, h_grid, w_grid, device=dev)  # 0/1 floats: overlaps are counted by a matmul
         count = torch.zeros(n, dtype=torch.long, device=dev)
         active = target > 0
-        rows = torch.arange(h_grid, device=dev).view(1, 1, h_grid, 1)
-        cols = torch.arange(w_grid, device=dev).view(1, 1, 1, w_grid)
+        rows = torch.arange(h_grid, device=dev)
+        cols = torch.arange(w_grid, device=dev)
         pick = torch.arange(n, device=dev)
         u = torch.rand(self.rounds, n, t, 4, generator=gen, device=dev)  # every draw of the batch, one kernel
         la0, la1 = self.log_aspect
+        sqrt_aspect = torch.exp(0.5 * (la0 + (la1 - la0) * u[..., 1]))
         for r in range(self.rounds):
             # One BEiT `_add_block` call per image: up to `tries` rectangles against the current mask.
             max_new = (target - count).clamp(max=self.max_patches).unsqueeze(1).float()  # [n, 1]
             lo = max_new.clamp(max=float(self.min_patches))
             hi = max_new.clamp(min=float(self.min_patches))
-            area = lo + (hi - lo) * u[r, :, :, 0]
-            aspect = torch.exp(la0 + (la1 - la0) * u[r, :, :, 1])
-            h = torch.round(torch.sqrt(area * aspect))
-            w = torch.round(torch.sqrt(area / aspect))
-            top = torch.floor(u[r, :, :, 2] * (h_grid - h + 1))
-            left = torch.floor(u[r, :, :, 3] * (w_grid - w + 1))
-            top4, left4 = top[..., None, None], left[..., None, None]
-            block = ((rows >= top4) & (rows < top4 + h[..., None, None])
-                     & (cols >= left4) & (cols < left4 + w[..., None, None]))  # [n, tries, H, W]
-            new = (block & ~mask.unsqueeze(1)).sum(dim=(2, 3))  # [n, tries]
+            root = torch.sqrt(lo + (hi - lo) * u[r, :, :, 0])  # sqrt(target area)
+            h = torch.round(root * sqrt_aspect[r])
+            w = torch.round(root / sqrt_aspect[r])
+            top = torch.floor(u[r, :, :, 2] * (h_grid - h + 1)).unsqueeze(-1)
+            left = torch.floor(u[r, :, :, 3] * (w_grid - w + 1)).unsqueeze(-1)
+            in_rows = ((rows >= top) & (rows < top + h.unsqueeze(-1))).float()  # [n, tries, H]
+            in_cols = ((cols >= left) & (cols < left + w.unsqueeze(-1))).float()  # [n, tries, W]
+            # patches of each rectangle already masked: sum_hw rows[h] mask[h, w] cols[w] (exact small integers)
+            overlap = (torch.bmm(in_rows, mask) * in_cols).sum(dim=-1)
+            new = in_rows.sum(-1) * in_cols.sum(-1) - overlap  # [n, tries]
             ok = (w < w_grid) & (h < h_grid) & (new > 0) & (new <= max_new)
             first = ok.to(torch.int8).argmax(dim=1)  # the first acceptable try
-            hit = ok.any(dim=1) & active
-            mask |= block[pick, first] & hit.view(n, 1, 1)
-            count += new[pick, first] * hit
+            hit = (ok.any(dim=1) & active).float()
+            block = in_rows[pick, first].unsqueeze(2) * in_cols[pick, first].unsqueeze(1)  # [n, H, W]
+            mask = torch.maximum(mask, block * hit.view(n, 1, 1))
+            count += (new[pick, first] * hit).long()
             # BEiT stops an image when it is full or when a call's tries all failed.
-            active = hit & (count < target)
+            active = (hit > 0) & (count < target)
+        return mask > 0
         return mask
 
 
