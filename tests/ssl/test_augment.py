@@ -135,3 +135,23 @@ def test_jitter_applies_brightness_and_contrast_in_the_drawn_order():
         want = contrast(bright(x[i], b[i]), c[i]) if b_first[i] else bright(contrast(x[i], c[i]), b[i])
         torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-6)
     assert 15 < int(b_first.sum()) < 49
+
+
+def test_separable_crop_grid_equals_affine_grid():
+    """crop_resize builds the sampling grid by broadcasting; F.affine_grid with the same theta is the reference."""
+    import torch.nn.functional as F
+
+    x = torch.rand(3, 1, 20, 24, generator=_gen(11))
+    boxes = sample_crop_boxes(2 * 3, 20, 24, (0.1, 1.0), (3 / 4, 4 / 3), _gen(12), x.device).view(2, 3, 4)
+    flip = torch.rand(2, 3, generator=_gen(13)) < 0.5
+    out = crop_resize(x, boxes, flip, 12, "bilinear")
+    for v in range(2):
+        top, left, h, w = boxes[v].unbind(1)
+        theta = torch.zeros(3, 2, 3)
+        theta[:, 0, 0] = (w / 24) * torch.where(flip[v], -1.0, 1.0)
+        theta[:, 0, 2] = -1.0 + (2 * left + w) / 24
+        theta[:, 1, 1] = h / 20
+        theta[:, 1, 2] = -1.0 + (2 * top + h) / 20
+        grid = F.affine_grid(theta, [3, 1, 12, 12], align_corners=False)
+        ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        torch.testing.assert_close(out[v * 3:(v + 1) * 3], ref, rtol=1e-5, atol=1e-6)

@@ -129,33 +129,39 @@ def crop_resize(images: Tensor, boxes: Tensor, flip: Tensor, size: int, mode: st
     is never copied V times.
     """
     b, _, height, width = images.shape
-    v = boxes.shape[0]
-    top, left, h, w = boxes.reshape(v * b, 4).unbind(1)
+    # [B, V] per-view parameters (image-major, the order of the sampling grid below)
+    top, left, h, w = boxes.transpose(0, 1).unbind(-1)
     # align_corners=False: normalised -1/+1 are the outer pixel edges, so the box edges map exactly.
     cx = -1.0 + (2 * left + w) / width
     cy = -1.0 + (2 * top + h) / height
-    sx = (w / width) * torch.where(flip.reshape(-1), -1.0, 1.0)
+    sx = (w / width) * torch.where(flip.transpose(0, 1), -1.0, 1.0)
     sy = h / height
-    theta = torch.zeros(v * b, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
-    grid = F.affine_grid(theta, [v * b, 1, size, size], align_corners=False)  # [V*B, s, s, 2]
-    grid = grid.view(v, b, size, size, 2).transpose(0, 1).reshape(b, v * size, size, 2)
+    # The affine map is a scale + shift per axis, so the grid is separable: x depends on the column only, y on
+    # the row only (what F.affine_grid computes with a batched matmul, built here by broadcasting). The base
+    # coordinates are affine_grid's: pixel centres of the output in [-1, 1].
+    base = torch.linspace(-1.0, 1.0, size, device=images.device, dtype=images.dtype) * ((size - 1) / size)
+    gx = sx.unsqueeze(-1) * base + cx.unsqueeze(-1)  # [B, V, s] per output column
+    gy = sy.unsqueeze(-1) * base + cy.unsqueeze(-1)  # [B, V, s] per output row
+    grid = torch.stack(torch.broadcast_tensors(gx.unsqueeze(2), gy.unsqueeze(3)), dim=-1)  # [B, V, s, s, 2]
+    v = boxes.shape[0]
+    grid = grid.reshape(b, v * size, size, 2)
     out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
     out = out.view(b, v, size, size).transpose(0, 1).reshape(v * b, 1, size, size)
     return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
 
 
-def _brightness_or_contrast(x: Tensor, brightness: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """Per image: brightness (x * b) where `brightness`, else torchvision's adjust_contrast (a blend with the
-    image's mean gray level); clamped to [0, 1]."""
-    m = x.mean(dim=(1, 2, 3), keepdim=True)
-    c = c.view(-1, 1, 1, 1)
-    return torch.where(brightness.view(-1, 1, 1, 1), x * b.view(-1, 1, 1, 1), c * x + (1 - c) * m).clamp(0.0, 1.0)
+def _brightness_or_contrast(x: Tensor, brightness: Tensor, b: Tensor, c: Tensor, apply: Tensor) -> Tensor:
+    """Per image, an affine map of its pixels, clamped to [0, 1]: brightness x * b where `brightness`, else
+    torchvision's adjust_contrast c * x + (1 - c) * mean(x); the identity where not `apply`."""
+    m = x.mean(dim=(1, 2, 3))
+    scale = torch.where(apply, torch.where(brightness, b, c), 1.0)
+    shift = torch.where(apply & ~brightness, (1 - c) * m, 0.0)
+    return torch.addcmul(shift.view(-1, 1, 1, 1), x, scale.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def jitter(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
     """Brightness and contrast in a random order (ColorJitter permutes its ops), with probability jitter_p.
-    Two passes (first op, second op), each choosing per image, instead of both orders for every image."""
+    Both are affine per image, so each of the two steps is one multiply-add with per-image coefficients."""
     n, dev = x.shape[0], x.device
     if cfg.jitter_p <= 0 or (cfg.brightness <= 0 and cfg.contrast <= 0):
         return x
@@ -163,9 +169,8 @@ def jitter(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
     c = _uniform(n, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast, gen, dev)
     r = torch.rand(n, 2, generator=gen, device=dev)
     apply, b_first = r[:, 0] < cfg.jitter_p, r[:, 1] < 0.5
-    out = _brightness_or_contrast(x, b_first, b, c)
-    out = _brightness_or_contrast(out, ~b_first, b, c)
-    return torch.where(apply.view(-1, 1, 1, 1), out, x)
+    out = _brightness_or_contrast(x, b_first, b, c, apply)
+    return _brightness_or_contrast(out, ~b_first, b, c, apply)
 
 
 def blur_params(n: int, p: float, cfg: AugmentConfig, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -213,9 +218,10 @@ def gaussian_blur(x: Tensor, p: float, cfg: AugmentConfig, gen: torch.Generator,
 
 
 def solarize(x: Tensor, p: float, threshold: float, gen: torch.Generator) -> Tensor:
+    """Invert pixels >= threshold, with probability p per image (a threshold above 1 for the others)."""
     apply = torch.rand(x.shape[0], generator=gen, device=x.device) < p
-    sol = torch.where(x >= threshold, 1.0 - x, x)
-    return torch.where(apply.view(-1, 1, 1, 1), sol, x)
+    thr = torch.where(apply, threshold, 2.0).view(-1, 1, 1, 1)
+    return torch.where(x >= thr, 1.0 - x, x)
 
 
 class MultiCropAugment:
@@ -249,10 +255,12 @@ class MultiCropAugment:
     def _normalise(self, x: Tensor) -> Tensor:
         key = (x.device, x.dtype)
         if key not in self._norm:  # made once per device: no host-to-device copy per step
-            self._norm[key] = (torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1),
-                               torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1))
-        mean, std = self._norm[key]
-        return (x.expand(-1, 3, -1, -1) - mean) / std
+            inv_std = [1.0 / s for s in self.std]
+            self._norm[key] = (torch.tensor([-m * i for m, i in zip(self.mean, inv_std)], device=x.device,
+                                            dtype=x.dtype).view(1, 3, 1, 1),
+                               torch.tensor(inv_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1))
+        shift, scale = self._norm[key]
+        return torch.addcmul(shift, x, scale)  # (x - mean) / std in one pass, 3 channels from 1
 
     def _views(self, src: Tensor, n_views: int, size: int, scale: tuple[float, float],
                gen: torch.Generator) -> Tensor:
