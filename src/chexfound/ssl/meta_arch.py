@@ -261,10 +261,7 @@ class SSLMetaArch(nn.Module):
         if skip is None:
             torch._foreach_lerp_(t_list, s_list, 1.0 - momentum)
             return
-        weight = (1.0 - skip.float()) * (1.0 - momentum)
-        delta = torch._foreach_sub(s_list, t_list)
-        torch._foreach_mul_(delta, weight)
-        torch._foreach_add_(t_list, delta)
+        foreach_lerp_tensor_weight_(t_list, s_list, (1.0 - skip.float()) * (1.0 - momentum))
 
     @torch.no_grad()
     def update_teacher_reference(self, momentum: float) -> None:
@@ -275,6 +272,21 @@ class SSLMetaArch(nn.Module):
             s_list.append(s.to_local() if hasattr(s, "to_local") else s)
         torch._foreach_mul_(t_list, momentum)
         torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+def foreach_lerp_tensor_weight_(targets: list[Tensor], sources: list[Tensor], weight: Tensor,
+                                grouped: bool | None = None) -> None:
+    """targets[i] += weight * (sources[i] - targets[i]) with a 0-dim device tensor `weight` (so the host never
+    reads it). `grouped` (default: off the CPU): three foreach ops whose operands have matching shapes (the
+    GPU's multi-tensor fast path); otherwise one lerp per tensor (one pass over each, best on the CPU)."""
+    if grouped is None:
+        grouped = weight.device.type != "cpu"
+    if not grouped:
+        torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+        return
+    delta = torch._foreach_sub(sources, targets)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(targets, delta)
 
 
 def all_reduce_stats(stats: dict[str, Tensor], device: torch.device) -> dict[str, float]:
