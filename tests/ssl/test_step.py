@@ -115,6 +115,7 @@ def test_a_non_finite_step_changes_nothing_and_is_reported(tiny_config, centerin
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inductor's internals
 def test_compiled_step_equals_eager(tiny_config):
     """train.compile (blocks and heads, inductor on the CPU) gives the eager step's losses (one step: the
     compile of ~10 graphs takes most of a minute here)."""
