@@ -280,6 +280,10 @@ def bench_config(name: str, a: argparse.Namespace, dev: torch.device, peaks: dic
             print(f"   data alone: {k:<50} {ips:10.1f} images/s")
     for v in variants:
         del v.trainer
+    if a.compile:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # drop the compiled graphs (and the modules they hold) before the next preset
     if gpu:
         torch.cuda.empty_cache()
     return res

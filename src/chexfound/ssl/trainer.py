@@ -106,6 +106,14 @@ class Trainer:
             if mode is not True and mode not in COMPILE_MODES:
                 raise ConfigError(None, f"train.compile must be false, true or one of {COMPILE_MODES}, got {mode!r}")
             kw = {} if mode is True else {"mode": mode}
+            # Compiled modules share one code object (Module._call_impl), so its graphs (block: student global,
+            # student local, teacher, probes; heads: student, teacher) count against one recompile limit
+            # (8 by default, 7 used by a step): raise it so probe shapes do not push blocks back to eager.
+            import torch._dynamo
+
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
             # Per block and per head: every block of a model shares one compiled graph per input shape
             # (global, local, teacher), the graphs stay small, and FSDP/DDP wrap around them unchanged.
             for model in (meta.student, meta.teacher):
