@@ -8,7 +8,6 @@ final:    linear probes of the teacher vs the same architecture at random init (
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -89,8 +88,8 @@ class ProbeRunner:
             res = probe_backbone(backbone, self.task, self.device, int(self.p["knn_k"]), int(self.p["batch_size"]),
                                  autocast=self.trainer.autocast)
             self.t_probe = time.perf_counter() - t0
-            metrics.write({"kind": "probe", "iteration": iteration, "task": "kermany",
-                           **{f"probe_{k}": v for k, v in res.items()}, "probe_s": self.t_probe})
+            metrics.write("probe", iteration=iteration, task="kermany",
+                          **{f"probe_{k}": v for k, v in res.items()}, probe_s=self.t_probe)
             self.say(f"probe @ {iteration}: Kermany k-NN AUROC {res['knn_auroc']:.3f}, "
                      f"linear AUROC {res['linear_auroc']:.3f} ({self.t_probe:.1f}s)")
         D.barrier()
@@ -154,11 +153,10 @@ class ProbeRunner:
             report[task.name] = {"n_train": int(len(task.train_labels)), "n_test": int(len(y)),
                                  "findings": [task.label_names[c] for c in cols], "auroc": rows, "paired": diffs}
             self._print(task.name, report[task.name])
-            metrics.write({"kind": "final_probe", "task": task.name,
-                           **{f"{k}_auroc": v["auroc"] for k, v in rows.items()}})
-        from chexfound.models.format import atomic_write_bytes
+            metrics.write("final_probe", task=task.name, **{f"{k}_auroc": v["auroc"] for k, v in rows.items()})
+        from chexfound.runio import atomic_write_json
 
-        atomic_write_bytes(self.out / "probe_comparison.json", json.dumps(report, indent=2).encode())
+        atomic_write_json(self.out / "probe_comparison.json", report)
         return report
 
     @staticmethod
