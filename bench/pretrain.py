@@ -24,7 +24,6 @@ Runs from a source tree (PYTHONPATH=src or from the repository root) with torch,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -281,9 +280,9 @@ def bench_config(name: str, a: argparse.Namespace, dev: torch.device, peaks: dic
     for v in variants:
         del v.trainer
     if a.compile:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.reset()  # drop the compiled graphs (and the modules they hold) before the next preset
+        dynamo.reset()  # drop the compiled graphs (and the modules they hold) before the next preset
     if gpu:
         torch.cuda.empty_cache()
     return res
@@ -325,7 +324,9 @@ def main() -> int:
     for c in configs:
         out["results"].append(bench_config(c, a, dev, peaks))
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
+        from chexfound.runio import atomic_write_json
+
+        atomic_write_json(a.json, out)
         print(f"\nfigures written to {a.json}")
     return 0
 

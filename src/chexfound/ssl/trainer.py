@@ -109,11 +109,11 @@ class Trainer:
             # Compiled modules share one code object (Module._call_impl), so its graphs (block: student global,
             # student local, teacher, probes; heads: student, teacher) count against one recompile limit
             # (8 by default, 7 used by a step): raise it so probe shapes do not push blocks back to eager.
-            import torch._dynamo
+            from torch._dynamo import config as dynamo_config
 
             for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
             # Per block and per head: every block of a model shares one compiled graph per input shape
             # (global, local, teacher), the graphs stay small, and FSDP/DDP wrap around them unchanged.
             for model in (meta.student, meta.teacher):
