@@ -93,3 +93,65 @@ def test_real_cxr_through_multicrop(data_root):
     aug = MultiCropAugment(64, 32, 2, (0.32, 1.0), (0.05, 0.32), augment_config("dinov2_original"), MEAN, STD)
     out = aug(x[None], _gen())
     assert np.isfinite(out["global_crops"].numpy()).all() and out["local_crops"].shape == (2, 3, 32, 32)
+
+
+def test_static_blur_equals_the_subset_blur():
+    """On a GPU the blur runs on every crop and keeps the drawn ones (no sync); on the CPU it indexes the drawn
+    subset. Same draws, same pixels."""
+    from chexfound.ssl.augment import blur_params, blur_rows
+
+    cfg = AugmentConfig()
+    x = torch.rand(40, 1, 16, 16, generator=_gen(6))
+    sigma, apply = blur_params(40, 0.5, cfg, _gen(7), x.device)
+    a = blur_rows(x, sigma, apply, cfg.blur_kernel, static_shapes=True)
+    b = blur_rows(x, sigma, apply, cfg.blur_kernel, static_shapes=False)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a[~apply], x[~apply]) and not torch.equal(a[apply], x[apply])
+    aug = MultiCropAugment(32, 16, 3, (0.32, 1.0), (0.05, 0.32), augment_config("cxr"), MEAN, STD)
+    ref = aug(_images(), _gen(8))
+    aug.static_shapes = True
+    out = aug(_images(), _gen(8))
+    for k in ("global_crops", "local_crops"):
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-6, atol=1e-5)
+
+
+def test_jitter_applies_brightness_and_contrast_in_the_drawn_order():
+    """Each image: torchvision's brightness then contrast, or contrast then brightness, as drawn."""
+    cfg = AugmentConfig(jitter_p=1.0)
+    x = torch.rand(64, 1, 6, 6, generator=_gen(9))
+    out = jitter(x, cfg, _gen(10))
+    g = _gen(10)  # the same draws, by hand
+    b = 0.6 + 0.8 * torch.rand(64, generator=g)
+    c = 0.6 + 0.8 * torch.rand(64, generator=g)
+    b_first = torch.rand(64, 2, generator=g)[:, 1] < 0.5
+
+    def bright(img, f):
+        return (img * f).clamp(0, 1)
+
+    def contrast(img, f):
+        return (f * img + (1 - f) * img.mean()).clamp(0, 1)
+
+    for i in range(64):
+        want = contrast(bright(x[i], b[i]), c[i]) if b_first[i] else bright(contrast(x[i], c[i]), b[i])
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-6)
+    assert 15 < int(b_first.sum()) < 49
+
+
+def test_separable_crop_grid_equals_affine_grid():
+    """crop_resize builds the sampling grid by broadcasting; F.affine_grid with the same theta is the reference."""
+    import torch.nn.functional as F
+
+    x = torch.rand(3, 1, 20, 24, generator=_gen(11))
+    boxes = sample_crop_boxes(2 * 3, 20, 24, (0.1, 1.0), (3 / 4, 4 / 3), _gen(12), x.device).view(2, 3, 4)
+    flip = torch.rand(2, 3, generator=_gen(13)) < 0.5
+    out = crop_resize(x, boxes, flip, 12, "bilinear")
+    for v in range(2):
+        top, left, h, w = boxes[v].unbind(1)
+        theta = torch.zeros(3, 2, 3)
+        theta[:, 0, 0] = (w / 24) * torch.where(flip[v], -1.0, 1.0)
+        theta[:, 0, 2] = -1.0 + (2 * left + w) / 24
+        theta[:, 1, 1] = h / 20
+        theta[:, 1, 2] = -1.0 + (2 * top + h) / 20
+        grid = F.affine_grid(theta, [3, 1, 12, 12], align_corners=False)
+        ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        torch.testing.assert_close(out[v * 3:(v + 1) * 3], ref, rtol=1e-5, atol=1e-6)

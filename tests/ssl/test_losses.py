@@ -125,3 +125,34 @@ def test_softmax_centering_with_momentum():
     np.testing.assert_allclose(p2.numpy()[0], want, rtol=1e-5)
     c.update(s2)
     np.testing.assert_allclose(c.center.numpy()[0], 0.9 * want_c + 0.1 * np.array([0.3, 0.3, 0.3]), rtol=1e-6)
+
+
+def test_sinkhorn_knopp_and_centering_ignore_padding_rows():
+    """A padded buffer (invalid rows anywhere) gives the valid rows exactly what they get alone."""
+    from chexfound.ssl.centering import SoftmaxCentering, sinkhorn_knopp
+    from chexfound.ssl.losses import ibot_patch_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(12, 9, generator=g)
+    valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    alone = sinkhorn_knopp(s[valid], 0.07, 3)
+    padded = sinkhorn_knopp(s, 0.07, 3, valid=valid)
+    torch.testing.assert_close(padded[valid], alone, rtol=1e-6, atol=1e-7)
+    assert (padded[~valid] == 0).all()
+    assert (sinkhorn_knopp(s, 0.07, 3, valid=torch.zeros(12, dtype=torch.bool)) == 0).all()
+    a, b = SoftmaxCentering(9, 0.9), SoftmaxCentering(9, 0.9)
+    a.update(s[valid])
+    b.update(s, valid.float())
+    torch.testing.assert_close(a.center, b.center)
+    b.update(s, torch.zeros(12))  # nothing valid: the centre stays
+    torch.testing.assert_close(a.center, b.center)
+    b.update(s * float("nan"))  # non-finite scores: the centre stays
+    torch.testing.assert_close(a.center, b.center)
+    # iBOT: weights 0 on padding rows give the loss of the masked rows alone
+    masks = torch.zeros(3, 4, dtype=torch.bool)
+    masks[0, :2] = masks[2, 1:] = True
+    st, tp = torch.randn(5, 9, generator=g), torch.softmax(torch.randn(5, 9, generator=g), -1)
+    w = torch.tensor([0.5, 0.5, 1 / 3, 1 / 3, 1 / 3])
+    ref = ibot_patch_loss(st, tp, masks, 0.1)
+    pad_st, pad_tp = torch.cat([st, torch.randn(2, 9, generator=g)]), torch.cat([tp, torch.zeros(2, 9)])
+    torch.testing.assert_close(ibot_patch_loss(pad_st, pad_tp, masks, 0.1, weights=torch.cat([w, torch.zeros(2)])), ref)

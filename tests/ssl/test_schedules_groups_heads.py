@@ -90,3 +90,19 @@ def test_teacher_starts_as_student_without_drop_path():
     meta.update_teacher(0.9)
     diff = meta.teacher.backbone.cls_token - meta.student.backbone.cls_token
     torch.testing.assert_close(diff, torch.full_like(diff, -0.9))
+
+
+def test_masked_ema_is_a_lerp_on_both_paths():
+    from chexfound.ssl.meta_arch import foreach_lerp_tensor_weight_
+
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    for grouped in (True, False):
+        for w in (0.25, 0.0):
+            t = [x.clone() for x in start]
+            foreach_lerp_tensor_weight_(t, src, torch.tensor(w), grouped=grouped)
+            for a, s0, s in zip(t, start, src):
+                torch.testing.assert_close(a, s0 + w * (s - s0))
+            if w == 0.0:
+                assert all(torch.equal(a, s0) for a, s0 in zip(t, start))  # a skipped step: untouched

@@ -12,6 +12,7 @@ in one, in float32, and gives exactly what the one-piece transform gave before t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence
 
@@ -29,9 +30,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def normalise_channels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """[B, 1 or 3, H, W] in [0, 1] -> 3 channels, (x - mean) / std per channel, in x's dtype and device.
     The last step of every model input: files (`InputTransform.normalise`) and pretraining crops alike."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    m, s = _channel_constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device, x.dtype)
     return (x.expand(-1, 3, -1, -1) - m) / s
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    # Made once per device and dtype: a GPU training step must not copy constants host-to-device (a sync).
+    return (torch.tensor(mean, dtype=dtype, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=dtype, device=device).view(1, 3, 1, 1))
 
 
 @dataclass(frozen=True)

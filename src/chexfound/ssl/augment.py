@@ -22,6 +22,11 @@ Presets:
   `cxr`: the intended probabilities (1.0, 0.1, 0.5); otherwise the same ops.
 Crops are resampled with `grid_sample` (bicubic by default as the original, no antialiasing: the source is
 already at the global crop size, so crops are upsampled or mildly downsampled).
+
+For a GPU: every random parameter is a tensor drawn on the device, all views of one crop kind are resampled
+by one `grid_sample`, the blur of both global views is one grouped convolution, and nothing waits for the
+device (`static_shapes`: the blur runs on every crop and is kept where drawn, instead of indexing the drawn
+subset, which needs the count on the host; on the CPU the subset is cheaper and costs no sync).
 """
 
 from __future__ import annotations
@@ -112,9 +117,9 @@ def sample_crop_boxes(
         fh, fw = float(height), float(round(height * ratio[1]))
     else:
         fw, fh = float(width), float(height)
-    fb = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=device)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(any_ok[:, None], boxes, fb.expand(n, 4))
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)  # scalars: no host-to-device copy
+    boxes = [torch.where(any_ok, v, f) for v, f in zip((top, left, h, w), fallback)]
+    return torch.stack(boxes, dim=1)
 
 
 def crop_resize(images: Tensor, boxes: Tensor, flip: Tensor, size: int, mode: str) -> Tensor:
@@ -125,35 +130,39 @@ def crop_resize(images: Tensor, boxes: Tensor, flip: Tensor, size: int, mode: st
     is never copied V times.
     """
     b, _, height, width = images.shape
-    v = boxes.shape[0]
-    top, left, h, w = boxes.reshape(v * b, 4).unbind(1)
+    # [B, V] per-view parameters (image-major, the order of the sampling grid below)
+    top, left, h, w = boxes.transpose(0, 1).unbind(-1)
     # align_corners=False: normalised -1/+1 are the outer pixel edges, so the box edges map exactly.
     cx = -1.0 + (2 * left + w) / width
     cy = -1.0 + (2 * top + h) / height
-    sx = (w / width) * torch.where(flip.reshape(-1), -1.0, 1.0)
+    sx = (w / width) * torch.where(flip.transpose(0, 1), -1.0, 1.0)
     sy = h / height
-    theta = torch.zeros(v * b, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
-    grid = F.affine_grid(theta, [v * b, 1, size, size], align_corners=False)  # [V*B, s, s, 2]
-    grid = grid.view(v, b, size, size, 2).transpose(0, 1).reshape(b, v * size, size, 2)
+    # The affine map is a scale + shift per axis, so the grid is separable: x depends on the column only, y on
+    # the row only (what F.affine_grid computes with a batched matmul, built here by broadcasting). The base
+    # coordinates are affine_grid's: pixel centres of the output in [-1, 1].
+    base = torch.linspace(-1.0, 1.0, size, device=images.device, dtype=images.dtype) * ((size - 1) / size)
+    gx = sx.unsqueeze(-1) * base + cx.unsqueeze(-1)  # [B, V, s] per output column
+    gy = sy.unsqueeze(-1) * base + cy.unsqueeze(-1)  # [B, V, s] per output row
+    grid = torch.stack(torch.broadcast_tensors(gx.unsqueeze(2), gy.unsqueeze(3)), dim=-1)  # [B, V, s, s, 2]
+    v = boxes.shape[0]
+    grid = grid.reshape(b, v * size, size, 2)
     out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
     out = out.view(b, v, size, size).transpose(0, 1).reshape(v * b, 1, size, size)
     return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
 
 
-def _brightness(x: Tensor, b: Tensor) -> Tensor:
-    return (x * b.view(-1, 1, 1, 1)).clamp(0.0, 1.0)
-
-
-def _contrast(x: Tensor, c: Tensor) -> Tensor:
-    # torchvision adjust_contrast: blend with the image's mean gray level.
-    m = x.mean(dim=(1, 2, 3), keepdim=True)
-    c = c.view(-1, 1, 1, 1)
-    return (c * x + (1 - c) * m).clamp(0.0, 1.0)
+def _brightness_or_contrast(x: Tensor, brightness: Tensor, b: Tensor, c: Tensor, apply: Tensor) -> Tensor:
+    """Per image, an affine map of its pixels, clamped to [0, 1]: brightness x * b where `brightness`, else
+    torchvision's adjust_contrast c * x + (1 - c) * mean(x); the identity where not `apply`."""
+    m = x.mean(dim=(1, 2, 3))
+    scale = torch.where(apply, torch.where(brightness, b, c), 1.0)
+    shift = torch.where(apply & ~brightness, (1 - c) * m, 0.0)
+    return torch.addcmul(shift.view(-1, 1, 1, 1), x, scale.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def jitter(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
-    """Brightness and contrast in a random order (ColorJitter permutes its ops), with probability jitter_p."""
+    """Brightness and contrast in a random order (ColorJitter permutes its ops), with probability jitter_p.
+    Both are affine per image, so each of the two steps is one multiply-add with per-image coefficients."""
     n, dev = x.shape[0], x.device
     if cfg.jitter_p <= 0 or (cfg.brightness <= 0 and cfg.contrast <= 0):
         return x
@@ -161,39 +170,59 @@ def jitter(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
     c = _uniform(n, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast, gen, dev)
     r = torch.rand(n, 2, generator=gen, device=dev)
     apply, b_first = r[:, 0] < cfg.jitter_p, r[:, 1] < 0.5
-    bc = _contrast(_brightness(x, b), c)
-    cb = _brightness(_contrast(x, c), b)
-    out = torch.where(b_first.view(-1, 1, 1, 1), bc, cb)
-    return torch.where(apply.view(-1, 1, 1, 1), out, x)
+    out = _brightness_or_contrast(x, b_first, b, c, apply)
+    return _brightness_or_contrast(out, ~b_first, b, c, apply)
 
 
-def gaussian_blur(x: Tensor, p: float, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
-    """Separable Gaussian blur with a per-image sigma, reflect padding (torchvision's tensor GaussianBlur)."""
-    n, dev = x.shape[0], x.device
-    sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], gen, dev)
-    apply = torch.rand(n, generator=gen, device=dev) < p
-    if p <= 0 or not bool(apply.any()):
-        return x
-    idx = apply.nonzero().squeeze(1)
-    k = cfg.blur_kernel
+def blur_params(n: int, p: float, cfg: AugmentConfig, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per image: blur sigma and whether to blur (probability p)."""
+    sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], gen, device)
+    return sigma, torch.rand(n, generator=gen, device=device) < p
+
+
+def _blur_all(x: Tensor, sigma: Tensor, k: int) -> Tensor:
+    """Separable Gaussian blur of every image with its sigma (one group per image), reflect padding."""
     half = (k - 1) / 2
-    t = torch.linspace(-half, half, k, device=dev, dtype=x.dtype)
-    ker = torch.exp(-0.5 * (t[None] / sigma[idx, None].to(x.dtype)) ** 2)
+    t = torch.linspace(-half, half, k, device=x.device, dtype=x.dtype)
+    ker = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
     ker = ker / ker.sum(dim=1, keepdim=True)  # [m, k]
-    sel = x[idx].transpose(0, 1)  # [1, m, H, W]: one group per image
+    sel = x.transpose(0, 1)  # [1, m, H, W]
     m = sel.shape[1]
     pad = k // 2
     sel = F.conv2d(F.pad(sel, (pad, pad, 0, 0), mode="reflect"), ker.view(m, 1, 1, k), groups=m)
     sel = F.conv2d(F.pad(sel, (0, 0, pad, pad), mode="reflect"), ker.view(m, 1, k, 1), groups=m)
+    return sel.transpose(0, 1)
+
+
+def blur_rows(x: Tensor, sigma: Tensor, apply: Tensor, k: int, static_shapes: bool | None = None) -> Tensor:
+    """Blur the images where `apply` (sigma per image). `static_shapes` (default: off the CPU) blurs every
+    image and selects, which never waits for the device; otherwise only the drawn subset is blurred."""
+    if static_shapes is None:
+        static_shapes = x.device.type != "cpu"
+    if static_shapes:
+        return torch.where(apply.view(-1, 1, 1, 1), _blur_all(x, sigma, k), x)
+    if not bool(apply.any()):
+        return x
+    idx = apply.nonzero().squeeze(1)
     out = x.clone()
-    out[idx] = sel.transpose(0, 1)
+    out[idx] = _blur_all(x[idx], sigma[idx], k)
     return out
 
 
+def gaussian_blur(x: Tensor, p: float, cfg: AugmentConfig, gen: torch.Generator,
+                  static_shapes: bool | None = None) -> Tensor:
+    """Separable Gaussian blur with a per-image sigma, reflect padding (torchvision's tensor GaussianBlur)."""
+    sigma, apply = blur_params(x.shape[0], p, cfg, gen, x.device)
+    if p <= 0:
+        return x
+    return blur_rows(x, sigma, apply, cfg.blur_kernel, static_shapes)
+
+
 def solarize(x: Tensor, p: float, threshold: float, gen: torch.Generator) -> Tensor:
+    """Invert pixels >= threshold, with probability p per image (a threshold above 1 for the others)."""
     apply = torch.rand(x.shape[0], generator=gen, device=x.device) < p
-    sol = torch.where(x >= threshold, 1.0 - x, x)
-    return torch.where(apply.view(-1, 1, 1, 1), sol, x)
+    thr = torch.where(apply, threshold, 2.0).view(-1, 1, 1, 1)
+    return torch.where(x >= thr, 1.0 - x, x)
 
 
 class MultiCropAugment:
@@ -214,6 +243,7 @@ class MultiCropAugment:
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.cfg = cfg
         self.mean, self.std = tuple(mean), tuple(std)
+        self.static_shapes: bool | None = None  # see blur_rows (None: off the CPU)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], mean: tuple, std: tuple) -> "MultiCropAugment":
@@ -242,13 +272,16 @@ class MultiCropAugment:
         b = src.shape[0]
         cfg = self.cfg
         g = self._views(src, 2, self.global_size, self.global_scale, gen)
-        g1 = gaussian_blur(g[:b], cfg.blur_p[0], cfg, gen)
-        g2 = gaussian_blur(g[b:], cfg.blur_p[1], cfg, gen)
-        g2 = solarize(g2, cfg.solarize_p, cfg.solarize_threshold, gen)
-        out = {"global_crops": self._normalise(torch.cat([g1, g2]))}
+        # Both global views in one blur (draws in the order of one blur per view, as before).
+        s1, a1 = blur_params(b, cfg.blur_p[0], cfg, gen, g.device)
+        s2, a2 = blur_params(b, cfg.blur_p[1], cfg, gen, g.device)
+        if cfg.blur_p[0] > 0 or cfg.blur_p[1] > 0:
+            g = blur_rows(g, torch.cat([s1, s2]), torch.cat([a1, a2]), cfg.blur_kernel, self.static_shapes)
+        g[b:] = solarize(g[b:], cfg.solarize_p, cfg.solarize_threshold, gen)
+        out = {"global_crops": self._normalise(g)}
         if self.n_local:
             loc = self._views(src, self.n_local, self.local_size, self.local_scale, gen)
-            loc = gaussian_blur(loc, cfg.blur_p[2], cfg, gen)
+            loc = gaussian_blur(loc, cfg.blur_p[2], cfg, gen, self.static_shapes)
             out["local_crops"] = self._normalise(loc)
         else:
             out["local_crops"] = src.new_zeros((0, 3, self.local_size, self.local_size))

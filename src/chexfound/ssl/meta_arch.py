@@ -4,7 +4,9 @@ Student and teacher are `SSLModel`s {backbone, dino_head, ibot_head?}; the teach
 student (without stochastic depth), never gets gradients, and follows it by EMA.
 
 Global and local crops run as two backbone calls (different sequence lengths; no padding to one batch and no
-block-diagonal nested tensors, which need xFormers). Loss normalisation follows DINOv2 exactly:
+block-diagonal nested tensors, which need xFormers). Masked patches come as a buffer of fixed length with a
+validity weight (`chexfound.ssl.masking.gather_masked`), so no shape in a step depends on the data and
+nothing waits for the device. Loss normalisation follows DINOv2 exactly:
   n_terms = 2 (global-global, each student global crop vs the *other* teacher global crop) + 2 * n_local
   dino = (sum over local x teacher-global terms + sum over the 2 global-global terms) / n_terms
   ibot = mean over global crops of (mean CE over that crop's masked patches), 0 for unmasked crops
@@ -29,6 +31,7 @@ from chexfound.ssl import distributed as D
 from chexfound.ssl.centering import SoftmaxCentering, sinkhorn_knopp
 from chexfound.ssl.heads import DINOHead
 from chexfound.ssl.losses import dino_cls_loss, ibot_patch_loss, koleo_loss
+from chexfound.ssl.masking import gather_masked
 
 
 def backbone_config(cfg: dict[str, Any], drop_path: bool = True) -> ViTConfig:
@@ -65,10 +68,9 @@ class SSLModel(nn.Module):
         out: dict[str, Tensor] = {"cls_global": cls_g}
         patches = None
         if mask_idx is not None:
-            flat = g["x_norm_patchtokens"].flatten(0, 1)
-            # No masked patch in this batch: score one patch anyway (weight 0) so every parameter joins the
-            # graph, which DDP requires.
-            patches = flat[mask_idx] if mask_idx.numel() else flat[:1]
+            # A fixed-size buffer (padding rows weigh 0): even a batch without masked patches scores rows, so
+            # every parameter joins the graph, which DDP requires.
+            patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_idx]
         if self.ibot_head is None and patches is not None:
             # One head call for all tokens (shared head), split afterwards.
             z = self.dino_head(torch.cat([cls_l, cls_g, patches]))
@@ -89,7 +91,7 @@ class SSLModel(nn.Module):
         c1, c2 = cls.chunk(2)
         cls = torch.cat([c2, c1])  # student view 1 learns from teacher view 2 and vice versa
         out: dict[str, Tensor] = {}
-        if mask_idx is not None and mask_idx.numel():
+        if mask_idx is not None:
             patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_idx]
             if self.ibot_head is None:
                 z = self.dino_head(torch.cat([cls, patches]))
@@ -133,6 +135,7 @@ class SSLMetaArch(nn.Module):
         self.dino_center = SoftmaxCentering(d["head_n_prototypes"], cfg["center_momentum"])
         self.ibot_center = SoftmaxCentering(n_ibot, cfg["center_momentum"])
         self._student_runner: Callable[..., dict[str, Tensor]] | None = None
+        self._ema_lists: tuple[list[Tensor], list[Tensor]] | None = None
 
     # -- wiring ------------------------------------------------------------------------------------
     def set_student_runner(self, runner: Callable[..., dict[str, Tensor]] | None) -> None:
@@ -154,11 +157,11 @@ class SSLMetaArch(nn.Module):
 
     # -- targets -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _targets(self, scores: Tensor, center: SoftmaxCentering, temp: float) -> Tensor:
+    def _targets(self, scores: Tensor, center: SoftmaxCentering, temp: float, valid: Tensor | None = None) -> Tensor:
         if self.cfg["centering"] == "sinkhorn_knopp":
-            return sinkhorn_knopp(scores, temp, int(self.cfg["sinkhorn_iterations"]))
+            return sinkhorn_knopp(scores, temp, int(self.cfg["sinkhorn_iterations"]), valid=valid)
         t = center.targets(scores, temp)
-        center.update(scores)
+        center.update(scores, None if valid is None else valid.float())
         return t
 
     # -- one step ----------------------------------------------------------------------------------
@@ -170,11 +173,14 @@ class SSLMetaArch(nn.Module):
         cfg = self.cfg
         g, loc = batch["global_crops"], batch["local_crops"]
         masks = batch.get("masks") if self.ibot_enabled else None
-        mask_idx = batch.get("mask_idx") if masks is not None else None
-        if masks is not None and mask_idx is None:
-            mask_idx = masks.flatten().nonzero().flatten()
-        # The count comes from the host when the trainer built the masks there (no device sync).
-        n_masked = int(batch.get("n_masked", mask_idx.numel() if mask_idx is not None else 0)) if masks is not None else 0
+        mask_idx = mask_weight = mask_valid = n_masked = None
+        if masks is not None:
+            if "mask_idx" not in batch:  # a caller with bare masks: an exact-size buffer (this syncs)
+                mp = gather_masked(masks, max(1, int(masks.sum())))
+                batch = {**batch, "mask_idx": mp.idx, "mask_weight": mp.weight, "mask_valid": mp.valid,
+                         "n_masked": mp.count}
+            mask_idx, mask_weight = batch["mask_idx"], batch["mask_weight"]
+            mask_valid, n_masked = batch["mask_valid"], batch["n_masked"]
         with tm("teacher"), autocast():
             ts = self.teacher(g, None, None, mask_idx, True)
             if hasattr(self.teacher, "reshard"):
@@ -183,7 +189,8 @@ class SSLMetaArch(nn.Module):
                 self.teacher.reshard()
         with tm("centering"):
             dino_t = self._targets(ts["dino"], self.dino_center, teacher_temp)
-            ibot_t = self._targets(ts["ibot"], self.ibot_center, teacher_temp) if "ibot" in ts else None
+            ibot_t = (self._targets(ts["ibot"], self.ibot_center, teacher_temp, mask_valid)
+                      if "ibot" in ts else None)
         with tm("student"), autocast():
             so = self.run_student(g, loc, masks, mask_idx)
         with tm("loss"):
@@ -198,28 +205,26 @@ class SSLMetaArch(nn.Module):
             total = float(cfg["dino"]["loss_weight"]) * (dino_local + dino_global)
             total = total + float(cfg["dino"]["koleo_loss_weight"]) * koleo
             ibot = dino_t.new_zeros(())
-            if masks is not None:
-                if n_masked and ibot_t is not None:
-                    ibot = ibot_patch_loss(so["ibot"], ibot_t, masks, st)
-                else:
-                    ibot = so["ibot"].sum() * 0.0
+            if masks is not None and ibot_t is not None:
+                ibot = ibot_patch_loss(so["ibot"], ibot_t, masks, st, weights=mask_weight)
                 total = total + float(cfg["ibot"]["loss_weight"]) * ibot
         with torch.no_grad():
             k = dino_t.shape[-1]
+            dev = dino_t.device
             mean_p = dino_t.mean(dim=0)
             stats = {
                 "loss": total.detach(),
                 "dino_local_loss": dino_local.detach(),
                 "dino_global_loss": dino_global.detach(),
                 "ibot_loss": ibot.detach(),
-                "koleo_loss": koleo.detach() if torch.is_tensor(koleo) else torch.tensor(float(koleo)),
+                "koleo_loss": koleo.detach() if torch.is_tensor(koleo) else torch.full((), float(koleo), device=dev),
                 "teacher_entropy": _entropy(dino_t).mean(),
                 "teacher_mean_entropy": _entropy(mean_p),
                 # distinct argmax prototypes, without a host sync (unique() would wait for the device)
-                "prototypes_in_use": torch.zeros(k, device=dino_t.device).scatter_(
-                    0, dino_t.argmax(dim=-1), 1.0).sum(),
-                "masked_patches": torch.tensor(float(n_masked)),
-                "log_n_prototypes": torch.tensor(math.log(k)),
+                "prototypes_in_use": torch.zeros(k, device=dev).scatter_(0, dino_t.argmax(dim=-1), 1.0).sum(),
+                "masked_patches": (n_masked.float() if n_masked is not None else torch.zeros((), device=dev)),
+                # made on the device (a fill, not a copy from the host)
+                "log_n_prototypes": torch.full((), math.log(k), device=dev),
             }
         return total, stats
 
@@ -229,15 +234,60 @@ class SSLMetaArch(nn.Module):
         for name, p in self.student.named_parameters():
             yield t_params[name], p
 
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        t_list, s_list = [], []
+    def _ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(teacher, student) tensors for the EMA; built once (parameters are updated in place), except for
+        FSDP2's DTensors, whose local shards are taken anew each time."""
+        if self._ema_lists is not None:
+            return self._ema_lists
+        t_list, s_list, sharded = [], [], False
         for t, s in self._paired_params():
             # FSDP2 parameters are DTensors sharded identically for student and teacher: EMA the shards.
+            sharded = sharded or hasattr(t, "to_local")
+            t_list.append(t.to_local() if hasattr(t, "to_local") else t)
+            s_list.append(s.to_local() if hasattr(s, "to_local") else s)
+        if not sharded:
+            self._ema_lists = (t_list, s_list)
+        return t_list, s_list
+
+    def forget_ema_pairs(self) -> None:
+        """Call after parameters were replaced (not updated in place)."""
+        self._ema_lists = None
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float, skip: Tensor | None = None) -> None:
+        """teacher <- teacher + (1 - momentum) (student - teacher), over all parameters in a few foreach ops.
+        `skip` (0-dim, 1.0 = skip): a step found non-finite leaves the teacher as it is, decided on the
+        device (no host sync)."""
+        t_list, s_list = self._ema_pairs()
+        if skip is None:
+            torch._foreach_lerp_(t_list, s_list, 1.0 - momentum)
+            return
+        foreach_lerp_tensor_weight_(t_list, s_list, (1.0 - skip.float()) * (1.0 - momentum))
+
+    @torch.no_grad()
+    def update_teacher_reference(self, momentum: float) -> None:
+        """The EMA as it was before issue 13 (lists rebuilt each step, mul + add): `Trainer(reference=True)`."""
+        t_list, s_list = [], []
+        for t, s in self._paired_params():
             t_list.append(t.to_local() if hasattr(t, "to_local") else t)
             s_list.append(s.to_local() if hasattr(s, "to_local") else s)
         torch._foreach_mul_(t_list, momentum)
         torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+def foreach_lerp_tensor_weight_(targets: list[Tensor], sources: list[Tensor], weight: Tensor,
+                                grouped: bool | None = None) -> None:
+    """targets[i] += weight * (sources[i] - targets[i]) with a 0-dim device tensor `weight` (so the host never
+    reads it). `grouped` (default: off the CPU): three foreach ops whose operands have matching shapes (the
+    GPU's multi-tensor fast path); otherwise one lerp per tensor (one pass over each, best on the CPU)."""
+    if grouped is None:
+        grouped = weight.device.type != "cpu"
+    if not grouped:
+        torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+        return
+    delta = torch._foreach_sub(sources, targets)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(targets, delta)
 
 
 def all_reduce_stats(stats: dict[str, Tensor], device: torch.device) -> dict[str, float]:

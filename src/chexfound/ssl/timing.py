@@ -1,13 +1,40 @@
-"""Where does a step's time go? Named sections, synchronised with the device when enabled."""
+"""Where does a step's time go? Named sections, synchronised with the device when enabled; and which
+operators of a step would make the host wait for the device (`SyncCounter`)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import defaultdict
-from typing import Iterator
+from collections import Counter, defaultdict
+from typing import Any, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Operators that make the host wait for the device: reading a value (item/bool/float/int all lower to
+# _local_scalar_dense) or producing a shape that depends on the data.
+SYNCING_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
+                         "unique_consecutive", "unique_dim", "repeat_interleave", "equal"})
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the operators run inside it that would wait for the device on a GPU, on any device (so a CPU
+    test can prove a step sync-free). Host-to-device copies of pageable memory are not counted (on a GPU,
+    `torch.cuda.set_sync_debug_mode` shows those)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCING_OPS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 class StepTimer:

@@ -1,8 +1,9 @@
 """The pretraining loop: `pretrain(cfg, out_dir)`; the same code runs alone or under torchrun.
 
 One iteration: gather this rank's uint8 images -> multi-crop on the device -> block masks -> teacher targets
--> student forward -> DINO + iBOT + KoLeo loss -> (non-finite? stop) -> backward -> per-module gradient
-clipping -> AdamW step (lr / wd / last-layer lr from the schedules) -> teacher EMA.
+-> student forward -> DINO + iBOT + KoLeo loss -> backward -> per-module gradient clipping -> AdamW step
+(lr / wd / last-layer lr from the schedules) -> teacher EMA; a non-finite step skips its update on the
+device and the loop stops at the next log step.
 
 Everything random in an iteration (which images, crops, masks, stochastic depth) is seeded by
 (seed, iteration, rank), so a resumed run repeats the uninterrupted one exactly.
@@ -232,8 +233,14 @@ def pretrain(
         for it, images, _n_bad in source.batches(start):
             if it >= total:
                 break
+            done = it + 1
+            log_now = done % log_every == 0 or done == total or done == 1
             try:
                 stats = trainer.train_step(it, images)
+                # The step does not wait for the device; a log step reads its stats, and learns there
+                # whether a step since the last one was non-finite (skipped on the device).
+                red = all_reduce_stats(stats, info.device) if log_now else {}
+                trainer.raise_if_nonfinite(red)
             except NonFiniteLossError as e:
                 if bar is not None:
                     bar.close()
@@ -241,10 +248,8 @@ def pretrain(
                 raise NonFiniteLossError(f"{e}; stopped, {where}. Lower optim.base_lr, raise "
                                          "optim.warmup_epochs or use train.dtype=fp32.") from None
             images_since += images.shape[0] * info.world_size
-            done = it + 1
-            if done % log_every == 0 or done == total or done == 1:
+            if log_now:
                 now = time.perf_counter()
-                red = all_reduce_stats(stats, info.device)
                 ips = images_since / max(now - last_t, 1e-9)
                 last_t, images_since = now, 0
                 sc = trainer.schedules.at(it)  # type: ignore[union-attr]

@@ -16,10 +16,14 @@ def masked_patch_weights(masks: Tensor) -> Tensor:
     return per_image.unsqueeze(-1).expand_as(masks)[masks]
 
 
-def ibot_patch_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, student_temp: float) -> Tensor:
-    """student_logits/teacher_probs [M, K] for the M masked patches; masks [n_images, N] bool."""
+def ibot_patch_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, student_temp: float,
+                    weights: Tensor | None = None) -> Tensor:
+    """student_logits/teacher_probs [M, K] for the M masked patches; masks [n_images, N] bool.
+    `weights` [M]: the per-patch weights when the rows are a padded buffer (`masking.gather_masked`: 0 for
+    padding), instead of `masked_patch_weights(masks)` (which needs M = the exact count)."""
     n_images = masks.shape[0]
     if student_logits.shape[0] == 0 or n_images == 0:
         return torch.zeros((), device=masks.device)
     ce = dino_cross_entropy(student_logits, teacher_probs, student_temp)
-    return (ce * masked_patch_weights(masks).to(ce.device)).sum() / n_images
+    w = masked_patch_weights(masks) if weights is None else weights
+    return (ce * w.to(ce.device)).sum() / n_images
