@@ -232,9 +232,17 @@ class Healer:
         self.snapshots.append(Snapshot(iteration, cpu_copy(payload), cpu_copy(loop)))
         self.last_snapshot_it = iteration
 
-    def best_snapshot(self, onset: int) -> Snapshot | None:
-        good = [s for s in self.snapshots if s.iteration <= onset]
-        return good[-1] if good else None
+    def pick(self, candidates: list[int], onset: int) -> int | None:
+        """The state to roll back to, from the iterations of the good states on hand: the newest one before
+        `onset` that no earlier rollback went back to (a state that diverged again right after a rollback may
+        already hold the damage), else the newest before `onset`."""
+        good = sorted(i for i in set(candidates) if i <= onset)
+        used = {int(r["rolled_back_to"]) for r in self.state.rollbacks}
+        fresh = [i for i in good if i not in used]
+        return fresh[-1] if fresh else (good[-1] if good else None)
+
+    def snapshot_at(self, iteration: int) -> Snapshot | None:
+        return next((s for s in self.snapshots if s.iteration == iteration), None)
 
     def can_roll_back(self) -> bool:
         return self.hc.enabled and len(self.state.rollbacks) < self.hc.max_rollbacks

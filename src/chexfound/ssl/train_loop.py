@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -118,7 +118,7 @@ class TrainLoop:
         return path
 
     # -- divergence -------------------------------------------------------------------------------------------
-    def _give_up(self, div: Divergence) -> None:
+    def _give_up(self, div: Divergence) -> NoReturn:
         if self.bar is not None:
             self.bar.close()
         msg = self.healer.give_up_message(div, self.last_good)
@@ -133,16 +133,16 @@ class TrainLoop:
             return None
         if not self.healer.can_roll_back():
             self._give_up(div)
-        snap = self.healer.best_snapshot(div.onset)
-        disk = [(it, p) for it, p in list_checkpoints(ctx.out) if it <= div.onset]
-        if disk and (snap is None or disk[-1][0] > snap.iteration):
-            target, path = disk[-1]
-            payload = load_checkpoint(path)
-            loop, source = payload.get("state", {}), str(path)
-        elif snap is not None:
-            target, payload, loop, source = snap.iteration, snap.payload, snap.loop, "memory snapshot"
-        else:
+        disk = {it: p for it, p in list_checkpoints(ctx.out)}
+        target = self.healer.pick([s.iteration for s in self.healer.snapshots] + list(disk), div.onset)
+        if target is None:
             self._give_up(div)
+        snap = self.healer.snapshot_at(target)
+        if snap is not None:  # memory first: same state, no disk read
+            payload, loop, source = snap.payload, snap.loop, "memory snapshot"
+        else:
+            payload = load_checkpoint(disk[target])
+            loop, source = payload.get("state", {}), str(disk[target])
         self.trainer.load_state(payload)
         self.monitor = CollapseMonitor(self.length.total)
         self.monitor.load_state_dict(loop.get("monitor", {}))
