@@ -119,8 +119,10 @@ class ProbeRunner:
         """The probes as configured, with the sizes of the sets actually decoded (rank 0; broadcast)."""
         plan = None
         if self.is_main:
-            finals = [FinalSet(t.name, len(t.train_labels), len(t.test_labels), len(task_columns(t)))
-                      for t in self.finals]
+            # probe.final_n_train / final_n_test cap every final task (NIH-14 loads all its patients)
+            cap_tr, cap_te = int(self.p["final_n_train"]), int(self.p["final_n_test"])
+            finals = [FinalSet(t.name, min(cap_tr, len(t.train_labels)), min(cap_te, len(t.test_labels)),
+                               len(task_columns(t))) for t in self.finals]
             plan = plan_from_config(self.p, finals, self.task is not None)
             if self.task is not None:
                 plan.periodic_train, plan.periodic_test = len(self.task.train_labels), len(self.task.test_labels)
