@@ -20,7 +20,7 @@ def _plan() -> ProbePlan:
 
 
 def _costs() -> ProbeCosts:
-    return ProbeCosts(feature_s=0.01, fit_s=1e-6, feature_dim=768, ckpt_s=2.0, end_s=5.0)
+    return ProbeCosts(feature_s=0.01, fit_s=1e-6, feature_dim=768, ckpt_s=2.0, end_s=5.0, decode_s=0.0)
 
 
 def test_cost_model_adds_up_the_parts():
@@ -35,6 +35,12 @@ def test_cost_model_adds_up_the_parts():
     done = {"kermany": (2000, 624)}
     assert c.final_probes_s(p, done) == pytest.approx(5 * (kermany_model + nih_model) + 1e-6 * 1024 * 380 * 13)
     assert c.reserve_s(p) == pytest.approx(7 * periodic + c.final_probes_s(p) + 5.0)
+    # decoding: each set once, when it is not decoded yet
+    c.decode_s = 0.002
+    assert c.periodic_s(p) == pytest.approx(7 * periodic + 0.002 * 1624)
+    assert c.periodic_s(p, {"periodic:1000+624"}) == pytest.approx(7 * periodic)
+    extra = c.final_probes_s(p) - c.final_probes_s(p, decoded={"kermany:2000+624", "nih14:380+165"})
+    assert extra == pytest.approx(0.002 * (2624 + 545))
 
 
 def test_turn_down_goes_periodic_then_sets_then_seeds():
@@ -44,12 +50,18 @@ def test_turn_down_goes_periodic_then_sets_then_seeds():
     q = turn_down(p, c.reserve_s, full - 1.0, 200)
     assert q.periodic == 3 and [f.n_train for f in q.finals] == [2000, 380]
     assert q.turned_down == ["periodic probes 7 -> 3"]
-    # much too much: every periodic probe, then the final sets down to the floor, then the seeds
-    q = turn_down(p, c.reserve_s, 1.0, 200)
+    # much too much: every periodic probe, then the final sets down to the floor, then the seeds ...
+    q = turn_down(p, c.reserve_s, 1.0, 200, stages=("periodic", "final_sets", "random_seeds"))
     assert q.periodic == 0 and q.random_seeds == 1
     assert [(f.n_train, f.n_test) for f in q.finals] == [(200, 200), (200, 165)]  # 165 < 200: kept
     assert q.turned_down == ["periodic probes 7 -> 0", "final kermany set 2000+624 -> 200+200 images (train+test)",
                              "final nih14 set 380+165 -> 200+165 images (train+test)", "random-init baselines 3 -> 1"]
+    # ... and last the final tasks, NIH-14 first
+    q = turn_down(p, c.reserve_s, 1.0, 200)
+    assert q.finals == [] and q.turned_down[-2:] == ["final nih14 comparison dropped",
+                                                     "final kermany comparison dropped"]
+    q = turn_down(p, c.reserve_s, c.reserve_s(q) + 20.0, 200)
+    assert [f.task for f in q.finals] == ["kermany"]
     # the plan it was given is left alone
     assert p.periodic == 7 and p.finals[0].n_train == 2000
 
@@ -67,7 +79,12 @@ def test_fit_keeps_most_of_the_budget_for_training():
     # checkpoints during the run are paid from the training time
     with_ckpt = fit_budget(600.0, 40.0, 0.5, 4, c, p, BCFG, 100, ckpt_every=10)
     assert with_ckpt.total == 4 + int(train_s / (0.5 + 2.0 / 10))
-    # a budget too small for even the smallest probes says so and still trains
+    # a small budget drops every probe, and still trains
+    small = fit_budget(30.0, 20.0, 0.5, 4, c, p, BCFG, 100, 0)
+    assert small.plan.finals == [] and small.plan.periodic == 0 and not small.over_cap
+    assert small.total == 4 + int((30 - 20 - 5.0 - 0.6) / 0.5)
+    # one too small even for the exports says so
+    c.end_s = 20.0
     tiny = fit_budget(30.0, 20.0, 0.5, 4, c, p, BCFG, 100, 0)
     assert tiny.over_cap and tiny.total == 5 and "too small" in tiny.message()
 

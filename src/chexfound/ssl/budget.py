@@ -1,25 +1,27 @@
 """Fitting a pretraining run to a wall-clock budget (`train.time_budget_s`): measure, plan, turn down.
 
 The budget counts from the start of `pretrain()`. Everything the fit uses is measured in this process, after
-warm-up (`ProbeRunner.measure_costs`, `calibrate_step`):
+warm-up (`ProbeRunner.measure_costs`, `measure_save_cost`, `calibrate_step`):
 
   step_s      one training iteration: the median of timed iterations after an untimed first one (allocator,
               kernel selection, compilation). The timed iterations are the run's own first iterations, run at
               learning rate 0 (the warm-up starts from 0 anyway), so calibration costs no training.
+  decode_s    one probe image decoded: timed on the smallest final Kermany set (decoded for the measurements).
   feature_s   one image through one backbone for a probe (an untimed warm-up batch, then timed batches).
-  fit_s       the logistic probe per (train image x feature x finding): timed on the pixel baseline of the
-              final Kermany set at the start, then on every periodic probe's own fit.
+  fit_s       the logistic probe per (train image x feature x finding): timed on the pixel baseline of that
+              smallest Kermany set (kept for the end), then on every periodic probe's own fit.
   ckpt_s / end_s   one checkpoint, and the end's checkpoint + teacher exports: the state copy is timed, the
               file writes are their bytes over a timed write of the teacher backbone.
 
-The probes and exports may keep at most `budget.max_probe_fraction` of the budget (most of it goes to
-training). When the configured probes need more, they are turned down, in this order, until they fit:
+Probe sets are decoded when first needed, so a set the plan turns down is never decoded. The probes (their
+decoding included) and the exports may keep at most `budget.max_probe_fraction` of the budget (most of it goes
+to training). When the configured probes need more, they are turned down, in this order, until they fit:
   1. fewer periodic probes (halved down to none; the iteration-0 probe goes last),
   2. smaller final sets (each task's train and test images halved, down to `budget.min_final_images`),
-  3. fewer random-init baselines (down to one).
-The teacher, its own iteration-0 weights, one random init and the pixels are always compared. Each turn-down
-is printed and written to metrics.jsonl (`kind: budget`). `budget.margin_fraction` of the budget is kept for
-the report and the unexpected, so a run ends just inside its budget.
+  3. fewer random-init baselines (down to one),
+  4. fewer final tasks (NIH-14 first, then Kermany: no final comparison at all).
+Each turn-down is printed and written to metrics.jsonl (`kind: budget`). `budget.margin_fraction` of the
+budget is kept for the report and the unexpected, so a run ends just inside its budget.
 
 While the run goes, `Deadline` keeps it honest: training stops early (and says so) if it falls behind the
 plan, a periodic probe that no longer fits is skipped, and the final probes are re-planned against the time
@@ -68,12 +70,21 @@ class ProbePlan:
         return cls(**d)
 
 
+def set_key(task: str, n_train: int, n_test: int) -> str:
+    """How a decoded probe set is named (`decoded` arguments below)."""
+    return f"{task}:{n_train}+{n_test}"
+
+
+PERIODIC = "periodic"
+
+
 @dataclass
 class ProbeCosts:
     """Measured seconds (see the module docstring); zeros where nothing is run."""
 
     feature_s: float = 0.0  # per image per backbone
     fit_s: float = 0.0  # per (train image x feature x finding)
+    decode_s: float = 0.0  # per probe image (each set is decoded once, when first needed)
     feature_dim: int = 0  # width of a backbone's probe features
     pixel_dim: int = 1024  # 32 x 32 pixels
     ckpt_s: float = 0.0  # one checkpoint during the run
@@ -85,26 +96,42 @@ class ProbeCosts:
         return (self.feature_s * (plan.periodic_train + plan.periodic_test)
                 + self.fit_s * plan.periodic_train * self.feature_dim)
 
+    def periodic_s(self, plan: ProbePlan, decoded: set[str] | frozenset[str] = frozenset()) -> float:
+        """Every periodic probe of the plan, and decoding their set once."""
+        if plan.periodic <= 0:
+            return 0.0
+        n = plan.periodic_train + plan.periodic_test
+        decode = 0.0 if set_key(PERIODIC, plan.periodic_train, plan.periodic_test) in decoded else self.decode_s * n
+        return plan.periodic * self.periodic_probe_s(plan) + decode
+
     def final_model_s(self, f: FinalSet) -> float:
         """One backbone on one final task: its features and its probe fits."""
         return self.feature_s * (f.n_train + f.n_test) + self.fit_s * f.n_train * self.feature_dim * f.n_findings
 
-    def final_probes_s(self, plan: ProbePlan, done_sizes: dict[str, tuple[int, int]] | None = None) -> float:
-        """teacher + iteration-0 weights + random inits on every task, and the pixel fits not done yet."""
+    def final_probes_s(self, plan: ProbePlan, done_sizes: dict[str, tuple[int, int]] | None = None,
+                       decoded: set[str] | frozenset[str] = frozenset()) -> float:
+        """teacher + iteration-0 weights + random inits on every task, the pixel fits not done yet, and
+        decoding the sets not decoded yet."""
         total = 0.0
         for f in plan.finals:
             total += (2 + plan.random_seeds) * self.final_model_s(f)
             if (done_sizes or {}).get(f.task) != (f.n_train, f.n_test):
                 total += self.fit_s * f.n_train * self.pixel_dim * f.n_findings
+            if set_key(f.task, f.n_train, f.n_test) not in decoded:
+                total += self.decode_s * (f.n_train + f.n_test)
         return total
 
-    def reserve_s(self, plan: ProbePlan, done_sizes: dict[str, tuple[int, int]] | None = None) -> float:
+    def reserve_s(self, plan: ProbePlan, done_sizes: dict[str, tuple[int, int]] | None = None,
+                  decoded: set[str] | frozenset[str] = frozenset()) -> float:
         """Everything a plan keeps out of training: periodic probes, final probes, the end's exports."""
-        return plan.periodic * self.periodic_probe_s(plan) + self.final_probes_s(plan, done_sizes) + self.end_s
+        return self.periodic_s(plan, decoded) + self.final_probes_s(plan, done_sizes, decoded) + self.end_s
+
+
+STAGES = ("periodic", "final_sets", "random_seeds", "final_tasks")
 
 
 def turn_down(plan: ProbePlan, cost: Callable[[ProbePlan], float], limit_s: float, min_final_images: int,
-              stages: tuple[str, ...] = ("periodic", "final_sets", "random_seeds")) -> ProbePlan:
+              stages: tuple[str, ...] = STAGES) -> ProbePlan:
     """The plan with its probes turned down (in `stages` order, see the module docstring) until
     `cost(plan) <= limit_s` or nothing is left to turn down; each step is noted in `turned_down`."""
     p = plan.copy()
@@ -136,6 +163,10 @@ def turn_down(plan: ProbePlan, cost: Callable[[ProbePlan], float], limit_s: floa
             p.random_seeds -= 1
         if p.random_seeds != before:
             p.turned_down.append(f"random-init baselines {before} -> {p.random_seeds}")
+    if "final_tasks" in stages:
+        while cost(p) > limit_s and p.finals:
+            f = p.finals.pop()  # the last task first (NIH-14 before Kermany)
+            p.turned_down.append(f"final {f.task} comparison dropped")
     return p
 
 
@@ -170,14 +201,16 @@ class BudgetFit:
 
 def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, costs: ProbeCosts, plan: ProbePlan,
                bcfg: dict[str, Any], epochs: float, ckpt_every: int,
-               done_sizes: dict[str, tuple[int, int]] | None = None) -> BudgetFit:
+               done_sizes: dict[str, tuple[int, int]] | None = None,
+               decoded: set[str] | frozenset[str] = frozenset()) -> BudgetFit:
     """Total iterations and the probe plan that fit `budget_s` (see the module docstring). `done_sizes`: final
-    tasks whose pixel baseline is already fitted (task -> (n_train, n_test))."""
+    tasks whose pixel baseline is already fitted (task -> (n_train, n_test)); `decoded`: probe sets already
+    decoded (`set_key`)."""
     cap = float(bcfg["max_probe_fraction"]) * budget_s
     margin = float(bcfg["margin_fraction"]) * budget_s
 
     def reserve_of(p: ProbePlan) -> float:
-        return costs.reserve_s(p, done_sizes)
+        return costs.reserve_s(p, done_sizes, decoded)
 
     fitted = turn_down(plan, reserve_of, cap, int(bcfg["min_final_images"]))
     reserve = reserve_of(fitted)

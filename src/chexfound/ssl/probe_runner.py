@@ -5,17 +5,16 @@ final:    linear probes of the teacher vs its own iteration-0 weights vs the sam
           (`final_random_seeds` seeds) vs raw 32x32 pixels, on each configured task, with bootstrap 95% CIs and
           the paired differences teacher - baseline; printed as a table and written to probe_comparison.json.
 
-Every probe set is decoded once, when the runner is built, so decoding is part of a time budget's measured
-setup. The runner also measures what probes cost (`measure_costs`: features per image after a warm-up
-batch, the logistic fit from the pixel baseline it needs anyway) and keeps measuring at every probe, so a
-time budget plans with measured numbers (chexfound.ssl.budget). The final comparison follows a `ProbePlan`
-(set sizes, random seeds) and, with a deadline, runs the essential models first (teacher, iteration-0
-weights, one random init, pixels on every task) and the other random inits only while they still fit.
+Every probe set is decoded once, when first needed (a set a time budget turns down is never decoded). The
+runner measures what probes cost (`measure_costs`: decoding and features per image after a warm-up batch, the
+logistic fit on the pixel baseline of the smallest final set, which is kept) and keeps measuring at every
+probe, so a time budget plans with measured numbers (chexfound.ssl.budget). The final comparison follows a
+`ProbePlan` (tasks, set sizes, random seeds) and, with a deadline, runs the essential models first (teacher,
+iteration-0 weights, one random init, pixels on every task) and the other random inits only while they fit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -27,11 +26,12 @@ import torch
 
 from chexfound.models import VisionTransformer
 from chexfound.ssl import distributed as D
-from chexfound.ssl.budget import Clock, Deadline, FinalSet, ProbeCosts, ProbePlan, plan_from_config, turn_down
+from chexfound.ssl.budget import (PERIODIC, Clock, Deadline, FinalSet, ProbeCosts, ProbePlan, plan_from_config,
+                                  set_key, turn_down)
 from chexfound.ssl.config import expand_path
-from chexfound.ssl.probe import (ProbeTask, backbone_features, bootstrap_ci, evaluate_features, kermany_task,
-                                 linear_probe_scores, mean_auroc, nih14_task, paired_bootstrap_diff, pixel_features,
-                                 task_columns)
+from chexfound.ssl.probe import (NIH_EXCLUDE, ProbeTask, backbone_features, bootstrap_ci, evaluate_features,
+                                 kermany_task, linear_probe_scores, mean_auroc, nih14_task, paired_bootstrap_diff,
+                                 pixel_features, task_columns)
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +61,26 @@ def resolve_kermany(cfg: dict[str, Any]) -> Path | None:
     return p if _is_kermany(p) else None
 
 
-def take(task: ProbeTask, n_train: int, n_test: int, seed: int) -> ProbeTask:
-    """A seeded random subset of a probe task (every per-image field of it, train and test alike)."""
-    if n_train >= len(task.train_labels) and n_test >= len(task.test_labels):
-        return task
-    rng = np.random.default_rng([seed, 17])
-    sel = {"train": np.sort(rng.permutation(len(task.train_labels))[:n_train]),
-           "test": np.sort(rng.permutation(len(task.test_labels))[:n_test])}
-    changes = {}
-    for f in dataclasses.fields(task):
-        v = getattr(task, f.name)
-        side = f.name.split("_")[0]
-        if side in sel and v is not None and hasattr(v, "__len__") and not isinstance(v, str):
-            idx = sel[side]
-            changes[f.name] = v[torch.from_numpy(idx)] if torch.is_tensor(v) else np.asarray(v)[idx]
-    return dataclasses.replace(task, **changes)
+def split_sizes(kind: str, root: Path) -> tuple[int, int, int]:
+    """(train images, test images, findings with both classes in each) of a probe task, from its labels alone
+    (no image is decoded): the splits `kermany_task` / `nih14_task` draw from."""
+    from chexfound.data.manifest import patient_split, read_manifest
+    from chexfound.data.readers import read_kermany
+
+    if kind == "kermany":
+        m = read_kermany(root)
+        return len(m.split("train")), len(m.split("test")), 1
+    m = read_manifest(Path(root) / "labels.csv")
+    m.label_columns = [c for c in m.label_columns if c not in NIH_EXCLUDE and c != "no_finding"]
+    split = patient_split(m.patients(), [0.7, 0.3], ["dev", "test"], 0)
+    y = m.labels()
+
+    def both(rows: np.ndarray, c: int) -> bool:
+        v = y[rows, c]
+        return len(np.unique(v[~np.isnan(v)])) == 2
+
+    n_f = sum(both(split == "dev", c) and both(split == "test", c) for c in range(y.shape[1]))
+    return int((split == "dev").sum()), int((split == "test").sum()), int(n_f)
 
 
 class ProbeRunner:
@@ -89,43 +94,65 @@ class ProbeRunner:
         self.seed = int(cfg["train"]["seed"])
         self.workers = int(cfg["data"]["num_workers"])
         self.kermany = resolve_kermany(cfg)
-        self.task: ProbeTask | None = None
-        self.finals: list[ProbeTask] = []
+        self.nih14 = expand_path(self.p["nih14"]) if self.p.get("nih14") and self.kermany is not None else None
         self.costs = ProbeCosts(feature_dim=2 * int(trainer.vit_config.embed_dim))
         self.pixel_scores: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # task -> (sizes, test scores)
+        self._sets: dict[str, ProbeTask] = {}  # decoded probe sets by set_key
         self.t_probe: float | None = None
-        if is_main and self.kermany is not None:
-            if int(self.p["n_evals"]) >= 0:
-                self.task = kermany_task(self.kermany, self.size, int(self.p["n_train"]), int(self.p["n_test"]),
-                                         seed=self.seed, workers=self.workers)
-            self.finals = self._final_tasks()
-        elif is_main and self.kermany is None:
+        if is_main and self.kermany is None:
             say("probe: no Kermany folder found (probe.kermany / $CHEXFOUND_DATA); probes are off")
-
-    def _final_tasks(self) -> list[ProbeTask]:
-        tasks = [kermany_task(self.kermany, self.size, int(self.p["final_n_train"]), int(self.p["final_n_test"]),
-                              seed=self.seed, workers=self.workers)]
-        if self.p.get("nih14"):
-            tasks.append(nih14_task(expand_path(self.p["nih14"]), self.size, 10**9, 10**9, seed=0,
-                                    workers=self.workers))
-        return tasks
 
     @property
     def enabled(self) -> bool:
         return self.kermany is not None
 
+    # -- probe sets, decoded when first needed ---------------------------------------------------------
+    def _set(self, task: str, n_train: int, n_test: int) -> ProbeTask:
+        """A probe set: seeded random subsets of the task's train and test splits (a smaller set of the same
+        task is a subset of a larger one)."""
+        key = set_key(task, n_train, n_test)
+        if key not in self._sets:
+            if task in ("kermany", PERIODIC):
+                t = kermany_task(self.kermany, self.size, n_train, n_test, seed=self.seed, workers=self.workers)
+            else:
+                t = nih14_task(self.nih14, self.size, n_train, n_test, seed=0, workers=self.workers)
+            self._sets[key] = t
+        return self._sets[key]
+
+    @property
+    def decoded(self) -> set[str]:
+        return set(self._sets)
+
+    @property
+    def task(self) -> ProbeTask | None:
+        """The periodic probe set (rank 0, probes on)."""
+        if not self.is_main or self.kermany is None or int(self.p["n_evals"]) < 0:
+            return None
+        return self._set(PERIODIC, *self._periodic_sizes())
+
+    def _periodic_sizes(self) -> tuple[int, int]:
+        if not hasattr(self, "_periodic"):
+            n_tr, n_te, _ = split_sizes("kermany", self.kermany)  # type: ignore[arg-type]
+            self._periodic = (min(int(self.p["n_train"]), n_tr), min(int(self.p["n_test"]), n_te))
+        return self._periodic
+
     # -- what the configured probes are, and what they cost ----------------------------------------------
     def configured_plan(self) -> ProbePlan:
-        """The probes as configured, with the sizes of the sets actually decoded (rank 0; broadcast)."""
+        """The probes as configured, sized from the tasks' labels (rank 0; broadcast)."""
         plan = None
         if self.is_main:
-            # probe.final_n_train / final_n_test cap every final task (NIH-14 loads all its patients)
-            cap_tr, cap_te = int(self.p["final_n_train"]), int(self.p["final_n_test"])
-            finals = [FinalSet(t.name, min(cap_tr, len(t.train_labels)), min(cap_te, len(t.test_labels)),
-                               len(task_columns(t))) for t in self.finals]
-            plan = plan_from_config(self.p, finals, self.task is not None)
-            if self.task is not None:
-                plan.periodic_train, plan.periodic_test = len(self.task.train_labels), len(self.task.test_labels)
+            finals = []
+            on = self.kermany is not None and int(self.p["n_evals"]) >= 0
+            if self.kermany is not None:
+                # probe.final_n_train / final_n_test cap every final task (NIH-14 would take all its patients)
+                cap_tr, cap_te = int(self.p["final_n_train"]), int(self.p["final_n_test"])
+                for name, root in (("kermany", self.kermany), ("nih14", self.nih14)):
+                    if root is not None:
+                        n_tr, n_te, n_f = split_sizes(name, root)
+                        finals.append(FinalSet(name, min(cap_tr, n_tr), min(cap_te, n_te), n_f))
+            plan = plan_from_config(self.p, finals, on)
+            if on:
+                plan.periodic_train, plan.periodic_test = self._periodic_sizes()
         return D.broadcast_object(plan)  # type: ignore[return-value]
 
     def _features(self, model: VisionTransformer, images: torch.Tensor) -> np.ndarray:
@@ -138,13 +165,18 @@ class ProbeRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def measure_costs(self) -> ProbeCosts:
-        """Features per image (after an untimed warm-up batch) and the logistic fit per unit, timed on the
-        final Kermany set's pixel baseline, whose scores are kept for the final comparison."""
+    def measure_costs(self, plan: ProbePlan, min_images: int) -> ProbeCosts:
+        """Decoding, features per image (after an untimed warm-up batch) and the logistic fit per unit, on the
+        smallest final Kermany set a plan can use (`min_images` train and test images, decoded here; its
+        pixel-baseline scores are kept for the final comparison)."""
         backbone = self.trainer.teacher_backbone()  # collective under FSDP
-        if self.is_main and backbone is not None and (self.task is not None or self.finals):
-            src = self.task if self.task is not None else self.finals[0]
-            images = src.train_images
+        kermany = next((f for f in plan.finals if f.task == "kermany"), None)
+        if self.is_main and backbone is not None and kermany is not None:
+            m_tr, m_te = min(min_images, kermany.n_train), min(min_images, kermany.n_test)
+            t0 = self.clock()
+            task = self._set("kermany", m_tr, m_te)
+            self.costs.decode_s = (self.clock() - t0) / max(1, m_tr + m_te)
+            images = task.train_images
             bs = int(self.p["batch_size"])
             n = min(8, len(images), bs)
             self._features(backbone, images[:n])  # warm-up: allocator, kernel selection
@@ -158,8 +190,7 @@ class ProbeRunner:
                     break
                 n = min(2 * n, bs, len(images))
             self.costs.feature_s = dt / n
-            if self.finals:
-                self.costs.fit_s = self._pixel_fit(self.finals[0]) or 0.0
+            self.costs.fit_s = self._pixel_fit(task) or 0.0
         self.costs = D.broadcast_object(self.costs)  # type: ignore[assignment]
         return self.costs
 
@@ -178,8 +209,8 @@ class ProbeRunner:
         if self.kermany is None:
             return
         backbone = self.trainer.teacher_backbone()  # collective under FSDP
-        if self.is_main and self.task is not None and backbone is not None:
-            task = self.task
+        task = self.task
+        if self.is_main and task is not None and backbone is not None:
             t0 = self.clock()
             ftr, fte = self._features(backbone, task.train_images), self._features(backbone, task.test_images)
             t1 = self.clock()
@@ -203,13 +234,14 @@ class ProbeRunner:
     def final(self, model_sd: dict[str, torch.Tensor], metrics: Any,
               init_backbone: Callable[[], VisionTransformer] | None = None, plan: ProbePlan | None = None,
               deadline: Deadline | None = None, margin_s: float = 0.0) -> dict[str, Any]:
-        if not self.is_main or not self.finals:
+        if not self.is_main or self.kermany is None:
             return {}
         plan = plan or self.configured_plan()
         if deadline is not None:
             done = {k: v[0] for k, v in self.pixel_scores.items()}
-            fitted = turn_down(plan, lambda p: self.costs.final_probes_s(p, done), deadline.left_s() - margin_s,
-                               int(self.cfg["budget"]["min_final_images"]), stages=("final_sets", "random_seeds"))
+            fitted = turn_down(plan, lambda p: self.costs.final_probes_s(p, done, self.decoded),
+                               deadline.left_s() - margin_s, int(self.cfg["budget"]["min_final_images"]),
+                               stages=("final_sets", "random_seeds", "final_tasks"))
             new = fitted.turned_down[len(plan.turned_down):]
             if new:
                 self.say("final probes turned down to fit the time left: " + "; ".join(new))
@@ -218,9 +250,9 @@ class ProbeRunner:
             plan = fitted
         from chexfound.ssl.checkpoint import teacher_backbone_from_state
 
-        sizes = {f.task: f for f in plan.finals}
-        tasks = [take(t, sizes[t.name].n_train, sizes[t.name].n_test, self.seed) for t in self.finals
-                 if t.name in sizes]
+        if not plan.finals:
+            return {}
+        tasks = [self._set(f.task, f.n_train, f.n_test) for f in plan.finals]
         teacher = teacher_backbone_from_state(model_sd, self.trainer.vit_config).to(self.device)
         init = init_backbone().to(self.device) if init_backbone is not None else None
         scores: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in tasks}

@@ -184,7 +184,7 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
                    plan: ProbePlan) -> tuple[RunLength, Calibration]:
     """Measure (probe costs, checkpoint writes, the step), then fit (chexfound.ssl.budget)."""
     s, budget = ctx.settings, float(ctx.settings.time_budget_s or 0.0)
-    costs = prober.measure_costs()
+    costs = prober.measure_costs(plan, int(s.budget["min_final_images"]))
     ckpt_s, end_s = measure_save_cost(trainer, ctx.out, ctx.clock, shards=bool(s.export_bf16_shard_mib))
     costs.ckpt_s, costs.end_s = D.broadcast_object((ckpt_s, end_s))  # type: ignore[misc]
     # The calibration iterations are the run's first ones, at learning rate 0 (the warm-up starts from 0).
@@ -209,12 +209,13 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
     step_t = torch.tensor([step_s], device=trainer.device)
     D.all_reduce_max(step_t)
     step_s = float(step_t.item())
-    done_sizes = {k: v[0] for k, v in prober.pixel_scores.items()}
-    fit = fit_budget(budget, ctx.elapsed(), step_s, done, costs, plan, s.budget, s.epochs, s.ckpt_every, done_sizes)
+    done_sizes, decoded = D.broadcast_object(({k: v[0] for k, v in prober.pixel_scores.items()}, prober.decoded))
+    fit = fit_budget(budget, ctx.elapsed(), step_s, done, costs, plan, s.budget, s.epochs, s.ckpt_every, done_sizes,
+                     decoded)  # type: ignore[arg-type]
     fit = D.broadcast_object(fit)  # type: ignore[assignment]
     ctx.say(fit.message())
     ctx.metrics.write({**fit.row(), "costs": dataclasses.asdict(costs)})
-    end_reserve = costs.final_probes_s(fit.plan, done_sizes) + costs.end_s + fit.margin_s
+    end_reserve = costs.final_probes_s(fit.plan, done_sizes, decoded) + costs.end_s + fit.margin_s  # type: ignore[arg-type]
     deadline = Deadline(ctx.t_start, budget, end_reserve, step_s, ctx.clock)
     state = {"plan": fit.plan.to_dict(), "costs": dataclasses.asdict(costs), "end_reserve_s": end_reserve,
              "step_s": step_s, "budget_s": budget, "planned_total": fit.total}
