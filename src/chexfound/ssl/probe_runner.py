@@ -165,10 +165,11 @@ class ProbeRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def measure_costs(self, plan: ProbePlan, min_images: int) -> ProbeCosts:
+    def measure_costs(self, plan: ProbePlan, min_images: int, limit_s: float) -> ProbeCosts:
         """Decoding, features per image (after an untimed warm-up batch) and the logistic fit per unit, on the
         smallest final Kermany set a plan can use (`min_images` train and test images, decoded here; its
-        pixel-baseline scores are kept for the final comparison)."""
+        pixel-baseline scores are kept for the final comparison). The fit is not measured when no probe could
+        fit in `limit_s` even with free fits (slow features on a small budget): it would be time wasted."""
         backbone = self.trainer.teacher_backbone()  # collective under FSDP
         kermany = next((f for f in plan.finals if f.task == "kermany"), None)
         if self.is_main and backbone is not None and kermany is not None:
@@ -190,7 +191,9 @@ class ProbeRunner:
                     break
                 n = min(2 * n, bs, len(images))
             self.costs.feature_s = dt / n
-            self.costs.fit_s = self._pixel_fit(task) or 0.0
+            lower = turn_down(plan, lambda p: self.costs.reserve_s(p, decoded=self.decoded), limit_s, min_images)
+            if lower.finals or lower.periodic:
+                self.costs.fit_s = self._pixel_fit(task) or 0.0
         self.costs = D.broadcast_object(self.costs)  # type: ignore[assignment]
         return self.costs
 

@@ -184,7 +184,8 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
                    plan: ProbePlan) -> tuple[RunLength, Calibration]:
     """Measure (probe costs, checkpoint writes, the step), then fit (chexfound.ssl.budget)."""
     s, budget = ctx.settings, float(ctx.settings.time_budget_s or 0.0)
-    costs = prober.measure_costs(plan, int(s.budget["min_final_images"]))
+    costs = prober.measure_costs(plan, int(s.budget["min_final_images"]),
+                                 float(s.budget["max_probe_fraction"]) * budget)
     ckpt_s, end_s = measure_save_cost(trainer, ctx.out, ctx.clock, shards=bool(s.export_bf16_shard_mib))
     costs.ckpt_s, costs.end_s = D.broadcast_object((ckpt_s, end_s))  # type: ignore[misc]
     # The calibration iterations are the run's first ones, at learning rate 0 (the warm-up starts from 0).
