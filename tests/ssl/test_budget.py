@@ -235,3 +235,21 @@ def test_a_run_that_falls_behind_is_cut_and_still_ends_in_time(tmp_path, tiny_co
     # the last checkpoint says the run is over: a rerun does not train on
     st = load_checkpoint(latest_checkpoint(tmp_path))["state"]
     assert st["total_iterations"] == res.iterations
+
+
+def test_a_budget_too_small_for_any_probe_trains_instead(tmp_path, tiny_corpus, tiny_config, data_root, fake_costs,
+                                                          monkeypatch):
+    import sys
+
+    clock, _ = fake_costs
+    monkeypatch.setattr(sys.modules[__name__], "FEATURE_S", 5.0)  # features far too slow for this budget
+    cfg = _budget_config(tiny_config, tiny_corpus, data_root, 200.0)
+    from chexfound.ssl.train import pretrain
+
+    pretrain(cfg, tmp_path, device="cpu", quiet=True, clock=clock, echo=lambda s: None)
+    plan = _rows(tmp_path, "budget")[0]
+    assert plan["turned_down"][-1] == "final kermany comparison dropped"
+    assert plan["costs"]["fit_s"] == 0.0  # no fit was timed: no probe could have used it
+    assert not (tmp_path / "probe_comparison.json").exists() and not _rows(tmp_path, "final_probe")
+    end = _rows(tmp_path, "budget")[-1]
+    assert 0.95 <= end["budget_used"] <= 1.0 and end["training_fraction"] >= 0.5
