@@ -149,10 +149,11 @@ def test_lr_spike_is_detected_rolled_back_and_recovered(tmp_path, tiny_corpus, t
     assert train[8]["lr"] == pytest.approx(0.5 * by_it[9]["lr"])  # the same iteration, half the lr
     heal = load_checkpoint(latest_checkpoint(tmp_path))["state"]["heal"]
     assert heal["lr_scale"] == 0.5 and heal["rollbacks"][0]["reason"] == "nonfinite"
-    from chexfound.ssl.diagnostics import read_metrics, rollback_marks
+    from chexfound.runio import read_jsonl
+    from chexfound.ssl.diagnostics import rollback_marks
 
     assert (tmp_path / "report.png").is_file()
-    assert rollback_marks(read_metrics(tmp_path / "metrics.jsonl")) == [(10, 8, "nonfinite")]  # drawn in the report
+    assert rollback_marks(read_jsonl(tmp_path / "metrics.jsonl")) == [(10, 8, "nonfinite")]  # drawn in the report
 
 
 def test_gradient_blowup_rolls_back_to_the_snapshot_before_it(tmp_path, tiny_corpus, tiny_config, loss_spike):

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from chexfound.adapt.heads.base import Features
-from chexfound.adapt.runtime import resolve_device, resolve_dtype
+from chexfound.adapt.runtime import resolve_dtype
 from chexfound.errors import ConfigError
-from chexfound.models.format import atomic_write_bytes
+from chexfound.runio import atomic_output, atomic_write_bytes, resolve_device
 
 log = logging.getLogger(__name__)
 PENDING, OK, FAILED = 0, 1, 2
@@ -275,8 +275,8 @@ def _compute(backbone: torch.nn.Module, paths: list[str], rows: np.ndarray, root
                         m.flush()
                     status[r] = OK
                 # Data first, then status: an interruption never marks unwritten rows as done.
-                np.save(root / ".status.tmp.npy", status)
-                (root / ".status.tmp.npy").replace(root / "status.npy")
+                with atomic_output(root / "status.npy", fsync=False) as tmp:  # per batch: atomic, not synced
+                    np.save(tmp, status)
                 if bar is not None:
                     bar.update(len(batch["path"]) + len(batch["errors"]))
     finally:

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from chexfound.adapt.grid import cosine_scale
 from chexfound.adapt.heads.base import Head
 from chexfound.adapt.losses import build_loss
-from chexfound.adapt.runtime import resolve_device, resolve_dtype
+from chexfound.adapt.runtime import resolve_dtype
 from chexfound.adapt.metrics import DEFAULT_METRIC, choose_thresholds, higher_is_better, task_metrics
+from chexfound.runio import resolve_device
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "lora", "bitfit", "frozen"]

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +24,9 @@ import yaml
 
 from chexfound.adapt.heads import GloriHead, Head, LinearHead, MLPHead, save_head
 from chexfound.adapt.metrics import per_finding
-from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.train import DEFAULT_LRS
 from chexfound.errors import ConfigError, ManifestError
-from chexfound.models.format import atomic_write_bytes
+from chexfound.runio import RunLog, atomic_write_bytes, atomic_write_json, resolve_device
 
 log = logging.getLogger(__name__)
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
@@ -86,18 +84,6 @@ class AdaptOptions:
     quiet: bool = False
     strict: bool = False
     grid_chunk: int | None = None
-
-
-class _RunLog:
-    """metrics.jsonl in the run folder: one JSON object per line, appended and flushed as training goes."""
-
-    def __init__(self, path: Path, name: str) -> None:
-        self.path, self.name = path, name
-
-    def __call__(self, rec: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "run": self.name, **clean}) + "\n")
 
 
 def load_backbone_for(opts: AdaptOptions) -> tuple[torch.nn.Module, str, dict[str, Any]]:
@@ -255,7 +241,12 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
     # Several heads may share one folder (and its cache): per-head files are prefixed by the head's name.
     name = opts.name or opts.head
     atomic_write_bytes(out / f"{name}.config.yaml", yaml.safe_dump(asdict(opts), sort_keys=False).encode())
-    runlog = _RunLog(out / "metrics.jsonl", name)
+    run_log = RunLog(out / "metrics.jsonl")
+
+    def runlog(rec: dict[str, Any]) -> None:
+        # one callback for this driver's milestones ("event" rows) and the trainers' per-epoch rows
+        run_log.write("event" if "event" in rec else "epoch", run=name, **rec)
+
     runlog({"event": "start", "head_type": opts.head, "task": opts.task})
     dev = resolve_device(opts.device)
 
@@ -362,7 +353,7 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
     elif opts.heatmaps:
         log.warning("heatmaps are drawn from the feature cache; skipped for end-to-end runs")
     runlog({"event": "done", **{k: v for k, v in summary.items() if k not in ("per_finding",)}})
-    atomic_write_bytes(files["summary"], json.dumps(_jsonable(summary), indent=1).encode())
+    atomic_write_json(files["summary"], summary, indent=1)
     if not opts.quiet:
         print(f"best: {_short(best)}\nsaved {head_path}")
     summary["exit_code"] = 1 if (opts.strict and skipped) else 0
@@ -408,15 +399,3 @@ def _format_table(df: pd.DataFrame) -> str:
     macro = df[["auroc", "ap"]].mean(skipna=True)
     lines.append(f"{'macro (scored findings)':<28} {'':>6} {'':>6} {macro['auroc']:>7.3f} {macro['ap']:>7.3f}")
     return "\n".join(lines)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, (np.floating, np.integer)):
-        return _jsonable(x.item())
-    return x

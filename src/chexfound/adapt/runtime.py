@@ -1,17 +1,10 @@
-"""Device and dtype names as the CLI spells them (`--device auto|cpu|cuda[:i]`, `--dtype fp32|bf16|fp16`)."""
+"""Dtype names as the CLI spells them (`--dtype fp32|bf16|fp16`); devices: chexfound.runio.resolve_device."""
 
 from __future__ import annotations
 
 import torch
 
 from chexfound.errors import ConfigError
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None/"auto" -> cuda when available, else cpu."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

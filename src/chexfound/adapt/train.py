@@ -27,8 +27,8 @@ from chexfound.adapt.grid import HeadGrid, cosine_scale
 from chexfound.adapt.heads.base import Features, Head
 from chexfound.adapt.losses import build_loss
 from chexfound.adapt.metrics import DEFAULT_METRIC, check_metric, choose_thresholds, higher_is_better, task_metrics
-from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.sources import FeatureSource, as_source
+from chexfound.runio import resolve_device
 
 log = logging.getLogger(__name__)
 

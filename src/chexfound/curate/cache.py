@@ -18,7 +18,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from os import PathLike
@@ -31,7 +30,7 @@ from PIL import Image
 from chexfound.curate.hashing import exact_hash, phash
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import read_image
-from chexfound.models.format import publish
+from chexfound.runio import atomic_output, atomic_write_bytes
 
 RECORDS = "work/records.jsonl"
 
@@ -92,18 +91,6 @@ def _file_stamp(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def process_image(item: WorkItem, cfg: CacheConfig) -> tuple[dict[str, Any], bytes | None]:
     """Decode + hash + resize + encode one image. Never raises for a bad file: returns an error record."""
     t0 = time.perf_counter()
@@ -146,16 +133,14 @@ def process_chunk(items: list[WorkItem], cfg: CacheConfig, out_dir: str, shard: 
         for it in items:
             rec, data = process_image(it, cfg)
             if data is not None:
-                _atomic_write(out / it.target, data)
+                # not fsynced per image (a million small syncs): the records log, fsynced per chunk, is what
+                # a resumed run trusts, and it re-checks that each output still exists
+                atomic_write_bytes(out / it.target, data, fsync=False)
                 rec["file"] = it.target
             records.append(rec)
         return records
     assert shard is not None
-    final = out / shard
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(out / shard) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for it in items:
                 rec, data = process_image(it, cfg)
@@ -168,10 +153,6 @@ def process_chunk(items: list[WorkItem], cfg: CacheConfig, out_dir: str, shard: 
                     offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     rec.update(file=shard, member=it.target, offset=offset, length=len(data))
                 records.append(rec)
-        publish(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return records
 
 

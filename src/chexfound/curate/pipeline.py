@@ -35,6 +35,7 @@ from chexfound.curate.filters import post_filter, pre_filter
 from chexfound.curate.sources import list_items
 from chexfound.curate.spec import CorpusSpec
 from chexfound.errors import ConfigError, ManifestError
+from chexfound.runio import RunLog, atomic_output, atomic_write_json, atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +96,13 @@ def _check_state(out: Path, cfg: CacheConfig) -> dict[str, Any]:
             raise ConfigError(p, f"{out} holds a cache built with {state.get('cache')}; this run asks for {fp}. "
                                  "Use another --out, or the same cache settings to resume.")
     state["runs"] = int(state.get("runs", 0)) + 1
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(state, indent=1))
+    atomic_write_json(p, state, indent=1)
     return state
-
-
-class _Metrics:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, **kv: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **kv}) + "\n")
 
 
 def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: RecordLog, done: dict[str, dict],
              workers: int, chunk_size: int, run_id: int, stop_after: int | None, progress: bool,
-             metrics: _Metrics) -> tuple[int, bool]:
+             metrics: RunLog) -> tuple[int, bool]:
     """Decode/hash/cache `pending`; returns (processed, stopped_early)."""
     from tqdm import tqdm
 
@@ -129,7 +120,7 @@ def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: Reco
         bar.update(len(recs))
         now = time.perf_counter()
         if now - last_log > 10 or processed == len(pending):
-            metrics.write(stage="cache", done=processed, total=len(pending),
+            metrics.write("stage", stage="cache", done=processed, total=len(pending),
                           images_per_s=round(processed / max(now - t0, 1e-9), 2),
                           errors=sum(r.get("status") != "ok" for r in recs))
             last_log = now
@@ -197,8 +188,7 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
     else:
         raise ConfigError(spec.path, f"dedup.embedding.backbone {es.backbone!r} is neither a file nor one of "
                                      f"{registry.list_configs()}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     tf = InputTransform.for_backbone(model.cfg)
     cache_file = out / f"work/embeddings-{backbone_sha256(model)[:16]}.npz"
@@ -220,7 +210,8 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
             have[keys[k]] = v
     if todo:
         ks = list(have)
-        np.savez(cache_file, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
+        with atomic_output(cache_file) as tmp:
+            np.savez(tmp, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
     return np.stack([have[k] for k in keys]) if len(keys) else np.zeros((0, 1), np.float32)
 
 
@@ -246,8 +237,8 @@ def run_curation(
     state = _check_state(out, cfg)
     resolved = {"spec": spec.to_dict(), "spec_path": str(spec.path) if spec.path else None,
                 "exclude": str(Path(exclude).resolve()) if exclude else None, "workers": workers}
-    _write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    metrics = _Metrics(out / "metrics.jsonl")
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    metrics = RunLog(out / "metrics.jsonl")
 
     note("listing sources")
     items = list_items(spec, skip=(out,))
@@ -275,7 +266,7 @@ def run_curation(
     result = CurateResult(out, complete=not stopped, n_items=len(items), processed_now=processed,
                           reused=int(reusable.sum()))
     if stopped:
-        metrics.write(stage="stopped", processed=processed)
+        metrics.write("stage", stage="stopped", processed=processed)
         return result
 
     table = _assemble(items, done, spec)
@@ -290,16 +281,10 @@ def run_curation(
     result.n_quarantined = int((table["status"] == "quarantined").sum())
     result.n_filtered = int((table["status"] == "filtered").sum())
     result.counts = counts
-    metrics.write(stage="done", kept=result.n_kept, duplicates=result.n_duplicates,
+    metrics.write("stage", stage="done", kept=result.n_kept, duplicates=result.n_duplicates,
                   quarantined=result.n_quarantined, filtered=result.n_filtered, processed=processed,
                   reused=result.reused)
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    from chexfound.curate.cache import _atomic_write
-
-    _atomic_write(path, text.encode())
 
 
 _REC_COLS = ["orig_width", "orig_height", "width", "height", "exact", "phash", "blank", "file", "member", "offset",

@@ -197,7 +197,7 @@ def _validate(spec: CorpusSpec) -> None:
         raise ConfigError(p, f"dedup.phash_threshold must be in [0, {spec.dedup.phash_bits // 2}), got {t}")
     if spec.dedup.embedding and not (0 < spec.dedup.embedding.threshold <= 1):
         raise ConfigError(p, "dedup.embedding.threshold must be a cosine in (0, 1]")
-    from chexfound.curate.filters import parse_views
+    from chexfound.curate.views import parse_views
 
     try:
         parse_views(spec.filters.views)

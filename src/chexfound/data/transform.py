@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from chexfound.models.config import IMAGENET_MEAN, IMAGENET_STD
+# The normalisation of DINOv2-family backbones (ImageNet statistics). Defined here, in the data layer, so the
+# model configs (chexfound.models.config) take them from below rather than the data layer reaching up.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

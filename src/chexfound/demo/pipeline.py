@@ -143,9 +143,9 @@ def pretrain_backbones(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str
     echo(f"  pretraining ({cfg.preset}, {budget:.0f} s budget) on {run_dir}"
          + (" as a pipeline check; the shipped checkpoint is the pretrained backbone" if shipped else ""))
     res = pretrain(ssl_cfg, run_dir, device=cfg.device, quiet=False, echo=echo)
-    from chexfound.ssl.diagnostics import read_metrics
+    from chexfound.runio import read_jsonl
 
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train" and "loss" in r]
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train" and "loss" in r]
     losses = [float(r["loss"]) for r in rows]
     k = max(1, len(losses) // 5)
     loss_first, loss_last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
@@ -308,7 +308,7 @@ def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -
     from chexfound.evaluate.figures import heatmap_gallery
     from chexfound.evaluate.localisation import read_boxes
     from chexfound.evaluate.protocols.localisation import collect_items, head_attention_heatmaps, run_localisation
-    from chexfound.models.format import atomic_write_bytes
+    from chexfound.runio import atomic_write_bytes
 
     m = _manifest(task.manifest, task.findings)
     test = _splits(m)["test"]
@@ -379,10 +379,9 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
             raise ConfigError(cfg.out, "this folder holds a demo run with other settings (quick/seed/preset); "
                                        "use another --out or delete it")
     else:
-        from chexfound.models.format import atomic_write_bytes
-        import json
+        from chexfound.runio import atomic_write_json
 
-        atomic_write_bytes(prev, json.dumps(settings, indent=1).encode())
+        atomic_write_json(prev, settings, indent=1)
 
     data = st.run("data", "manifests: Kermany (official split), NIH-14 (patient split), pretraining corpus",
                   lambda: prepare_data(cfg))

@@ -4,15 +4,14 @@ paired differences, figures, and a plain statement of what the numbers do and do
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from chexfound.evaluate.report import Figure, Report, to_jsonable, write_report
-from chexfound.models.format import atomic_write_bytes
+from chexfound.evaluate.report import Figure, Report, write_report
+from chexfound.runio import atomic_write_json, json_safe
 
 
 def _ci(m: dict[str, Any], k: str) -> str:
@@ -166,10 +165,10 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
         notes.append(f"heatmap overlays: {len(heat)} PNGs in heatmaps/ (top-3 findings per image, GLoRI attention)")
     timings = results.get("timings_s", {})
     notes.append("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    report = Report("chexfound demo: pretrain, adapt, evaluate, explain", to_jsonable(results), figures,
+    report = Report("chexfound demo: pretrain, adapt, evaluate, explain", json_safe(results), figures,
                     tables, notes)
     write_report(out, report)
-    atomic_write_bytes(out / "report.json", json.dumps(to_jsonable(results), indent=1).encode())
+    atomic_write_json(out / "report.json", results, indent=1)
     echo("")
     echo(summary.to_string(index=False))
     echo("")

@@ -21,7 +21,7 @@ from chexfound.io.raster import decode_raster
 
 ColorPolicy = Literal["error", "luminance"]
 
-_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}  # read as DICOM even without the "DICM" preamble
 
 # Magic numbers of the raster formats we expect, to name the format when Pillow cannot even open it.
 _SIGNATURES = (
@@ -77,7 +77,7 @@ def read_image_bytes(
                 raise CXRReadError(name, f"corrupt {fmt} file ({type(e).__name__}: {e})") from e
         if im is not None:
             img = decode_raster(data, name, color=color, im=im)
-        elif _looks_like_acr_nema(data) or Path(name).suffix.lower() in _DICOM_SUFFIXES:
+        elif _looks_like_acr_nema(data) or Path(name).suffix.lower() in DICOM_SUFFIXES:
             img = decode_dicom(data, name, apply_voi=apply_voi, color=color)
         else:
             raise CXRReadError(name, "not a recognised image format (expected DICOM, PNG, JPEG, TIFF...)")

@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from chexfound.errors import ChexfoundError
 from chexfound.models.features import write_features
-from chexfound.models.format import atomic_write_bytes
 from chexfound.models.vit import VisionTransformer
+from chexfound.runio import RunLog, atomic_output, atomic_write_bytes, resolve_device
+from chexfound.runio import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,6 @@ class EmbedResult:
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     computed_chunks: int = 0
     seconds: float = 0.0
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def parts_dir(out: Path) -> Path:
@@ -96,7 +85,7 @@ def _check_run(pdir: Path, fp: dict[str, Any], rank: int) -> None:
                                      "delete that folder or choose another --out")
         else:
             atomic_write_bytes(run, json.dumps(fp, indent=1).encode())
-    _barrier()
+    D.barrier()
 
 
 _SAME_RUN = ("inputs_sha256", "backbone_sha256", "transform", "n_blocks", "feature_dtype", "autocast")
@@ -130,9 +119,8 @@ def _save_chunk(pdir: Path, c: int, idx: list[int], cls: list[torch.Tensor], pm:
         "patch_mean": torch.cat(pm).to(dtype) if pm else torch.zeros(0, dim, dtype=dtype),
     }
     final = _chunk_file(pdir, c)
-    tmp = final.with_name(f".{final.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"errors": json.dumps(errors)})
-    tmp.replace(final)
+    with atomic_output(final) as tmp:
+        save_file(tensors, str(tmp), metadata={"errors": json.dumps(errors)})
 
 
 def embed_paths(
@@ -152,8 +140,8 @@ def embed_paths(
 
     t0 = time.perf_counter()
     out = Path(out)
-    device = torch.device(device)
-    rank, world = _dist()
+    device = resolve_device(device)
+    rank, world = D.rank(), D.world_size()
     meta = dict(meta or {})
     if len(paths) != len(ids):
         raise ValueError("paths and ids differ in length")
@@ -201,7 +189,7 @@ def embed_paths(
     dim = model.embed_dim
     acc: dict[str, Any] = {"idx": [], "cls": [], "pm": [], "err": []}
     remaining = {c: sum(len(b) for b, bc in zip(batches, batch_chunk) if bc == c) for c in mine}
-    metrics = pdir / "metrics.jsonl"
+    metrics = RunLog(pdir / "metrics.jsonl")  # every rank logs its own chunks (rows carry the rank)
     t_chunk = time.perf_counter()
     done_chunks = 0
     with torch.inference_mode():
@@ -222,16 +210,14 @@ def embed_paths(
             if remaining[c] == 0:
                 _save_chunk(pdir, c, acc["idx"], acc["cls"], acc["pm"], acc["err"], dim, settings.n_blocks, fdtype)
                 dt = time.perf_counter() - t_chunk
-                rec = {"rank": rank, "chunk": c, "images": len(acc["idx"]), "skipped": len(acc["err"]),
-                       "seconds": round(dt, 3), "images_per_s": round(len(acc["idx"]) / dt, 3) if dt else None}
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                metrics.write("chunk", rank=rank, chunk=c, images=len(acc["idx"]), skipped=len(acc["err"]),
+                              seconds=round(dt, 3), images_per_s=round(len(acc["idx"]) / dt, 3) if dt else None)
                 acc = {"idx": [], "cls": [], "pm": [], "err": []}
                 t_chunk = time.perf_counter()
                 done_chunks += 1
     if bar is not None:
         bar.close()
-    _barrier()
+    D.barrier()
     if rank != 0:
         return None
     result = _merge(out, pdir, n_chunks, list(paths), list(ids), settings, meta, fp)

@@ -14,10 +14,7 @@ the mean patch token).
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,8 @@ import numpy as np
 import torch
 
 from chexfound.errors import CheckpointError
-from chexfound.models.format import load_tensors, publish, save_tensors
+from chexfound.models.format import load_tensors, save_tensors
+from chexfound.runio import atomic_output
 
 FEATURE_SUFFIXES = (".safetensors", ".npz")
 
@@ -61,18 +59,9 @@ def write_features(path: str | PathLike[str], arrays: dict[str, np.ndarray], ids
         tensors["path_utf8"] = encode_strings(paths)
         save_tensors(p, tensors, meta)
     elif p.suffix == ".npz":
-        p.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays, image_id=np.array(ids, dtype=str), path=np.array(paths, dtype=str),
-                 meta=np.array(json.dumps(meta)))
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            publish(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(p) as tmp:
+            np.savez(tmp, **arrays, image_id=np.array(ids, dtype=str), path=np.array(paths, dtype=str),
+                     meta=np.array(json.dumps(meta)))
     else:
         raise ValueError(f"features file must end with {' or '.join(FEATURE_SUFFIXES)}: {p}")
 

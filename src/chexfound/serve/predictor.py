@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chexfound.adapt.runtime import resolve_device
 from chexfound.data.transform import InputTransform
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.io import CXRImage, read_image
+from chexfound.runio import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class Predictor:
     @classmethod
     def from_bundle(cls, path: str | PathLike[str], **kwargs: Any) -> "Predictor":
         """A Predictor from one `chexfound export --format safetensors` file."""
-        from chexfound.serve.export import load_bundle
+        from chexfound.serve.bundle import load_bundle
 
         bb, hd, meta = load_bundle(path)
         kwargs.setdefault("transform", InputTransform.from_dict(meta["transform"]))

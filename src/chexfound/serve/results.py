@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chexfound.errors import ChexfoundError
-from chexfound.models.format import atomic_write_bytes
+from chexfound.runio import atomic_write_bytes
 from chexfound.serve.predictor import CALL_TASKS, Prediction
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -35,20 +35,6 @@ def heatmap_folder(path: str | Path) -> str:
     """One folder per image: its stem + a hash of its absolute path (two `1.dcm` in different folders differ)."""
     digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
     return f"{safe_name(Path(path).stem)}-{digest}"
-
-
-def make_readable(path: str | Path) -> None:
-    """The usual permissions (0666 less the umask): atomic writes go through 0600 temp files, but results
-    are meant to be read by whoever may read the folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def publish_bytes(path: str | Path, data: bytes) -> None:
-    """Atomic write (temp + rename) with the usual permissions."""
-    atomic_write_bytes(path, data)
-    make_readable(path)
 
 
 def _fmt(v: float) -> str:
@@ -184,17 +170,17 @@ class PredictionStore:
             w.writerow(["path", *self.findings])
             for shown, probs in self.rows.values():
                 w.writerow([shown, *map(_fmt, probs)])
-            publish_bytes(self.out, buf.getvalue().encode())
+            atomic_write_bytes(self.out, buf.getvalue().encode())
         else:
             doc = {"model": model, "predictions": self.records(),
                    "skipped": [{"path": p, "reason": r} for p, r in skipped]}
-            publish_bytes(self.out, json.dumps(doc, indent=1).encode())
+            atomic_write_bytes(self.out, json.dumps(doc, indent=1).encode())
         if skipped:
             buf = io.StringIO()
             w = csv.writer(buf)
             w.writerow(["path", "reason"])
             w.writerows(skipped)
-            publish_bytes(self.skipped_file, buf.getvalue().encode())
+            atomic_write_bytes(self.skipped_file, buf.getvalue().encode())
         else:
             self.skipped_file.unlink(missing_ok=True)
         self._write_run({"status": "complete", "identity": self.identity, "settings": settings,
@@ -203,4 +189,4 @@ class PredictionStore:
         self.partial.unlink(missing_ok=True)
 
     def _write_run(self, doc: dict[str, Any]) -> None:
-        publish_bytes(self.run_file, json.dumps(doc, indent=1, default=str).encode())
+        atomic_write_bytes(self.run_file, json.dumps(doc, indent=1, default=str).encode())

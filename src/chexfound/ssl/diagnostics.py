@@ -14,11 +14,12 @@ grace period, and needs `patience` consecutive bad log rows before it warns.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from chexfound.runio import atomic_output, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +69,6 @@ class CollapseMonitor:
 
 
 # -- report ----------------------------------------------------------------------------------------
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    p = Path(path)
-    if not p.is_file():
-        return rows
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-    return rows
-
-
 def rollback_marks(rows: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
     """(iteration detected, iteration rolled back to, reason) of every `kind: rollback` row."""
     return [(int(r["detected_at"]), int(r["iteration"]), str(r.get("reason", "")))
@@ -93,7 +79,7 @@ def plot_report(metrics_path: str | Path, out_png: str | Path, title: str = "") 
     """A 3x3 grid of the training curves; None when there is nothing to plot (or no matplotlib).
     Rollbacks are marked: a dotted red line where a divergence was detected, a solid one where the run went
     back to, and the abandoned stretch drawn in grey."""
-    all_rows = read_metrics(metrics_path)
+    all_rows = read_jsonl(metrics_path)
     rows = [r for r in all_rows if r.get("kind") == "train"]
     abandoned = [r for r in all_rows if r.get("kind") == "train_abandoned"]
     probes = [r for r in all_rows if r.get("kind") == "probe"]
@@ -162,8 +148,7 @@ def plot_report(metrics_path: str | Path, out_png: str | Path, title: str = "") 
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_png)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    tmp.replace(out)
     return out

@@ -15,7 +15,6 @@ iteration-0 weights, one random init, pixels on every task) and the other random
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -223,7 +222,7 @@ class ProbeRunner:
             # Keep measuring: the budget's final re-plan uses the latest costs.
             self.costs.feature_s = (t1 - t0) / max(1, len(task.train_labels) + len(task.test_labels))
             self.costs.fit_s = (t2 - t1) / max(1, len(task.train_labels) * ftr.shape[1])
-            metrics.write({"kind": "probe", "iteration": iteration, "task": "kermany",
+            metrics.write_row({"kind": "probe", "iteration": iteration, "task": "kermany",
                            **{f"probe_{k}": v for k, v in res.items()}, "probe_s": self.t_probe,
                            "probe_features_s": t1 - t0, "probe_fit_s": t2 - t1})
             self.say(f"probe @ {iteration}: Kermany k-NN AUROC {res['knn_auroc']:.3f}, "
@@ -248,7 +247,7 @@ class ProbeRunner:
             new = fitted.turned_down[len(plan.turned_down):]
             if new:
                 self.say("final probes turned down to fit the time left: " + "; ".join(new))
-                metrics.write({"kind": "budget", "event": "final_turned_down", "turned_down": new,
+                metrics.write_row({"kind": "budget", "event": "final_turned_down", "turned_down": new,
                                "left_s": deadline.left_s()})
             plan = fitted
         from chexfound.ssl.checkpoint import teacher_backbone_from_state
@@ -300,16 +299,16 @@ class ProbeRunner:
                 seconds[task.name] += self.clock() - t0
         if skipped:
             self.say("final probes: no time left for " + ", ".join(skipped))
-            metrics.write({"kind": "budget", "event": "final_skipped", "skipped": skipped})
+            metrics.write_row({"kind": "budget", "event": "final_skipped", "skipped": skipped})
         report: dict[str, Any] = {}
         for task in tasks:
             report[task.name] = self._compare(task, scores[task.name])
             self._print(task.name, report[task.name])
-            metrics.write({"kind": "final_probe", "task": task.name, "seconds": seconds[task.name],
+            metrics.write_row({"kind": "final_probe", "task": task.name, "seconds": seconds[task.name],
                            **{f"{k}_auroc": v["auroc"] for k, v in report[task.name]["auroc"].items()}})
-        from chexfound.models.format import atomic_write_bytes
+        from chexfound.runio import atomic_write_json
 
-        atomic_write_bytes(self.out / "probe_comparison.json", json.dumps(report, indent=2).encode())
+        atomic_write_json(self.out / "probe_comparison.json", report)
         return report
 
     def _compare(self, task: ProbeTask, scores: dict[str, np.ndarray]) -> dict[str, Any]:

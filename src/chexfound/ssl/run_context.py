@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from chexfound.runio import RunLog, atomic_write_text, read_jsonl
 from chexfound.ssl import distributed as D
 from chexfound.ssl.budget import Clock
-from chexfound.ssl.diagnostics import read_metrics
 from chexfound.ssl.heal import HealConfig
 
 
@@ -47,41 +47,26 @@ class RunSettings:
                    cpu_threads=t.get("cpu_threads"), budget=dict(cfg["budget"]), heal=HealConfig.from_config(cfg))
 
 
-class MetricsLog:
-    """metrics.jsonl (rank 0): one JSON object per line; on resume, rows past the checkpoint are dropped."""
+class MetricsLog(RunLog):
+    """metrics.jsonl of a pretraining run: the project's RunLog (rank 0 writes; on resume, rows past the
+    checkpoint are dropped), plus what a rollback needs: relabelling the rows of the stretch it undid."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        from chexfound.models.format import atomic_write_bytes
-
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-    def truncate_after(self, iteration: int) -> None:
-        if not self.enabled or not self.path.exists():
-            return
-        # Rows up to the checkpoint were written before it was saved; later ones belong to the lost tail.
-        self._rewrite([r for r in read_metrics(self.path) if r.get("iteration", 0) <= iteration])
+    def write_row(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """`write` for a row built as a dict with its `kind`."""
+        return self.write(row["kind"], **{k: v for k, v in row.items() if k != "kind"})
 
     def abandon_after(self, iteration: int, kinds: tuple[str, ...] = ("train", "probe")) -> int:
         """Relabel rows of `kinds` past `iteration` as `<kind>_abandoned` (a rollback); returns how many."""
         if not self.enabled or not self.path.exists():
             return 0
-        rows, n = read_metrics(self.path), 0
+        rows, n = read_jsonl(self.path), 0
         for r in rows:
-            if r.get("kind") in kinds and r.get("iteration", 0) > iteration:
+            if r.get("kind") in kinds and isinstance(r.get("iteration"), (int, float)) and r["iteration"] > iteration:
                 r["kind"] = f"{r['kind']}_abandoned"
                 n += 1
         if n:
-            self._rewrite(rows)
+            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         return n
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
 
 
 class PrintedLog:

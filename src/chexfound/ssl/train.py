@@ -123,9 +123,9 @@ def _open(cfg: dict[str, Any], out_dir: str | Path, device: str | None, quiet: b
         if diff:
             raise ConfigError(saved_cfg_path, f"{out} holds a run with a different recipe (keys {diff}); "
                               "resume with the same options or use another --out")
-    metrics = MetricsLog(out / "metrics.jsonl", info.is_main)
-    if ckpt is None and info.is_main and metrics.path.exists():
-        metrics.path.unlink()  # a fresh run in a folder without checkpoints
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
+    if ckpt is None:
+        metrics.clear()  # a fresh run in a folder without checkpoints
     return RunContext(cfg, settings, out, info, say, metrics, clock, t_start, quiet), ckpt
 
 
@@ -215,7 +215,7 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
                      decoded)  # type: ignore[arg-type]
     fit = D.broadcast_object(fit)  # type: ignore[assignment]
     ctx.say(fit.message())
-    ctx.metrics.write({**fit.row(), "costs": dataclasses.asdict(costs)})
+    ctx.metrics.write_row({**fit.row(), "costs": dataclasses.asdict(costs)})
     end_reserve = costs.final_probes_s(fit.plan, done_sizes, decoded) + costs.end_s + fit.margin_s  # type: ignore[arg-type]
     deadline = Deadline(ctx.t_start, budget, end_reserve, step_s, ctx.clock)
     state = {"plan": fit.plan.to_dict(), "costs": dataclasses.asdict(costs), "end_reserve_s": end_reserve,
@@ -229,6 +229,6 @@ def _write_config(ctx: RunContext, trainer: Trainer, corpus: Corpus, length: Run
                 "pipeline": corpus.pipeline, "n_skipped": len(corpus.skipped.items)}
     ctx.cfg["resolved"] = resolved  # (checkpoints carry it too)
     if ctx.info.is_main:
-        from chexfound.models.format import atomic_write_bytes
+        from chexfound.runio import atomic_write_text
 
-        atomic_write_bytes(ctx.out / "config.yaml", dump_config(ctx.cfg).encode())
+        atomic_write_text(ctx.out / "config.yaml", dump_config(ctx.cfg))

@@ -13,7 +13,8 @@ import torch
 from chexfound.errors import ChexfoundError
 from chexfound.models import VisionTransformer
 from chexfound.ssl.checkpoint import export_teacher, full_model_state, init_from_checkpoint, latest_checkpoint
-from chexfound.ssl.diagnostics import plot_report, read_metrics
+from chexfound.runio import read_jsonl
+from chexfound.ssl.diagnostics import plot_report
 from chexfound.ssl.meta_arch import SSLMetaArch
 from chexfound.ssl.run_context import MetricsLog, RunContext
 from chexfound.ssl.train_loop import LoopOutcome, RunLength, TrainLoop
@@ -57,7 +58,7 @@ def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, out
                "elapsed_s": took, "training_s": train_s, "training_fraction": train_s / max(took, 1e-9)}
         if s.time_budget_s:
             row.update(budget_s=s.time_budget_s, budget_used=took / s.time_budget_s)
-        ctx.metrics.write(row)
+        ctx.metrics.write_row(row)
         budget = (f" (budget {s.time_budget_s:.0f}s: {100 * took / s.time_budget_s:.0f}% used)"
                   if s.time_budget_s else "")
         ctx.say(f"done in {took:.0f}s{budget}, {train_s:.0f}s of it training ({100 * train_s / max(took, 1e-9):.0f}%); "
@@ -83,7 +84,8 @@ def _export(ctx: RunContext, trainer: Trainer, full_sd: dict[str, torch.Tensor],
 
 
 def _say_loss(ctx: RunContext) -> None:
-    rows = [r for r in read_metrics(ctx.out / "metrics.jsonl") if r.get("kind") == "train"]
+    rows = [r for r in read_jsonl(ctx.out / "metrics.jsonl")
+            if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
     if len(rows) >= 4:
         k = max(1, len(rows) // 10)
         first = float(np.mean([r["loss"] for r in rows[:k]]))
@@ -115,7 +117,7 @@ def _check_replicas(trainer: Trainer, metrics: MetricsLog) -> None:
     sha = state_dict_sha256(trainer.meta.teacher.state_dict())
     shas: list[Any] = [None] * trainer.info.world_size
     dist.all_gather_object(shas, sha)
-    metrics.write({"kind": "ranks", "teacher_sha256": shas, "agree": len(set(shas)) == 1})
+    metrics.write_row({"kind": "ranks", "teacher_sha256": shas, "agree": len(set(shas)) == 1})
     if len(set(shas)) != 1:
         raise ChexfoundError(f"the teacher differs between ranks after training ({shas}); "
                              "this is a bug in the distributed setup")

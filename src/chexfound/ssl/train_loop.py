@@ -86,13 +86,13 @@ class TrainLoop:
 
     def log_row(self, done: int, red: dict[str, float], ips: float, lr_zero: bool = False) -> None:
         ctx = self.ctx
-        ctx.metrics.write(self.train_row(done, red, ips, lr_zero))
+        ctx.metrics.write_row(self.train_row(done, red, ips, lr_zero))
         if not all(math.isfinite(v) for v in red.values()):
             return
         warn = self.monitor.check(done, red, 2 * self.ctx.settings.batch_size)
         if warn and ctx.info.is_main:
             (self.bar.write if self.bar is not None else ctx.say)(f"WARNING: {warn}")
-            ctx.metrics.write({"kind": "warning", "iteration": done, "message": warn})
+            ctx.metrics.write_row({"kind": "warning", "iteration": done, "message": warn})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{red['loss']:.3f}", img_s=f"{ips:.1f}", protos=int(red["prototypes_in_use"]))
 
@@ -122,7 +122,7 @@ class TrainLoop:
         if self.bar is not None:
             self.bar.close()
         msg = self.healer.give_up_message(div, self.last_good)
-        self.ctx.metrics.write({"kind": "gave_up", "iteration": div.iteration, "reason": div.reason, "message": msg})
+        self.ctx.metrics.write_row({"kind": "gave_up", "iteration": div.iteration, "reason": div.reason, "message": msg})
         raise (NonFiniteLossError if div.reason == "nonfinite" else DivergedError)(msg)
 
     def roll_back(self, div: Divergence) -> int | None:
@@ -149,7 +149,7 @@ class TrainLoop:
         row = self.healer.record(div, target, source)
         self.apply_schedules()
         ctx.metrics.abandon_after(target)
-        ctx.metrics.write({**row, "elapsed_s": ctx.elapsed()})
+        ctx.metrics.write_row({**row, "elapsed_s": ctx.elapsed()})
         line = (f"ROLLBACK {row['rollback']}/{hc.max_rollbacks}: {div.detail}; back to iteration {target} "
                 f"({source}); lr x{row['lr_scale']:g}, EMA gap x{row['ema_gap_scale']:g} from now on")
         (self.bar.write if self.bar is not None else ctx.say)(line)
@@ -221,7 +221,7 @@ class TrainLoop:
                 if self._agree(fits):
                     self.prober.periodic(done, ctx.metrics)
                 else:
-                    ctx.metrics.write({"kind": "budget", "event": "probe_skipped", "iteration": done})
+                    ctx.metrics.write_row({"kind": "budget", "event": "probe_skipped", "iteration": done})
                     (self.bar.write if self.bar is not None else ctx.say)(
                         f"budget: periodic probe at iteration {done} skipped (training is behind its plan)")
             if s.ckpt_every and done % s.ckpt_every == 0 and done < total:
@@ -241,7 +241,7 @@ class TrainLoop:
                     out.cut_short = (f"budget: training stopped at iteration {done} of {total}: it fell behind its "
                                      "plan (slower steps or longer probes than measured); the end keeps its time")
                     (self.bar.write if self.bar is not None else ctx.say)(out.cut_short)
-                    ctx.metrics.write({"kind": "budget", "event": "cut_short", "iteration": done,
+                    ctx.metrics.write_row({"kind": "budget", "event": "cut_short", "iteration": done,
                                        "planned_iterations": total, "elapsed_s": ctx.elapsed()})
                     break
         gen.close()

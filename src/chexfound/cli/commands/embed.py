@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -84,29 +83,14 @@ def manifest_inputs(manifest: str, split: str | None) -> tuple[list[str], list[s
     return paths, m.df[col].astype(str).tolist()
 
 
-def _device(name: str, local_rank: int) -> "torch.device":  # noqa: F821
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ChexfoundError(f"--device {name}: CUDA is not available here")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
-    import torch.distributed as dist
 
     from chexfound.data.transform import InputTransform
     from chexfound.models import backbone_sha256, create_backbone, load_backbone
     from chexfound.models.embedder import EmbedSettings, embed_paths
     from chexfound.models.features import FEATURE_SUFFIXES
+    from chexfound.runio import distributed as D
 
     out = Path(args.out)
     if out.suffix not in FEATURE_SUFFIXES:
@@ -115,16 +99,10 @@ def run(args: argparse.Namespace) -> int:
         raise ChexfoundError("give image files/folders or --manifest (one of them)")
     if args.batch_size < 1 or args.chunk_size < 1:
         raise ChexfoundError("--batch-size and --chunk-size must be positive")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(args.device, local_rank)
-    started_pg = False
-    if world > 1 and not dist.is_initialized():
-        # Long timeout: ranks wait at the final barrier until the slowest shard is done.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(days=7))
-        started_pg = True
+    # Long timeout: ranks wait at the final barrier until the slowest shard is done.
+    info = D.init_distributed(args.device, timeout_s=timedelta(days=7).total_seconds())
+    device, world, rank = info.device, info.world_size, info.rank
     try:
-        rank = dist.get_rank() if dist.is_initialized() else 0
         paths, ids = manifest_inputs(args.manifest, args.split) if args.manifest else list_inputs(args.inputs)
         if args.backbone:
             model, meta = load_backbone(args.backbone, args.backbone_config)
@@ -156,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
         result = embed_paths(model, tf, paths, ids, out, settings, device=device, meta=file_meta,
                              progress=not args.quiet)
     finally:
-        if started_pg:
-            dist.destroy_process_group()
+        D.destroy()  # only a process group this command started
     if result is None:
         return 0
     if result.skipped:

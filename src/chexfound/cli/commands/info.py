@@ -13,9 +13,10 @@ from PIL import Image
 
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import MIN_SIZE, CXRImage, read_image
-from chexfound.io.read import _DICOM_SUFFIXES
+from chexfound.io.read import DICOM_SUFFIXES
+from chexfound.runio import atomic_output
 
-_SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | _DICOM_SUFFIXES
+_SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,9 +87,8 @@ def _write_preview(img: CXRImage, out: Path, size: int) -> None:
     if size and max(im.size) > size:
         scale = size / max(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
-    tmp = out.with_name(f".{out.name}.tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        im.save(tmp, format="PNG")
 
 
 def run(args: argparse.Namespace) -> int:
