@@ -109,6 +109,8 @@ def test_deadline():
     d = Deadline(t_start=100.0, budget_s=50.0, end_reserve_s=10.0, step_s=1.0, clock=lambda: t[0])
     assert d.left_s() == 50.0 and d.training_left_s() == 40.0 and not d.behind()
     assert d.fits(probe_s=5.0, iterations_left=35) and not d.fits(probe_s=5.0, iterations_left=36)
+    t[0] = 139.0  # 1 s of training left: a 3 s step would overshoot by more than stopping now falls short
+    assert d.behind(next_step_s=3.0) and not d.behind(next_step_s=1.0) and not d.behind()
     t[0] = 141.0
     assert d.behind()
 

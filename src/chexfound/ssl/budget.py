@@ -261,9 +261,10 @@ class Deadline:
     def training_left_s(self) -> float:
         return self.left_s() - self.end_reserve_s
 
-    def behind(self) -> bool:
-        """Training has used up its share: stop now, keep the time of the end."""
-        return self.training_left_s() < 0
+    def behind(self, next_step_s: float = 0.0) -> bool:
+        """Training has used up its share: stop now, keep the time of the end. With `next_step_s`, also when
+        less than half the next step is left (stopping then misses the deadline by less than going on would)."""
+        return self.training_left_s() < 0.5 * next_step_s
 
     def fits(self, probe_s: float, iterations_left: int) -> bool:
         """Whether a periodic probe of `probe_s` still fits before the remaining iterations."""

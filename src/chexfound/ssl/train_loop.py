@@ -182,6 +182,8 @@ class TrainLoop:
         images_since = 0
         gen = self.corpus.source.batches(start)
         it = start
+        step_est = length.deadline.step_s if length.deadline is not None else 0.0  # seconds per iteration, as seen
+        t_prev = ctx.clock()
         while it < total:
             _, images, _ = next(gen)
             try:
@@ -209,6 +211,7 @@ class TrainLoop:
                         self.bar.n = target
                         self.bar.refresh()
                     last_t, images_since = ctx.clock(), 0
+                    t_prev = ctx.clock()
                     continue
             if log_now:
                 self._snapshot(done)
@@ -233,11 +236,15 @@ class TrainLoop:
             if paused:  # probes and checkpoints are not training, nor part of the next images/s
                 pause_s += ctx.clock() - t_pause
                 last_t, images_since = ctx.clock(), 0
+            now = ctx.clock()
+            # this iteration's time (a GPU step's host time is short until a log step waits: averaged out)
+            step_est = 0.7 * step_est + 0.3 * (t_pause - t_prev) if step_est else t_pause - t_prev
+            t_prev = now
             it = done
             if out.stopped_early:
                 break
             if length.deadline is not None and done < total and (not ctx.info.enabled or log_now):
-                if self._agree(length.deadline.behind()):
+                if self._agree(length.deadline.behind(next_step_s=max(step_est, length.deadline.step_s))):
                     out.cut_short = (f"budget: training stopped at iteration {done} of {total}: it fell behind its "
                                      "plan (slower steps or longer probes than measured); the end keeps its time")
                     (self.bar.write if self.bar is not None else ctx.say)(out.cut_short)
