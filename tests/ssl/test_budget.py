@@ -102,6 +102,11 @@ def test_calibration_excludes_the_first_step_and_stays_cheap():
     durations = iter([30.0, 10.0, 10.0])
     step_s, done = calibrate_step(step, lambda: None, budget_s=100.0, clock=lambda: t[0])
     assert (step_s, done) == (10.0, 2)
+    # on a CPU without compilation a long first step is its own estimate: no second slow step
+    durations = iter([30.0])
+    assert calibrate_step(step, lambda: None, budget_s=100.0, clock=lambda: t[0], warmup_free=True) == (30.0, 1)
+    durations = iter([1.0, 1.0, 1.0, 1.0])  # ... and a short one is still followed by timed ones
+    assert calibrate_step(step, lambda: None, budget_s=100.0, clock=lambda: t[0], warmup_free=True) == (1.0, 3)
 
 
 def test_deadline():

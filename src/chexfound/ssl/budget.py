@@ -5,7 +5,9 @@ warm-up (`ProbeRunner.measure_costs`, `measure_save_cost`, `calibrate_step`):
 
   step_s      one training iteration: the median of timed iterations after an untimed first one (allocator,
               kernel selection, compilation). The timed iterations are the run's own first iterations, run at
-              learning rate 0 (the warm-up starts from 0 anyway), so calibration costs no training.
+              learning rate 0 (the warm-up starts from 0 anyway), so calibration costs no training. On a CPU
+              without compilation, a first iteration longer than 2% of the budget is timed itself (no warm-up
+              there worth a second slow iteration).
   decode_s    one probe image decoded: timed on the smallest final Kermany set (decoded for the measurements).
   feature_s   one image through one backbone for a probe (an untimed warm-up batch, then timed batches).
   fit_s       the logistic probe per (train image x feature x finding): timed on the pixel baseline of that
@@ -224,12 +226,18 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
 
 
 def calibrate_step(run_step: Callable[[int], Any], sync: Callable[[], None], budget_s: float, clock: Clock,
-                   max_timed: int = 3, max_fraction: float = 0.02) -> tuple[float, int]:
+                   max_timed: int = 3, max_fraction: float = 0.02, warmup_free: bool = False) -> tuple[float, int]:
     """Time the step on the run's first iterations: iteration 0 untimed (warm-up), then up to `max_timed`
     timed ones, fewer when they would take more than `max_fraction` of the budget (at least one).
+    `warmup_free` (a CPU without compilation: no kernels to pick or compile): when iteration 0 alone takes more
+    than `max_fraction` of the budget, its time is the estimate and no further iteration is spent on timing.
     Returns (median seconds per iteration, iterations run)."""
+    t0 = clock()
     run_step(0)
     sync()
+    first = clock() - t0
+    if warmup_free and first > max_fraction * budget_s:
+        return first, 1
     times: list[float] = []
     it = 1
     while True:

@@ -204,7 +204,8 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
             torch.cuda.synchronize(trainer.device)
 
     t0 = ctx.clock()
-    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock)
+    warmup_free = trainer.device.type == "cpu" and not ctx.cfg["train"]["compile"]
+    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock, warmup_free=warmup_free)
     calibration_s = ctx.clock() - t0
     gen.close()
     step_t = torch.tensor([step_s], device=trainer.device)
