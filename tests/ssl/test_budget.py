@@ -86,7 +86,10 @@ def test_fit_keeps_most_of_the_budget_for_training():
     # one too small even for the exports says so
     c.end_s = 20.0
     tiny = fit_budget(30.0, 20.0, 0.5, 4, c, p, BCFG, 100, 0)
-    assert tiny.over_cap and tiny.total == 5 and "too small" in tiny.message()
+    assert tiny.over_cap and tiny.total == 4 and "too small" in tiny.message()
+    # setup that spent the whole budget: no training beyond the calibration iterations, and it says so
+    late = fit_budget(30.0, 31.0, 0.5, 2, c, p, BCFG, 100, 0)
+    assert late.total == 2 and "setup spent the budget" in late.message()
 
 
 def test_calibration_excludes_the_first_step_and_stays_cheap():

@@ -198,6 +198,8 @@ class BudgetFit:
             s += "; probes turned down to fit: " + "; ".join(self.plan.turned_down)
         if self.over_cap:
             s += " (even the smallest probes exceed budget.max_probe_fraction: the budget is too small for them)"
+        if self.total == self.done:
+            s += "; setup spent the budget: no iteration beyond the timed ones (at learning rate 0)"
         return s
 
 
@@ -218,7 +220,7 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
     reserve = reserve_of(fitted)
     train_s = budget_s - elapsed_s - reserve - margin
     per_it = step_s + (costs.ckpt_s / ckpt_every if ckpt_every else 0.0)
-    more = max(1, int(train_s / max(per_it, 1e-9)))
+    more = max(0, int(train_s / max(per_it, 1e-9)))  # none when setup already spent the budget
     total = done + more
     return BudgetFit(budget_s=budget_s, elapsed_s=elapsed_s, step_s=step_s, done=done, total=total,
                      epoch_length=total / max(float(epochs), 1e-9), reserve_s=reserve, margin_s=margin,
