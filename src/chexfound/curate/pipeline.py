@@ -29,9 +29,10 @@ import pandas as pd
 import yaml
 
 from chexfound.curate import dedup as dd
-from chexfound.curate.cache import (RECORDS, CacheConfig, RecordLog, WorkItem, chunks, is_reusable,
-                                    process_chunk)
+from chexfound.curate.image_cache import (RECORDS, CacheConfig, RecordLog, WorkItem, chunks, is_reusable,
+                                          process_chunk)
 from chexfound.curate.filters import post_filter, pre_filter
+from chexfound.curate.keep import keep_rank
 from chexfound.curate.sources import list_items
 from chexfound.curate.spec import CorpusSpec
 from chexfound.errors import ConfigError, ManifestError
@@ -155,22 +156,12 @@ def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: Reco
     return processed, stopped
 
 
-def _rank(df: pd.DataFrame, keep: str) -> np.ndarray:
-    area = -(df["orig_width"].astype(float) * df["orig_height"].astype(float)).to_numpy()
-    src = df["source_index"].to_numpy()
-    rel = df["rel_path"].astype(str).to_numpy()
-    order = np.lexsort((rel, src, area) if keep == "largest" else (rel, area, src))
-    rank = np.empty(len(df), dtype=np.int64)
-    rank[order] = np.arange(len(df))
-    return rank
-
-
 def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpec, device: str,
                 progress: bool) -> np.ndarray:
     """CLS embeddings of the cached images (resumable via work/embeddings-<backbone sha>.npz)."""
     import torch
 
-    from chexfound.curate.cache import decode_png, read_cached
+    from chexfound.curate.image_cache import decode_png, read_cached
     from chexfound.data.transform import InputTransform
     from chexfound.models import registry
     from chexfound.models.ours import backbone_sha256
@@ -288,7 +279,7 @@ def run_curation(
 
 
 _REC_COLS = ["orig_width", "orig_height", "width", "height", "exact", "phash", "blank", "file", "member", "offset",
-             "length", "reason", "view_position", "modality", "patient_age", "source_format"]
+             "length", "reason", "view_position", "modality", "patient_age", "source_format", "lossy", "grey_bits"]
 
 
 def _assemble(items: pd.DataFrame, done: dict[str, dict], spec: CorpusSpec) -> pd.DataFrame:
@@ -324,7 +315,7 @@ def _deduplicate(t: pd.DataFrame, spec: CorpusSpec, out: Path, device: str, prog
     if not len(ok):
         return t, stats
     sub = t.iloc[ok].reset_index(drop=True)
-    rank = _rank(sub, spec.dedup.keep)
+    rank = keep_rank(sub, spec.dedup.keep)
     exact_best = dd.exact_groups(sub["exact"].tolist(), rank) if spec.dedup.exact else None
     survivors = np.nonzero(exact_best == np.arange(len(sub)))[0] if exact_best is not None else np.arange(len(sub))
     edges = []

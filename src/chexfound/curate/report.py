@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from chexfound.curate.cache import decode_png, read_cached
+from chexfound.curate import keep as keep_rules
 from chexfound.curate.filters import RULES_POST, RULES_PRE
+from chexfound.curate.image_cache import decode_png, read_cached
 from chexfound.curate.hashing import hamming_hex
 from chexfound.curate.spec import CorpusSpec
 from chexfound.runio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -77,8 +78,17 @@ def duplicates_frame(t: pd.DataFrame) -> pd.DataFrame:
         "cosine": cos,
         "size": [f"{int(w)}x{int(h)}" for w, h in zip(d["orig_width"], d["orig_height"])],
         "kept_size": [f"{int(w)}x{int(h)}" for w, h in zip(kept["orig_width"], kept["orig_height"])],
+        # what the keep rule compared (curate/keep.py): the kept copy is never worse in the rule's order
+        "quality": [_quality(lo, b) for lo, b in zip(d["lossy"], d["grey_bits"])],
+        "kept_quality": [_quality(lo, b) for lo, b in zip(kept["lossy"], kept["grey_bits"])],
         "key": d["key"].to_numpy(), "kept_key": d["dup_of"].to_numpy(),
     })
+
+
+def _quality(lossy: object, bits: object) -> str:
+    kind = "compression unknown" if lossy is None or (isinstance(lossy, float) and np.isnan(lossy)) else (
+        "lossy" if lossy else "lossless")
+    return kind if bits is None or (isinstance(bits, float) and np.isnan(bits)) else f"{kind}, {int(bits)} grey bits"
 
 
 def counts_frame(t: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
@@ -234,8 +244,7 @@ def write_outputs(t: pd.DataFrame, spec: CorpusSpec, out: Path, dstats: dict[str
         ("Duplicates by source pair", cross, "Rows: source of the removed image; columns: source of the kept one."),
         ("Original image sizes", sizes, "Counts of the shorter side of decoded images."),
     ]
-    keep_rule = ("largest original resolution, then source order, then path" if spec.dedup.keep == "largest"
-                 else "source order, then largest original resolution, then path")
+    keep_rule = f"{spec.dedup.keep} ({keep_rules.describe(spec.dedup.keep)})"
     intro = [
         f"{len(t)} images listed from {len(sources)} source(s); {len(man)} kept, {len(dups)} duplicates removed, "
         f"{len(q)} quarantined (unreadable), {len(f)} filtered.",

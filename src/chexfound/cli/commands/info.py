@@ -14,7 +14,7 @@ from PIL import Image
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import MIN_SIZE, CXRImage, read_image
 from chexfound.io.read import DICOM_SUFFIXES
-from chexfound.runio import atomic_output
+from chexfound.runio import atomic_output, atomic_write_text
 
 _SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         w = csv.writer(buf)
         w.writerow(["path", "reason"])
         w.writerows(bad)
-        (preview_dir / "skipped.csv").write_text(buf.getvalue())
+        atomic_write_text(preview_dir / "skipped.csv", buf.getvalue())
     if args.json:
         json.dump({"files": records, "read": n_ok, "failed": len(bad)}, sys.stdout, indent=2, default=str)
         print()

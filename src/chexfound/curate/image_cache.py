@@ -28,11 +28,13 @@ import numpy as np
 from PIL import Image
 
 from chexfound.curate.hashing import exact_hash, phash
+from chexfound.curate.keep import grey_bits
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import read_image
 from chexfound.runio import atomic_output, atomic_write_bytes
 
 RECORDS = "work/records.jsonl"
+QUALITY_FIELDS = ("lossy", "grey_bits")  # what the keep rule (curate.keep) reads from a record
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def process_image(item: WorkItem, cfg: CacheConfig) -> tuple[dict[str, Any], byt
             blank=bool(float(px.max()) - float(px.min()) <= 0.0),
             exact=exact_hash(px), phash=phash(px, cfg.phash_bits),
             source_format=meta.get("source_format"), bit_depth_src=meta.get("bit_depth"),
+            lossy=meta.get("lossy"), grey_bits=grey_bits(px),
             view_position=meta.get("view_position"), modality=meta.get("modality"),
             patient_age=meta.get("patient_age"),
         )
@@ -220,6 +223,8 @@ def is_reusable(rec: dict[str, Any] | None, path: str, out_dir: Path, retry_erro
         return False
     if rec.get("status") != "ok":
         return not retry_errors and stamp == (tuple(rec["stamp"]) if rec.get("stamp") else None)
+    if any(k not in rec for k in QUALITY_FIELDS):
+        return False  # recorded before the keep rule needed these: decode it again
     return (out_dir / rec["file"]).is_file()
 
 
