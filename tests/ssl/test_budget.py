@@ -73,16 +73,18 @@ def test_fit_keeps_most_of_the_budget_for_training():
     assert fit.reserve_s <= 0.3 * 600 and not fit.over_cap
     assert fit.reserve_s == pytest.approx(c.reserve_s(fit.plan))
     train_s = 600 - 40 - fit.reserve_s - 0.02 * 600
-    assert fit.total == 4 + int(train_s / 0.5)
+    assert fit.total == 4 + round(train_s / 0.5)  # the end nearest the budget
     assert fit.epoch_length == pytest.approx(fit.total / 100)
     assert "periodic probes" in fit.message() and fit.row()["kind"] == "budget"
     # checkpoints during the run are paid from the training time
     with_ckpt = fit_budget(600.0, 40.0, 0.5, 4, c, p, BCFG, 100, ckpt_every=10)
-    assert with_ckpt.total == 4 + int(train_s / (0.5 + 2.0 / 10))
+    assert with_ckpt.total == 4 + round(train_s / (0.5 + 2.0 / 10))
     # a small budget drops every probe, and still trains
     small = fit_budget(30.0, 20.0, 0.5, 4, c, p, BCFG, 100, 0)
     assert small.plan.finals == [] and small.plan.periodic == 0 and not small.over_cap
-    assert small.total == 4 + int((30 - 20 - 5.0 - 0.6) / 0.5)
+    assert small.total == 4 + round((30 - 20 - 5.0 - 0.6) / 0.5)
+    # a step longer than what is left, but less than twice it: one more iteration ends nearer the budget
+    assert fit_budget(30.0, 20.0, 10.0, 4, ProbeCosts(end_s=1.0), ProbePlan(0, 0, 0), BCFG, 100, 0).total == 5
     # one too small even for the exports says so
     c.end_s = 20.0
     tiny = fit_budget(30.0, 20.0, 0.5, 4, c, p, BCFG, 100, 0)

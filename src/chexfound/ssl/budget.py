@@ -220,7 +220,8 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
     reserve = reserve_of(fitted)
     train_s = budget_s - elapsed_s - reserve - margin
     per_it = step_s + (costs.ckpt_s / ckpt_every if ckpt_every else 0.0)
-    more = max(0, int(train_s / max(per_it, 1e-9)))  # none when setup already spent the budget
+    # the count whose end lands nearest the budget (at most half an iteration over; none when setup spent it)
+    more = max(0, round(train_s / max(per_it, 1e-9)))
     total = done + more
     return BudgetFit(budget_s=budget_s, elapsed_s=elapsed_s, step_s=step_s, done=done, total=total,
                      epoch_length=total / max(float(epochs), 1e-9), reserve_s=reserve, margin_s=margin,
