@@ -11,7 +11,7 @@ import pytest
 from chexfound.ssl.budget import (Deadline, FinalSet, ProbeCosts, ProbePlan, calibrate_step, fit_budget,
                                   turn_down)
 
-BCFG = {"max_probe_fraction": 0.3, "margin_fraction": 0.02, "min_final_images": 200}
+BCFG = {"max_probe_fraction": 0.3, "margin_fraction": 0.02, "min_final_images": 200, "tolerance_fraction": 0.05}
 
 
 def _plan() -> ProbePlan:
@@ -83,8 +83,11 @@ def test_fit_keeps_most_of_the_budget_for_training():
     small = fit_budget(30.0, 20.0, 0.5, 4, c, p, BCFG, 100, 0)
     assert small.plan.finals == [] and small.plan.periodic == 0 and not small.over_cap
     assert small.total == 4 + round((30 - 20 - 5.0 - 0.6) / 0.5)
-    # a step longer than what is left, but less than twice it: one more iteration ends nearer the budget
-    assert fit_budget(30.0, 20.0, 10.0, 4, ProbeCosts(end_s=1.0), ProbePlan(0, 0, 0), BCFG, 100, 0).total == 5
+    # 8.4 s left for a longer step: one more iteration ends nearer the budget, unless it would end more than
+    # the tolerance (5% = 1.5 s) past it
+    free = ProbeCosts(end_s=1.0)
+    assert fit_budget(30.0, 20.0, 9.5, 4, free, ProbePlan(0, 0, 0), BCFG, 100, 0).total == 5
+    assert fit_budget(30.0, 20.0, 10.0, 4, free, ProbePlan(0, 0, 0), BCFG, 100, 0).total == 4
     # one too small even for the exports says so
     c.end_s = 20.0
     tiny = fit_budget(30.0, 20.0, 0.5, 4, c, p, BCFG, 100, 0)
@@ -121,6 +124,9 @@ def test_deadline():
     assert d.fits(probe_s=5.0, iterations_left=35) and not d.fits(probe_s=5.0, iterations_left=36)
     t[0] = 139.0  # 1 s of training left: a 3 s step would overshoot by more than stopping now falls short
     assert d.behind(next_step_s=3.0) and not d.behind(next_step_s=1.0) and not d.behind()
+    d.tolerance_s = 0.5  # ... and a 1.8 s step would end more than the tolerance past the deadline
+    assert d.behind(next_step_s=1.8) and not d.behind(next_step_s=1.4)
+    d.tolerance_s = float("inf")
     t[0] = 141.0
     assert d.behind()
 

@@ -23,7 +23,8 @@ to training). When the configured probes need more, they are turned down, in thi
   3. fewer random-init baselines (down to one),
   4. fewer final tasks (NIH-14 first, then Kermany: no final comparison at all).
 Each turn-down is printed and written to metrics.jsonl (`kind: budget`). `budget.margin_fraction` of the
-budget is kept for the report and the unexpected, so a run ends just inside its budget.
+budget is kept for the report and the unexpected, so a run ends just inside its budget; the iteration count is
+the one whose end lands nearest the budget, never more than `budget.tolerance_fraction` over it.
 
 While the run goes, `Deadline` keeps it honest: training stops early (and says so) if it falls behind the
 plan, a periodic probe that no longer fits is skipped, and the final probes are re-planned against the time
@@ -220,8 +221,12 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
     reserve = reserve_of(fitted)
     train_s = budget_s - elapsed_s - reserve - margin
     per_it = step_s + (costs.ckpt_s / ckpt_every if ckpt_every else 0.0)
-    # the count whose end lands nearest the budget (at most half an iteration over; none when setup spent it)
+    # the count whose end lands nearest the budget, but never more than the tolerance over it (a long step
+    # that would overshoot further is left out); none when setup already spent the budget
+    tol = float(bcfg.get("tolerance_fraction", 0.05)) * budget_s
     more = max(0, round(train_s / max(per_it, 1e-9)))
+    while more > 0 and more * per_it - train_s > tol:
+        more -= 1
     total = done + more
     return BudgetFit(budget_s=budget_s, elapsed_s=elapsed_s, step_s=step_s, done=done, total=total,
                      epoch_length=total / max(float(epochs), 1e-9), reserve_s=reserve, margin_s=margin,
@@ -264,6 +269,7 @@ class Deadline:
     end_reserve_s: float  # final probes + exports + margin, kept after training
     step_s: float
     clock: Clock = time.perf_counter
+    tolerance_s: float = float("inf")  # how far past its share training may run for one more step
 
     def left_s(self) -> float:
         """Seconds left in the whole budget."""
@@ -274,12 +280,15 @@ class Deadline:
 
     def behind(self, next_step_s: float = 0.0) -> bool:
         """Training has used up its share: stop now, keep the time of the end. With `next_step_s`, also when
-        less than half the next step is left (stopping then misses the deadline by less than going on would)."""
-        return self.training_left_s() < 0.5 * next_step_s
+        less than half the next step is left (stopping then misses the deadline by less than going on would),
+        or when the next step would end more than `tolerance_s` past it."""
+        left = self.training_left_s()
+        return left < 0.5 * next_step_s or next_step_s - left > self.tolerance_s
 
     def fits(self, probe_s: float, iterations_left: int) -> bool:
-        """Whether a periodic probe of `probe_s` still fits before the remaining iterations."""
-        return self.training_left_s() >= probe_s + iterations_left * self.step_s
+        """Whether a periodic probe of `probe_s` still fits before the remaining iterations (with the half
+        iteration the plan may run over)."""
+        return self.training_left_s() + 0.5 * self.step_s >= probe_s + iterations_left * self.step_s
 
 
 def plan_from_config(pcfg: dict[str, Any], finals: list[FinalSet], periodic_on: bool) -> ProbePlan:

@@ -164,21 +164,18 @@ class ProbeRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def measure_costs(self, plan: ProbePlan, min_images: int, limit_s: float) -> ProbeCosts:
-        """Decoding, features per image (after an untimed warm-up batch) and the logistic fit per unit, on the
-        smallest final Kermany set a plan can use (`min_images` train and test images, decoded here; its
-        pixel-baseline scores are kept for the final comparison). The fit is not measured when no probe could
-        fit in `limit_s` even with free fits (slow features on a small budget): it would be time wasted."""
+    def measure_costs(self, plan: ProbePlan, min_images: int, limit_s: float, sample: torch.Tensor) -> ProbeCosts:
+        """Features per image, timed on `sample` (uint8 images already at hand, e.g. a training batch: an
+        untimed warm-up batch, then timed batches of growing size); then, unless no probe could fit in
+        `limit_s` even with free decoding and fits (slow features on a small budget: the time would be
+        wasted), decoding per image and the logistic fit per unit, on the smallest final Kermany set a plan can
+        use (`min_images` train and test images, decoded here; its pixel-baseline scores are kept)."""
         backbone = self.trainer.teacher_backbone()  # collective under FSDP
         kermany = next((f for f in plan.finals if f.task == "kermany"), None)
-        if self.is_main and backbone is not None and kermany is not None:
-            m_tr, m_te = min(min_images, kermany.n_train), min(min_images, kermany.n_test)
-            t0 = self.clock()
-            task = self._set("kermany", m_tr, m_te)
-            self.costs.decode_s = (self.clock() - t0) / max(1, m_tr + m_te)
-            images = task.train_images
+        if self.is_main and backbone is not None and (kermany is not None or plan.periodic):
+            images = sample.cpu()
             bs = int(self.p["batch_size"])
-            n = min(8, len(images), bs)
+            n = min(4, len(images), bs)
             self._features(backbone, images[:n])  # warm-up: allocator, kernel selection
             while True:
                 self._sync()
@@ -190,8 +187,12 @@ class ProbeRunner:
                     break
                 n = min(2 * n, bs, len(images))
             self.costs.feature_s = dt / n
-            lower = turn_down(plan, lambda p: self.costs.reserve_s(p, decoded=self.decoded), limit_s, min_images)
-            if lower.finals or lower.periodic:
+            lower = turn_down(plan, lambda p: self.costs.reserve_s(p), limit_s, min_images)
+            if kermany is not None and (lower.finals or lower.periodic):
+                m_tr, m_te = min(min_images, kermany.n_train), min(min_images, kermany.n_test)
+                t0 = self.clock()
+                task = self._set("kermany", m_tr, m_te)
+                self.costs.decode_s = (self.clock() - t0) / max(1, m_tr + m_te)
                 self.costs.fit_s = self._pixel_fit(task) or 0.0
         self.costs = D.broadcast_object(self.costs)  # type: ignore[assignment]
         return self.costs

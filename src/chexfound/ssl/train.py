@@ -172,7 +172,8 @@ def _length(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: Any,
             prober.costs = ProbeCosts(**b["costs"])
         if s.time_budget_s and "end_reserve_s" in b:
             deadline = Deadline(ctx.t_start - ctx.elapsed_before, s.time_budget_s, float(b["end_reserve_s"]),
-                                float(b["step_s"]), ctx.clock)
+                                float(b["step_s"]), ctx.clock,
+                                tolerance_s=float(s.budget["tolerance_fraction"]) * s.time_budget_s)
         return RunLength(int(resumed["total_iterations"]), float(resumed["epoch_length"]), plan, deadline, b), []
     plan = prober.configured_plan()
     if s.time_budget_s:
@@ -184,8 +185,11 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
                    plan: ProbePlan) -> tuple[RunLength, Calibration]:
     """Measure (probe costs, checkpoint writes, the step), then fit (chexfound.ssl.budget)."""
     s, budget = ctx.settings, float(ctx.settings.time_budget_s or 0.0)
+    gen = corpus.source.batches(0)
+    sample = next(gen)[1]  # the first batch (resident, or decoded for it): what feature timing runs on
+    gen.close()
     costs = prober.measure_costs(plan, int(s.budget["min_final_images"]),
-                                 float(s.budget["max_probe_fraction"]) * budget)
+                                 float(s.budget["max_probe_fraction"]) * budget, sample)
     ckpt_s, end_s = measure_save_cost(trainer, ctx.out, ctx.clock, shards=bool(s.export_bf16_shard_mib))
     costs.ckpt_s, costs.end_s = D.broadcast_object((ckpt_s, end_s))  # type: ignore[misc]
     # The calibration iterations are the run's first ones, at learning rate 0 (the warm-up starts from 0).
@@ -218,7 +222,8 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
     ctx.say(fit.message())
     ctx.metrics.write_row({**fit.row(), "costs": dataclasses.asdict(costs)})
     end_reserve = costs.final_probes_s(fit.plan, done_sizes, decoded) + costs.end_s + fit.margin_s  # type: ignore[arg-type]
-    deadline = Deadline(ctx.t_start, budget, end_reserve, step_s, ctx.clock)
+    deadline = Deadline(ctx.t_start, budget, end_reserve, step_s, ctx.clock,
+                        tolerance_s=float(s.budget["tolerance_fraction"]) * budget)
     state = {"plan": fit.plan.to_dict(), "costs": dataclasses.asdict(costs), "end_reserve_s": end_reserve,
              "step_s": step_s, "budget_s": budget, "planned_total": fit.total}
     return RunLength(fit.total, fit.epoch_length, fit.plan, deadline, state, calibration_s), steps
