@@ -77,8 +77,9 @@ def test_predict_real_files(client: TestClient, attention_predictor: Predictor, 
     assert body["model"]["backbone_sha256"] == attention_predictor.backbone_sha256
     assert body["heatmaps"] == {"available": True}
     # Without ?heatmaps= nothing is cached and no heatmap fields are sent.
-    assert "id" not in body and all(set(f) == {"name", "probability", "threshold", "positive"}
-                                    for f in body["findings"])
+    # (Every finding says which rule chose its threshold: chexfound.stats.thresholds.)
+    assert "id" not in body and all(set(f) == {"name", "probability", "threshold", "positive", "threshold_rule",
+                                               "threshold_reason"} for f in body["findings"])
 
 
 def test_heatmap_urls(client: TestClient, png_paths: list[Path]) -> None:

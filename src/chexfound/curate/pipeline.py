@@ -164,6 +164,7 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
     from chexfound.curate.image_cache import decode_png, read_cached
     from chexfound.data.transform import InputTransform
     from chexfound.models import registry
+    from chexfound.models.extract import extract_features
     from chexfound.models.ours import backbone_sha256
 
     es = spec.dedup.embedding
@@ -194,9 +195,8 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
     recs = table.iloc[idx].to_dict("records")
     for s in tqdm(range(0, len(todo), es.batch_size), desc="curate: embeddings", disable=not progress):
         batch = todo[s:s + es.batch_size]
-        x = torch.stack([tf(decode_png(read_cached(out, recs[k]))) for k in batch]).to(dev)
-        with torch.inference_mode():
-            e = model.forward_features(x)["x_norm_clstoken"].float().cpu().numpy()
+        x = torch.stack([tf.prepare(decode_png(read_cached(out, recs[k]))) for k in batch])
+        e = extract_features(model, x, n_blocks=1, transform=tf, device=dev).cls[:, -1]  # the final-norm CLS
         for k, v in zip(batch, e):
             have[keys[k]] = v
     if todo:

@@ -16,7 +16,7 @@ import torch
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError
 from chexfound.evaluate import figures
-from chexfound.evaluate.features import FeatureSet, pooled_features
+from chexfound.models.pooled import PooledFeatures
 from chexfound.evaluate.protocols.common import EvalConfig, Splits
 from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
 from chexfound.evaluate.run_common import classification_figures, provenance
@@ -124,7 +124,7 @@ class _Backbone:
     info: dict[str, Any]
     transform: InputTransform
     n_blocks: int
-    features: FeatureSet
+    features: PooledFeatures
     cache: Any
 
 
@@ -137,7 +137,7 @@ def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, path
                   opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
     import hashlib
 
-    from chexfound.evaluate.adapt_bridge import build_cache
+    from chexfound.evaluate.trainers import build_cache
 
     tf = _transform_for(model, info, opts.image_size)
     n = min(opts.n_blocks, len(model.blocks))
@@ -147,19 +147,20 @@ def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, path
     cache = build_cache(model, paths, tf, n, out / "cache" / f"{tag}{sha[:12]}-{key}", sha,
                         batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, workers=opts.workers,
                         progress=opts.progress)
-    return _Backbone(label, model, info, tf, n, pooled_features(cache), cache)
+    return _Backbone(label, model, info, tf, n, cache.pooled(), cache)
 
 
 def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts: TaskOptions) -> tuple[Any, Any]:
     """(trainer, feature source) for a head type on a backbone.
 
-    'logistic' is the L2 logistic-regression probe of trainers.py on pooled features (deterministic, fast on a
-    CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the feature cache.
+    'logistic' is the statistics layer's logistic probe (chexfound.stats) on pooled features (deterministic,
+    fast on a CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the
+    feature cache.
     """
-    from chexfound.evaluate.adapt_bridge import ADAPT_HEADS, AdaptTrainer
+    from chexfound.evaluate.trainers import ADAPT_HEADS, AdaptTrainer
 
     if head == "logistic":
-        return LogisticTrainer(), bb.features.vectors(bb.n_blocks, opts.avgpool)
+        return LogisticTrainer(findings=findings), bb.features.vectors(bb.n_blocks, opts.avgpool)
     if head not in ADAPT_HEADS:
         raise ChexfoundError(f"unknown head {head!r}; choose from logistic, {', '.join(ADAPT_HEADS)}")
     fit_kwargs: dict[str, Any] = {"epochs": opts.epochs, "device": opts.device, "batch_size": opts.batch_size}

@@ -43,8 +43,10 @@ def _fmt(v: float) -> str:
 
 class PredictionStore:
     def __init__(self, out: Path, findings: Sequence[str], thresholds: np.ndarray, task: str,
-                 identity: dict[str, Any], heatmap_dir: Path | None = None) -> None:
+                 identity: dict[str, Any], heatmap_dir: Path | None = None,
+                 threshold_rules: Sequence[dict[str, str]] | None = None) -> None:
         self.out = out
+        self.threshold_rules = list(threshold_rules or [{} for _ in findings])
         self.fmt = "json" if out.suffix.lower() == ".json" else "csv"
         self.findings = list(findings)
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
@@ -153,7 +155,8 @@ class PredictionStore:
             rec: dict[str, Any] = {
                 "path": shown,
                 "findings": [{"name": n, "probability": float(probs[i]), "threshold": float(self.thresholds[i]),
-                              "positive": None if calls is None else bool(calls[i])}
+                              "positive": None if calls is None else bool(calls[i]),
+                              "threshold_rule": self.threshold_rules[i].get("rule")}
                              for i, n in enumerate(self.findings)],
                 "positive": [] if calls is None else [n for n, c in zip(self.findings, calls) if c],
             }

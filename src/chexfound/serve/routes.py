@@ -109,7 +109,9 @@ def prediction_body(state: ServeState, filename: str | None, decoded: DecodedUpl
     calls = probs >= predictor.thresholds if predictor.task in CALL_TASKS else None
     findings = [
         {"name": n, "probability": float(probs[i]), "threshold": float(predictor.thresholds[i]),
-         "positive": None if calls is None else bool(calls[i])}
+         "positive": None if calls is None else bool(calls[i]),
+         "threshold_rule": predictor.threshold_rules[i]["rule"],
+         "threshold_reason": predictor.threshold_rules[i]["reason"]}
         for i, n in enumerate(predictor.findings)
     ]
     pid = None

@@ -12,6 +12,9 @@ class FindingOut(BaseModel):
     probability: float
     threshold: float
     positive: bool | None = Field(None, description="probability >= threshold (absent for regression/survival)")
+    threshold_rule: str | None = Field(None, description="how the threshold was chosen: f1 | youden | prevalence "
+                                                         "| default | unrecorded")
+    threshold_reason: str | None = Field(None, description="why that rule (validation evidence)")
     heatmap_url: str | None = None
     heatmap_png: str | None = Field(None, description="base64 PNG overlay (heatmaps=base64, top-k findings)")
 

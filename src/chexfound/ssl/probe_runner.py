@@ -2,8 +2,10 @@
 
 periodic: teacher features on the small probe set (k-NN + linear AUROC) -> metrics.jsonl rows kind=probe.
 final:    linear probes of the teacher vs its own iteration-0 weights vs the same architecture at random init
-          (`final_random_seeds` seeds) vs raw 32x32 pixels, on each configured task, with bootstrap 95% CIs and
-          the paired differences teacher - baseline; printed as a table and written to probe_comparison.json.
+          (`final_random_seeds` seeds) vs raw 32x32 pixels, on each configured task: the statistics layer's
+          logistic probe and its comparison table (`chexfound.stats.compare_scores`): macro AUROC with 95% CIs
+          from a bootstrap over test *patients* and the paired differences teacher - baseline on the same
+          resamples; printed as a table and written to probe_comparison.json.
 
 Every probe set is decoded once, when first needed (a set a time budget turns down is never decoded). The
 runner measures what probes cost (`measure_costs`: decoding and features per image after a warm-up batch, the
@@ -28,9 +30,9 @@ from chexfound.ssl import distributed as D
 from chexfound.ssl.budget import (PERIODIC, Clock, Deadline, FinalSet, ProbeCosts, ProbePlan, plan_from_config,
                                   set_key, turn_down)
 from chexfound.ssl.config import expand_path
-from chexfound.ssl.probe import (NIH_EXCLUDE, ProbeTask, backbone_features, bootstrap_ci, evaluate_features,
-                                 kermany_task, linear_probe_scores, mean_auroc, nih14_task, paired_bootstrap_diff,
-                                 pixel_features, task_columns)
+from chexfound.ssl.probe import (NIH_EXCLUDE, ProbeTask, backbone_features, evaluate_features, kermany_task,
+                                 linear_probe_scores, nih14_task, task_columns)
+from chexfound.stats import BootstrapConfig, compare_scores, pixel_features
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,10 @@ class ProbeRunner:
     def _features(self, model: VisionTransformer, images: torch.Tensor) -> np.ndarray:
         return backbone_features(model, images, self.device, int(self.p["batch_size"]), self.trainer.autocast)
 
-    def _fit(self, ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray) -> np.ndarray:
-        return linear_probe_scores(ftr, ytr, fte, n_jobs=int(self.p.get("n_jobs", 1)))
+    def _fit(self, task: ProbeTask, ftr: np.ndarray, fte: np.ndarray) -> np.ndarray:
+        """Test logits [n_test, C] of the statistics layer's logistic probe (patient folds)."""
+        return linear_probe_scores(ftr, task.train_labels, fte, task.train_groups, seed=self.seed,
+                                   n_jobs=int(self.p.get("n_jobs", 1)))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -201,7 +205,7 @@ class ProbeRunner:
         """Fit the pixel baseline of `task` (kept for the final comparison); returns seconds per fit unit."""
         cols = task_columns(task)
         t0 = self.clock()
-        scores = self._fit(pixel_features(task.train_images), task.train_labels, pixel_features(task.test_images))
+        scores = self._fit(task, pixel_features(task.train_images), pixel_features(task.test_images))
         dt = self.clock() - t0
         self.pixel_scores[task.name] = ((len(task.train_labels), len(task.test_labels)), scores)
         units = len(task.train_labels) * self.costs.pixel_dim * max(1, len(cols))
@@ -264,7 +268,7 @@ class ProbeRunner:
 
         def backbone_scores(task: ProbeTask, model: VisionTransformer) -> np.ndarray:
             ftr, fte = self._features(model, task.train_images), self._features(model, task.test_images)
-            return self._fit(ftr, task.train_labels, fte)
+            return self._fit(task, ftr, fte)
 
         def random_model(k: int) -> VisionTransformer:
             torch.manual_seed(10_000 + k)
@@ -285,8 +289,7 @@ class ProbeRunner:
             if cached is not None and cached[0] == (len(task.train_labels), len(task.test_labels)):
                 s["pixels_32x32"] = cached[1]
             else:
-                s["pixels_32x32"] = self._fit(pixel_features(task.train_images), task.train_labels,
-                                              pixel_features(task.test_images))
+                s["pixels_32x32"] = self._fit(task, pixel_features(task.train_images), pixel_features(task.test_images))
             seconds[task.name] += self.clock() - t0
         # ... then the other random inits, while they still fit.
         skipped = []
@@ -313,27 +316,22 @@ class ProbeRunner:
         return report
 
     def _compare(self, task: ProbeTask, scores: dict[str, np.ndarray]) -> dict[str, Any]:
-        """AUROC with a bootstrap CI per model, and the paired differences teacher - each baseline."""
+        """The statistics layer's comparison: AUROC with a patient-bootstrap CI per model, and the paired
+        differences teacher - each baseline on the same resamples."""
         cols = task_columns(task)
-        y = task.test_labels
+        names = [task.label_names[c] for c in cols]
         order = (["teacher", "init (iteration 0)"] + sorted((k for k in scores if k.startswith("random_init")),
                                                     key=lambda k: int(k.rsplit("seed", 1)[1]))
                  + ["pixels_32x32"])
-        rows = {k: self._row(scores[k], y, cols) for k in order if k in scores}
+        ordered = {k: scores[k][:, cols] for k in order if k in scores}
+        y = task.test_labels[:, cols]
+        table = compare_scores(y, ordered, names, task.test_groups, "teacher", BootstrapConfig(seed=self.seed))
         short = {"init (iteration 0)": "init", "pixels_32x32": "pixels"}
-        diffs = {}
-        for k in order[1:]:
-            if k in scores:
-                d, lo, hi = paired_bootstrap_diff(scores["teacher"], scores[k], y, cols)
-                name = short.get(k, k.replace("random_init_seed", "random_seed"))
-                diffs[f"teacher_minus_{name}"] = {"diff": d, "ci95": [lo, hi]}
-        return {"n_train": int(len(task.train_labels)), "n_test": int(len(y)),
-                "findings": [task.label_names[c] for c in cols], "auroc": rows, "paired": diffs}
-
-    @staticmethod
-    def _row(scores: np.ndarray, y: np.ndarray, cols: list[int]) -> dict[str, Any]:
-        lo, hi = bootstrap_ci(scores, y, cols)
-        return {"auroc": mean_auroc(scores, y, cols), "ci95": [lo, hi]}
+        diffs = {f"teacher_minus_{short.get(k, k.replace('random_init_seed', 'random_seed'))}":
+                 table["paired"][f"teacher_minus_{k}"] for k in ordered if k != "teacher"}
+        return {"n_train": int(len(task.train_labels)), "n_test": int(len(y)), "findings": names,
+                "auroc": table["auroc"], "paired": diffs, "bootstrap": table["bootstrap"],
+                "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
 
     def _print(self, name: str, r: dict[str, Any]) -> None:
         self.say(f"\nlinear probe on held-out images: {name} (train {r['n_train']}, test {r['n_test']}, "
@@ -341,7 +339,8 @@ class ProbeRunner:
         self.say(f"  {'features':<22} {'AUROC':>7}   95% CI")
         for k, v in r["auroc"].items():
             self.say(f"  {k:<22} {v['auroc']:7.3f}   [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
-        self.say("  paired difference (same test images, bootstrap 95% CI):")
+        unit = r.get("bootstrap", {}).get("unit", "images")
+        self.say(f"  paired difference (same test images, 95% CI from a bootstrap over {unit}):")
         for k, v in r["paired"].items():
             sig = "  *" if v["ci95"][0] > 0 or v["ci95"][1] < 0 else ""
             self.say(f"  {k:<28} {v['diff']:+.3f}   [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]{sig}")

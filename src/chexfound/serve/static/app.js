@@ -104,7 +104,9 @@ function showFindings(result) {
     const prob = document.createElement("span");
     prob.className = "prob";
     prob.textContent = (100 * f.probability).toFixed(1) + " %";
-    prob.title = `threshold ${(100 * f.threshold).toFixed(1)} %`;
+    const rule = f.threshold_rule ? `, ${f.threshold_rule} rule${f.threshold_reason ? ": " + f.threshold_reason : ""}` : "";
+    prob.title = `threshold ${(100 * f.threshold).toFixed(1)} %${rule}`;
+    li.title = prob.title;
     const bar = document.createElement("span");
     bar.className = "bar";
     const fill = document.createElement("span");

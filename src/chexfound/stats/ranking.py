@@ -1,4 +1,4 @@
-"""Weighted AUROC / average precision over many weight vectors at once.
+"""AUROC and average precision: one ranking engine for point values and every bootstrap resample.
 
 The bootstrap needs the same two ranking metrics on hundreds of resamples. A patient-level resample is
 equivalent to giving every image an integer weight (how often its patient was drawn), and the sort order
@@ -77,3 +77,36 @@ class RankedScores:
         # AP needs negatives to be meaningful as a ranking metric; follow the same rule as AUROC.
         ap[bad_auc] = np.nan
         return auroc, ap
+
+
+def binary_auroc(y: np.ndarray, s: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """AUROC with NaN labels masked; NaN if there is no positive or no negative."""
+    y, s = np.asarray(y, dtype=np.float64).ravel(), np.asarray(s, dtype=np.float64).ravel()
+    m = ~np.isnan(y)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()[m][None]
+    return float(RankedScores(y[m], s[m]).auroc_ap(w)[0][0])
+
+
+def average_precision(y: np.ndarray, s: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """Average precision (scikit-learn's definition) with NaN labels masked."""
+    y, s = np.asarray(y, dtype=np.float64).ravel(), np.asarray(s, dtype=np.float64).ravel()
+    m = ~np.isnan(y)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()[m][None]
+    return float(RankedScores(y[m], s[m]).auroc_ap(w)[1][0])
+
+
+def auroc_ap_masked(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """(AUROC, AP) of one finding with NaN labels *or* NaN scores masked; NaN when a class is missing."""
+    y, s = np.asarray(y, dtype=np.float64).ravel(), np.asarray(s, dtype=np.float64).ravel()
+    m = ~np.isnan(y) & ~np.isnan(s)
+    auc, ap = RankedScores(y[m], s[m]).auroc_ap()
+    return float(auc[0]), float(ap[0])
+
+
+def macro_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """Mean AUROC over the columns of y/s [N, C] that have both classes among rows with a label and a score
+    (NaN in either is masked); NaN if no column has."""
+    y, s = np.asarray(y, dtype=np.float64), np.asarray(s, dtype=np.float64)
+    y, s = (y[:, None], s[:, None]) if y.ndim == 1 else (y, s)
+    aucs = [a for a in (auroc_ap_masked(y[:, k], s[:, k])[0] for k in range(y.shape[1])) if not np.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")

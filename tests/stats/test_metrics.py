@@ -7,10 +7,8 @@ import pytest
 from sklearn.metrics import (average_precision_score, balanced_accuracy_score, mean_absolute_error, r2_score,
                              roc_auc_score)
 
-from chexfound.evaluate.metrics import (EligibilityRule, average_precision, binary_auroc, concordance_index,
-                                        multiclass_metrics, multilabel_metrics, regression_metrics,
-                                        threshold_metrics)
-from chexfound.evaluate.ranking import RankedScores
+from chexfound.stats import (EligibilityRule, RankedScores, average_precision, binary_auroc, concordance_index,
+                             multiclass_metrics, multilabel_metrics, regression_metrics, threshold_metrics)
 
 
 def test_hand_computed_auroc_ap():
@@ -145,7 +143,7 @@ def test_multiclass_matches_sklearn():
 
 
 def test_ranked_scores_with_no_rows_give_nan_not_an_error():
-    from chexfound.evaluate.ranking import RankedScores
+    from chexfound.stats.ranking import RankedScores
 
     auroc, ap = RankedScores(np.zeros(0), np.zeros(0)).auroc_ap(np.ones((2, 0)))
     assert auroc.shape == (2,) and np.all(np.isnan(auroc)) and np.all(np.isnan(ap))

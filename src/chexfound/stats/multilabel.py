@@ -1,4 +1,4 @@
-"""Point metrics with NaN-masked labels.
+"""Multi-label point metrics (AUROC, AP, calls at a threshold) with NaN-masked labels.
 
 Multi-label rule (stated once, used everywhere): a finding is *eligible* for AUROC/AP and for the macro and
 micro means when its labelled test images include at least `min_pos` positives and `min_neg` negatives
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chexfound.evaluate.ranking import RankedScores
+from chexfound.stats.ranking import RankedScores, average_precision, binary_auroc  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -36,22 +36,6 @@ class EligibilityRule:
 def _as_2d(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     return a[:, None] if a.ndim == 1 else a
-
-
-def binary_auroc(y: np.ndarray, s: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
-    """AUROC with NaN labels masked; NaN if there is no positive or no negative."""
-    y, s = np.asarray(y, dtype=np.float64).ravel(), np.asarray(s, dtype=np.float64).ravel()
-    m = ~np.isnan(y)
-    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()[m][None]
-    return float(RankedScores(y[m], s[m]).auroc_ap(w)[0][0])
-
-
-def average_precision(y: np.ndarray, s: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
-    """Average precision (scikit-learn's definition) with NaN labels masked."""
-    y, s = np.asarray(y, dtype=np.float64).ravel(), np.asarray(s, dtype=np.float64).ravel()
-    m = ~np.isnan(y)
-    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()[m][None]
-    return float(RankedScores(y[m], s[m]).auroc_ap(w)[1][0])
 
 
 def threshold_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
@@ -143,80 +127,3 @@ def micro_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     m = ~np.isnan(y)
     auc, ap = RankedScores(y[m], p[m]).auroc_ap()
     return {"auroc": float(auc[0]), "ap": float(ap[0])}
-
-
-# --- other task types -------------------------------------------------------------------------------------
-
-def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """MAE, RMSE and R^2 (coefficient of determination, as sklearn's r2_score) over non-NaN targets."""
-    y, pred = np.asarray(y, dtype=np.float64).ravel(), np.asarray(pred, dtype=np.float64).ravel()
-    m = ~np.isnan(y)
-    y, pred = y[m], pred[m]
-    if y.size == 0:
-        return {"n": 0, "mae": float("nan"), "rmse": float("nan"), "r2": float("nan")}
-    err = pred - y
-    ss_res = float(np.sum(err**2))
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    # sklearn convention: a constant target gives R^2 = 1 for a perfect fit, 0 otherwise.
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-    return {"n": int(y.size), "mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2))),
-            "r2": r2}
-
-
-def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, block: int = 2048) -> dict[str, float]:
-    """Harrell's C for right-censored data; a higher `risk` should mean an earlier event.
-
-    A pair (i, j) is comparable when t_i < t_j and i had the event; it is concordant when risk_i > risk_j and
-    counts 1/2 when the risks tie. Pairs with equal times are not comparable. Computed in blocks (O(n^2)
-    memory-bounded), NaN rows dropped.
-    """
-    t = np.asarray(time, dtype=np.float64).ravel()
-    e = np.asarray(event, dtype=np.float64).ravel()
-    r = np.asarray(risk, dtype=np.float64).ravel()
-    m = ~(np.isnan(t) | np.isnan(e) | np.isnan(r))
-    t, e, r = t[m], e[m] > 0, r[m]
-    conc = 0.0
-    comparable = 0.0
-    idx = np.flatnonzero(e)
-    for start in range(0, idx.size, block):
-        i = idx[start : start + block]
-        comp = t[i, None] < t[None, :]
-        gt = r[i, None] > r[None, :]
-        eq = r[i, None] == r[None, :]
-        conc += float(np.sum(comp & gt)) + 0.5 * float(np.sum(comp & eq))
-        comparable += float(np.sum(comp))
-    return {"c_index": conc / comparable if comparable else float("nan"), "comparable_pairs": comparable,
-            "n": int(t.size), "n_events": int(e.sum())}
-
-
-def multiclass_metrics(y: np.ndarray, prob: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and one-vs-rest AUROC per class + macro (classes with both outcomes).
-
-    y: [N] integer class index (NaN = unlabelled); prob: [N, K] class probabilities.
-    """
-    y = np.asarray(y, dtype=np.float64).ravel()
-    prob = _as_2d(prob)
-    m = ~np.isnan(y)
-    yi = y[m].astype(int)
-    pr = prob[m]
-    if pr.shape[1] != len(classes):
-        raise ValueError(f"{pr.shape[1]} probability columns for {len(classes)} classes")
-    pred = pr.argmax(axis=1)
-    per: dict[str, dict[str, Any]] = {}
-    recalls = []
-    for k, name in enumerate(classes):
-        yk = (yi == k).astype(np.float64)
-        n_pos = int(yk.sum())
-        auc = float(RankedScores(yk, pr[:, k]).auroc_ap()[0][0]) if 0 < n_pos < yk.size else float("nan")
-        rec = float(np.mean(pred[yi == k] == k)) if n_pos else float("nan")
-        if n_pos:
-            recalls.append(rec)
-        per[name] = {"n_pos": n_pos, "auroc": auc, "recall": rec}
-    aucs = [v["auroc"] for v in per.values() if not np.isnan(v["auroc"])]
-    return {
-        "n": int(yi.size),
-        "accuracy": float(np.mean(pred == yi)) if yi.size else float("nan"),
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan"),
-        "macro": {"auroc": float(np.mean(aucs)) if aucs else float("nan")},
-        "per_class": per,
-    }

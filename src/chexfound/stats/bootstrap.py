@@ -1,75 +1,25 @@
-"""Patient-level (cluster) bootstrap confidence intervals and paired model comparisons.
+"""Multi-label bootstrap confidence intervals and paired model comparisons, on patient resamples.
 
-Images of one patient are correlated, so resampling images treats them as independent evidence and gives
-intervals that are too narrow. We resample *patients* with replacement (as many draws as there are
-patients); each image then carries the weight "how many times its patient was drawn", which is exactly the
-same as duplicating that patient's images. Ranking metrics are computed with those weights (see ranking.py),
-so a resample never copies data.
-
-Intervals are percentile intervals over `n_boot` resamples. A resample in which a finding has no positive or
-no negative weight gives NaN for that finding and is skipped for it (the count is reported as
-`n_degenerate`); macro/group means in a resample average the eligible findings that are defined in it.
+Every model and every finding is evaluated on the same resamples (resample.py), so the difference of two
+models is a paired difference. Intervals are percentile intervals over `n_boot` resamples. A resample in
+which a finding has no positive or no negative weight gives NaN for that finding and is skipped for it (the
+count is reported as `n_degenerate`); macro/group means in a resample average the eligible findings that are
+defined in it.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chexfound.evaluate.metrics import EligibilityRule
-from chexfound.evaluate.ranking import RankedScores
+from chexfound.stats.multilabel import EligibilityRule
+from chexfound.stats.ranking import RankedScores
+from chexfound.stats.resample import BootstrapConfig, cluster_index, percentile_ci, resample_weights
 
 
-@dataclass(frozen=True)
-class BootstrapConfig:
-    n_boot: int = 1000
-    ci: float = 0.95
-    seed: int = 0
-    chunk: int = 100  # resamples evaluated together (memory ~ chunk x n_images doubles)
-    level: str = "patient"  # "patient" (clusters) or "image" (ignores clustering; for comparison only)
-
-
-def cluster_index(groups: Sequence[Any] | np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
-    """Map group ids (e.g. patient ids) to 0..G-1; None means every image is its own group."""
-    if groups is None:
-        return np.arange(n), n
-    g = np.asarray(groups)
-    if g.shape[0] != n:
-        raise ValueError(f"{g.shape[0]} group ids for {n} images")
-    _, inv = np.unique(g.astype(str), return_inverse=True)
-    return inv.ravel(), int(inv.max()) + 1 if n else 0
-
-
-def resample_weights(
-    groups: Sequence[Any] | np.ndarray | None, n: int, cfg: BootstrapConfig
-) -> Iterator[np.ndarray]:
-    """Yield weight matrices [b, n] (b <= cfg.chunk) summing to n_boot rows: w[r, i] = draws of i's cluster."""
-    if cfg.level not in ("patient", "image"):
-        raise ValueError(f"bootstrap level must be 'patient' or 'image', got {cfg.level!r}")
-    idx, n_groups = cluster_index(groups if cfg.level == "patient" else None, n)
-    rng = np.random.default_rng(cfg.seed)
-    done = 0
-    while done < cfg.n_boot:
-        b = min(cfg.chunk, cfg.n_boot - done)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b).astype(np.float64)
-        yield counts[:, idx]
-        done += b
-
-
-def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
-    s = np.asarray(samples, dtype=np.float64)
-    s = s[~np.isnan(s)]
-    if s.size == 0:
-        return float("nan"), float("nan")
-    a = (1 - ci) / 2
-    lo, hi = np.quantile(s, [a, 1 - a])
-    return float(lo), float(hi)
-
-
-class _Finding:
+class FindingResampler:
     """One finding's labelled rows, pre-ranked for weighted metrics."""
 
     def __init__(self, y: np.ndarray, p: np.ndarray, thr: float = 0.5) -> None:
@@ -115,7 +65,8 @@ def _draws(
     eligible = _eligible(y, rule)
     name_to_c = {f: i for i, f in enumerate(findings)}
     sub_idx = {k: [name_to_c[f] for f in v if f in name_to_c and name_to_c[f] in eligible] for k, v in subsets.items()}
-    models = [[_Finding(y[:, c], np.asarray(p, dtype=np.float64)[:, c], float(thresholds[m][c])) for c in eligible]
+    models = [[FindingResampler(y[:, c], np.asarray(p, dtype=np.float64)[:, c], float(thresholds[m][c]))
+               for c in eligible]
               for m, p in enumerate(preds)]
     per: list[dict[str, dict[str, list[np.ndarray]]]] = [
         {findings[c]: {k: [] for k in _KEYS} for c in eligible} for _ in preds]
@@ -223,7 +174,7 @@ def paired_bootstrap(
     full_w = np.ones((1, y.shape[0]))
 
     def point(p: np.ndarray, c: int) -> dict[str, float]:
-        v = _Finding(y[:, c], np.asarray(p, dtype=np.float64)[:, c]).evaluate(full_w)
+        v = FindingResampler(y[:, c], np.asarray(p, dtype=np.float64)[:, c]).evaluate(full_w)
         return {k: float(v[k][0]) for k in metrics}
 
     def summarise(da: np.ndarray, db: np.ndarray, pa: float, pb: float) -> dict[str, Any]:
@@ -251,21 +202,3 @@ def paired_bootstrap(
             summ[name][k] = summarise(subs[0][name][k], subs[1][name][k], pa, pb)
     return {"per_finding": per, "macro": summ.pop("macro"), "subsets": summ,
             "config": {"n_boot": cfg.n_boot, "ci": cfg.ci, "seed": cfg.seed, "level": cfg.level}}
-
-
-def resample_indices(groups: Sequence[Any] | np.ndarray | None, n: int, cfg: BootstrapConfig) -> Iterator[np.ndarray]:
-    """Yield one index array per resample: every image of each drawn patient, repeated as often as it was
-    drawn (for statistics that have no weighted form, e.g. the C-index)."""
-    for w in resample_weights(groups, n, cfg):
-        counts = w.astype(np.int64)
-        for row in counts:
-            yield np.repeat(np.arange(n), row)
-
-
-def bootstrap_statistic(
-    fn: Any, n: int, groups: Sequence[Any] | np.ndarray | None, cfg: BootstrapConfig = BootstrapConfig()
-) -> dict[str, Any]:
-    """Percentile CI of `fn(indices) -> float` over patient-level resamples (materialised indices)."""
-    vals = np.array([fn(idx) for idx in resample_indices(groups, n, cfg)], dtype=np.float64)
-    lo, hi = percentile_ci(vals, cfg.ci)
-    return {"ci": [lo, hi], "n_degenerate": int(np.sum(np.isnan(vals))), "se": float(np.nanstd(vals))}

@@ -4,7 +4,7 @@ import pytest
 
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ManifestError
-from chexfound.evaluate.localisation import (LocalisationItem, box_mask, centre_prior, map_boxes, mass_in_boxes,
+from chexfound.evaluate.box_scores import (LocalisationItem, box_mask, centre_prior, map_boxes, mass_in_boxes,
                                              pointing_hit, read_boxes, score_items, summarise)
 
 

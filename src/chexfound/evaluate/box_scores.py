@@ -166,7 +166,7 @@ _SCORE_COLS = ("pointing", "mass", "centre_pointing", "centre_mass", "uniform_ma
 
 def summarise(scores: pd.DataFrame, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """Means per finding and overall, with patient-level percentile CIs (resampling patients)."""
-    from chexfound.evaluate.bootstrap import BootstrapConfig, percentile_ci, resample_weights
+    from chexfound.stats.resample import BootstrapConfig, percentile_ci, resample_weights
 
     def block(df: pd.DataFrame) -> dict[str, Any]:
         out: dict[str, Any] = {"n_items": int(len(df)), "n_patients": int(df["patient_id"].nunique())}

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from chexfound.evaluate.bootstrap import (BootstrapConfig, bootstrap_multilabel, paired_bootstrap,
-                                          resample_weights)
-from chexfound.evaluate.metrics import multilabel_metrics
+from chexfound.stats import (BootstrapConfig, bootstrap_multilabel, multilabel_metrics, paired_bootstrap,
+                             resample_weights)
 
 
 def _data(n_pat: int, per_patient: int, seed: int = 0):
@@ -91,7 +90,7 @@ def test_paired_bootstrap_identical_and_better_model():
 
 
 def test_bootstrap_statistic_resamples_patients():
-    from chexfound.evaluate.bootstrap import bootstrap_statistic, resample_indices
+    from chexfound.stats.resample import bootstrap_statistic, resample_indices
 
     pats = np.array(["a", "a", "a", "b", "c"])
     for idx in resample_indices(pats, 5, BootstrapConfig(n_boot=30, chunk=7)):
