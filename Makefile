@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export CHEXFOUND_DATA ?= $(abspath ../shared/data)
+# the shared data beside the checkout, or the packed copy a device machine gets (../shared/tools/pack-device-data.sh)
+export CHEXFOUND_DATA ?= $(abspath $(if $(wildcard .device-data),.device-data,../shared/data))
 
-.PHONY: venv demo demo-quick test bench clean
+.PHONY: venv demo demo-quick test bench clean gpu-proof
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,14 @@ demo-quick: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The GPU proof (docs/pretraining.md): runs from this source tree with no install and no venv (torch >= 2.11,
+# numpy, scikit-learn, pandas, safetensors, pyyaml, Pillow, tqdm); OUT receives <= 8 files of <= 16 MiB.
+#   make gpu-proof OUT=dir [ARGS='--time-budget 420 key=value ...']
+gpu-proof:
+	@test -n "$(OUT)" || { echo "usage: make gpu-proof OUT=dir [ARGS='key=value ...']"; exit 2; }
+	PYTHONPATH=$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m chexfound pretrain \
+		--config proof_vits16_224 --proof-out $(OUT) $(ARGS)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

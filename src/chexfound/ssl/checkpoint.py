@@ -84,6 +84,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def _nbytes(obj: Any) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def measure_save_cost(trainer: Any, run_dir: str | Path, clock: Any, shards: bool) -> tuple[float, float]:
+    """Seconds for (one checkpoint, the end's checkpoint + teacher exports), for time budgets: the state copy
+    is timed (a collective under FSDP), the writes are their bytes over a timed, fsynced write of the teacher
+    (rank 0; other ranks return zeros)."""
+    t0 = clock()
+    state = trainer.state()
+    t_state = clock() - t0
+    if not trainer.info.is_main:
+        return 0.0, 0.0
+    teacher = {k: v for k, v in state["model"].items() if k.startswith("teacher.")}
+    tmp = Path(run_dir) / CKPT_DIR / ".write_cost.tmp"
+    t0 = clock()
+    _atomic_torch_save(teacher, tmp)
+    t_write = clock() - t0
+    tmp.unlink(missing_ok=True)
+    per_byte = t_write / max(1, _nbytes(teacher))
+    ckpt_s = t_state + _nbytes(state) * per_byte
+    # the end: the final checkpoint, a second state copy, the safetensors + original-layout exports (+ bf16 shards)
+    end_s = ckpt_s + t_state + (2.0 + (0.5 if shards else 0.0)) * _nbytes(teacher) * per_byte
+    return ckpt_s, end_s
+
+
 # -- full state of a possibly sharded model ---------------------------------------------------------
 def full_model_state(model: nn.Module, sharded: bool) -> dict[str, Tensor]:
     """CPU state dict; under FSDP2 a collective (every rank must call it)."""

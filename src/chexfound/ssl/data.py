@@ -30,6 +30,7 @@ from chexfound.data.datasets import ImageDataset, collate_skip_errors
 from chexfound.data.manifest import Manifest, patient_split, read_manifest
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ConfigError, ManifestError
+from chexfound.ssl import distributed as D
 from chexfound.ssl.config import expand_path
 from chexfound.ssl.sampler import ShardedStreamSampler
 
@@ -228,3 +229,48 @@ class LoaderSource:
                 continue
             yield step, b["image"].to(self.device, non_blocking=True), len(b["errors"])
             step += 1
+
+
+# -- the corpus of a run ------------------------------------------------------------------------------
+@dataclass
+class Corpus:
+    source: PreloadedSource | LoaderSource
+    sampler: ShardedStreamSampler
+    n_items: int
+    pipeline: str  # preload | loader
+    skipped: Skipped
+
+
+def open_corpus(cfg: dict[str, Any], out: Path, info: D.DistInfo, say: Any, quiet: bool) -> Corpus:
+    """The run's images, fed by the pipeline `data.pipeline` picks (`auto`: preload when it fits)."""
+    d = cfg["data"]
+    paths = corpus_paths(d["sources"], d["split"])
+    size = int(cfg["crops"]["global_crops_size"])
+    b, seed = int(cfg["train"]["batch_size_per_gpu"]), int(cfg["train"]["seed"])
+    pipeline = d["pipeline"]
+    if pipeline == "auto":
+        pipeline = "preload" if len(paths) * size * size / 1e9 <= float(d["preload_max_gb"]) else "loader"
+    skipped = Skipped()
+    source: PreloadedSource | LoaderSource
+    if pipeline == "preload":
+        cache = out / "cache" if d["cache"] else None
+        # rank 0 decodes (and fills the cache) first; the others then read the cache
+        if info.is_main:
+            images = load_preloaded(paths, size, int(d["num_workers"]), cache, skipped, progress=not quiet)
+        D.barrier()
+        if not info.is_main:
+            images = load_preloaded(paths, size, int(d["num_workers"]), cache, skipped)
+        n_items = images.shape[0]
+        if n_items == 0:
+            raise ConfigError(None, f"none of the {len(paths)} images could be read (see {out / 'skipped.txt'})")
+        sampler = ShardedStreamSampler(n_items, b, info.world_size, info.rank, seed)
+        source = PreloadedSource(images, sampler, info.device)
+        del images
+    else:
+        n_items = len(paths)
+        sampler = ShardedStreamSampler(n_items, b, info.world_size, info.rank, seed)
+        source = LoaderSource(paths, size, sampler, info.device, int(d["num_workers"]), skipped)
+    if info.is_main and skipped.items:
+        skipped.write(out / "skipped.txt")
+        say(f"skipped {len(skipped.items)} unreadable image(s); listed in {out / 'skipped.txt'}")
+    return Corpus(source, sampler, n_items, pipeline, skipped)

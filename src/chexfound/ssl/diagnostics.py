@@ -69,22 +69,36 @@ class CollapseMonitor:
 
 
 # -- report ----------------------------------------------------------------------------------------
+def rollback_marks(rows: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
+    """(iteration detected, iteration rolled back to, reason) of every `kind: rollback` row."""
+    return [(int(r["detected_at"]), int(r["iteration"]), str(r.get("reason", "")))
+            for r in rows if r.get("kind") == "rollback"]
+
+
 def plot_report(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """A 3x3 grid of the training curves; None when there is nothing to plot."""
-    logged = read_jsonl(metrics_path)
-    rows = [r for r in logged if r.get("kind") == "train"]
-    probes = [r for r in logged if r.get("kind") == "probe"]
+    """A 3x3 grid of the training curves; None when there is nothing to plot (or no matplotlib).
+    Rollbacks are marked: a dotted red line where a divergence was detected, a solid one where the run went
+    back to, and the abandoned stretch drawn in grey."""
+    all_rows = read_jsonl(metrics_path)
+    rows = [r for r in all_rows if r.get("kind") == "train"]
+    abandoned = [r for r in all_rows if r.get("kind") == "train_abandoned"]
+    probes = [r for r in all_rows if r.get("kind") == "probe"]
+    marks = rollback_marks(all_rows)
     if not rows:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("no report.png: matplotlib is not installed (pip install matplotlib)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     it = [r["iteration"] for r in rows]
 
-    def series(key: str) -> list[float]:
-        return [r.get(key, math.nan) for r in rows]
+    def series(key: str, src: list[dict[str, Any]] | None = None) -> list[float]:
+        return [math.nan if r.get(key) is None else r[key] for r in (rows if src is None else src)]
 
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     ax = axes.ravel()
@@ -117,10 +131,20 @@ def plot_report(metrics_path: str | Path, out_png: str | Path, title: str = "") 
         for k in sorted({k for r in probes for k in r if k.endswith("auroc")}):
             ax[8].plot(pit, [r.get(k, math.nan) for r in probes], "o-", label=k)
     ax[8].set_title("probe AUROC (hold-out)")
+    if abandoned:
+        ait = [r["iteration"] for r in abandoned]
+        for a, k in ((ax[0], "loss"), (ax[2], "teacher_entropy"), (ax[6], "grad_norm")):
+            a.plot(ait, series(k, abandoned), ".", color="0.6", label=f"{k} (abandoned)")
+    for n, (detected, back_to, reason) in enumerate(marks):
+        for a in ax[:8]:
+            a.axvline(detected, color="r", linestyle=":", linewidth=1)
+            a.axvline(back_to, color="r", linewidth=1, label=f"rollback ({reason})" if n == 0 and a is ax[0] else None)
     for a in ax:
         a.set_xlabel("iteration")
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
+    if marks:
+        title = f"{title}  [{len(marks)} rollback(s)]"
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_png)

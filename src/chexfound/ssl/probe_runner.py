@@ -1,11 +1,18 @@
 """Probes during and after a pretraining run (rank 0 computes; every rank joins the gathers under FSDP).
 
 periodic: teacher features on the small probe set (k-NN + linear AUROC) -> metrics.jsonl rows kind=probe.
-final:    linear probes of the teacher vs the same architecture at random init (`final_random_seeds` seeds) vs
-          raw 32x32 pixels, on each configured task: the statistics layer's logistic probe and its
-          comparison table (`chexfound.stats.compare_scores`): macro AUROC with 95% CIs from a bootstrap over
-          test *patients* and the paired differences teacher - baseline on the same resamples; printed as a
-          table and written to probe_comparison.json.
+final:    linear probes of the teacher vs its own iteration-0 weights vs the same architecture at random init
+          (`final_random_seeds` seeds) vs raw 32x32 pixels, on each configured task: the statistics layer's
+          logistic probe and its comparison table (`chexfound.stats.compare_scores`): macro AUROC with 95% CIs
+          from a bootstrap over test *patients* and the paired differences teacher - baseline on the same
+          resamples; printed as a table and written to probe_comparison.json.
+
+Every probe set is decoded once, when first needed (a set a time budget turns down is never decoded). The
+runner measures what probes cost (`measure_costs`: decoding and features per image after a warm-up batch, the
+logistic fit on the pixel baseline of the smallest final set, which is kept) and keeps measuring at every
+probe, so a time budget plans with measured numbers (chexfound.ssl.budget). The final comparison follows a
+`ProbePlan` (tasks, set sizes, random seeds) and, with a deadline, runs the essential models first (teacher,
+iteration-0 weights, one random init, pixels on every task) and the other random inits only while they fit.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import torch
 
 from chexfound.models import VisionTransformer
 from chexfound.ssl import distributed as D
+from chexfound.ssl.budget import (PERIODIC, Clock, Deadline, FinalSet, ProbeCosts, ProbePlan, plan_from_config,
+                                  set_key, turn_down)
 from chexfound.ssl.config import expand_path
-from chexfound.ssl.probe import (ProbeTask, backbone_features, kermany_task, linear_probe_scores, nih14_task,
-                                 probe_backbone, task_columns)
+from chexfound.ssl.probe import (NIH_EXCLUDE, ProbeTask, backbone_features, evaluate_features, kermany_task,
+                                 linear_probe_scores, nih14_task, task_columns)
 from chexfound.stats import BootstrapConfig, compare_scores, pixel_features
 
 log = logging.getLogger(__name__)
@@ -53,112 +62,276 @@ def resolve_kermany(cfg: dict[str, Any]) -> Path | None:
     return p if _is_kermany(p) else None
 
 
+def split_sizes(kind: str, root: Path) -> tuple[int, int, int]:
+    """(train images, test images, findings with both classes in each) of a probe task, from its labels alone
+    (no image is decoded): the splits `kermany_task` / `nih14_task` draw from."""
+    from chexfound.data.manifest import patient_split, read_manifest
+    from chexfound.data.readers import read_kermany
+
+    if kind == "kermany":
+        m = read_kermany(root)
+        return len(m.split("train")), len(m.split("test")), 1
+    m = read_manifest(Path(root) / "labels.csv")
+    m.label_columns = [c for c in m.label_columns if c not in NIH_EXCLUDE and c != "no_finding"]
+    split = patient_split(m.patients(), [0.7, 0.3], ["dev", "test"], 0)
+    y = m.labels()
+
+    def both(rows: np.ndarray, c: int) -> bool:
+        v = y[rows, c]
+        return len(np.unique(v[~np.isnan(v)])) == 2
+
+    n_f = sum(both(split == "dev", c) and both(split == "test", c) for c in range(y.shape[1]))
+    return int((split == "dev").sum()), int((split == "test").sum()), int(n_f)
+
+
 class ProbeRunner:
     def __init__(self, cfg: dict[str, Any], trainer: Any, out: Path, say: Callable[[str], None],
-                 is_main: bool) -> None:
+                 is_main: bool, clock: Clock = time.perf_counter) -> None:
         self.cfg, self.trainer, self.out, self.say, self.is_main = cfg, trainer, out, say, is_main
+        self.clock = clock
         self.p = cfg["probe"]
         self.size = int(cfg["crops"]["global_crops_size"])
         self.device = trainer.device
+        self.seed = int(cfg["train"]["seed"])
+        self.workers = int(cfg["data"]["num_workers"])
         self.kermany = resolve_kermany(cfg)
-        self.task: ProbeTask | None = None
+        self.nih14 = expand_path(self.p["nih14"]) if self.p.get("nih14") and self.kermany is not None else None
+        self.costs = ProbeCosts(feature_dim=2 * int(trainer.vit_config.embed_dim))
+        self.pixel_scores: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # task -> (sizes, test scores)
+        self._sets: dict[str, ProbeTask] = {}  # decoded probe sets by set_key
         self.t_probe: float | None = None
-        if is_main and self.kermany is not None and int(self.p["n_evals"]) >= 0:
-            self.task = kermany_task(self.kermany, self.size, int(self.p["n_train"]), int(self.p["n_test"]),
-                                     seed=int(cfg["train"]["seed"]))
-        elif is_main and self.kermany is None:
+        if is_main and self.kermany is None:
             say("probe: no Kermany folder found (probe.kermany / $CHEXFOUND_DATA); probes are off")
 
-    # -- cost estimate for time budgets ----------------------------------------------------------------
-    def reserve_s(self) -> float:
-        t = self.t_probe if self.t_probe is not None else 0.0
-        t = float(D.broadcast_object(t))
-        n_per = int(self.p["n_train"]) + int(self.p["n_test"])
-        n_fin = int(self.p["final_n_train"]) + int(self.p["final_n_test"])
-        # NIH-14 fits 13 findings on ~380 images: about 5 Kermany probes' worth of logistic regressions.
-        tasks = 1 + 5 * int(bool(self.p.get("nih14")))
-        final = t * n_fin / max(1, n_per) * (2 + int(self.p["final_random_seeds"])) * tasks
-        return t * int(self.p["n_evals"]) + final + 10.0
+    @property
+    def enabled(self) -> bool:
+        return self.kermany is not None
+
+    # -- probe sets, decoded when first needed ---------------------------------------------------------
+    def _set(self, task: str, n_train: int, n_test: int) -> ProbeTask:
+        """A probe set: seeded random subsets of the task's train and test splits (a smaller set of the same
+        task is a subset of a larger one)."""
+        key = set_key(task, n_train, n_test)
+        if key not in self._sets:
+            if task in ("kermany", PERIODIC):
+                t = kermany_task(self.kermany, self.size, n_train, n_test, seed=self.seed, workers=self.workers)
+            else:
+                t = nih14_task(self.nih14, self.size, n_train, n_test, seed=0, workers=self.workers)
+            self._sets[key] = t
+        return self._sets[key]
+
+    @property
+    def decoded(self) -> set[str]:
+        return set(self._sets)
+
+    @property
+    def task(self) -> ProbeTask | None:
+        """The periodic probe set (rank 0, probes on)."""
+        if not self.is_main or self.kermany is None or int(self.p["n_evals"]) < 0:
+            return None
+        return self._set(PERIODIC, *self._periodic_sizes())
+
+    def _periodic_sizes(self) -> tuple[int, int]:
+        if not hasattr(self, "_periodic"):
+            n_tr, n_te, _ = split_sizes("kermany", self.kermany)  # type: ignore[arg-type]
+            self._periodic = (min(int(self.p["n_train"]), n_tr), min(int(self.p["n_test"]), n_te))
+        return self._periodic
+
+    # -- what the configured probes are, and what they cost ----------------------------------------------
+    def configured_plan(self) -> ProbePlan:
+        """The probes as configured, sized from the tasks' labels (rank 0; broadcast)."""
+        plan = None
+        if self.is_main:
+            finals = []
+            on = self.kermany is not None and int(self.p["n_evals"]) >= 0
+            if self.kermany is not None:
+                # probe.final_n_train / final_n_test cap every final task (NIH-14 would take all its patients)
+                cap_tr, cap_te = int(self.p["final_n_train"]), int(self.p["final_n_test"])
+                for name, root in (("kermany", self.kermany), ("nih14", self.nih14)):
+                    if root is not None:
+                        n_tr, n_te, n_f = split_sizes(name, root)
+                        finals.append(FinalSet(name, min(cap_tr, n_tr), min(cap_te, n_te), n_f))
+            plan = plan_from_config(self.p, finals, on)
+            if on:
+                plan.periodic_train, plan.periodic_test = self._periodic_sizes()
+        return D.broadcast_object(plan)  # type: ignore[return-value]
+
+    def _features(self, model: VisionTransformer, images: torch.Tensor) -> np.ndarray:
+        return backbone_features(model, images, self.device, int(self.p["batch_size"]), self.trainer.autocast)
+
+    def _fit(self, task: ProbeTask, ftr: np.ndarray, fte: np.ndarray) -> np.ndarray:
+        """Test logits [n_test, C] of the statistics layer's logistic probe (patient folds)."""
+        return linear_probe_scores(ftr, task.train_labels, fte, task.train_groups, seed=self.seed,
+                                   n_jobs=int(self.p.get("n_jobs", 1)))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def measure_costs(self, plan: ProbePlan, min_images: int, limit_s: float, sample: torch.Tensor) -> ProbeCosts:
+        """Features per image, timed on `sample` (uint8 images already at hand, e.g. a training batch: an
+        untimed warm-up batch, then timed batches of growing size); then, unless no probe could fit in
+        `limit_s` even with free decoding and fits (slow features on a small budget: the time would be
+        wasted), decoding per image and the logistic fit per unit, on the smallest final Kermany set a plan can
+        use (`min_images` train and test images, decoded here; its pixel-baseline scores are kept)."""
+        backbone = self.trainer.teacher_backbone()  # collective under FSDP
+        kermany = next((f for f in plan.finals if f.task == "kermany"), None)
+        if self.is_main and backbone is not None and (kermany is not None or plan.periodic):
+            images = sample.cpu()
+            bs = int(self.p["batch_size"])
+            n = min(4, len(images), bs)
+            self._features(backbone, images[:n])  # warm-up: allocator, kernel selection
+            while True:
+                self._sync()
+                t0 = self.clock()
+                self._features(backbone, images[:n])
+                self._sync()
+                dt = self.clock() - t0
+                if dt >= 0.5 or n >= min(bs, len(images)):
+                    break
+                n = min(2 * n, bs, len(images))
+            self.costs.feature_s = dt / n
+            lower = turn_down(plan, lambda p: self.costs.reserve_s(p), limit_s, min_images)
+            if kermany is not None and (lower.finals or lower.periodic):
+                m_tr, m_te = min(min_images, kermany.n_train), min(min_images, kermany.n_test)
+                t0 = self.clock()
+                task = self._set("kermany", m_tr, m_te)
+                self.costs.decode_s = (self.clock() - t0) / max(1, m_tr + m_te)
+                self.costs.fit_s = self._pixel_fit(task) or 0.0
+        self.costs = D.broadcast_object(self.costs)  # type: ignore[assignment]
+        return self.costs
+
+    def _pixel_fit(self, task: ProbeTask) -> float | None:
+        """Fit the pixel baseline of `task` (kept for the final comparison); returns seconds per fit unit."""
+        cols = task_columns(task)
+        t0 = self.clock()
+        scores = self._fit(task, pixel_features(task.train_images), pixel_features(task.test_images))
+        dt = self.clock() - t0
+        self.pixel_scores[task.name] = ((len(task.train_labels), len(task.test_labels)), scores)
+        units = len(task.train_labels) * self.costs.pixel_dim * max(1, len(cols))
+        return dt / units if cols else None
 
     # -- periodic --------------------------------------------------------------------------------------
     def periodic(self, iteration: int, metrics: Any) -> None:
         if self.kermany is None:
             return
         backbone = self.trainer.teacher_backbone()  # collective under FSDP
-        if self.is_main and self.task is not None and backbone is not None:
-            t0 = time.perf_counter()
-            res = probe_backbone(backbone, self.task, self.device, int(self.p["knn_k"]), int(self.p["batch_size"]),
-                                 autocast=self.trainer.autocast)
-            self.t_probe = time.perf_counter() - t0
-            metrics.write("probe", iteration=iteration, task="kermany",
-                          **{f"probe_{k}": v for k, v in res.items()}, probe_s=self.t_probe)
+        task = self.task
+        if self.is_main and task is not None and backbone is not None:
+            t0 = self.clock()
+            ftr, fte = self._features(backbone, task.train_images), self._features(backbone, task.test_images)
+            t1 = self.clock()
+            res = evaluate_features(ftr, fte, task, int(self.p["knn_k"]))
+            t2 = self.clock()
+            self.t_probe = t2 - t0
+            # Keep measuring: the budget's final re-plan uses the latest costs.
+            self.costs.feature_s = (t1 - t0) / max(1, len(task.train_labels) + len(task.test_labels))
+            self.costs.fit_s = (t2 - t1) / max(1, len(task.train_labels) * ftr.shape[1])
+            metrics.write_row({"kind": "probe", "iteration": iteration, "task": "kermany",
+                           **{f"probe_{k}": v for k, v in res.items()}, "probe_s": self.t_probe,
+                           "probe_features_s": t1 - t0, "probe_fit_s": t2 - t1})
             self.say(f"probe @ {iteration}: Kermany k-NN AUROC {res['knn_auroc']:.3f}, "
                      f"linear AUROC {res['linear_auroc']:.3f} ({self.t_probe:.1f}s)")
         D.barrier()
 
-    # -- final comparison ------------------------------------------------------------------------------
-    def _final_tasks(self) -> list[ProbeTask]:
-        seed = int(self.cfg["train"]["seed"])
-        tasks = []
-        if self.kermany is not None:
-            tasks.append(kermany_task(self.kermany, self.size, int(self.p["final_n_train"]),
-                                      int(self.p["final_n_test"]), seed=seed))
-        if self.p.get("nih14"):
-            tasks.append(nih14_task(expand_path(self.p["nih14"]), self.size, 10**9, 10**9, seed=0))
-        return tasks
+    def probe_s(self, plan: ProbePlan) -> float:
+        return self.costs.periodic_probe_s(plan)
 
+    # -- final comparison ------------------------------------------------------------------------------
     def final(self, model_sd: dict[str, torch.Tensor], metrics: Any,
-              init_backbone: Callable[[], VisionTransformer] | None = None) -> dict[str, Any]:
-        if not self.is_main:
+              init_backbone: Callable[[], VisionTransformer] | None = None, plan: ProbePlan | None = None,
+              deadline: Deadline | None = None, margin_s: float = 0.0) -> dict[str, Any]:
+        if not self.is_main or self.kermany is None:
             return {}
-        tasks = self._final_tasks()
-        if not tasks:
-            return {}
+        plan = plan or self.configured_plan()
+        if deadline is not None:
+            done = {k: v[0] for k, v in self.pixel_scores.items()}
+            fitted = turn_down(plan, lambda p: self.costs.final_probes_s(p, done, self.decoded),
+                               deadline.left_s() - margin_s, int(self.cfg["budget"]["min_final_images"]),
+                               stages=("final_sets", "random_seeds", "final_tasks"))
+            new = fitted.turned_down[len(plan.turned_down):]
+            if new:
+                self.say("final probes turned down to fit the time left: " + "; ".join(new))
+                metrics.write_row({"kind": "budget", "event": "final_turned_down", "turned_down": new,
+                               "left_s": deadline.left_s()})
+            plan = fitted
         from chexfound.ssl.checkpoint import teacher_backbone_from_state
 
+        if not plan.finals:
+            return {}
+        tasks = [self._set(f.task, f.n_train, f.n_test) for f in plan.finals]
         teacher = teacher_backbone_from_state(model_sd, self.trainer.vit_config).to(self.device)
-        bs = int(self.p["batch_size"])
-        seed = int(self.cfg["train"]["seed"])
+        init = init_backbone().to(self.device) if init_backbone is not None else None
+        scores: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in tasks}
+        seconds: dict[str, float] = {t.name: 0.0 for t in tasks}
+        random_s: dict[str, float] = {}
+
+        def backbone_scores(task: ProbeTask, model: VisionTransformer) -> np.ndarray:
+            ftr, fte = self._features(model, task.train_images), self._features(model, task.test_images)
+            return self._fit(task, ftr, fte)
+
+        def random_model(k: int) -> VisionTransformer:
+            torch.manual_seed(10_000 + k)
+            return VisionTransformer(self.trainer.vit_config).to(self.device)
+
+        # The essential comparison first, on every task ...
+        for task in tasks:
+            t0 = self.clock()
+            s = scores[task.name]
+            s["teacher"] = backbone_scores(task, teacher)
+            if init is not None:
+                s["init (iteration 0)"] = backbone_scores(task, init)  # this run's own iteration-0 weights
+            if plan.random_seeds > 0:
+                t1 = self.clock()
+                s["random_init_seed0"] = backbone_scores(task, random_model(0))
+                random_s[task.name] = self.clock() - t1
+            cached = self.pixel_scores.get(task.name)
+            if cached is not None and cached[0] == (len(task.train_labels), len(task.test_labels)):
+                s["pixels_32x32"] = cached[1]
+            else:
+                s["pixels_32x32"] = self._fit(task, pixel_features(task.train_images), pixel_features(task.test_images))
+            seconds[task.name] += self.clock() - t0
+        # ... then the other random inits, while they still fit.
+        skipped = []
+        for k in range(1, plan.random_seeds):
+            for task in tasks:
+                if deadline is not None and deadline.left_s() - margin_s < random_s.get(task.name, 0.0):
+                    skipped.append(f"{task.name} random_init_seed{k}")
+                    continue
+                t0 = self.clock()
+                scores[task.name][f"random_init_seed{k}"] = backbone_scores(task, random_model(k))
+                seconds[task.name] += self.clock() - t0
+        if skipped:
+            self.say("final probes: no time left for " + ", ".join(skipped))
+            metrics.write_row({"kind": "budget", "event": "final_skipped", "skipped": skipped})
         report: dict[str, Any] = {}
         for task in tasks:
-            cols = task_columns(task)
-            y = task.test_labels[:, cols]
-            names = [task.label_names[c] for c in cols]
-
-            def scores_of(ftr: np.ndarray, fte: np.ndarray) -> np.ndarray:
-                return linear_probe_scores(ftr, task.train_labels, fte, task.train_groups, seed=seed,
-                                           n_jobs=int(self.p.get("n_jobs", 1)))[:, cols]
-
-            def backbone_scores(model: VisionTransformer) -> np.ndarray:
-                return scores_of(backbone_features(model, task.train_images, self.device, bs, self.trainer.autocast),
-                                 backbone_features(model, task.test_images, self.device, bs, self.trainer.autocast))
-
-            scores: dict[str, np.ndarray] = {"teacher": backbone_scores(teacher)}
-            paired_name = {}
-            if init_backbone is not None:
-                # This run's own iteration-0 weights: same seed, same architecture, untrained.
-                scores["init (iteration 0)"] = backbone_scores(init_backbone().to(self.device))
-                paired_name["init (iteration 0)"] = "init"
-            for k in range(int(self.p["final_random_seeds"])):
-                torch.manual_seed(10_000 + k)
-                rnd = VisionTransformer(self.trainer.vit_config).to(self.device)
-                scores[f"random_init_seed{k}"] = backbone_scores(rnd)
-                paired_name[f"random_init_seed{k}"] = f"random_seed{k}"
-                del rnd
-            scores["pixels_32x32"] = scores_of(pixel_features(task.train_images), pixel_features(task.test_images))
-            paired_name["pixels_32x32"] = "pixels"
-            table = compare_scores(y, scores, names, task.test_groups, "teacher", BootstrapConfig(seed=seed))
-            diffs = {f"teacher_minus_{paired_name[m]}": table["paired"][f"teacher_minus_{m}"] for m in paired_name}
-            report[task.name] = {"n_train": int(len(task.train_labels)), "n_test": int(len(y)), "findings": names,
-                                 "auroc": table["auroc"], "paired": diffs, "bootstrap": table["bootstrap"],
-                                 "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
+            report[task.name] = self._compare(task, scores[task.name])
             self._print(task.name, report[task.name])
-            metrics.write("final_probe", task=task.name,
-                          **{f"{k}_auroc": v["auroc"] for k, v in table["auroc"].items()})
+            metrics.write_row({"kind": "final_probe", "task": task.name, "seconds": seconds[task.name],
+                           **{f"{k}_auroc": v["auroc"] for k, v in report[task.name]["auroc"].items()}})
         from chexfound.runio import atomic_write_json
 
         atomic_write_json(self.out / "probe_comparison.json", report)
         return report
+
+    def _compare(self, task: ProbeTask, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The statistics layer's comparison: AUROC with a patient-bootstrap CI per model, and the paired
+        differences teacher - each baseline on the same resamples."""
+        cols = task_columns(task)
+        names = [task.label_names[c] for c in cols]
+        order = (["teacher", "init (iteration 0)"] + sorted((k for k in scores if k.startswith("random_init")),
+                                                    key=lambda k: int(k.rsplit("seed", 1)[1]))
+                 + ["pixels_32x32"])
+        ordered = {k: scores[k][:, cols] for k in order if k in scores}
+        y = task.test_labels[:, cols]
+        table = compare_scores(y, ordered, names, task.test_groups, "teacher", BootstrapConfig(seed=self.seed))
+        short = {"init (iteration 0)": "init", "pixels_32x32": "pixels"}
+        diffs = {f"teacher_minus_{short.get(k, k.replace('random_init_seed', 'random_seed'))}":
+                 table["paired"][f"teacher_minus_{k}"] for k in ordered if k != "teacher"}
+        return {"n_train": int(len(task.train_labels)), "n_test": int(len(y)), "findings": names,
+                "auroc": table["auroc"], "paired": diffs, "bootstrap": table["bootstrap"],
+                "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
 
     def _print(self, name: str, r: dict[str, Any]) -> None:
         self.say(f"\nlinear probe on held-out images: {name} (train {r['n_train']}, test {r['n_test']}, "

@@ -1,56 +1,92 @@
-"""The pretraining loop: `pretrain(cfg, out_dir)`; the same code runs alone or under torchrun.
+"""The pretraining driver: `pretrain(cfg, out_dir)`; the same code runs alone or under torchrun.
 
-One iteration: gather this rank's uint8 images -> multi-crop on the device -> block masks -> teacher targets
--> student forward -> DINO + iBOT + KoLeo loss -> backward -> per-module gradient clipping -> AdamW step
-(lr / wd / last-layer lr from the schedules) -> teacher EMA; a non-finite step skips its update on the
-device and the loop stops at the next log step.
+A run goes through six stages, each a function here or a module of its own:
+  open    the run folder, the process group, the printed log, the recipe check against a folder to resume
+  data    the corpus and its pipeline (chexfound.ssl.data.open_corpus)
+  model   the trainer: from scratch, from `train.init_from`, or resumed from the folder's last checkpoint
+  length  how many iterations and which probes: fixed by the config, or fitted to the time budget
+          (chexfound.ssl.budget: measured costs, the first iterations timed, probes turned down to fit)
+  loop    steps, log rows, checkpoints, periodic probes, rollbacks, the deadline (chexfound.ssl.train_loop)
+  end     final checkpoint, teacher exports, final probes, report (chexfound.ssl.train_end)
 
-Everything random in an iteration (which images, crops, masks, stochastic depth) is seeded by
-(seed, iteration, rank), so a resumed run repeats the uninterrupted one exactly.
+One iteration (chexfound.ssl.trainer): gather this rank's uint8 images -> multi-crop on the device -> block
+masks -> teacher targets -> student forward -> DINO + iBOT + KoLeo loss -> backward -> per-module gradient
+clipping -> AdamW step (lr / wd / last-layer lr from the schedules) -> teacher EMA; a non-finite step skips its
+update on the device and the loop learns of it at the next log step. Everything random in an
+iteration (which images, crops, masks, stochastic depth) is seeded by (seed, iteration, rank), so a resumed
+run repeats the uninterrupted one exactly. A diverging run rolls back and goes on (chexfound.ssl.heal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from chexfound.errors import ChexfoundError, ConfigError
-from chexfound.models import VisionTransformer
-from chexfound.runio import RunLog, read_jsonl
+from chexfound.errors import ConfigError
 from chexfound.ssl import distributed as D
-from chexfound.ssl.checkpoint import (export_teacher, full_model_state, init_from_checkpoint, latest_checkpoint,
-                                      load_checkpoint, save_checkpoint)
+from chexfound.ssl.budget import (Clock, Deadline, ProbeCosts, ProbePlan, calibrate_step, fit_budget)
+from chexfound.ssl.checkpoint import init_from_checkpoint, latest_checkpoint, load_checkpoint, measure_save_cost
 from chexfound.ssl.config import diff_configs, dump_config
-from chexfound.ssl.data import (LoaderSource, PreloadedSource, Skipped, corpus_paths, load_preloaded)
-from chexfound.ssl.diagnostics import CollapseMonitor, plot_report
-from chexfound.ssl.meta_arch import SSLMetaArch, all_reduce_stats
-from chexfound.ssl.sampler import ShardedStreamSampler
-
+from chexfound.ssl.data import Corpus, open_corpus
+from chexfound.ssl.diagnostics import CollapseMonitor
+from chexfound.ssl.heal import Healer
+from chexfound.ssl.run_context import MetricsLog, PrintedLog, RunContext, RunSettings
+from chexfound.ssl.train_end import RunResult, finish
+from chexfound.ssl.train_loop import RunLength, TrainLoop, probe_iterations
 from chexfound.ssl.trainer import NonFiniteLossError, Trainer, resolve_precision, step_seed  # noqa: F401
 
 log = logging.getLogger(__name__)
 
+__all__ = ["pretrain", "RunResult", "NonFiniteLossError", "Trainer", "VOLATILE_KEYS", "probe_iterations"]
+
 # Keys that may change between a run and its resumption (they do not change what is learned).
 VOLATILE_KEYS = ("data.num_workers", "train.log_every", "train.cpu_threads", "checkpoint.", "probe.", "resolved.", "_preset",
-                 "data.cache", "data.preload_max_gb", "train.compile")
+                 "data.cache", "data.preload_max_gb", "train.compile", "budget.", "heal.")
 
 
-# -- the run ---------------------------------------------------------------------------------------
-@dataclass
-class RunResult:
-    out_dir: Path
-    iterations: int
-    stopped_early: bool = False
-    comparison: dict[str, Any] = field(default_factory=dict)
-    exports: dict[str, Path] = field(default_factory=dict)
+def pretrain(
+    cfg: dict[str, Any],
+    out_dir: str | Path,
+    device: str | None = None,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    echo: Callable[[str], None] | None = None,
+    clock: Clock = time.perf_counter,
+) -> RunResult:
+    """Run (or resume) a pretraining run in `out_dir`. `stop_after`: stop (as if killed, after a checkpoint)
+    once this many iterations are done (used to test resumption). `clock`: the time source of the budget."""
+    ctx, ckpt = _open(cfg, out_dir, device, quiet, echo, clock)
+    corpus = open_corpus(ctx.cfg, ctx.out, ctx.info, ctx.say, quiet)
+    trainer, start, resumed = _model(ctx, corpus, ckpt)
+    from chexfound.ssl.probe_runner import ProbeRunner
+
+    prober = ProbeRunner(ctx.cfg, trainer, ctx.out, ctx.say, ctx.info.is_main, clock=clock)
+    healer = Healer(ctx.settings.heal, trainer.sharded)
+    if resumed is not None:
+        healer.load_state_dict(resumed.get("heal", {}))
+    length, calibration = _length(ctx, trainer, corpus, prober, resumed)
+    _write_config(ctx, trainer, corpus, length)
+    monitor = CollapseMonitor(length.total)
+    monitor.load_state_dict((resumed or {}).get("monitor", {}))
+    loop = TrainLoop(ctx, trainer, corpus, prober, length, monitor, healer)
+    loop.apply_schedules()
+    if calibration:
+        loop.log_calibration(calibration)
+        start = calibration[-1][0]
+    if resumed is None and length.plan.periodic >= 1:
+        prober.periodic(0, ctx.metrics)  # the teacher as initialised (calibration runs at learning rate 0)
+    outcome = loop.run(start, stop_after)
+    if outcome.stopped_early:
+        return RunResult(ctx.out, outcome.done, stopped_early=True)
+    return finish(ctx, loop, prober, length, outcome, corpus.n_items)
 
 
+# -- open --------------------------------------------------------------------------------------------------
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     def strip(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out = {}
@@ -64,39 +100,22 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return strip(cfg)
 
 
-def _probe_iterations(total: int, n_evals: int) -> set[int]:
-    if n_evals <= 0:
-        return set()
-    return {int(round(total * (k + 1) / (n_evals + 1))) for k in range(n_evals)} - {0, total}
-
-
-def pretrain(
-    cfg: dict[str, Any],
-    out_dir: str | Path,
-    device: str | None = None,
-    quiet: bool = False,
-    stop_after: int | None = None,
-    echo: Callable[[str], None] | None = None,
-) -> RunResult:
-    """Run (or resume) a pretraining run in `out_dir`. `stop_after`: stop (as if killed, after a checkpoint)
-    once this many iterations are done — used to test resumption."""
-    t_start = time.perf_counter()
+def _open(cfg: dict[str, Any], out_dir: str | Path, device: str | None, quiet: bool,
+          echo: Callable[[str], None] | None, clock: Clock) -> tuple[RunContext, Path | None]:
+    t_start = clock()
     info = D.init_distributed(device)
-    if info.device.type == "cpu" and cfg["train"].get("cpu_threads"):
-        torch.set_num_threads(int(cfg["train"]["cpu_threads"]))
+    settings = RunSettings.from_config(cfg)
+    if info.device.type == "cpu" and settings.cpu_threads:
+        torch.set_num_threads(int(settings.cpu_threads))
     out = Path(out_dir)
-    say = echo or (lambda s: print(s, flush=True))
-    if not info.is_main:
-        say = lambda s: log.debug(s)  # noqa: E731
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     D.barrier()
-
-    # -- the recipe of this folder ----------------------------------------------------------------
+    say: Callable[[str], None] = PrintedLog(out / "pretrain.log", echo) if info.is_main else log.debug
     cfg = dict(cfg)
     cfg.pop("resolved", None)
-    saved_cfg_path = out / "config.yaml"
     ckpt = latest_checkpoint(out)
+    saved_cfg_path = out / "config.yaml"
     if ckpt is not None and saved_cfg_path.is_file():
         import yaml
 
@@ -105,275 +124,118 @@ def pretrain(
         if diff:
             raise ConfigError(saved_cfg_path, f"{out} holds a run with a different recipe (keys {diff}); "
                               "resume with the same options or use another --out")
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
+    if ckpt is None:
+        metrics.clear()  # a fresh run in a folder without checkpoints
+    return RunContext(cfg, settings, out, info, say, metrics, clock, t_start, quiet), ckpt
 
-    # -- data -------------------------------------------------------------------------------------
-    d = cfg["data"]
-    paths = corpus_paths(d["sources"], d["split"])
-    size = int(cfg["crops"]["global_crops_size"])
-    b = int(cfg["train"]["batch_size_per_gpu"])
-    pipeline = d["pipeline"]
-    if pipeline == "auto":
-        pipeline = "preload" if len(paths) * size * size / 1e9 <= float(d["preload_max_gb"]) else "loader"
-    skipped = Skipped()
-    sampler: ShardedStreamSampler
-    if pipeline == "preload":
-        cache = out / "cache" if d["cache"] else None
-        if info.is_main:
-            images = load_preloaded(paths, size, int(d["num_workers"]), cache, skipped, progress=not quiet)
-        D.barrier()
-        if not info.is_main:
-            images = load_preloaded(paths, size, int(d["num_workers"]), cache, skipped)
-        n_items = images.shape[0]
-        if n_items == 0:
-            raise ConfigError(None, f"none of the {len(paths)} images could be read (see {out / 'skipped.txt'})")
-        sampler = ShardedStreamSampler(n_items, b, info.world_size, info.rank, int(cfg["train"]["seed"]))
-        source: Any = PreloadedSource(images, sampler, info.device)
-        del images
-    else:
-        n_items = len(paths)
-        sampler = ShardedStreamSampler(n_items, b, info.world_size, info.rank, int(cfg["train"]["seed"]))
-        source = LoaderSource(paths, size, sampler, info.device, int(d["num_workers"]), skipped)
-    if info.is_main and skipped.items:
-        skipped.write(out / "skipped.txt")
-        say(f"skipped {len(skipped.items)} unreadable image(s); listed in {out / 'skipped.txt'}")
 
-    # -- model ------------------------------------------------------------------------------------
-    trainer = Trainer(cfg, info)
-    meta = trainer.meta
-    n_params = sum(p.numel() for p in meta.student.backbone.parameters())
-    say(f"pretrain: {n_items} images ({pipeline} pipeline), {info.world_size} process(es) on {info.device}, "
-        f"backbone {trainer.vit_config.name} {n_params / 1e6:.1f}M params, global batch {trainer.global_batch}, "
-        f"lr {trainer.base_lr():.3g}, precision {trainer.amp_dtype or torch.float32}")
-    monitor_state: dict[str, Any] = {}
-    start = 0
-    elapsed_before = 0.0
-    total: int | None = None
-    epoch_length = int(cfg["train"]["epoch_length"])
+# -- model -------------------------------------------------------------------------------------------------
+def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer, int, dict[str, Any] | None]:
+    """The trainer, and where it starts: (trainer, first iteration, the checkpoint's loop state or None)."""
+    trainer = Trainer(ctx.cfg, ctx.info)
+    s = ctx.settings
+    n_params = sum(p.numel() for p in trainer.meta.student.backbone.parameters())
+    ctx.say(f"pretrain: {corpus.n_items} images ({corpus.pipeline} pipeline), {ctx.info.world_size} process(es) on "
+            f"{ctx.info.device}, backbone {trainer.vit_config.name} {n_params / 1e6:.1f}M params, global batch "
+            f"{trainer.global_batch}, lr {trainer.base_lr():.3g}, precision {trainer.amp_dtype or torch.float32}")
+    start, resumed = 0, None
     if ckpt is not None:
         payload = load_checkpoint(ckpt)
         trainer.load_state(payload)
-        st = payload.get("state", {})
+        resumed = payload.get("state", {})
         start = int(payload["iteration"])
-        total, epoch_length = int(st["total_iterations"]), int(st["epoch_length"])
-        monitor_state = st.get("monitor", {})
-        elapsed_before = float(st.get("elapsed_s", 0.0))
-        say(f"resuming from {ckpt} at iteration {start} of {total}")
+        ctx.elapsed_before = float(resumed.get("elapsed_s", 0.0))
+        ctx.say(f"resuming from {ckpt} at iteration {start} of {int(resumed['total_iterations'])}")
         del payload
-    elif cfg["train"]["init_from"]:
+    elif s.init_from:
         from chexfound.ssl.config import expand_path
 
-        notes = init_from_checkpoint(meta.student, meta.teacher, expand_path(cfg["train"]["init_from"]),
-                                     cfg["train"]["pos_embed_on_resize"])
-        for n in notes:
-            say(f"init_from: {n}")
-
-    metrics = RunLog(out / "metrics.jsonl", enabled=info.is_main)
-    if ckpt is None:
-        metrics.clear()  # a fresh run in a folder without checkpoints
-    metrics.truncate_after(start)  # rows past the checkpoint belong to the lost tail of a killed run
-
-    # -- probe task (rank 0) ------------------------------------------------------------------------
-    from chexfound.ssl.probe_runner import ProbeRunner
-
-    prober = ProbeRunner(cfg, trainer, out, say, info.is_main)
-    if start == 0 and ckpt is None:
-        prober.periodic(0, metrics)
-
-    # -- how long -----------------------------------------------------------------------------------
-    if total is None:
-        budget = cfg["train"]["time_budget_s"]
-        if budget:
-            total, epoch_length = _fit_to_budget(trainer, source, cfg, float(budget), t_start, prober, say)
-        else:
-            total = int(round(float(cfg["optim"]["epochs"]) * epoch_length))
-    trainer.set_schedules(total, epoch_length)
-    resolved = {"world_size": info.world_size, "global_batch": trainer.global_batch, "lr": trainer.base_lr(),
-                "total_iterations": total, "epoch_length": epoch_length, "n_images": n_items,
-                "pipeline": pipeline, "n_skipped": len(skipped.items)}
-    if info.is_main:
-        from chexfound.runio import atomic_write_bytes
-
-        atomic_write_bytes(saved_cfg_path, dump_config({**cfg, "resolved": resolved}).encode())
-    probe_at = _probe_iterations(total, int(cfg["probe"]["n_evals"]))
-    monitor = CollapseMonitor(total)
-    monitor.load_state_dict(monitor_state)
-
-    last_plot = [0.0]
-
-    def save(it: int) -> Path | None:
-        state = trainer.state()  # collective under FSDP
-        path = None
-        if info.is_main:
-            extra = {"total_iterations": total, "epoch_length": epoch_length, "monitor": monitor.state_dict(),
-                     "elapsed_s": elapsed_before + time.perf_counter() - t_start}
-            path = save_checkpoint(out, it, {**state, "state": extra}, {**cfg, "resolved": resolved},
-                                   int(cfg["checkpoint"]["keep_last"]))
-            if skipped.items:
-                skipped.write(out / "skipped.txt")
-            if time.perf_counter() - last_plot[0] > 120:  # the report is refreshed at most every 2 min
-                plot_report(out / "metrics.jsonl", out / "report.png", title=str(out))
-                last_plot[0] = time.perf_counter()
-        D.barrier()
-        return path
-
-    # -- loop ---------------------------------------------------------------------------------------
-    log_every = max(1, int(cfg["train"]["log_every"]))
-    ckpt_every = int(cfg["checkpoint"]["every"])
-    bar = None
-    if info.is_main and not quiet and start < total:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
-    last_t = time.perf_counter()
-    images_since = 0
-    last_good: Path | None = latest_checkpoint(out)
-    stopped_early = False
-    it = start
-    if start < total:
-        for it, images, _n_bad in source.batches(start):
-            if it >= total:
-                break
-            done = it + 1
-            log_now = done % log_every == 0 or done == total or done == 1
-            try:
-                stats = trainer.train_step(it, images)
-                # The step does not wait for the device; a log step reads its stats, and learns there
-                # whether a step since the last one was non-finite (skipped on the device).
-                red = all_reduce_stats(stats, info.device) if log_now else {}
-                trainer.raise_if_nonfinite(red)
-            except NonFiniteLossError as e:
-                if bar is not None:
-                    bar.close()
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
-                raise NonFiniteLossError(f"{e}; stopped, {where}. Lower optim.base_lr, raise "
-                                         "optim.warmup_epochs or use train.dtype=fp32.") from None
-            images_since += images.shape[0] * info.world_size
-            if log_now:
-                now = time.perf_counter()
-                ips = images_since / max(now - last_t, 1e-9)
-                last_t, images_since = now, 0
-                sc = trainer.schedules.at(it)  # type: ignore[union-attr]
-                row = {"iteration": done, "epoch": sampler.epoch_of(done), **red, **sc,
-                       "images_per_s": ips, "elapsed_s": elapsed_before + now - t_start,
-                       "n_skipped": len(skipped.items)}
-                metrics.write("train", **row)
-                warn = monitor.check(done, red, 2 * b)
-                if warn and info.is_main:
-                    (bar.write if bar is not None else say)(f"WARNING: {warn}")
-                    metrics.write("warning", iteration=done, message=warn)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{red['loss']:.3f}", img_s=f"{ips:.1f}",
-                                    protos=int(red["prototypes_in_use"]))
-            if bar is not None:
-                bar.update(1)
-            if done in probe_at:
-                prober.periodic(done, metrics)
-                last_t, images_since = time.perf_counter(), 0
-            if ckpt_every and done % ckpt_every == 0 and done < total:
-                last_good = save(done) or last_good
-                last_t, images_since = time.perf_counter(), 0
-            if stop_after is not None and done >= stop_after and done < total:
-                last_good = save(done) or last_good
-                stopped_early = True
-                break
-        if bar is not None:
-            bar.close()
-    if stopped_early:
-        return RunResult(out, it + 1, stopped_early=True)
-
-    # -- the end ------------------------------------------------------------------------------------
-    final_ckpt = latest_checkpoint(out)
-    if final_ckpt is None or final_ckpt.name != f"ckpt_{total:08d}.pt":
-        save(total)
-    result = RunResult(out, total)
-    full_sd = full_model_state(meta, trainer.sharded)
-    if info.is_main:
-        extra = {"preset": cfg.get("_preset"), "iterations": total, "images_seen": total * trainer.global_batch,
-                 "n_images": n_items, "data": [str(s.get("path") if isinstance(s, dict) else s)
-                                                for s in cfg["data"]["sources"]]}
-        result.exports = export_teacher(out, full_sd, trainer.vit_config, int(cfg["checkpoint"]["export_block_chunks"]),
-                                        extra)
-        say(f"teacher exported: {result.exports['ours']} (ours), {result.exports['original']} (original layout)")
-        shard_mib = cfg["checkpoint"].get("export_bf16_shard_mib")
-        if shard_mib:
-            from chexfound.ssl.checkpoint import export_teacher_shards
-
-            shards = export_teacher_shards(out / "teacher_bf16", full_sd, trainer.vit_config, float(shard_mib), extra)
-            say(f"teacher as {len(shards)} bf16 shard(s) of <= {shard_mib} MiB in {out / 'teacher_bf16'}")
-        rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "train"]
-        if len(rows) >= 4:
-            k = max(1, len(rows) // 10)
-            first = float(np.mean([r["loss"] for r in rows[:k]]))
-            last = float(np.mean([r["loss"] for r in rows[-k:]]))
-            say(f"loss: {first:.4f} (first {k} log rows) -> {last:.4f} (last {k}); "
-                f"{'fell' if last < first else 'did NOT fall'}")
-    _check_replicas(trainer, metrics)
-    result.comparison = prober.final(full_sd, metrics, init_backbone=lambda: _initial_teacher(cfg))
-    if info.is_main:
-        png = plot_report(out / "metrics.jsonl", out / "report.png", title=f"{cfg.get('_preset')}: {out}")
-        if png:
-            say(f"run report: {png}")
-        budget = cfg["train"]["time_budget_s"]
-        took = time.perf_counter() - t_start
-        say(f"done in {took:.0f}s" + (f" (budget {float(budget):.0f}s)" if budget else "") + f"; run folder {out}")
-    D.barrier()
-    return result
+        for n in init_from_checkpoint(trainer.meta.student, trainer.meta.teacher, expand_path(s.init_from),
+                                      s.pos_embed_on_resize):
+            ctx.say(f"init_from: {n}")
+    ctx.metrics.truncate_after(start)
+    return trainer, start, resumed
 
 
-def _initial_teacher(cfg: dict[str, Any]) -> VisionTransformer:
-    """The teacher backbone as it was at iteration 0 (same seed, same init_from): the fairest baseline."""
-    torch.manual_seed(int(cfg["train"]["seed"]))
-    meta = SSLMetaArch(cfg)
-    if cfg["train"]["init_from"]:
-        from chexfound.ssl.config import expand_path
-
-        init_from_checkpoint(meta.student, meta.teacher, expand_path(cfg["train"]["init_from"]),
-                             cfg["train"]["pos_embed_on_resize"])
-    return meta.teacher.backbone.eval()
+# -- length ------------------------------------------------------------------------------------------------
+Calibration = list[tuple[int, dict[str, torch.Tensor], int, float]]  # (iterations done, stats, images, seconds)
 
 
-def _check_replicas(trainer: Trainer, metrics: RunLog) -> None:
-    """Under DDP every rank holds a full teacher: they must be bit-identical (logged; an error if not)."""
-    if not trainer.info.enabled or trainer.sharded:
-        return
-    import torch.distributed as dist
+def _length(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: Any,
+            resumed: dict[str, Any] | None) -> tuple[RunLength, Calibration]:
+    s = ctx.settings
+    if resumed is not None:  # a resumed run keeps its length, its probe plan and its deadline
+        b = resumed.get("budget") or {}
+        plan = ProbePlan.from_dict(b["plan"]) if b.get("plan") else prober.configured_plan()
+        deadline = None
+        if b.get("costs"):
+            prober.costs = ProbeCosts(**b["costs"])
+        if s.time_budget_s and "end_reserve_s" in b:
+            deadline = Deadline(ctx.t_start - ctx.elapsed_before, s.time_budget_s, float(b["end_reserve_s"]),
+                                float(b["step_s"]), ctx.clock,
+                                tolerance_s=float(s.budget["tolerance_fraction"]) * s.time_budget_s)
+        return RunLength(int(resumed["total_iterations"]), float(resumed["epoch_length"]), plan, deadline, b), []
+    plan = prober.configured_plan()
+    if s.time_budget_s:
+        return _fit_to_budget(ctx, trainer, corpus, prober, plan)
+    return RunLength(int(round(s.epochs * s.epoch_length)), s.epoch_length, plan), []
 
-    from chexfound.models.format import state_dict_sha256
 
-    sha = state_dict_sha256(trainer.meta.teacher.state_dict())
-    shas: list[Any] = [None] * trainer.info.world_size
-    dist.all_gather_object(shas, sha)
-    metrics.write("ranks", teacher_sha256=shas, agree=len(set(shas)) == 1)
-    if len(set(shas)) != 1:
-        raise ChexfoundError(f"the teacher differs between ranks after training ({shas}); "
-                             "this is a bug in the distributed setup")
-
-
-def _fit_to_budget(trainer: Trainer, source: Any, cfg: dict[str, Any], budget: float, t_start: float,
-                   prober: Any, say: Callable[[str], None]) -> tuple[int, int]:
-    """Total iterations that fit the wall-clock budget: time a few steps with lr = 0 (the student does not
-    move, so the EMA teacher stays equal to it), reset the optimizer, and leave room for probes and exports."""
+def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: Any,
+                   plan: ProbePlan) -> tuple[RunLength, Calibration]:
+    """Measure (probe costs, checkpoint writes, the step), then fit (chexfound.ssl.budget)."""
+    s, budget = ctx.settings, float(ctx.settings.time_budget_s or 0.0)
+    gen = corpus.source.batches(0)
+    sample = next(gen)[1]  # the first batch (resident, or decoded for it): what feature timing runs on
+    gen.close()
+    costs = prober.measure_costs(plan, int(s.budget["min_final_images"]),
+                                 float(s.budget["max_probe_fraction"]) * budget, sample)
+    ckpt_s, end_s = measure_save_cost(trainer, ctx.out, ctx.clock, shards=bool(s.export_bf16_shard_mib))
+    costs.ckpt_s, costs.end_s = D.broadcast_object((ckpt_s, end_s))  # type: ignore[misc]
+    # The calibration iterations are the run's first ones, at learning rate 0 (the warm-up starts from 0).
     trainer.set_schedules(10**9, 10**9)
-    n_warm, n_timed = 2, 5
-    gen = source.batches(0)
-    times = []
-    for k in range(n_warm + n_timed):
+    gen = corpus.source.batches(0)
+    steps: Calibration = []
+
+    def run_step(k: int) -> None:
         _, images, _ = next(gen)
-        t0 = time.perf_counter()
-        trainer.train_step(k, images, lr_scale=0.0)
+        t0 = ctx.clock()
+        st = trainer.train_step(k, images, lr_scale=0.0)
+        steps.append((k + 1, st, images.shape[0] * ctx.info.world_size, ctx.clock() - t0))
+
+    def sync() -> None:
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
-        if k >= n_warm:
-            times.append(time.perf_counter() - t0)
-    trainer.reset_optimizer()
-    step_t = torch.tensor([float(np.median(times))], device=trainer.device)
+
+    t0 = ctx.clock()
+    warmup_free = trainer.device.type == "cpu" and not ctx.cfg["train"]["compile"]
+    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock, warmup_free=warmup_free)
+    calibration_s = ctx.clock() - t0
+    gen.close()
+    step_t = torch.tensor([step_s], device=trainer.device)
     D.all_reduce_max(step_t)
     step_s = float(step_t.item())
-    reserve = prober.reserve_s() + 0.02 * budget
-    remaining = budget - (time.perf_counter() - t_start) - reserve
-    total = max(1, int(remaining / step_s))
-    epoch_length = max(1, int(round(total / float(cfg["optim"]["epochs"]))))
-    total = int(round(float(cfg["optim"]["epochs"]) * epoch_length)) if total >= float(cfg["optim"]["epochs"]) else total
-    say(f"time budget {budget:.0f}s: {step_s * 1000:.0f} ms/iteration, {reserve:.0f}s kept for probes and "
-        f"exports -> {total} iterations (epoch = {epoch_length} iterations)")
-    return total, epoch_length
+    done_sizes, decoded = D.broadcast_object(({k: v[0] for k, v in prober.pixel_scores.items()}, prober.decoded))
+    fit = fit_budget(budget, ctx.elapsed(), step_s, done, costs, plan, s.budget, s.epochs, s.ckpt_every, done_sizes,
+                     decoded)  # type: ignore[arg-type]
+    fit = D.broadcast_object(fit)  # type: ignore[assignment]
+    ctx.say(fit.message())
+    ctx.metrics.write_row({**fit.row(), "costs": dataclasses.asdict(costs)})
+    end_reserve = costs.final_probes_s(fit.plan, done_sizes, decoded) + costs.end_s + fit.margin_s  # type: ignore[arg-type]
+    deadline = Deadline(ctx.t_start, budget, end_reserve, step_s, ctx.clock,
+                        tolerance_s=float(s.budget["tolerance_fraction"]) * budget)
+    state = {"plan": fit.plan.to_dict(), "costs": dataclasses.asdict(costs), "end_reserve_s": end_reserve,
+             "step_s": step_s, "budget_s": budget, "planned_total": fit.total}
+    return RunLength(fit.total, fit.epoch_length, fit.plan, deadline, state, calibration_s), steps
+
+
+def _write_config(ctx: RunContext, trainer: Trainer, corpus: Corpus, length: RunLength) -> None:
+    resolved = {"world_size": ctx.info.world_size, "global_batch": trainer.global_batch, "lr": trainer.base_lr(),
+                "total_iterations": length.total, "epoch_length": length.epoch_length, "n_images": corpus.n_items,
+                "pipeline": corpus.pipeline, "n_skipped": len(corpus.skipped.items)}
+    ctx.cfg["resolved"] = resolved  # (checkpoints carry it too)
+    if ctx.info.is_main:
+        from chexfound.runio import atomic_write_text
+
+        atomic_write_text(ctx.out / "config.yaml", dump_config(ctx.cfg))

@@ -3,6 +3,7 @@
   chexfound pretrain --config vits16_cpu_smoke --data ../shared/data/kermany --out runs/smoke
   chexfound pretrain --config demo_tiny --data DIR --out runs/demo optim.base_lr=2e-3 train.time_budget_s=600
   torchrun --nproc_per_node=8 -m chexfound pretrain --config chexfound_vitl16_512 --data manifest.csv --out runs/l16
+  python -m chexfound pretrain --config proof_vits16_224 --proof-out DIR     # the GPU proof (make gpu-proof OUT=DIR)
 
 A rerun with the same --out resumes from the last checkpoint. See docs/pretraining.md.
 """
@@ -36,6 +37,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="fit the run to this wall-clock budget (train.time_budget_s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--proof-out", default=None, metavar="DIR",
+                   help="the GPU proof: after the run, gather the bf16 teacher shards, one archive of the run's logs "
+                        "and verdict.json (at most 8 files of <= 16 MiB) into DIR and print the verdict; --out "
+                        "defaults to a temporary folder")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3")
@@ -66,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    if args.proof_out:
+        return _proof(args, cfg)
     if not args.out:
         raise ConfigError(None, "--out DIR is required")
     from chexfound.ssl import distributed as D
@@ -75,4 +82,33 @@ def run(args: argparse.Namespace) -> int:
         pretrain(cfg, args.out, device=args.device, quiet=args.quiet)
     finally:
         D.destroy()
+    return 0
+
+
+def _proof(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """Pretrain, then gather what a remote machine can hand back and print the verdict (chexfound.ssl.gpu_proof)."""
+    from chexfound.ssl.gpu_proof import check_environment, gather, verdict, verdict_text
+
+    for note in check_environment():
+        print(f"note: {note}")
+    if not cfg["checkpoint"].get("export_bf16_shard_mib"):
+        cfg["checkpoint"]["export_bf16_shard_mib"] = 16
+    out = args.out
+    if not out:
+        import tempfile
+
+        out = tempfile.mkdtemp(prefix="chexfound-proof-")
+        print(f"run folder (checkpoints, full exports): {out}")
+    from chexfound.ssl import distributed as D
+    from chexfound.ssl.train import pretrain
+
+    try:
+        res = pretrain(cfg, out, device=args.device, quiet=args.quiet)
+    finally:
+        D.destroy()
+    v = verdict(res.comparison, int(cfg["probe"]["final_random_seeds"]))
+    files = gather(out, args.proof_out, v)
+    print("\n" + verdict_text(v))
+    print(f"\ngathered {len(files)} file(s) in {args.proof_out}: " + ", ".join(
+        f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files))
     return 0

@@ -1,0 +1,299 @@
+"""Fitting a pretraining run to a wall-clock budget (`train.time_budget_s`): measure, plan, turn down.
+
+The budget counts from the start of `pretrain()`. Everything the fit uses is measured in this process, after
+warm-up (`ProbeRunner.measure_costs`, `measure_save_cost`, `calibrate_step`):
+
+  step_s      one training iteration: the median of timed iterations after an untimed first one (allocator,
+              kernel selection, compilation). The timed iterations are the run's own first iterations, run at
+              learning rate 0 (the warm-up starts from 0 anyway), so calibration costs no training. On a CPU
+              without compilation, a first iteration longer than 2% of the budget is timed itself (no warm-up
+              there worth a second slow iteration).
+  decode_s    one probe image decoded: timed on the smallest final Kermany set (decoded for the measurements).
+  feature_s   one image through one backbone for a probe (an untimed warm-up batch, then timed batches).
+  fit_s       the logistic probe per (train image x feature x finding): timed on the pixel baseline of that
+              smallest Kermany set (kept for the end), then on every periodic probe's own fit.
+  ckpt_s / end_s   one checkpoint, and the end's checkpoint + teacher exports: the state copy is timed, the
+              file writes are their bytes over a timed write of the teacher backbone.
+
+Probe sets are decoded when first needed, so a set the plan turns down is never decoded. The probes (their
+decoding included) and the exports may keep at most `budget.max_probe_fraction` of the budget (most of it goes
+to training). When the configured probes need more, they are turned down, in this order, until they fit:
+  1. fewer periodic probes (halved down to none; the iteration-0 probe goes last),
+  2. smaller final sets (each task's train and test images halved, down to `budget.min_final_images`),
+  3. fewer random-init baselines (down to one),
+  4. fewer final tasks (NIH-14 first, then Kermany: no final comparison at all).
+Each turn-down is printed and written to metrics.jsonl (`kind: budget`). `budget.margin_fraction` of the
+budget is kept for the report and the unexpected, so a run ends just inside its budget; the iteration count is
+the one whose end lands nearest the budget, never more than `budget.tolerance_fraction` over it.
+
+While the run goes, `Deadline` keeps it honest: training stops early (and says so) if it falls behind the
+plan, a periodic probe that no longer fits is skipped, and the final probes are re-planned against the time
+actually left.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class FinalSet:
+    """The images of one final-probe task (what the plan may shrink)."""
+
+    task: str
+    n_train: int
+    n_test: int
+    n_findings: int
+
+
+@dataclass
+class ProbePlan:
+    periodic: int  # periodic probes, the iteration-0 probe included
+    periodic_train: int
+    periodic_test: int
+    finals: list[FinalSet] = field(default_factory=list)
+    random_seeds: int = 0
+    turned_down: list[str] = field(default_factory=list)
+
+    def copy(self) -> ProbePlan:
+        return copy.deepcopy(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbePlan:
+        d = dict(d)
+        d["finals"] = [FinalSet(**f) for f in d.get("finals", [])]
+        return cls(**d)
+
+
+def set_key(task: str, n_train: int, n_test: int) -> str:
+    """How a decoded probe set is named (`decoded` arguments below)."""
+    return f"{task}:{n_train}+{n_test}"
+
+
+PERIODIC = "periodic"
+
+
+@dataclass
+class ProbeCosts:
+    """Measured seconds (see the module docstring); zeros where nothing is run."""
+
+    feature_s: float = 0.0  # per image per backbone
+    fit_s: float = 0.0  # per (train image x feature x finding)
+    decode_s: float = 0.0  # per probe image (each set is decoded once, when first needed)
+    feature_dim: int = 0  # width of a backbone's probe features
+    pixel_dim: int = 1024  # 32 x 32 pixels
+    ckpt_s: float = 0.0  # one checkpoint during the run
+    end_s: float = 0.0  # the final checkpoint and the exports
+
+    def periodic_probe_s(self, plan: ProbePlan) -> float:
+        if plan.periodic_train + plan.periodic_test == 0:
+            return 0.0
+        return (self.feature_s * (plan.periodic_train + plan.periodic_test)
+                + self.fit_s * plan.periodic_train * self.feature_dim)
+
+    def periodic_s(self, plan: ProbePlan, decoded: set[str] | frozenset[str] = frozenset()) -> float:
+        """Every periodic probe of the plan, and decoding their set once."""
+        if plan.periodic <= 0:
+            return 0.0
+        n = plan.periodic_train + plan.periodic_test
+        decode = 0.0 if set_key(PERIODIC, plan.periodic_train, plan.periodic_test) in decoded else self.decode_s * n
+        return plan.periodic * self.periodic_probe_s(plan) + decode
+
+    def final_model_s(self, f: FinalSet) -> float:
+        """One backbone on one final task: its features and its probe fits."""
+        return self.feature_s * (f.n_train + f.n_test) + self.fit_s * f.n_train * self.feature_dim * f.n_findings
+
+    def final_probes_s(self, plan: ProbePlan, done_sizes: dict[str, tuple[int, int]] | None = None,
+                       decoded: set[str] | frozenset[str] = frozenset()) -> float:
+        """teacher + iteration-0 weights + random inits on every task, the pixel fits not done yet, and
+        decoding the sets not decoded yet."""
+        total = 0.0
+        for f in plan.finals:
+            total += (2 + plan.random_seeds) * self.final_model_s(f)
+            if (done_sizes or {}).get(f.task) != (f.n_train, f.n_test):
+                total += self.fit_s * f.n_train * self.pixel_dim * f.n_findings
+            if set_key(f.task, f.n_train, f.n_test) not in decoded:
+                total += self.decode_s * (f.n_train + f.n_test)
+        return total
+
+    def reserve_s(self, plan: ProbePlan, done_sizes: dict[str, tuple[int, int]] | None = None,
+                  decoded: set[str] | frozenset[str] = frozenset()) -> float:
+        """Everything a plan keeps out of training: periodic probes, final probes, the end's exports."""
+        return self.periodic_s(plan, decoded) + self.final_probes_s(plan, done_sizes, decoded) + self.end_s
+
+
+STAGES = ("periodic", "final_sets", "random_seeds", "final_tasks")
+
+
+def turn_down(plan: ProbePlan, cost: Callable[[ProbePlan], float], limit_s: float, min_final_images: int,
+              stages: tuple[str, ...] = STAGES) -> ProbePlan:
+    """The plan with its probes turned down (in `stages` order, see the module docstring) until
+    `cost(plan) <= limit_s` or nothing is left to turn down; each step is noted in `turned_down`."""
+    p = plan.copy()
+    if "periodic" in stages:
+        before = p.periodic
+        while cost(p) > limit_s and p.periodic > 0:
+            p.periodic //= 2
+        if p.periodic != before:
+            p.turned_down.append(f"periodic probes {before} -> {p.periodic}")
+    if "final_sets" in stages:
+        before_sets = {f.task: (f.n_train, f.n_test) for f in p.finals}
+        while cost(p) > limit_s:
+            shrunk = False
+            for f in p.finals:
+                for attr in ("n_train", "n_test"):
+                    n = getattr(f, attr)
+                    if n > min_final_images:
+                        setattr(f, attr, max(min_final_images, n // 2))
+                        shrunk = True
+            if not shrunk:
+                break
+        for f in p.finals:
+            a, b = before_sets[f.task]
+            if (a, b) != (f.n_train, f.n_test):
+                p.turned_down.append(f"final {f.task} set {a}+{b} -> {f.n_train}+{f.n_test} images (train+test)")
+    if "random_seeds" in stages:
+        before = p.random_seeds
+        while cost(p) > limit_s and p.random_seeds > 1:
+            p.random_seeds -= 1
+        if p.random_seeds != before:
+            p.turned_down.append(f"random-init baselines {before} -> {p.random_seeds}")
+    if "final_tasks" in stages:
+        while cost(p) > limit_s and p.finals:
+            f = p.finals.pop()  # the last task first (NIH-14 before Kermany)
+            p.turned_down.append(f"final {f.task} comparison dropped")
+    return p
+
+
+@dataclass
+class BudgetFit:
+    budget_s: float
+    elapsed_s: float  # spent before training proper (data, model, probe sets, measurements, calibration)
+    step_s: float
+    done: int  # iterations already run (the calibration's)
+    total: int
+    epoch_length: float
+    reserve_s: float  # periodic + final probes + exports
+    margin_s: float
+    train_s: float  # planned for the remaining iterations
+    plan: ProbePlan
+    over_cap: bool  # even the smallest probes exceed budget.max_probe_fraction
+
+    def row(self) -> dict[str, Any]:
+        return {"kind": "budget", "event": "plan", **{k: v for k, v in asdict(self).items() if k != "plan"},
+                "plan": self.plan.to_dict(), "turned_down": self.plan.turned_down}
+
+    def message(self) -> str:
+        s = (f"time budget {self.budget_s:.0f}s: {self.elapsed_s:.0f}s spent on setup, "
+             f"{self.step_s * 1000:.0f} ms/iteration -> {self.total} iterations ({self.train_s:.0f}s of training), "
+             f"{self.reserve_s:.0f}s kept for probes and exports, {self.margin_s:.0f}s margin")
+        if self.plan.turned_down:
+            s += "; probes turned down to fit: " + "; ".join(self.plan.turned_down)
+        if self.over_cap:
+            s += " (even the smallest probes exceed budget.max_probe_fraction: the budget is too small for them)"
+        if self.total == self.done:
+            s += "; setup spent the budget: no iteration beyond the timed ones (at learning rate 0)"
+        return s
+
+
+def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, costs: ProbeCosts, plan: ProbePlan,
+               bcfg: dict[str, Any], epochs: float, ckpt_every: int,
+               done_sizes: dict[str, tuple[int, int]] | None = None,
+               decoded: set[str] | frozenset[str] = frozenset()) -> BudgetFit:
+    """Total iterations and the probe plan that fit `budget_s` (see the module docstring). `done_sizes`: final
+    tasks whose pixel baseline is already fitted (task -> (n_train, n_test)); `decoded`: probe sets already
+    decoded (`set_key`)."""
+    cap = float(bcfg["max_probe_fraction"]) * budget_s
+    margin = float(bcfg["margin_fraction"]) * budget_s
+
+    def reserve_of(p: ProbePlan) -> float:
+        return costs.reserve_s(p, done_sizes, decoded)
+
+    fitted = turn_down(plan, reserve_of, cap, int(bcfg["min_final_images"]))
+    reserve = reserve_of(fitted)
+    train_s = budget_s - elapsed_s - reserve - margin
+    per_it = step_s + (costs.ckpt_s / ckpt_every if ckpt_every else 0.0)
+    # the count whose end lands nearest the budget, but never more than the tolerance over it (a long step
+    # that would overshoot further is left out); none when setup already spent the budget
+    tol = float(bcfg.get("tolerance_fraction", 0.05)) * budget_s
+    more = max(0, round(train_s / max(per_it, 1e-9)))
+    while more > 0 and more * per_it - train_s > tol:
+        more -= 1
+    total = done + more
+    return BudgetFit(budget_s=budget_s, elapsed_s=elapsed_s, step_s=step_s, done=done, total=total,
+                     epoch_length=total / max(float(epochs), 1e-9), reserve_s=reserve, margin_s=margin,
+                     train_s=max(0.0, more * per_it), plan=fitted, over_cap=reserve > cap)
+
+
+def calibrate_step(run_step: Callable[[int], Any], sync: Callable[[], None], budget_s: float, clock: Clock,
+                   max_timed: int = 3, max_fraction: float = 0.02, warmup_free: bool = False) -> tuple[float, int]:
+    """Time the step on the run's first iterations: iteration 0 untimed (warm-up), then up to `max_timed`
+    timed ones, fewer when they would take more than `max_fraction` of the budget (at least one).
+    `warmup_free` (a CPU without compilation: no kernels to pick or compile): when iteration 0 alone takes more
+    than `max_fraction` of the budget, its time is the estimate and no further iteration is spent on timing.
+    Returns (median seconds per iteration, iterations run)."""
+    t0 = clock()
+    run_step(0)
+    sync()
+    first = clock() - t0
+    if warmup_free and first > max_fraction * budget_s:
+        return first, 1
+    times: list[float] = []
+    it = 1
+    while True:
+        t0 = clock()
+        run_step(it)
+        sync()
+        times.append(clock() - t0)
+        it += 1
+        if len(times) >= max_timed or (sum(times) + times[-1]) > max_fraction * budget_s:
+            break
+    times.sort()
+    return times[len(times) // 2], it
+
+
+@dataclass
+class Deadline:
+    """The run's clock against its plan: when training must end so the final probes and exports fit."""
+
+    t_start: float
+    budget_s: float
+    end_reserve_s: float  # final probes + exports + margin, kept after training
+    step_s: float
+    clock: Clock = time.perf_counter
+    tolerance_s: float = float("inf")  # how far past its share training may run for one more step
+
+    def left_s(self) -> float:
+        """Seconds left in the whole budget."""
+        return self.t_start + self.budget_s - self.clock()
+
+    def training_left_s(self) -> float:
+        return self.left_s() - self.end_reserve_s
+
+    def behind(self, next_step_s: float = 0.0) -> bool:
+        """Training has used up its share: stop now, keep the time of the end. With `next_step_s`, also when
+        less than half the next step is left (stopping then misses the deadline by less than going on would),
+        or when the next step would end more than `tolerance_s` past it."""
+        left = self.training_left_s()
+        return left < 0.5 * next_step_s or next_step_s - left > self.tolerance_s
+
+    def fits(self, probe_s: float, iterations_left: int) -> bool:
+        """Whether a periodic probe of `probe_s` still fits before the remaining iterations (with the half
+        iteration the plan may run over)."""
+        return self.training_left_s() + 0.5 * self.step_s >= probe_s + iterations_left * self.step_s
+
+
+def plan_from_config(pcfg: dict[str, Any], finals: list[FinalSet], periodic_on: bool) -> ProbePlan:
+    """The configured probes (before any turn-down)."""
+    return ProbePlan(periodic=(int(pcfg["n_evals"]) + 1) if periodic_on else 0,
+                     periodic_train=int(pcfg["n_train"]) if periodic_on else 0,
+                     periodic_test=int(pcfg["n_test"]) if periodic_on else 0,
+                     finals=finals, random_seeds=int(pcfg["final_random_seeds"]) if finals else 0)
