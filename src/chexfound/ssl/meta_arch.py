@@ -115,16 +115,18 @@ class SSLMetaArch(nn.Module):
         separate = self.ibot_enabled and bool(i["separate_head"])
 
         def heads() -> tuple[DINOHead, DINOHead | None]:
+            fp32 = d.get("head_precision", "autocast") == "fp32"
             dh = DINOHead(vit_s.embed_dim, d["head_n_prototypes"], d["head_hidden_dim"],
-                          d["head_bottleneck_dim"], d["head_nlayers"])
+                          d["head_bottleneck_dim"], d["head_nlayers"], fp32=fp32)
             ih = (DINOHead(vit_s.embed_dim, i["head_n_prototypes"], i["head_hidden_dim"],
-                           i["head_bottleneck_dim"], i["head_nlayers"]) if separate else None)
+                           i["head_bottleneck_dim"], i["head_nlayers"], fp32=fp32) if separate else None)
             return dh, ih
 
         self.student = SSLModel(VisionTransformer(vit_s), *heads())
         self.teacher = SSLModel(VisionTransformer(self.vit_config), *heads())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        self.teacher.dino_head.record_prenorm = True  # head_prenorm_norm / head_alignment in the stats
         if not self.ibot_enabled:
             # Never used without masking; a parameter without gradient would stall DDP.
             self.student.backbone.mask_token.requires_grad_(False)
@@ -219,6 +221,7 @@ class SSLMetaArch(nn.Module):
                     0, dino_t.argmax(dim=-1), 1.0).sum(),
                 "masked_patches": torch.tensor(float(n_masked)),
                 "log_n_prototypes": torch.tensor(math.log(k)),
+                **self.teacher.dino_head.prenorm_stats,
             }
         return total, stats
 
