@@ -131,3 +131,19 @@ def test_fp32_head_runs_outside_autocast_with_the_same_state_dict():
     assert set(h.prenorm_stats) == {"head_prenorm_norm", "head_alignment"}
     meta = SSLMetaArch(_tiny_cfg(**{"dino.head_precision": "fp32", "ibot.separate_head": "true"}))
     assert meta.student.dino_head.fp32 and meta.student.ibot_head.fp32 and not SSLMetaArch(_tiny_cfg()).student.dino_head.fp32
+
+
+def test_centred_head_removes_the_common_part_of_its_rows():
+    torch.manual_seed(0)
+    plain = DINOHead(32, 50, hidden_dim=16, bottleneck_dim=8)
+    centred = DINOHead(32, 50, hidden_dim=16, bottleneck_dim=8, center=True)
+    centred.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 32).expand(64, 32) * 5.0 + 0.01 * torch.randn(64, 32)  # one shared vector + tiny noise
+    # Without centring every row scores the prototypes alike (uniform Sinkhorn-Knopp targets follow);
+    # centred, the rows keep only what differs between them, normalised to the full cosine range.
+    assert plain(x).std(dim=0).mean() < 0.01 < 0.1 < centred(x).std(dim=0).mean()
+    z = centred.mlp(x)
+    u = torch.nn.functional.normalize(z - z.mean(dim=0, keepdim=True), dim=-1)
+    torch.testing.assert_close(centred(x), centred.last_layer(u))
+    assert centred(x[:1]).shape == (1, 50)  # one row: nothing to centre against, left as is
+    assert SSLMetaArch(_tiny_cfg(**{"dino.head_center": "true"})).teacher.dino_head.center

@@ -43,8 +43,13 @@ def _mlp(in_dim: int, hidden: int, bottleneck: int, nlayers: int) -> nn.Sequenti
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, n_prototypes: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, fp32: bool = False) -> None:
+                 nlayers: int = 3, fp32: bool = False, center: bool = False) -> None:
         super().__init__()
+        # center: subtract the mean bottleneck output of the rows of each call (per process, like BatchNorm
+        # without scaling) before the L2 normalisation. The MLP maps the part every image's CLS token shares
+        # to one common vector; when it outgrows the image-dependent part, all normalised outputs point the
+        # same way and Sinkhorn-Knopp returns uniform targets (docs/pretraining.md, "Finding a recipe").
+        self.center = center
         # fp32: run the head outside autocast (bf16 rounds the normalised bottleneck and the cosine scores to
         # 8 mantissa bits, ~0.004 apart, coarser than the score differences a near-uniform head produces).
         self.fp32 = fp32
@@ -72,7 +77,9 @@ class DINOHead(nn.Module):
     def _scores(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
         if self.record_prenorm:
-            self.prenorm_stats = prenorm_stats(x)
+            self.prenorm_stats = prenorm_stats(x)  # before centring: how much common mode the MLP makes
+        if self.center and x.shape[0] > 1:
+            x = x - x.mean(dim=0, keepdim=True)
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
         x = F.normalize(x, p=2, dim=-1, eps=eps)
         return self.last_layer(x)

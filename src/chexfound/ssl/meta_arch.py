@@ -115,11 +115,11 @@ class SSLMetaArch(nn.Module):
         separate = self.ibot_enabled and bool(i["separate_head"])
 
         def heads() -> tuple[DINOHead, DINOHead | None]:
-            fp32 = d.get("head_precision", "autocast") == "fp32"
+            kw = {"fp32": d.get("head_precision", "autocast") == "fp32", "center": bool(d.get("head_center", False))}
             dh = DINOHead(vit_s.embed_dim, d["head_n_prototypes"], d["head_hidden_dim"],
-                          d["head_bottleneck_dim"], d["head_nlayers"], fp32=fp32)
+                          d["head_bottleneck_dim"], d["head_nlayers"], **kw)
             ih = (DINOHead(vit_s.embed_dim, i["head_n_prototypes"], i["head_hidden_dim"],
-                           i["head_bottleneck_dim"], i["head_nlayers"], fp32=fp32) if separate else None)
+                           i["head_bottleneck_dim"], i["head_nlayers"], **kw) if separate else None)
             return dh, ih
 
         self.student = SSLModel(VisionTransformer(vit_s), *heads())
