@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from chexfound.adapt import GloriHead, LinearHead  # noqa: E402
-from chexfound.adapt.cache import FeatureCache  # noqa: E402
-from chexfound.adapt.runtime import resolve_dtype  # noqa: E402
+from chexfound.adapt.token_cache import FeatureCache  # noqa: E402
+from chexfound.models.extract import resolve_dtype  # noqa: E402
 from chexfound.adapt.grid import HeadGrid  # noqa: E402
 from chexfound.adapt.losses import build_loss  # noqa: E402
-from chexfound.adapt.train import DEFAULT_LRS, fit_heads  # noqa: E402
+from chexfound.adapt.fit import DEFAULT_LRS, fit_heads  # noqa: E402
 from chexfound.data.manifest import read_manifest  # noqa: E402
 from chexfound.data.transform import InputTransform  # noqa: E402
 from chexfound.models import create_backbone  # noqa: E402

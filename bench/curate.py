@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from chexfound.curate.cache import CacheConfig, WorkItem, chunks, process_chunk  # noqa: E402
+from chexfound.curate.image_cache import CacheConfig, WorkItem, chunks, process_chunk  # noqa: E402
 from chexfound.curate.hashing import PHASH_BITS, words_to_bits  # noqa: E402
 from chexfound.curate.index import brute_pairs, near_pairs  # noqa: E402
 from chexfound.curate.spec import DedupSpec  # noqa: E402

@@ -16,7 +16,8 @@ import time
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from chexfound.evaluate.bootstrap import BootstrapConfig, bootstrap_multilabel, resample_indices
+from chexfound.stats.bootstrap import FindingResampler, bootstrap_multilabel
+from chexfound.stats.resample import BootstrapConfig, resample_indices, resample_weights
 
 
 def main() -> None:
@@ -52,12 +53,10 @@ def main() -> None:
     ref_s = (time.perf_counter() - t) / a.ref_boot * a.boot
 
     # agreement on the same resamples
-    from chexfound.evaluate.bootstrap import _Finding, resample_weights
-
     w = next(resample_weights(pats, a.images, cfg))[: a.ref_boot]
     worst = 0.0
     for c in range(a.findings):
-        v = _Finding(y[:, c], p[:, c]).evaluate(w)
+        v = FindingResampler(y[:, c], p[:, c]).evaluate(w)
         for r in range(a.ref_boot):
             for k, j in (("auroc", 0), ("ap", 1)):
                 if not np.isnan(ref[r][c][j]):

@@ -30,3 +30,7 @@ class CheckpointError(_PathError):
 
 class ConfigError(_PathError):
     """A configuration file or override is invalid."""
+
+
+class DeviceError(ConfigError):
+    """A requested device (--device, device=) is not a device name or does not exist on this machine."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from chexfound.adapt.cache import FeatureCache
+from chexfound.adapt.token_cache import FeatureCache
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ConfigError
 from chexfound.io import read_image

@@ -50,16 +50,21 @@ def test_glori_then_linear_reuse_the_cache(manifest, tmp_path, monkeypatch):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"start", "cache", "done"} <= {r.get("event") for r in records}
     assert sum("val_macro_ap" in r for r in records) == 2 * 2
+    # How every threshold was chosen: in the head file, the run log and the per-finding table (issue 14).
+    (thr,) = [r for r in records if r.get("event") == "thresholds"]
+    assert [t["finding"] for t in thr["findings"]] == head.findings == [t["finding"] for t in meta["threshold_rules"]]
+    # 10 validation images: too few positives for a validation-optimal threshold anywhere.
+    assert set(table["threshold_rule"]) <= {"prevalence", "default"}
     summary = json.loads((out / "glori.metrics.json").read_text())
     assert summary["val_images"] + summary["train_images"] == 41
 
     # A second head in the same folder: the features are not recomputed.
-    import chexfound.adapt.cache as cache_mod
+    import chexfound.models.embedder as engine_mod
 
     def fail(*a, **k):
         raise AssertionError("the backbone ran again")
 
-    monkeypatch.setattr(cache_mod, "_compute", fail)
+    monkeypatch.setattr(engine_mod, "_forward_fn", fail)
     rc = main(["adapt", "--config", "tiny_vit", "--train", str(manifest / "with_bad.csv"), "--val-split", "0.25",
                "--head", "linear", "--avgpool", "--epochs", "2", "--lrs", "1e-2", "--out", str(out), *SMALL])
     assert rc == 0 and isinstance(load_head(out / "linear.safetensors"), LinearHead)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chexfound.adapt import GloriHead, predict
-from chexfound.adapt.cache import FeatureCache
+from chexfound.adapt.token_cache import FeatureCache
 
 
 def test_predict_from_cache_matches_features_and_handles_bad_rows(tmp_path, tiny_backbone, nih_paths):

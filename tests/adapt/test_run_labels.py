@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexfound.adapt.run import AdaptOptions, split_manifests, task_labels
+from chexfound.adapt.pipeline import AdaptOptions, split_manifests, task_labels
 from chexfound.errors import ConfigError, ManifestError
 
 

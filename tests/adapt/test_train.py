@@ -8,7 +8,7 @@ import torch
 
 from chexfound.adapt import GloriHead, LinearHead, MLPHead
 from chexfound.adapt.sources import TensorFeatures
-from chexfound.adapt.train import fit_heads
+from chexfound.adapt.fit import fit_heads
 
 P, D = 16, 8
 
@@ -81,7 +81,7 @@ def test_grid_heads_differ_and_best_state_is_kept_with_early_stopping():
     for c in res.configs:
         assert 1 <= c["best_epoch"] <= last_epoch - 2 or c["best_epoch"] == last_epoch
     # The returned head reproduces its recorded best validation score (the snapshot, not the last weights).
-    from chexfound.adapt.metrics import task_metrics
+    from chexfound.adapt.selection import task_metrics
 
     m = task_metrics("multilabel", yva, res.val_predictions, ["a", "b", "c"])
     assert m["macro_ap"] == pytest.approx(res.config["macro_ap"], rel=1e-5)
@@ -122,3 +122,51 @@ def test_uncertain_labels_follow_the_policy():
     w = lambda r: r.heads[0].linear.weight  # noqa: E731
     torch.testing.assert_close(w(ignored), w(as_nan))
     assert not torch.allclose(w(as_one), w(as_nan))
+
+
+def test_the_13_lr_grid_is_13_separately_trained_heads():
+    """The original's 13-value grid runs as one batched computation (stacked parameters, vmapped forward,
+    one AdamW over the stack); every config ends where training it alone ends.
+
+    One exception, by the mathematics rather than the grid: attention's key bias has an exactly zero
+    gradient (softmax ignores a constant added to every score), so Adam turns the float noise of that zero
+    into steps of size lr; it never changes an output, and outputs are what is compared for it."""
+    from chexfound.adapt.fit import DEFAULT_LRS
+
+    ftr, ytr = _data(64, 0)
+    fva, yva = _data(32, 1)
+    kw = dict(epochs=2, batch_size=32, weight_decays=[1e-3], seed=5, return_all=True)
+    make = lambda: _glori(dropout=0.0)  # noqa: E731
+    grid = fit_heads(make, ftr, ytr, fva, yva, lrs=DEFAULT_LRS, **kw)
+    assert len(grid.heads) == 13
+    for g, lr in enumerate(DEFAULT_LRS):
+        alone = fit_heads(make, ftr, ytr, fva, yva, lrs=[lr], **kw)
+        mine, single = grid.heads[g].state_dict(), alone.heads[0].state_dict()
+        for k in single:
+            a, b = mine[k], single[k]
+            if k.endswith("multihead_attn.in_proj_bias"):  # [q; k; v]: drop the key third
+                a, b = torch.cat([a[:16], a[32:]]), torch.cat([b[:16], b[32:]])
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5, msg=f"lr {lr}: {k}")
+        with torch.no_grad():
+            out_grid = grid.heads[g](fva)[0]
+            out_alone = alone.heads[0](fva)[0]
+        torch.testing.assert_close(out_grid, out_alone, rtol=1e-4, atol=1e-4)
+        assert grid.configs[g]["best_epoch"] == alone.configs[0]["best_epoch"]
+        assert grid.configs[g]["macro_ap"] == pytest.approx(alone.configs[0]["macro_ap"], abs=1e-4)
+
+
+def test_thresholds_record_their_rule_and_survive_the_head_file(tmp_path):
+    from chexfound.adapt.heads.base import load_our_head, save_head
+    from chexfound.stats.thresholds import METHODS
+
+    ftr, ytr = _data(160, 0)
+    fva, yva = _data(80, 1)
+    res = fit_heads(lambda: LinearHead(["a", "b", "c"], 2, embed_dim=D, avgpool=True), ftr, ytr, fva, yva,
+                    lrs=[3e-2], epochs=4, batch_size=32)
+    rules = res.head.threshold_rules
+    assert [r["finding"] for r in rules] == ["a", "b", "c"]
+    assert all(r["rule"] in METHODS and r["reason"] and r["n_val"] > 0 for r in rules)
+    np.testing.assert_allclose([r["threshold"] for r in rules], res.head.thresholds.numpy(), rtol=1e-6)
+    save_head(res.head, tmp_path / "h.safetensors")
+    head, meta = load_our_head(tmp_path / "h.safetensors")
+    assert meta["threshold_rules"] == rules and head.threshold_rules == rules

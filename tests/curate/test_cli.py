@@ -76,3 +76,13 @@ def test_embedding_dedup_is_consistent_with_the_backbone(corpus, tmp_path):
     their_kept = embed([cached[p] for p in emb_dups["kept_path"]])
     cos = (removed * their_kept).sum(1)
     assert np.allclose(cos, emb_dups["cosine"].to_numpy(), atol=1e-4) and (cos >= thr - 1e-4).all()
+
+
+def test_cli_limit_takes_the_first_images_of_every_source(corpus, tmp_path, capsys):
+    from chexfound.curate.spec import load_spec
+
+    n_sources = len(load_spec(corpus.spec).sources)
+    out = tmp_path / "o"
+    assert main(["curate", "--spec", str(corpus.spec), "--out", str(out), "--workers", "0", "--quiet",
+                 "--limit", "1"]) == 0
+    assert f"curate: {n_sources} listed" in capsys.readouterr().out

@@ -48,3 +48,14 @@ def test_phash_and_embedding_edges_map_back_to_item_indices():
     emb = np.array([[1, 0, 0], [0.99, 0.1, 0], [0, 1, 0]], dtype=np.float32)
     e = embedding_edges(emb, np.array([4, 6, 8]), threshold=0.99, block=2)
     assert e.i.tolist() == [4] and e.j.tolist() == [6] and 0.99 <= e.score[0] <= 1
+
+
+def test_exact_copies_never_name_a_removed_image():
+    # 1 and 2 are exact copies (1 is their group's best); 0 outranks 1 and is near it, so 1 is dropped too:
+    # 2 must then name 0 (what 1 was dropped for, at the same distance), never the removed 1
+    rank = np.array([0, 1, 2])
+    best = exact_groups(["a", "x", "x"], rank)
+    r = resolve(3, rank, best, [_e([(0, 1)], [4])])
+    assert r.keep.tolist() == [True, False, False]
+    assert r.dup_of.tolist() == [-1, 0, 0]
+    assert (r.method[2], r.score[2]) == ("phash", 4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chexfound.curate.cache import RECORDS, RecordLog, decode_png, read_cached
+from chexfound.curate.image_cache import RECORDS, RecordLog, decode_png, read_cached
 from chexfound.curate.pipeline import run_curation
 from chexfound.curate.spec import load_spec
 from chexfound.errors import ConfigError

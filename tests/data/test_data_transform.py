@@ -121,3 +121,27 @@ def test_serialisation_and_backbone_config() -> None:
     assert tb.size == cfg.img_size and tb.mean == tuple(cfg.mean) and tb.minmax_rescale == cfg.minmax_rescale
     with pytest.raises(ValueError):
         tb(np.zeros((3, 64, 64), np.float32))
+
+
+def test_prepare_then_normalise_is_the_transform(real_images: dict[str, np.ndarray]) -> None:
+    """The CPU half (geometry + min-max) and the device half (mean/std) compose to exactly __call__; the
+    uint8 transfer differs by at most half an 8-bit step before normalisation."""
+    tf = InputTransform(size=64)
+    for name, px in real_images.items():
+        whole = tf(px)
+        f = tf.prepare(px)
+        u = tf.prepare(px, torch.uint8)
+        assert f.shape == u.shape == (1, 64, 64) and u.dtype == torch.uint8
+        assert float(f.min()) == 0.0 and float(f.max()) == 1.0
+        assert torch.equal(tf.normalise(f[None])[0], whole), name
+        assert (u.float() / 255 - f).abs().max() <= 0.5 / 255 + 1e-7
+        step = 1.0 / 255 / min(IMAGENET_STD)
+        assert (tf.normalise(u[None])[0] - whole).abs().max() <= step, name
+    # Raw uint8 images (not min-maxed yet) are stretched on the device as files are on the CPU.
+    raw = torch.tensor([[[[10, 20], [30, 40]]]], dtype=torch.uint8)
+    x = InputTransform(size=2).normalise(raw)
+    assert x.shape == (1, 3, 2, 2)
+    np.testing.assert_allclose(x[0, 0].numpy(), ((np.array([[0, 1 / 3], [2 / 3, 1]]) - MEAN[0]) / STD[0]),
+                               rtol=1e-6)
+    flat = InputTransform(size=2).normalise(torch.full((1, 1, 2, 2), 7, dtype=torch.uint8))
+    np.testing.assert_allclose(flat[0, :, 0, 0].numpy(), -MEAN[:, 0, 0] / STD[:, 0, 0], rtol=1e-6)

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from chexfound.errors import ChexfoundError
-from chexfound.evaluate.bootstrap import BootstrapConfig
+from chexfound.stats import BootstrapConfig
 from chexfound.evaluate.protocols import (EvalConfig, Splits, run_compare, run_label_efficiency, run_ood,
                                           subsample_patients)
-from chexfound.evaluate.trainers import LogisticTrainer, best_f1_thresholds
+from chexfound.evaluate.trainers import LogisticTrainer
+from chexfound.stats.thresholds import best_f1_thresholds
 
 CFG = EvalConfig(bootstrap=BootstrapConfig(n_boot=100))
 
@@ -97,7 +98,7 @@ def test_ood_maps_findings_and_reports_in_distribution():
 def test_joint_logistic_matches_sklearn_per_finding():
     from sklearn.linear_model import LogisticRegression
 
-    from chexfound.evaluate.trainers import fit_logistic
+    from chexfound.stats.logistic import fit_logistic
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 5))

@@ -110,7 +110,7 @@ def test_cli_errors_exit_2(files, capsys):
 def test_cli_multiclass_regression_survival(tmp_path):
     from sklearn.metrics import r2_score
 
-    from chexfound.evaluate.metrics import concordance_index
+    from chexfound.stats import concordance_index
 
     rng = np.random.default_rng(0)
     n = 90

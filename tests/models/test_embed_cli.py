@@ -17,7 +17,7 @@ from chexfound.errors import ChexfoundError
 from chexfound.io import read_image
 from chexfound.models import create_backbone
 from chexfound.models.embedder import EmbedSettings, embed_paths, parts_dir
-from chexfound.models.features import linear_input, read_features
+from chexfound.models.pooled_file import linear_input, read_features
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -56,6 +56,7 @@ def test_health_model_and_spec(client: TestClient, attention_predictor: Predicto
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     page = client.get("/")
     assert page.status_code == 200 and "<canvas" in page.text
+    assert client.head("/").status_code == 200 and client.head("/healthz").status_code == 200  # uptime checks
     assert client.get("/static/app.js").status_code == 200
 
 
@@ -76,8 +77,9 @@ def test_predict_real_files(client: TestClient, attention_predictor: Predictor, 
     assert body["model"]["backbone_sha256"] == attention_predictor.backbone_sha256
     assert body["heatmaps"] == {"available": True}
     # Without ?heatmaps= nothing is cached and no heatmap fields are sent.
-    assert "id" not in body and all(set(f) == {"name", "probability", "threshold", "positive"}
-                                    for f in body["findings"])
+    # (Every finding says which rule chose its threshold: chexfound.stats.thresholds.)
+    assert "id" not in body and all(set(f) == {"name", "probability", "threshold", "positive", "threshold_rule",
+                                               "threshold_reason"} for f in body["findings"])
 
 
 def test_heatmap_urls(client: TestClient, png_paths: list[Path]) -> None:
@@ -183,3 +185,47 @@ def test_huge_images_refused_from_their_header(client: TestClient, side: int, me
     r = client.post("/v1/predict", files={"file": ("huge.png", png_header_only(side, side))})
     assert r.status_code == 413
     assert message in r.json()["detail"]
+
+
+def test_security_headers_on_every_response(client: TestClient, attention_predictor: Predictor,
+                                            png_paths: list[Path], not_an_image: Path) -> None:
+    from chexfound.serve.middleware import SECURITY_HEADERS
+
+    responses = {"page": client.get("/"), "script": client.get("/static/app.js"), "model": client.get("/v1/model"),
+                 "docs": client.get("/docs"), "spec": client.get("/openapi.json"),
+                 "missing": client.get("/v1/predictions/0123abcd/image.png"),
+                 "bad upload": post(client, not_an_image), "prediction": post(client, png_paths[0])}
+    with TestClient(create_app(attention_predictor, ServeSettings(max_upload_bytes=10))) as small:
+        responses["413 from the size gate"] = post(small, png_paths[0])
+    for what, r in responses.items():
+        for name, value in SECURITY_HEADERS.items():
+            assert r.headers.get(name) == value, (what, name, r.headers.get(name))
+    csp = SECURITY_HEADERS["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert SECURITY_HEADERS["x-content-type-options"] == "nosniff"
+    # The page itself satisfies its policy: no inline script or style, no style attributes, nothing remote.
+    page = responses["page"].text
+    assert "<script>" not in page and "<style" not in page and " style=" not in page and "http" not in page
+    assert '<script src="/static/app.js"></script>' in page
+
+
+def test_docs_is_our_own_offline_api_reference(client: TestClient) -> None:
+    r = client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    for path in ("/v1/predict", "/v1/model", "/healthz", "/v1/predictions/{pid}/heatmap.png"):
+        assert f"<code>{path}</code>" in html
+    assert "heatmaps" in html and "top_k" in html and "file" in html  # parameters and the multipart field
+    assert "<script" not in html and "cdn" not in html.lower() and "http://" not in html and "https://" not in html
+    assert client.get("/redoc").status_code == 404  # Redoc, like Swagger UI, would need a CDN
+
+
+def test_unreadable_upload_says_which_kind(client: TestClient, data_root: Path) -> None:
+    cut = (data_root / "dicom" / "RG1_J2KI.dcm").read_bytes()[:200_000]
+    r = client.post("/v1/predict", files={"file": ("cut.dcm", cut)})
+    assert r.status_code == 400 and r.json()["kind"] == "truncated"
+    assert r.json()["detail"].startswith("cut.dcm: not a readable chest X-ray: truncated pixel data")
+    noise = np.random.default_rng(0).integers(0, 256, 100, dtype=np.uint8).tobytes()
+    r = client.post("/v1/predict", files={"file": ("noise.dcm", noise)})
+    assert r.status_code == 400 and r.json()["kind"] == "not_an_image"
+    assert "object at 0x" not in r.text and "no pixel data" not in r.text

@@ -1,5 +1,8 @@
 """The web page in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
-upload a real DICOM, see the findings listed, click one, see its heatmap drawn; save a screenshot."""
+upload a real DICOM, see the findings listed, click one, see its heatmap drawn; save a screenshot.
+A failed upload clears the previous result; a very long file name stays inside the page; the page and
+the /docs reference run under their Content-Security-Policy without a violation (and inline script is
+really blocked)."""
 
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ def browser(tmp_path: Path):
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                  "--window-size=1280,900", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages, incl. CSP violations
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
     try:
@@ -101,3 +105,78 @@ def test_drop_a_dicom_and_see_findings_and_heatmap(browser, models: dict[str, Pa
         wait.until(lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
         status = browser.find_element(By.ID, "status").text
         assert "400" in status and "bad.dcm" in status
+        # ... and nothing of the previous image stays under the error
+        assert browser.find_elements(By.CSS_SELECTOR, "#findings li") == []
+        for panel in ("right", "viewer", "image-info"):
+            assert not browser.find_element(By.ID, panel).is_displayed(), panel
+        assert browser.find_element(By.ID, "view").get_attribute("data-heatmap") is None
+        assert _csp_violations(browser) == []
+
+
+def _csp_violations(browser) -> list[str]:
+    return [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+
+
+# Elements whose right edge passes their column's, and whether the page scrolls sideways.
+OVERFLOW_JS = """
+const out = [];
+const page = document.documentElement;
+if (page.scrollWidth > page.clientWidth + 1) out.push('page ' + page.scrollWidth + ' > ' + page.clientWidth);
+for (const col of [document.getElementById('left'), document.getElementById('right')]) {
+  const edge = col.getBoundingClientRect().right + 1;
+  for (const el of col.querySelectorAll('*')) {
+    if (el.offsetParent !== null && el.getBoundingClientRect().right > edge) out.push(el.id || el.tagName);
+  }
+}
+return out;
+"""
+
+
+def test_long_file_name_stays_inside_the_page(browser, models: dict[str, Path], small_png: Path,
+                                              tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    long_name = tmp_path / ("00000001_000_" + "very_long_export_name_" * 10 + "end.png")  # 243 characters
+    shutil.copy(small_png, long_name)
+    predictor = Predictor(models["backbone"], models["linear"], device="cpu")
+    wait = WebDriverWait(browser, 30)
+    with BackgroundServer(create_app(predictor)) as url:
+        for width in (1280, 420):  # side by side, and a phone where the findings panel wraps below
+            browser.set_window_size(width, 900)
+            browser.get(url + "/")
+            browser.find_element(By.ID, "file").send_keys(str(long_name))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#findings li")) == len(NIH14))
+            assert long_name.name in browser.find_element(By.ID, "image-info").text.replace("\n", "")
+            assert browser.execute_script(OVERFLOW_JS) == [], width
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "page_long_name_narrow.png"))
+
+
+def test_page_and_docs_run_under_their_content_security_policy(browser, models: dict[str, Path]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    predictor = Predictor(models["backbone"], models["linear"], device="cpu")
+    wait = WebDriverWait(browser, 30)
+    with BackgroundServer(create_app(predictor)) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: "findings" in d.find_element(By.ID, "model-summary").text)  # app.js ran
+        assert _csp_violations(browser) == []
+        # The policy is enforced, not just sent: an injected inline script does not run.
+        ran = browser.execute_script("""
+            const s = document.createElement('script');
+            s.textContent = 'window.__inlineRan = true;';
+            document.body.append(s);
+            return window.__inlineRan === true;""")
+        assert ran is False
+        assert any("Content Security Policy" in m for m in
+                   [e["message"] for e in browser.get_log("browser")])  # reported as a violation
+
+        browser.get(url + "/docs")  # readable offline: no CDN script to wait for
+        ops = browser.find_elements(By.CSS_SELECTOR, "section.op h2")
+        assert len(ops) >= 5 and any("/v1/predict" in h.text for h in ops)
+        assert browser.find_element(By.CSS_SELECTOR, "section.op").is_displayed()
+        assert _csp_violations(browser) == []
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "docs.png"))

@@ -116,3 +116,27 @@ def test_safetensors_bundle_roundtrip(models: dict[str, Path], png_paths: list[P
     for x, y in zip(a, b):
         np.testing.assert_allclose(x.probabilities, y.probabilities, atol=atol, rtol=0)
         np.testing.assert_allclose(x.attention, y.attention, atol=max(atol, 1e-6), rtol=0)
+
+
+def test_predictions_say_which_rule_chose_each_threshold(models, png_paths, tmp_path):
+    """Issue 14: a threshold's meaning (the rule and its evidence) travels from the head file to every output."""
+    from chexfound.adapt.heads.base import save_head
+    from chexfound.models.format import read_meta
+    from chexfound.stats.thresholds import choose_thresholds
+
+    head = load_head(models["linear"])
+    n = len(head.findings)
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, n)) < 0.2).astype(float)
+    head.set_thresholds(choose_thresholds(y, rng.random((60, n)), "f1", prevalence=np.full(n, 0.2),
+                                          findings=head.findings))
+    meta = read_meta(models["linear"])
+    save_head(head, tmp_path / "ruled.safetensors", backbone_sha256=meta["backbone_sha256"],
+              backbone_config=meta["backbone_config"])
+    pred = Predictor(models["backbone"], tmp_path / "ruled.safetensors")
+    out = pred.predict_image(png_paths[0]).findings_list()
+    assert [f["threshold_rule"] for f in out] == ["prevalence"] * n  # random scores: near-random evidence
+    assert all("validation" in f["threshold_reason"] for f in out)
+    assert pred.info()["threshold_rules"][0]["rule"] == "prevalence"
+    old = Predictor(models["backbone"], models["linear"])  # a head file from before rules were recorded
+    assert {f["threshold_rule"] for f in old.predict_image(png_paths[0]).findings_list()} == {"unrecorded"}

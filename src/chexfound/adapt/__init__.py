@@ -8,9 +8,11 @@
     probs, attn = predict(load_head("glori.safetensors"), val, return_attention=True)
 
 Modules: heads/ (GloriHead, LinearHead, MLPHead; tasks multilabel | binary | multiclass | regression |
-survival), cache (FeatureCache), train (fit_heads), grid (vmapped AdamW over stacked heads), losses (masked
-BCE, ASL, CE, MSE, Cox), metrics, inference (predict), heatmap, released (original glori.pth), finetune
-(end to end: full, LoRA, BitFit, when the cache is off), run (the `chexfound adapt` pipeline).
+survival), token_cache (FeatureCache: what the feature engine `chexfound.models.embedder` writes for heads),
+sources (feature sources: token cache, pooled file, tensors, row subsets), fit (fit_heads + FitSettings),
+grid (vmapped AdamW over stacked heads), losses (masked BCE, ASL, CE, MSE, Cox), metrics, inference
+(predict), heatmap, released (original glori.pth), finetune (end to end: full, LoRA, BitFit, when the cache
+is off; FinetuneSettings), pipeline (the `chexfound adapt` command as a function).
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ def load_head(path: str | PathLike[str], name: str | None = None, findings: Sequ
 
 def __getattr__(name: str):  # lazy: keep `import chexfound.adapt` light for the serve path
     if name == "FeatureCache":
-        from chexfound.adapt.cache import FeatureCache
+        from chexfound.adapt.token_cache import FeatureCache
 
         return FeatureCache
     if name == "fit_heads":
-        from chexfound.adapt.train import fit_heads
+        from chexfound.adapt.fit import fit_heads
 
         return fit_heads
     if name == "predict":

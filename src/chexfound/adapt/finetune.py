@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from chexfound.adapt.grid import cosine_scale
 from chexfound.adapt.heads.base import Head
 from chexfound.adapt.losses import build_loss
-from chexfound.adapt.runtime import resolve_device, resolve_dtype
-from chexfound.adapt.metrics import DEFAULT_METRIC, choose_thresholds, higher_is_better, task_metrics
+from chexfound.models.extract import resolve_dtype
+from chexfound.adapt.selection import DEFAULT_METRIC, higher_is_better, task_metrics
+from chexfound.runio import resolve_device
+from chexfound.stats.thresholds import choose_thresholds, label_prevalence
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "lora", "bitfit", "frozen"]
@@ -138,6 +140,95 @@ def _forward(backbone: nn.Module, head: Head, x: Tensor, n_blocks: int, dtype: t
     return logits
 
 
+@dataclass
+class FinetuneSettings:
+    """Everything `finetune` can be told (`chexfound adapt --finetune` maps its options onto these)."""
+
+    mode: Mode = "lora"
+    lr: float = 1e-3                 # head
+    backbone_lr: float | None = None  # default: 1e-5 for full fine-tuning, else the head lr
+    weight_decay: float = 1e-4
+    epochs: int = 5
+    batch_size: int = 16
+    loss: str | None = None
+    class_balance: str = "none"
+    metric: str | None = None
+    patience: int | None = None
+    augment: bool = True
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    threshold_method: str = "f1"
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    workers: int = 0
+    seed: int = 0
+
+    @property
+    def resolved_backbone_lr(self) -> float:
+        return self.backbone_lr if self.backbone_lr is not None else (1e-5 if self.mode == "full" else self.lr)
+
+
+def _setup(backbone: nn.Module, head: Head, y_tr: np.ndarray, st: FinetuneSettings,
+           dev: torch.device) -> tuple[torch.optim.Optimizer, list[float]]:
+    """Adapters / trainable parameters per mode, regression target scaling, AdamW with two groups."""
+    if head.task == "regression":
+        flat = y_tr.reshape(len(y_tr), -1)
+        sd = np.nanstd(flat, axis=0)
+        head.target_mean.copy_(torch.as_tensor(np.nanmean(flat, axis=0)))
+        head.target_std.copy_(torch.as_tensor(np.where(sd > 0, sd, 1.0)))
+    if st.mode == "lora":
+        apply_lora(backbone, st.lora_r, st.lora_alpha, st.lora_dropout)
+    bb_params = backbone_trainable(backbone, st.mode)
+    backbone.to(dev)
+    head.to(dev)
+    groups = [{"params": list(head.parameters()), "lr": st.lr}]
+    if bb_params:
+        groups.append({"params": bb_params, "lr": st.resolved_backbone_lr})
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=st.weight_decay)
+    return opt, [g["lr"] for g in opt.param_groups]
+
+
+def _train_epoch(backbone: nn.Module, head: Head, loader: Any, targets: Tensor, loss_fn: Any,
+                 opt: torch.optim.Optimizer, base_lrs: list[float], st: FinetuneSettings, gen: torch.Generator,
+                 step: int, total: int, dt: torch.dtype, dev: torch.device,
+                 errors: dict[int, tuple[int, str, str]]) -> tuple[float, int]:
+    """One pass over the training images; returns (mean loss, step counter)."""
+    backbone.train(st.mode != "frozen")
+    head.train()
+    total_loss, n = 0.0, 0
+    for batch in loader:
+        for e in batch["errors"]:
+            errors[e[0]] = e
+        if "image" not in batch:
+            continue
+        x = batch["image"].to(dev)
+        if st.augment:
+            x = random_resized_crop_flip(x, gen)
+        y = targets[batch["index"]].to(dev)
+        scale = cosine_scale(step, total)
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * scale
+        out = loss_fn(_forward(backbone, head, x, head.n_blocks, dt), y)
+        opt.zero_grad(set_to_none=True)
+        out.backward()
+        opt.step()
+        total_loss += float(out.detach()) * len(x)
+        n += len(x)
+        step += 1
+    return total_loss / max(n, 1), step
+
+
+def _validate(backbone: nn.Module, head: Head, val_paths: Sequence[Any], val_labels: np.ndarray, tf: Any,
+              st: FinetuneSettings, dev: torch.device,
+              dt: torch.dtype) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """(predictions, metrics on the readable rows, which rows were readable)."""
+    pred = predict_images(backbone, head, val_paths, tf, st.batch_size, dev, dt, st.workers)
+    y_va = np.asarray(val_labels, dtype=np.float32)
+    ok = ~np.isnan(pred).any(1)
+    return pred, task_metrics(head.task, y_va[ok], pred[ok], head.findings), ok
+
+
 def finetune(
     backbone: nn.Module,
     make_head: Callable[[], Head],
@@ -145,101 +236,50 @@ def finetune(
     train_labels: np.ndarray,
     val_paths: Sequence[Any] | None = None,
     val_labels: np.ndarray | None = None,
+    settings: FinetuneSettings | None = None,
     *,
-    mode: Mode = "lora",
     transform: Any = None,
-    lr: float = 1e-3,
-    backbone_lr: float | None = None,
-    weight_decay: float = 1e-4,
-    epochs: int = 5,
-    batch_size: int = 16,
-    loss: str | None = None,
-    class_balance: str = "none",
-    metric: str | None = None,
-    patience: int | None = None,
-    augment: bool = True,
-    lora_r: int = 16,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.1,
-    threshold_method: str = "f1",
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    workers: int = 0,
-    seed: int = 0,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    **overrides: Any,
 ) -> tuple[nn.Module, FinetuneResult]:
     """Train backbone + head end to end; returns (backbone with adapters merged, result with the best head on
-    val by `metric`). The backbone is modified in place (copy it first to keep the original)."""
+    val by the metric). The backbone is modified in place (copy it first to keep the original). Settings come
+    as a `FinetuneSettings` and/or as its field names (`finetune(..., mode="bitfit", epochs=2)`)."""
     from chexfound.data.transform import InputTransform
 
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    unknown = set(overrides) - {f.name for f in fields(FinetuneSettings)}
+    if unknown:
+        raise TypeError(f"finetune() got unknown settings {sorted(unknown)}")
+    st = replace(settings or FinetuneSettings(), **overrides)
+    dev, dt = resolve_device(st.device), resolve_dtype(st.dtype)
+    torch.manual_seed(st.seed)
+    gen = torch.Generator().manual_seed(st.seed)
     tf = transform or InputTransform.for_backbone(backbone.cfg)
     head = make_head()
-    task, n_blocks = head.task, head.n_blocks
+    task = head.task
     y_tr = np.asarray(train_labels, dtype=np.float32)
+    opt, base_lrs = _setup(backbone, head, y_tr, st, dev)
+    loss_fn = build_loss(task, st.loss, y_tr, head.out_dim, st.class_balance)
+    targets = torch.as_tensor(y_tr)
     if task == "regression":
-        flat = y_tr.reshape(len(y_tr), -1)
-        sd = np.nanstd(flat, axis=0)
-        head.target_mean.copy_(torch.as_tensor(np.nanmean(flat, axis=0)))
-        head.target_std.copy_(torch.as_tensor(np.where(sd > 0, sd, 1.0)))
-    if mode == "lora":
-        apply_lora(backbone, lora_r, lora_alpha, lora_dropout)
-    bb_params = backbone_trainable(backbone, mode)
-    backbone.to(dev)
-    head.to(dev)
-    blr = backbone_lr if backbone_lr is not None else (1e-5 if mode == "full" else lr)
-    groups = [{"params": list(head.parameters()), "lr": lr}]
-    if bb_params:
-        groups.append({"params": bb_params, "lr": blr})
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    loss_fn = build_loss(task, loss, y_tr, head.out_dim, class_balance)
-    y_train_t = torch.as_tensor(y_tr)
-    if task == "regression":
-        y_train_t = (y_train_t.reshape(len(y_tr), -1) - head.target_mean.cpu()) / head.target_std.cpu()
-    metric = metric or DEFAULT_METRIC[task]
+        targets = (targets.reshape(len(y_tr), -1) - head.target_mean.cpu()) / head.target_std.cpu()
+    metric = st.metric or DEFAULT_METRIC[task]
     sign = 1.0 if higher_is_better(metric) else -1.0
-    train_loader = _loader(train_paths, tf, batch_size, workers, True, seed)
-    total = max(1, len(train_loader) * epochs)
+    train_loader = _loader(train_paths, tf, st.batch_size, st.workers, True, st.seed)
+    total = max(1, len(train_loader) * st.epochs)
     errors: dict[int, tuple[int, str, str]] = {}
     history: list[dict[str, Any]] = []
     best_score, best_epoch, bad = -math.inf, 0, 0
     best_state: dict[str, Any] | None = None
-    val_pred = None
+    has_val = val_paths is not None and val_labels is not None
     step = 0
-    for epoch in range(1, epochs + 1):
-        backbone.train(mode != "frozen")
-        head.train()
-        total_loss, n = 0.0, 0
-        for batch in train_loader:
-            for e in batch["errors"]:
-                errors[e[0]] = e
-            if "image" not in batch:
-                continue
-            x = batch["image"].to(dev)
-            if augment:
-                x = random_resized_crop_flip(x, gen)
-            y = y_train_t[batch["index"]].to(dev)
-            scale = cosine_scale(step, total)
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * scale
-            out = loss_fn(_forward(backbone, head, x, n_blocks, dt), y)
-            opt.zero_grad(set_to_none=True)
-            out.backward()
-            opt.step()
-            total_loss += float(out.detach()) * len(x)
-            n += len(x)
-            step += 1
-        rec: dict[str, Any] = {"epoch": epoch, "mode": mode, "lr": lr, "backbone_lr": blr,
-                               "train_loss": total_loss / max(n, 1)}
-        if val_paths is not None and val_labels is not None:
-            val_pred = predict_images(backbone, head, val_paths, tf, batch_size, dev, dt, workers)
-            y_va = np.asarray(val_labels, dtype=np.float32)
-            ok = ~np.isnan(val_pred).any(1)
-            m = task_metrics(task, y_va[ok], val_pred[ok], head.findings)
+    for epoch in range(1, st.epochs + 1):
+        loss, step = _train_epoch(backbone, head, train_loader, targets, loss_fn, opt, base_lrs, st, gen, step,
+                                  total, dt, dev, errors)
+        rec: dict[str, Any] = {"epoch": epoch, "mode": st.mode, "lr": st.lr, "backbone_lr": st.resolved_backbone_lr,
+                               "train_loss": loss}
+        if has_val:
+            _, m, _ = _validate(backbone, head, val_paths, val_labels, tf, st, dev, dt)  # type: ignore[arg-type]
             rec.update({f"val_{k}": v for k, v in m.items()})
             score = sign * m[metric] if not math.isnan(m[metric]) else -math.inf
             if best_state is None or score > best_score:
@@ -251,28 +291,38 @@ def finetune(
         history.append(rec)
         if callback:
             callback(rec)
-        if patience is not None and bad >= patience:
+        if st.patience is not None and bad >= st.patience:
             log.info("early stopping after epoch %d", epoch)
             break
+    return _finish(backbone, head, best_state, best_epoch, history, errors, val_paths, val_labels, tf, st, metric,
+                   dev, dt, label_prevalence(y_tr.reshape(len(y_tr), -1)))
+
+
+def _finish(backbone: nn.Module, head: Head, best_state: dict[str, Any] | None, best_epoch: int,
+            history: list[dict[str, Any]], errors: dict[int, tuple[int, str, str]], val_paths: Sequence[Any] | None,
+            val_labels: np.ndarray | None, tf: Any, st: FinetuneSettings, metric: str, dev: torch.device,
+            dt: torch.dtype, train_prevalence: np.ndarray) -> tuple[nn.Module, FinetuneResult]:
+    """Best state restored, LoRA merged, everything frozen; thresholds chosen on validation."""
     if best_state is not None:
         head.load_state_dict(best_state["head"])
         backbone.load_state_dict(best_state["backbone"])
-    if mode == "lora":
+    if st.mode == "lora":
         merge_lora(backbone)
     for p in backbone.parameters():
         p.requires_grad_(False)
     backbone.eval()
     head.eval()
-    config = {"mode": mode, "lr": lr, "backbone_lr": blr, "weight_decay": weight_decay,
+    config = {"mode": st.mode, "lr": st.lr, "backbone_lr": st.resolved_backbone_lr, "weight_decay": st.weight_decay,
               "best_epoch": best_epoch or len(history)}
+    val_pred = None
     if val_paths is not None and val_labels is not None:
-        val_pred = predict_images(backbone, head, val_paths, tf, batch_size, dev, dt, workers)
-        y_va = np.asarray(val_labels, dtype=np.float32)
-        ok = ~np.isnan(val_pred).any(1)
-        config[metric] = task_metrics(task, y_va[ok], val_pred[ok], head.findings)[metric]
-        if task in ("multilabel", "binary"):
-            thr = choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], threshold_method)
-            head.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+        val_pred, m, ok = _validate(backbone, head, val_paths, val_labels, tf, st, dev, dt)
+        config[metric] = m[metric]
+        if head.task in ("multilabel", "binary"):
+            y_va = np.asarray(val_labels, dtype=np.float32)
+            # Validation-optimal where the evidence is strong, else the training prevalence.
+            head.set_thresholds(choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], st.threshold_method,
+                                                  train_prevalence, head.findings))
     return backbone.cpu(), FinetuneResult(head.cpu(), config, history, val_pred, metric, sorted(errors.values()))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from chexfound.models.format import atomic_write_bytes
+from chexfound.runio import atomic_write_bytes
 
 
 def _grid(n: int, grid: Sequence[int] | None) -> tuple[int, int]:

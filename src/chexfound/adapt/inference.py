@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from chexfound.adapt.heads.base import Features, Head
-from chexfound.adapt.runtime import resolve_device
 from chexfound.adapt.sources import FeatureSource
+from chexfound.runio import resolve_device
 
 
 def _is_source(x: object) -> bool:

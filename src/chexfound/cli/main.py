@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    # Third-party warnings become log records in the same format (chexfound.io already routes pydicom's
+    # logger and holds back decoder chatter about files it reports itself).
+    logging.captureWarnings(True)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -1,11 +1,14 @@
 """Exact and near-duplicate removal: which images to drop, which kept image each one duplicates, and how.
 
 Keep rule: items carry a priority rank (lower = preferred; the pipeline ranks by the spec's `keep` rule,
-e.g. largest original resolution, then source order, then path). Exact duplicates (same decoded-pixel
-digest) keep the best-ranked member. Near duplicates are then resolved greedily in rank order over the
+by default lossless, then more pixels, then more grey levels, then source order, then path: curate/keep.py).
+Exact duplicates (same decoded-pixel digest) keep the best-ranked member. Near duplicates are then resolved greedily in rank order over the
 edges (perceptual-hash distance <= threshold, or embedding cosine >= threshold): an image is dropped if it
 matches an image already kept, and is recorded against the closest such image. So every dropped image is
 *directly* matched to the kept image it names (no chains A~B~C), and no two kept images match each other.
+An exact copy whose group's best member is itself dropped as a near duplicate names the image that member
+was dropped for (their pixels are identical, so it matches it just as closely): every removed image names
+an image that is kept.
 """
 
 from __future__ import annotations
@@ -105,4 +108,8 @@ def resolve(n: int, rank: np.ndarray, exact_best: np.ndarray | None, edges: list
         if len(kept_nb):
             best = kept_nb.iloc[0]
             keep[u], dup_of[u], method[u], score[u] = False, int(best["v"]), best["m"], float(best["score"])
+    for i in np.nonzero(method == "exact")[0]:  # the group's best was dropped after all: follow it, one step
+        b = dup_of[i]
+        if not keep[b]:
+            dup_of[i], method[i], score[i] = dup_of[b], method[b], score[b]
     return DedupResult(keep, dup_of, method, score)

@@ -29,12 +29,14 @@ import pandas as pd
 import yaml
 
 from chexfound.curate import dedup as dd
-from chexfound.curate.cache import (RECORDS, CacheConfig, RecordLog, WorkItem, chunks, is_reusable,
-                                    process_chunk)
+from chexfound.curate.image_cache import (RECORDS, CacheConfig, RecordLog, WorkItem, chunks, is_reusable,
+                                          process_chunk)
 from chexfound.curate.filters import post_filter, pre_filter
+from chexfound.curate.keep import keep_rank
 from chexfound.curate.sources import list_items
 from chexfound.curate.spec import CorpusSpec
 from chexfound.errors import ConfigError, ManifestError
+from chexfound.runio import RunLog, atomic_output, atomic_write_json, atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +97,13 @@ def _check_state(out: Path, cfg: CacheConfig) -> dict[str, Any]:
             raise ConfigError(p, f"{out} holds a cache built with {state.get('cache')}; this run asks for {fp}. "
                                  "Use another --out, or the same cache settings to resume.")
     state["runs"] = int(state.get("runs", 0)) + 1
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(state, indent=1))
+    atomic_write_json(p, state, indent=1)
     return state
-
-
-class _Metrics:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, **kv: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **kv}) + "\n")
 
 
 def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: RecordLog, done: dict[str, dict],
              workers: int, chunk_size: int, run_id: int, stop_after: int | None, progress: bool,
-             metrics: _Metrics) -> tuple[int, bool]:
+             metrics: RunLog) -> tuple[int, bool]:
     """Decode/hash/cache `pending`; returns (processed, stopped_early)."""
     from tqdm import tqdm
 
@@ -129,7 +121,7 @@ def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: Reco
         bar.update(len(recs))
         now = time.perf_counter()
         if now - last_log > 10 or processed == len(pending):
-            metrics.write(stage="cache", done=processed, total=len(pending),
+            metrics.write("stage", stage="cache", done=processed, total=len(pending),
                           images_per_s=round(processed / max(now - t0, 1e-9), 2),
                           errors=sum(r.get("status") != "ok" for r in recs))
             last_log = now
@@ -164,24 +156,15 @@ def _process(pending: list[WorkItem], cfg: CacheConfig, out: Path, records: Reco
     return processed, stopped
 
 
-def _rank(df: pd.DataFrame, keep: str) -> np.ndarray:
-    area = -(df["orig_width"].astype(float) * df["orig_height"].astype(float)).to_numpy()
-    src = df["source_index"].to_numpy()
-    rel = df["rel_path"].astype(str).to_numpy()
-    order = np.lexsort((rel, src, area) if keep == "largest" else (rel, area, src))
-    rank = np.empty(len(df), dtype=np.int64)
-    rank[order] = np.arange(len(df))
-    return rank
-
-
 def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpec, device: str,
                 progress: bool) -> np.ndarray:
     """CLS embeddings of the cached images (resumable via work/embeddings-<backbone sha>.npz)."""
     import torch
 
-    from chexfound.curate.cache import decode_png, read_cached
+    from chexfound.curate.image_cache import decode_png, read_cached
     from chexfound.data.transform import InputTransform
     from chexfound.models import registry
+    from chexfound.models.extract import extract_features
     from chexfound.models.ours import backbone_sha256
 
     es = spec.dedup.embedding
@@ -197,8 +180,7 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
     else:
         raise ConfigError(spec.path, f"dedup.embedding.backbone {es.backbone!r} is neither a file nor one of "
                                      f"{registry.list_configs()}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     tf = InputTransform.for_backbone(model.cfg)
     cache_file = out / f"work/embeddings-{backbone_sha256(model)[:16]}.npz"
@@ -213,14 +195,14 @@ def _embeddings(table: pd.DataFrame, idx: np.ndarray, out: Path, spec: CorpusSpe
     recs = table.iloc[idx].to_dict("records")
     for s in tqdm(range(0, len(todo), es.batch_size), desc="curate: embeddings", disable=not progress):
         batch = todo[s:s + es.batch_size]
-        x = torch.stack([tf(decode_png(read_cached(out, recs[k]))) for k in batch]).to(dev)
-        with torch.inference_mode():
-            e = model.forward_features(x)["x_norm_clstoken"].float().cpu().numpy()
+        x = torch.stack([tf.prepare(decode_png(read_cached(out, recs[k]))) for k in batch])
+        e = extract_features(model, x, n_blocks=1, transform=tf, device=dev).cls[:, -1]  # the final-norm CLS
         for k, v in zip(batch, e):
             have[keys[k]] = v
     if todo:
         ks = list(have)
-        np.savez(cache_file, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
+        with atomic_output(cache_file) as tmp:
+            np.savez(tmp, keys=np.array(ks), emb=np.stack([have[k] for k in ks]))
     return np.stack([have[k] for k in keys]) if len(keys) else np.zeros((0, 1), np.float32)
 
 
@@ -246,8 +228,8 @@ def run_curation(
     state = _check_state(out, cfg)
     resolved = {"spec": spec.to_dict(), "spec_path": str(spec.path) if spec.path else None,
                 "exclude": str(Path(exclude).resolve()) if exclude else None, "workers": workers}
-    _write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    metrics = _Metrics(out / "metrics.jsonl")
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    metrics = RunLog(out / "metrics.jsonl")
 
     note("listing sources")
     items = list_items(spec, skip=(out,))
@@ -275,7 +257,7 @@ def run_curation(
     result = CurateResult(out, complete=not stopped, n_items=len(items), processed_now=processed,
                           reused=int(reusable.sum()))
     if stopped:
-        metrics.write(stage="stopped", processed=processed)
+        metrics.write("stage", stage="stopped", processed=processed)
         return result
 
     table = _assemble(items, done, spec)
@@ -290,20 +272,14 @@ def run_curation(
     result.n_quarantined = int((table["status"] == "quarantined").sum())
     result.n_filtered = int((table["status"] == "filtered").sum())
     result.counts = counts
-    metrics.write(stage="done", kept=result.n_kept, duplicates=result.n_duplicates,
+    metrics.write("stage", stage="done", kept=result.n_kept, duplicates=result.n_duplicates,
                   quarantined=result.n_quarantined, filtered=result.n_filtered, processed=processed,
                   reused=result.reused)
     return result
 
 
-def _write_text(path: Path, text: str) -> None:
-    from chexfound.curate.cache import _atomic_write
-
-    _atomic_write(path, text.encode())
-
-
 _REC_COLS = ["orig_width", "orig_height", "width", "height", "exact", "phash", "blank", "file", "member", "offset",
-             "length", "reason", "view_position", "modality", "patient_age", "source_format"]
+             "length", "reason", "view_position", "modality", "patient_age", "source_format", "lossy", "grey_bits"]
 
 
 def _assemble(items: pd.DataFrame, done: dict[str, dict], spec: CorpusSpec) -> pd.DataFrame:
@@ -339,7 +315,7 @@ def _deduplicate(t: pd.DataFrame, spec: CorpusSpec, out: Path, device: str, prog
     if not len(ok):
         return t, stats
     sub = t.iloc[ok].reset_index(drop=True)
-    rank = _rank(sub, spec.dedup.keep)
+    rank = keep_rank(sub, spec.dedup.keep)
     exact_best = dd.exact_groups(sub["exact"].tolist(), rank) if spec.dedup.exact else None
     survivors = np.nonzero(exact_best == np.arange(len(sub)))[0] if exact_best is not None else np.arange(len(sub))
     edges = []

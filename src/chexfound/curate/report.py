@@ -8,7 +8,6 @@ kept images and of random duplicate pairs (removed | kept), all drawn from the c
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from chexfound.curate.cache import _atomic_write, decode_png, read_cached
+from chexfound.curate import keep as keep_rules
 from chexfound.curate.filters import RULES_POST, RULES_PRE
+from chexfound.curate.image_cache import decode_png, read_cached
 from chexfound.curate.hashing import hamming_hex
 from chexfound.curate.spec import CorpusSpec
+from chexfound.runio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _TILE = 160
 
 
 def _csv(path: Path, df: pd.DataFrame) -> None:
-    _atomic_write(path, df.to_csv(index=False).encode())
+    atomic_write_text(path, df.to_csv(index=False))
 
 
 def manifest_frame(t: pd.DataFrame, fmt: str) -> pd.DataFrame:
@@ -77,8 +78,17 @@ def duplicates_frame(t: pd.DataFrame) -> pd.DataFrame:
         "cosine": cos,
         "size": [f"{int(w)}x{int(h)}" for w, h in zip(d["orig_width"], d["orig_height"])],
         "kept_size": [f"{int(w)}x{int(h)}" for w, h in zip(kept["orig_width"], kept["orig_height"])],
+        # what the keep rule compared (curate/keep.py): the kept copy is never worse in the rule's order
+        "quality": [_quality(lo, b) for lo, b in zip(d["lossy"], d["grey_bits"])],
+        "kept_quality": [_quality(lo, b) for lo, b in zip(kept["lossy"], kept["grey_bits"])],
         "key": d["key"].to_numpy(), "kept_key": d["dup_of"].to_numpy(),
     })
+
+
+def _quality(lossy: object, bits: object) -> str:
+    kind = "compression unknown" if lossy is None or (isinstance(lossy, float) and np.isnan(lossy)) else (
+        "lossy" if lossy else "lossless")
+    return kind if bits is None or (isinstance(bits, float) and np.isnan(bits)) else f"{kind}, {int(bits)} grey bits"
 
 
 def counts_frame(t: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
@@ -133,7 +143,7 @@ def _save_png(img: Image.Image, path: Path) -> None:
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def size_histogram(t: pd.DataFrame, path: Path, sources: list[str]) -> pd.DataFrame:
@@ -166,7 +176,7 @@ def size_histogram(t: pd.DataFrame, path: Path, sources: list[str]) -> pd.DataFr
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return table
 
 
@@ -226,7 +236,7 @@ def write_outputs(t: pd.DataFrame, spec: CorpusSpec, out: Path, dstats: dict[str
         "dedup": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in dstats.items()},
         "per_source": counts.to_dict("records"),
     }
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
+    atomic_write_json(out / "summary.json", summary, indent=1)
     sections = [
         ("Counts per source and rule", counts,
          "pre: rules on manifest metadata before decoding; post: rules needing pixels or the file header; "
@@ -234,8 +244,7 @@ def write_outputs(t: pd.DataFrame, spec: CorpusSpec, out: Path, dstats: dict[str
         ("Duplicates by source pair", cross, "Rows: source of the removed image; columns: source of the kept one."),
         ("Original image sizes", sizes, "Counts of the shorter side of decoded images."),
     ]
-    keep_rule = ("largest original resolution, then source order, then path" if spec.dedup.keep == "largest"
-                 else "source order, then largest original resolution, then path")
+    keep_rule = f"{spec.dedup.keep} ({keep_rules.describe(spec.dedup.keep)})"
     intro = [
         f"{len(t)} images listed from {len(sources)} source(s); {len(man)} kept, {len(dups)} duplicates removed, "
         f"{len(q)} quarantined (unreadable), {len(f)} filtered.",
@@ -256,7 +265,7 @@ def write_outputs(t: pd.DataFrame, spec: CorpusSpec, out: Path, dstats: dict[str
         md += [f"## {title}", "", note, "", _md_table(df) if len(df) else "(none)", ""]
     for title, src in figures:
         md += [f"## {title}", "", f"![{title}]({src})", ""]
-    _atomic_write(out / "report.md", "\n".join(md).encode())
+    atomic_write_text(out / "report.md", "\n".join(md))
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>Curation report</title>",
          "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head><body>",
@@ -267,5 +276,5 @@ def write_outputs(t: pd.DataFrame, spec: CorpusSpec, out: Path, dstats: dict[str
     for title, src in figures:
         h += [f"<h2>{html.escape(title)}</h2><img src='{src}' style='max-width:100%'>"]
     h.append("</body></html>")
-    _atomic_write(out / "report.html", "\n".join(h).encode())
+    atomic_write_text(out / "report.html", "\n".join(h))
     return summary

@@ -1,4 +1,5 @@
 """The corpus spec (YAML): which sources to pool, how to filter, deduplicate and cache them.
+docs/examples/corpus.yaml documents every key; in short:
 
 ```yaml
 sources:                       # order matters: it is the tie-break of the keep rule
@@ -6,7 +7,7 @@ sources:                       # order matters: it is the tie-break of the keep 
   - {name: kermany, root: ../shared/data/kermany, format: kermany}      # a reader from chexfound.data.readers
   - {name: extra, root: /some/folder, format: folder, patient_regex: '^(\\d+)_'}
 filters: {views: frontal, modalities: [CR, DX], min_size: 256, min_age: 18}
-dedup: {exact: true, phash_threshold: 20, keep: largest, embedding: null}
+dedup: {exact: true, phash_threshold: 20, keep: quality, embedding: null}
 cache: {size: 512, bit_depth: 8, format: png}
 report: {samples: 48, pairs: 24, seed: 0}
 ```
@@ -25,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from chexfound.curate.keep import KEEP_RULES
 from chexfound.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -83,7 +85,9 @@ class DedupSpec:
     # 20 leaves room both ways, and the search cost rises steeply with it at 10^6 images (bench/curate.py).
     phash_threshold: int | None = 20
     phash_bits: int = 256
-    keep: str = "largest"  # largest (original resolution, then source order) | source_order (then largest)
+    # which copy of a duplicate group is kept (curate/keep.py): quality = lossless, then more pixels, then
+    # more grey levels, then source order, then path | largest (pixels first) | source_order (source first)
+    keep: str = "quality"
     embedding: EmbeddingSpec | None = None
 
 
@@ -190,14 +194,14 @@ def _validate(spec: CorpusSpec) -> None:
         raise ConfigError(p, f"cache.size must be an integer >= 8, got {spec.cache.size!r}")
     if spec.cache.shard_size < 1:
         raise ConfigError(p, "cache.shard_size must be >= 1")
-    if spec.dedup.keep not in ("largest", "source_order"):
-        raise ConfigError(p, f"dedup.keep must be largest or source_order, got {spec.dedup.keep!r}")
+    if spec.dedup.keep not in KEEP_RULES:
+        raise ConfigError(p, f"dedup.keep must be one of {sorted(KEEP_RULES)}, got {spec.dedup.keep!r}")
     t = spec.dedup.phash_threshold
     if t is not None and not (0 <= t < spec.dedup.phash_bits // 2):
         raise ConfigError(p, f"dedup.phash_threshold must be in [0, {spec.dedup.phash_bits // 2}), got {t}")
     if spec.dedup.embedding and not (0 < spec.dedup.embedding.threshold <= 1):
         raise ConfigError(p, "dedup.embedding.threshold must be a cosine in (0, 1]")
-    from chexfound.curate.filters import parse_views
+    from chexfound.curate.views import parse_views
 
     try:
         parse_views(spec.filters.views)

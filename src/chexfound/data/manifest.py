@@ -124,7 +124,7 @@ class Manifest:
     def save(self, path: str | PathLike[str], fmt: Literal["csv", "parquet"] | None = None) -> Path:
         """Write CSV (.csv, .csv.gz) or Parquet (.parquet), by suffix unless `fmt` is given, atomically and
         with paths rebased to the file's folder, so `read_manifest(path)` finds the same images."""
-        from chexfound.models.format import atomic_write_bytes
+        from chexfound.runio import atomic_write_bytes
 
         p = Path(path)
         fmt = fmt or ("parquet" if p.suffix == ".parquet" else "csv")

@@ -1,21 +1,37 @@
-"""The model input transform shared by every stage (embed, adapt, predict, serve).
+"""The model input transform shared by every stage (embed, adapt, predict, serve, pretraining probes).
 
 grayscale [H, W] in [0, 1] -> resize shorter side to `size` (bicubic, antialiased like PIL) ->
 centre-crop (or pad to square) -> per-image min-max to [0, 1] -> 3 channels -> mean/std.
 This is what the original's evaluation transform does; it is recorded with every model.
+
+It runs in two halves so a data loader can feed a GPU without becoming the bottleneck:
+`prepare` (geometry + min-max, on a CPU worker; as uint8 it is 4x less to pickle, pin and copy) and
+`normalise` (uint8 or float batch -> 3-channel mean/std input, on the model's device). `__call__` is the two
+in one, in float32, and gives exactly what the one-piece transform gave before the split.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from chexfound.models.config import IMAGENET_MEAN, IMAGENET_STD
+# The normalisation of DINOv2-family backbones (ImageNet statistics). Defined here, in the data layer, so the
+# model configs (chexfound.models.config) take them from below rather than the data layer reaching up.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_channels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """[B, 1 or 3, H, W] in [0, 1] -> 3 channels, (x - mean) / std per channel, in x's dtype and device.
+    The last step of every model input: files (`InputTransform.normalise`) and pretraining crops alike."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - m) / s
 
 
 @dataclass(frozen=True)
@@ -81,12 +97,34 @@ class InputTransform:
             x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
         return x.clamp(0.0, 1.0)  # not in place: without a resize x may share memory with the input
 
-    def __call__(self, pixels: np.ndarray | Tensor) -> Tensor:
-        """[H, W] grayscale in [0, 1] -> normalised [3, size, size] float32."""
+    def prepare(self, pixels: np.ndarray | Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The CPU half: [H, W] grayscale in [0, 1] -> [1, size, size] after geometry and min-max, as float32
+        in [0, 1] or as uint8 (rounded to 8 bits: the original's PIL pipeline is 8-bit throughout)."""
         x = self.geometry(pixels)
         if self.minmax_rescale:
             lo, hi = x.min(), x.max()
             x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (x[None].expand(3, -1, -1) - mean) / std
+        if dtype == torch.uint8:
+            return (x * 255.0).round_().to(torch.uint8)[None]
+        if dtype != torch.float32:
+            raise ValueError(f"prepare() returns float32 or uint8, not {dtype}")
+        return x[None]
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """The device half: prepared images [B, 1 or 3, S, S] (uint8 in 0..255 or float in [0, 1]) ->
+        float32 [B, 3, S, S] with per-image min-max (when this transform has it) and mean/std. Runs wherever
+        `x` is; min-max is idempotent, so it is safe on already min-maxed input and makes raw uint8 images
+        (e.g. the pretraining probe's decoded set) normalise exactly as files do."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected images [B, 1 or 3, H, W], got shape {tuple(x.shape)}")
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if self.minmax_rescale:
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            span = hi - lo
+            x = torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+        return normalise_channels(x, self.mean, self.std)
+
+    def __call__(self, pixels: np.ndarray | Tensor) -> Tensor:
+        """[H, W] grayscale in [0, 1] -> normalised [3, size, size] float32 (`normalise(prepare(...))`)."""
+        return self.normalise(self.prepare(pixels)[None])[0]

@@ -2,8 +2,11 @@
 
 Everything runs on real chest X-rays from the shared data folder, on a CPU, in minutes. Three honest
 comparisons are always shown side by side: the pretrained backbone, the same architecture at random init,
-and logistic regression on 32x32 raw pixels. A tiny model on a few thousand images is not CheXFound; the
-report says what the numbers show and nothing more.
+and 32x32 raw pixels. The three are the same computation as the pretraining probes' final comparison
+(`chexfound.stats`): the one logistic probe (on pooled backbone features, or on the pixels; its weights become
+the `linear` head files), thresholds chosen by `chexfound.stats.thresholds`, CIs and paired differences from
+the patient-level bootstrap. GLoRI heads are trained by the adapt stage. A tiny model on a few thousand images
+is not CheXFound; the report says what the numbers show and nothing more.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import torch
 from chexfound.data.manifest import Manifest, patient_split
 from chexfound.data.readers import read_kermany, read_nih14_shared
 from chexfound.data.transform import InputTransform
-from chexfound.demo.pixels import pixel_features
 from chexfound.demo.stages import StageRunner
 from chexfound.errors import ConfigError
 from chexfound.models import backbone_sha256, load_backbone, save_backbone
@@ -143,9 +145,9 @@ def pretrain_backbones(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str
     echo(f"  pretraining ({cfg.preset}, {budget:.0f} s budget) on {run_dir}"
          + (" as a pipeline check; the shipped checkpoint is the pretrained backbone" if shipped else ""))
     res = pretrain(ssl_cfg, run_dir, device=cfg.device, quiet=False, echo=echo)
-    from chexfound.ssl.diagnostics import read_metrics
+    from chexfound.runio import read_jsonl
 
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train" and "loss" in r]
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train" and "loss" in r]
     losses = [float(r["loss"]) for r in rows]
     k = max(1, len(losses) // 5)
     loss_first, loss_last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
@@ -183,28 +185,54 @@ def _splits(m: Manifest) -> dict[str, np.ndarray]:
     return {k: np.flatnonzero(s == k) for k in ("train", "val", "test")}
 
 
-def _trainer(head_type: str, findings: list[str], embed_dim: int, quick: bool, n_blocks: int):
-    from chexfound.evaluate.adapt_bridge import AdaptTrainer
+def _glori_trainer(findings: list[str], embed_dim: int, quick: bool, n_blocks: int) -> Any:
+    from chexfound.evaluate.trainers import AdaptTrainer
 
-    lrs = (1e-3, 1e-2, 1e-1) if head_type == "linear" else (1e-4, 1e-3, 1e-2)
-    # The linear probe sees CLS + mean patch token (DINOv2's "avgpool" probe): with LayerScale 1e-5 a
-    # random-init ViT's CLS output is nearly constant, and a CLS-only probe would make that baseline a strawman.
-    head_kwargs: dict[str, Any] = {"avgpool": True} if head_type == "linear" else {}
-    if head_type == "glori":
-        # A decoder sized to the tiny backbone (the released head uses 768 / 2048 / 8 heads on ViT-L).
-        d = max(64, min(256, embed_dim))
-        head_kwargs = {"decoder_dim": d, "ffn_dim": 2 * d, "num_heads": 4}
-    fit = {"lrs": lrs if quick else lrs + ((3e-3,) if head_type != "linear" else (3e-2, 3e-1)),
-           "epochs": 10 if quick else 30, "patience": 5, "batch_size": 64}
-    return AdaptTrainer(head_type, findings, n_blocks, embed_dim, head_kwargs=head_kwargs, fit_kwargs=fit)
+    # A decoder sized to the tiny backbone (the released head uses 768 / 2048 / 8 heads on ViT-L).
+    d = max(64, min(256, embed_dim))
+    head_kwargs = {"decoder_dim": d, "ffn_dim": 2 * d, "num_heads": 4}
+    lrs = (1e-4, 1e-3, 1e-2)
+    fit = {"lrs": lrs if quick else lrs + (3e-3,), "epochs": 10 if quick else 30, "patience": 5, "batch_size": 64}
+    return AdaptTrainer("glori", findings, n_blocks, embed_dim, head_kwargs=head_kwargs, fit_kwargs=fit)
+
+
+def probe_inputs(cache: Any, n_blocks: int) -> np.ndarray:
+    """The linear probe's input per cached image: CLS of the last n blocks + the mean patch token (DINOv2's
+    "avgpool" probe: with LayerScale 1e-5 a random-init ViT's CLS output is nearly constant, and a CLS-only
+    probe would make that baseline a strawman). Exactly what a `LinearHead(avgpool=True)` reads."""
+    return cache.pooled().vectors(n_blocks, avgpool=True)
+
+
+def linear_head_from_probe(probe: Any, findings: list[str], n_blocks: int, embed_dim: int) -> Any:
+    """The fitted logistic probe as a `LinearHead` file for predict/serve: standardisation folded into the
+    weights, thresholds and their rules carried over (the head outputs the probe's probabilities)."""
+    from chexfound.adapt import LinearHead
+
+    head = LinearHead(findings, n_blocks, embed_dim=embed_dim, avgpool=True)
+    w, b = probe.folded()
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        head.linear.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+    if probe.threshold_choices:
+        head.set_thresholds(probe.threshold_choices)
+    return head.eval()
+
+
+def call_rates(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
+    """Mean positive calls per test image at the head's thresholds, against the labels' mean (the check a
+    clinician makes first: a weak model should say less, not more)."""
+    lab = ~np.isnan(y).all(axis=1)
+    return {"calls_per_image": float((p[lab] >= thresholds).sum(axis=1).mean()) if lab.any() else float("nan"),
+            "labels_per_image": float(np.nansum(y[lab] == 1, axis=1).mean()) if lab.any() else float("nan"),
+            "n_findings": int(y.shape[1])}
 
 
 def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
     """Cache features of one backbone on one task, train its heads, score test with patient-level CIs."""
     from chexfound.adapt.heads.base import save_head
-    from chexfound.evaluate.adapt_bridge import build_cache
-    from chexfound.evaluate.bootstrap import BootstrapConfig
     from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
+    from chexfound.evaluate.trainers import build_cache
+    from chexfound.stats import BootstrapConfig, LogisticTrainer
 
     bb_path = cfg.out / "models" / which / "backbone.safetensors"
     model, meta = load_backbone(bb_path)
@@ -221,44 +249,74 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
     out: dict[str, Any] = {"n_skipped": int((~valid).sum()), "heads": {}}
     pats = m.patients()
     for head_type in task.heads:
-        trainer = _trainer(head_type, task.findings, model.embed_dim, cfg.quick, n_blocks)
-        fitted = trainer.fit(cache, y, sp["train"], sp["val"], seed=cfg.seed)
-        p = fitted.predict(cache, sp["test"])
+        if head_type == "linear":
+            x = probe_inputs(cache, n_blocks)
+            fitted = LogisticTrainer(findings=task.findings).fit(x, y, sp["train"], sp["val"], seed=cfg.seed)
+            p = fitted.predict(x, sp["test"])
+            head = linear_head_from_probe(fitted, task.findings, n_blocks, model.embed_dim)
+        else:
+            fitted = _glori_trainer(task.findings, model.embed_dim, cfg.quick, n_blocks).fit(
+                cache, y, sp["train"], sp["val"], seed=cfg.seed)
+            p = fitted.predict(cache, sp["test"])
+            head = fitted.head
         res = score_predictions(y[sp["test"]], p, pats[sp["test"]], task.findings, fitted.thresholds,
                                 y[sp["train"]], ecfg)
         head_file = cfg.out / "models" / which / f"{task.name}-{head_type}.safetensors"
-        save_head(fitted.head, head_file, backbone_sha256=meta["weights_sha256"], backbone_config=model.cfg.to_dict(),
+        save_head(head, head_file, backbone_sha256=meta["weights_sha256"], backbone_config=model.cfg.to_dict(),
                   transform=tf.to_dict(), extra={"task_name": task.name, "trained_on": str(task.manifest)})
         np.save(cfg.out / "cache" / which / f"{task.name}-{head_type}-test-probs.npy", p)
-        out["heads"][head_type] = {"metrics": res, "fit": fitted.info, "file": str(head_file)}
+        calls = call_rates(y[sp["test"]], p, np.asarray(fitted.thresholds))
+        out["heads"][head_type] = {"metrics": res, "fit": fitted.info, "file": str(head_file), "calls": calls,
+                                   "threshold_rules": list(getattr(head, "threshold_rules", []))}
+        ci = res["macro"].get("auroc_ci", [np.nan, np.nan])
         echo(f"  {which:>10} {task.name}-{head_type}: test macro AUROC {res['macro']['auroc']:.3f} "
-             f"[{res['macro'].get('auroc_ci', [np.nan, np.nan])[0]:.3f}, {res['macro'].get('auroc_ci', [np.nan, np.nan])[1]:.3f}]")
+             f"[{ci[0]:.3f}, {ci[1]:.3f}]; {calls['calls_per_image']:.1f} positive calls per test image "
+             f"(labels {calls['labels_per_image']:.1f})")
     return out
 
 
+def read_pixel_features(paths: list[Path], size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The raw-pixel baseline's features (`chexfound.stats.pixel_vector`) of each image as read, and which
+    images could be read."""
+    from chexfound.errors import ChexfoundError
+    from chexfound.io import read_image
+    from chexfound.stats import pixel_vector
+
+    out = np.zeros((len(paths), size * size), dtype=np.float32)
+    ok = np.ones(len(paths), dtype=bool)
+    for i, p in enumerate(paths):
+        try:
+            out[i] = pixel_vector(read_image(p).pixels, size)
+        except ChexfoundError:
+            ok[i] = False
+    return out, ok
+
+
 def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
-    from chexfound.evaluate.bootstrap import BootstrapConfig
     from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
-    from chexfound.evaluate.trainers import LogisticTrainer
+    from chexfound.stats import BootstrapConfig, LogisticTrainer
 
     m = _manifest(task.manifest, task.findings)
     sp = _splits(m)
-    x, ok = pixel_features(m.paths(), size=32)
+    x, ok = read_pixel_features(m.paths(), size=32)
     np.save(cfg.out / "cache" / f"pixels-{task.name}.npy", x)
     sp = {k: v[ok[v]] for k, v in sp.items()}
     y = m.labels()
-    fitted = LogisticTrainer().fit(x, y, sp["train"], sp["val"], seed=cfg.seed)
+    fitted = LogisticTrainer(findings=task.findings).fit(x, y, sp["train"], sp["val"], seed=cfg.seed)
     p = fitted.predict(x, sp["test"])
     np.save(cfg.out / "cache" / f"pixels-{task.name}-test-probs.npy", p)
     res = score_predictions(y[sp["test"]], p, m.patients()[sp["test"]], task.findings, fitted.thresholds,
                             y[sp["train"]], EvalConfig(bootstrap=BootstrapConfig(n_boot=cfg.n_boot, seed=cfg.seed)))
-    echo(f"  {'pixels':>10} {task.name}-logistic(32x32): test macro AUROC {res['macro']['auroc']:.3f}")
-    return {"metrics": res, "fit": fitted.info}
+    calls = call_rates(y[sp["test"]], p, fitted.thresholds)
+    echo(f"  {'pixels':>10} {task.name}-logistic(32x32): test macro AUROC {res['macro']['auroc']:.3f}; "
+         f"{calls['calls_per_image']:.1f} positive calls per test image (labels {calls['labels_per_image']:.1f})")
+    return {"metrics": res, "fit": fitted.info, "calls": calls,
+            "threshold_rules": [c.to_dict() for c in fitted.threshold_choices]}
 
 
 def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
     """Paired patient-level bootstrap of test macro AUROC/AP: model a minus model b (same test images)."""
-    from chexfound.evaluate.bootstrap import BootstrapConfig, paired_bootstrap
+    from chexfound.stats import BootstrapConfig, paired_bootstrap
 
     m = _manifest(task.manifest, task.findings)
     test = _splits(m)["test"]
@@ -270,12 +328,12 @@ def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
 
 
 def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Kermany test AUROC vs share of training patients: pretrained vs random (linear heads) vs pixels."""
-    from chexfound.adapt.cache import FeatureCache
-    from chexfound.evaluate.bootstrap import BootstrapConfig
+    """Kermany test AUROC vs share of training patients: the logistic probe on pretrained / random features
+    and on pixels (the same fitter for all three)."""
+    from chexfound.adapt.token_cache import FeatureCache
     from chexfound.evaluate.protocols.common import EvalConfig, Splits
     from chexfound.evaluate.protocols.label_efficiency import run_label_efficiency
-    from chexfound.evaluate.trainers import LogisticTrainer
+    from chexfound.stats import BootstrapConfig, LogisticTrainer
 
     m = _manifest(task.manifest, task.findings)
     y, pats = m.labels(), m.patients()
@@ -284,21 +342,19 @@ def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None
     seeds = (0,) if cfg.quick else (0, 1, 2)
     ecfg = EvalConfig(bootstrap=BootstrapConfig(n_boot=0))
     out: dict[str, Any] = {}
+    sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for which in ("pretrained", "random"):
         cache = FeatureCache.open(cfg.out / "cache" / which / task.name)
-        ok = cache.valid
+        sources[which] = (probe_inputs(cache, cache.n_blocks), np.asarray(cache.valid, dtype=bool))
+    x = np.load(cfg.out / "cache" / f"pixels-{task.name}.npy")
+    sources["pixels"] = (x, np.ones(len(x), dtype=bool))
+    for which, (feats, ok) in sources.items():
         splits = Splits(sp["train"][ok[sp["train"]]], sp["val"][ok[sp["val"]]], sp["test"][ok[sp["test"]]])
-        trainer = _trainer("linear", task.findings, cache.meta["embed_dim"], True, cache.n_blocks)
-        metrics, _ = run_label_efficiency(trainer, cache, y, pats, splits, task.findings, fractions, seeds, ecfg)
+        metrics, _ = run_label_efficiency(LogisticTrainer(), feats, y, pats, splits, task.findings, fractions, seeds,
+                                          ecfg)
         out[which] = {"curve": metrics["curve"], "runs": metrics["runs"]}
         echo(f"  label efficiency {which}: " + ", ".join(f"{c['fraction']:.0%} {c['auroc_mean']:.3f}"
                                                         for c in metrics["curve"]))
-    x = np.load(cfg.out / "cache" / f"pixels-{task.name}.npy")
-    splits = Splits(sp["train"], sp["val"], sp["test"])
-    metrics, _ = run_label_efficiency(LogisticTrainer(), x, y, pats, splits, task.findings, fractions, seeds, ecfg)
-    out["pixels"] = {"curve": metrics["curve"], "runs": metrics["runs"]}
-    echo("  label efficiency pixels: " + ", ".join(f"{c['fraction']:.0%} {c['auroc_mean']:.3f}"
-                                                    for c in metrics["curve"]))
     return out
 
 
@@ -306,9 +362,9 @@ def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -
     """GLoRI attention vs NIH expert boxes on the NIH test split (pointing game, mass in boxes, centre prior)."""
     from chexfound.adapt import load_head
     from chexfound.evaluate.figures import heatmap_gallery
-    from chexfound.evaluate.localisation import read_boxes
+    from chexfound.evaluate.box_scores import read_boxes
     from chexfound.evaluate.protocols.localisation import collect_items, head_attention_heatmaps, run_localisation
-    from chexfound.models.format import atomic_write_bytes
+    from chexfound.runio import atomic_write_bytes
 
     m = _manifest(task.manifest, task.findings)
     test = _splits(m)["test"]
@@ -379,10 +435,9 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
             raise ConfigError(cfg.out, "this folder holds a demo run with other settings (quick/seed/preset); "
                                        "use another --out or delete it")
     else:
-        from chexfound.models.format import atomic_write_bytes
-        import json
+        from chexfound.runio import atomic_write_json
 
-        atomic_write_bytes(prev, json.dumps(settings, indent=1).encode())
+        atomic_write_json(prev, settings, indent=1)
 
     data = st.run("data", "manifests: Kermany (official split), NIH-14 (patient split), pretraining corpus",
                   lambda: prepare_data(cfg))

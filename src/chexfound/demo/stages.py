@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from chexfound.evaluate.report import to_jsonable
-from chexfound.models.format import atomic_write_bytes
+from chexfound.runio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,6 @@ class StageRunner:
         t0 = time.perf_counter()
         res = fn()
         self.timings[name] = round(time.perf_counter() - t0, 1)
-        atomic_write_bytes(path, json.dumps(to_jsonable({**res, "_seconds": self.timings[name]}), indent=1).encode())
+        atomic_write_json(path, {**res, "_seconds": self.timings[name]}, indent=1)
         self.echo(f"[{name}] done in {self.timings[name]:.0f} s")
         return res

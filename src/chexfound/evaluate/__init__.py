@@ -5,18 +5,19 @@
     ci = bootstrap_multilabel(y, p, findings, patient_ids)         # resamples patients, not images
     d = paired_bootstrap(y, p_a, p_b, findings, patient_ids)        # A - B on the same resamples
 
-Modules: metrics / ranking (AUROC, AP, thresholds, regression, C-index, multiclass), bootstrap, groups
-(head/medium/tail), localisation (boxes, pointing game, attention mass, centre prior), tasks (dataset task
-definitions), trainers / adapt_bridge (the head-training step of the protocols), protocols/ (compare, label
-efficiency, OOD, localisation), figures + report (metrics.json, report.md/html), score / score_kinds (scoring a
-predictions file), pipeline (what `chexfound evaluate` runs).
+The statistics themselves (AUROC/AP, thresholds, patient bootstrap, paired differences, C-index, the
+logistic probe) live in `chexfound.stats`; they are re-exported here as before. Modules: groups (head/medium/
+tail), box_scores (boxes, pointing game, attention mass, centre prior), tasks (dataset task definitions),
+trainers (the head-training step of the protocols: the stats logistic probe, the adapt heads), protocols/
+(compare, label efficiency, OOD, localisation), figures + report (metrics.json, report.md/html) + run_common
+(provenance, the classification figures), score (matching a predictions file to a manifest) / score_kinds /
+score_run (scoring it), pipeline (what `chexfound evaluate --task` runs).
 """
 
-from chexfound.evaluate.bootstrap import BootstrapConfig, bootstrap_multilabel, paired_bootstrap
 from chexfound.evaluate.groups import GroupConfig, prevalence_groups
-from chexfound.evaluate.metrics import (EligibilityRule, average_precision, binary_auroc, concordance_index,
-                                        multiclass_metrics, multilabel_metrics, regression_metrics,
-                                        threshold_metrics)
+from chexfound.stats import (BootstrapConfig, EligibilityRule, average_precision, binary_auroc, bootstrap_multilabel,
+                             concordance_index, multiclass_metrics, multilabel_metrics, paired_bootstrap,
+                             regression_metrics, threshold_metrics)
 
 __all__ = [
     "BootstrapConfig", "EligibilityRule", "GroupConfig", "average_precision", "binary_auroc",

@@ -4,7 +4,6 @@ Scoring a predictions file lives in score_run.py; this module runs the task prot
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from os import PathLike
@@ -17,16 +16,16 @@ import torch
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError
 from chexfound.evaluate import figures
-from chexfound.adapt.runtime import resolve_device
-from chexfound.evaluate.features import FeatureSet, pooled_features
+from chexfound.models.pooled import PooledFeatures
 from chexfound.evaluate.protocols.common import EvalConfig, Splits
 from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
+from chexfound.evaluate.run_common import classification_figures, provenance
 from chexfound.evaluate.tasks import TaskData, load_task
 from chexfound.evaluate.trainers import LogisticTrainer
-from chexfound.models.format import atomic_write_bytes, sha256_file
+from chexfound.models.format import sha256_file
+from chexfound.runio import RunLog, atomic_write_bytes, resolve_device
 
 log = logging.getLogger(__name__)
-from chexfound.evaluate.run_common import _classification_figures, _now, _provenance  # noqa: F401
 
 
 # --- task protocols -----------------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ class _Backbone:
     info: dict[str, Any]
     transform: InputTransform
     n_blocks: int
-    features: FeatureSet
+    features: PooledFeatures
     cache: Any
 
 
@@ -138,7 +137,7 @@ def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, path
                   opts: TaskOptions, out: Path, tag: str = "") -> _Backbone:
     import hashlib
 
-    from chexfound.evaluate.adapt_bridge import build_cache
+    from chexfound.evaluate.trainers import build_cache
 
     tf = _transform_for(model, info, opts.image_size)
     n = min(opts.n_blocks, len(model.blocks))
@@ -148,19 +147,20 @@ def _features_for(model: torch.nn.Module, info: dict[str, Any], label: str, path
     cache = build_cache(model, paths, tf, n, out / "cache" / f"{tag}{sha[:12]}-{key}", sha,
                         batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype, workers=opts.workers,
                         progress=opts.progress)
-    return _Backbone(label, model, info, tf, n, pooled_features(cache), cache)
+    return _Backbone(label, model, info, tf, n, cache.pooled(), cache)
 
 
 def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts: TaskOptions) -> tuple[Any, Any]:
     """(trainer, feature source) for a head type on a backbone.
 
-    'logistic' is the L2 logistic-regression probe of trainers.py on pooled features (deterministic, fast on a
-    CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the feature cache.
+    'logistic' is the statistics layer's logistic probe (chexfound.stats) on pooled features (deterministic,
+    fast on a CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the
+    feature cache.
     """
-    from chexfound.evaluate.adapt_bridge import ADAPT_HEADS, AdaptTrainer
+    from chexfound.evaluate.trainers import ADAPT_HEADS, AdaptTrainer
 
     if head == "logistic":
-        return LogisticTrainer(), bb.features.vectors(bb.n_blocks, opts.avgpool)
+        return LogisticTrainer(findings=findings), bb.features.vectors(bb.n_blocks, opts.avgpool)
     if head not in ADAPT_HEADS:
         raise ChexfoundError(f"unknown head {head!r}; choose from logistic, {', '.join(ADAPT_HEADS)}")
     fit_kwargs: dict[str, Any] = {"epochs": opts.epochs, "device": opts.device, "batch_size": opts.batch_size}
@@ -173,10 +173,7 @@ def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts:
 
 
 def _log_jsonl(out: Path, rec: dict[str, Any]) -> None:
-    from chexfound.evaluate.report import to_jsonable
-
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(to_jsonable({"time": _now(), **rec})) + "\n")
+    RunLog(out / "metrics.jsonl").write("result", **rec)
 
 
 def _skipped(out: Path, errors: list[tuple[int, str, str]]) -> None:
@@ -218,7 +215,7 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
     for bb in feats.values():
         ok &= bb.features.ok
     splits = splits_all.restrict(ok)
-    prov = _provenance({"task": td.describe(), "manifest_sha256": td.describe()["manifest_sha256"],
+    prov = provenance({"task": td.describe(), "manifest_sha256": td.describe()["manifest_sha256"],
                         "backbones": backbone_info,
                         "backbone_sha256": next(iter(backbone_info.values()))["weights_sha256"],
                         "skipped_images": len(set(e[1] for e in errors))})
@@ -235,7 +232,7 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
         metrics, art = run_compare(models, y, pats, splits, findings, opts.cfg, opts.seed)
         for label, res in metrics["models"].items():
             _log_jsonl(out, {"protocol": "compare", "model": label, "macro": res["macro"]})
-        figs += _classification_figures(art["y_test"], art["predictions"], findings, metrics,
+        figs += classification_figures(art["y_test"], art["predictions"], findings, metrics,
                                          {k: v["groups"] for k, v in metrics["models"].items() if "groups" in v})
         import pandas as pd
 
@@ -277,7 +274,7 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
         figs.append(Figure("label_efficiency.png", "Label efficiency",
                            figures.label_efficiency_curve(metrics["curve"], metrics["runs"]),
                            "Heads trained on a fraction of the training patients; fixed test set."))
-        figs += _classification_figures(art["y_test"], art["predictions"], findings, metrics)
+        figs += classification_figures(art["y_test"], art["predictions"], findings, metrics)
         import pandas as pd
 
         tables.append(("Label-efficiency curve", pd.DataFrame([

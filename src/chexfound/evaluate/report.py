@@ -8,9 +8,7 @@ relative path, so the folder can be moved or zipped as a whole.
 from __future__ import annotations
 
 import html
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -19,38 +17,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from chexfound.models.format import atomic_write_bytes
-
-
-def to_jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return to_jsonable(x.tolist())
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def _write(path: str | PathLike[str], data: bytes) -> None:
-    """Atomic write, then the usual file mode (mkstemp creates 0600; report files are meant to be shared)."""
-    atomic_write_bytes(path, data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+from chexfound.runio import atomic_write_bytes, atomic_write_json
 
 
 def write_json(path: str | PathLike[str], obj: Any) -> None:
-    _write(path, (json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_json(path, obj, indent=2)
 
 
 @dataclass
@@ -137,9 +108,9 @@ def write_report(out_dir: str | PathLike[str], report: Report) -> Path:
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for fig in report.figures:
-        _write(out / "figures" / fig.name, fig.png)
+        atomic_write_bytes(out / "figures" / fig.name, fig.png)
     for name, data in report.files.items():
-        _write(out / name, data)
+        atomic_write_bytes(out / name, data)
     m = report.metrics
     md = [f"# {report.title}", ""]
     hb = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(report.title)}</title>",
@@ -184,8 +155,8 @@ def write_report(out_dir: str | PathLike[str], report: Report) -> Path:
     md += ["", "All numbers, the exact configuration and data/model hashes are in `metrics.json`."]
     hb += ["<p class='note'>All numbers, the exact configuration and data/model hashes are in "
            "<a href='metrics.json'>metrics.json</a>.</p></body></html>"]
-    _write(out / "report.md", ("\n".join(md) + "\n").encode())
-    _write(out / "report.html", "\n".join(hb).encode())
+    atomic_write_bytes(out / "report.md", ("\n".join(md) + "\n").encode())
+    atomic_write_bytes(out / "report.html", "\n".join(hb).encode())
     write_json(out / "metrics.json", m)
     return out
 

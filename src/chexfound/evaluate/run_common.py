@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import sys
 from typing import Any, Sequence
 
@@ -11,18 +10,16 @@ import numpy as np
 from chexfound import __version__
 from chexfound.evaluate import figures
 from chexfound.evaluate.report import Figure
+from chexfound.runio import utc_now
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def provenance(extra: dict[str, Any]) -> dict[str, Any]:
+    """What made a report: when (ISO-8601 UTC), which chexfound, which command line, plus `extra`."""
+    return {"created": utc_now(), "chexfound_version": __version__, "command": sys.argv, **extra}
 
 
-def _provenance(extra: dict[str, Any]) -> dict[str, Any]:
-    return {"created": _now(), "chexfound_version": __version__, "command": sys.argv, **extra}
-
-
-def _classification_figures(y: np.ndarray, preds: dict[str, np.ndarray], findings: Sequence[str],
-                            metrics: dict[str, Any], groups_by_model: dict[str, Any] | None = None) -> list[Figure]:
+def classification_figures(y: np.ndarray, preds: dict[str, np.ndarray], findings: Sequence[str],
+                           metrics: dict[str, Any], groups_by_model: dict[str, Any] | None = None) -> list[Figure]:
     figs = [Figure("roc.png", "ROC curves per finding", figures.roc_pr_grid(y, preds, findings, "roc",
                                                                             metrics.get("per_finding"))),
             Figure("pr.png", "Precision-recall curves per finding",

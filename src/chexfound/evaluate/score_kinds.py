@@ -11,8 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chexfound.evaluate.bootstrap import bootstrap_statistic
-from chexfound.evaluate.metrics import concordance_index, multiclass_metrics, regression_metrics
+from chexfound.stats import bootstrap_statistic, concordance_index, multiclass_metrics, regression_metrics
 from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
 
 

@@ -16,7 +16,7 @@ from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
 from chexfound.evaluate.report import Figure, Report, write_report
 from chexfound.models.format import sha256_file
 
-from chexfound.evaluate.run_common import _classification_figures, _provenance
+from chexfound.evaluate.run_common import classification_figures, provenance
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], ou
         train_y = tm.labels(opts.uncertain)
     thr = read_thresholds(opts.thresholds, mt.findings) if opts.thresholds else None
     res = score_predictions(mt.y, mt.p, mt.patients, mt.findings, thr, train_y, opts.cfg)
-    prov = _provenance({
+    prov = provenance({
         "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
         "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
         "manifest_sha256": sha256_file(labels), "matching": mt.info,
@@ -82,7 +82,7 @@ def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], ou
                "config": {"split": opts.split, "uncertain": opts.uncertain, "findings": mt.findings,
                           **opts.cfg.to_dict()}}
     rep = Report(f"Evaluation of {pred_path.name}", metrics,
-                 _classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res),
+                 classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res),
                  notes=[f"{mt.info['n_matched']} images matched by {mt.info['id_column']} ({mt.info['matched_by']});"
                         f" {mt.info['n_missing']} without prediction; {mt.info['n_extra_predictions']} extra "
                         f"prediction rows ignored"])
@@ -104,7 +104,7 @@ def _score_other(preds: Any, pred_path: Path, man: Manifest, labels: str | PathL
         mt = match_predictions(preds, man, pred_path, opts.findings, opts.id_column, opts.allow_missing)
         # (no prevalence groups here: they describe long-tailed multi-label sets)
         res = score_multiclass(class_index(mt.y), mt.p, mt.findings, mt.patients, opts.cfg)
-        figs = _classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res)
+        figs = classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res)
         tables = [("Multiclass", pd.DataFrame([{k: res["multiclass"].get(k) for k in
                                                 ("n", "accuracy", "accuracy_ci", "balanced_accuracy",
                                                  "balanced_accuracy_ci")} | {"macro AUROC": res["macro"]["auroc"]}]))]
@@ -128,7 +128,7 @@ def _score_other(preds: Any, pred_path: Path, man: Manifest, labels: str | PathL
         tables = [("Survival", pd.DataFrame([res["survival"]]))]
     else:
         raise ChexfoundError(f"unknown --kind {opts.kind!r} (multilabel, multiclass, regression, survival)")
-    prov = _provenance({
+    prov = provenance({
         "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
         "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
         "manifest_sha256": sha256_file(labels), "matching": mt.info})

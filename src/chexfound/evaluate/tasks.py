@@ -30,7 +30,7 @@ from chexfound.data import findings as F
 from chexfound.data import readers as R
 from chexfound.data.manifest import Manifest, patient_split
 from chexfound.errors import ManifestError
-from chexfound.evaluate.localisation import read_boxes
+from chexfound.evaluate.box_scores import read_boxes
 from chexfound.models.format import sha256_file
 
 

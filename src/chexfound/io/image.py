@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from chexfound.errors import CXRReadError
+from chexfound.io.failures import ImageReadError, ReadFailure
 
 # Smallest side we accept by default: one 16-px patch of the CheXFound ViT. Anything smaller is not a
 # radiograph (icons, thumbnails, corrupt headers); callers that need more pass their own `min_size`.
@@ -42,10 +42,10 @@ class CXRImage:
 
 
 def check_min_size(shape: tuple[int, ...], min_size: int | None, path: str | PathLike[str] | None) -> None:
-    """Raise CXRReadError when the shorter side is below `min_size` (None or 0 disables the check)."""
+    """Raise ImageReadError (too small) when the shorter side is below `min_size` (None or 0 disables the check)."""
     if min_size and min(int(shape[0]), int(shape[1])) < min_size:
-        raise CXRReadError(
-            path, f"image is {shape[0]}x{shape[1]} px, smaller than the minimum {min_size} px (one model patch)"
+        raise ImageReadError(
+            path, ReadFailure.TOO_SMALL, f"image is {shape[0]}x{shape[1]} px, smaller than the minimum {min_size} px (one model patch)"
         )
 
 

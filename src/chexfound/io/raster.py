@@ -11,13 +11,15 @@
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from chexfound.errors import CXRReadError
+from chexfound.io.decoder_logs import decoder_messages
+from chexfound.io.failures import ImageReadError, ReadFailure
 from chexfound.io.image import MAX_PIXELS, CXRImage, normalise_range
 
 # A grayscale image saved as RGB JPEG differs between channels only by chroma rounding (a few levels).
@@ -34,48 +36,117 @@ def _is_grayscale(rgb: np.ndarray) -> bool:
     return float(np.percentile(spread, _GRAY_QUANTILE)) <= _GRAY_SPREAD
 
 
-def _open(data: bytes, path: str) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+# Magic numbers of the raster formats we expect, to name the format when Pillow cannot even open it.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+)
+
+
+def raster_signature(data: bytes) -> str | None:
+    """The raster format whose magic number `data` starts with, or None."""
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def open_raster(data: bytes, path: str) -> Image.Image | None:
+    """Pillow's lazy open (the header only). None when the data are not a raster format we recognise;
+    ImageReadError when they start like one but the header is cut off, damaged or declares too many pixels."""
+    with decoder_messages(path):  # Pillow's DecompressionBombWarning: our own MAX_PIXELS check decides
+        try:
             return Image.open(io.BytesIO(data))
-    except Image.DecompressionBombWarning as e:
-        raise CXRReadError(path, f"image too large ({e})") from e
-    except Exception as e:
-        raise CXRReadError(path, f"not a readable image ({type(e).__name__}: {e})") from e
+        except Image.DecompressionBombError as e:
+            raise _too_large_for_pillow(data, path) from e
+        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, struct.error...
+            fmt = raster_signature(data)
+            if fmt is None:
+                return None
+            if isinstance(e, (EOFError, struct.error)) or "truncat" in str(e).lower():
+                raise ImageReadError(path, ReadFailure.TRUNCATED,
+                                     f"truncated {fmt}: the file ends inside its header ({type(e).__name__})") from e
+            detail = "" if isinstance(e, UnidentifiedImageError) else f" ({type(e).__name__}: {e})"
+            raise ImageReadError(path, ReadFailure.CORRUPT_HEADER,
+                                 f"corrupt {fmt} file: its header cannot be parsed{detail}") from e
+
+
+def _too_large_for_pillow(data: bytes, path: str) -> ImageReadError:
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    size = header_size(data)
+    dims = f"{size[1]}x{size[0]} pixels" if size else "the declared size"
+    return ImageReadError(path, ReadFailure.TOO_LARGE,
+                          f"too large: {dims} is over Pillow's decompression bomb limit of {limit:,} pixels")
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the header declares them, read by the format's Pillow plugin directly:
+    `Image.open` refuses a decompression bomb before it would tell us its size."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is not None and not accept(prefix):
+                continue
+            with factory(io.BytesIO(data), "") as im:
+                return int(im.size[0]), int(im.size[1])
+        except Exception:  # not this plugin's format
+            continue
+    return None
 
 
 def decode_raster(data: bytes, path: str, *, color: str = "error", im: Image.Image | None = None) -> CXRImage:
-    """Decode a Pillow-readable image. Raises CXRReadError for corrupt/truncated/colour/animated files."""
-    im = im if im is not None else _open(data, path)
+    """Decode a Pillow-readable image. Raises ImageReadError for corrupt/truncated/colour/animated files."""
+    im = im if im is not None else open_raster(data, path)
+    if im is None:
+        raise ImageReadError(path, ReadFailure.NOT_AN_IMAGE, "not a recognised image format (Pillow cannot "
+                                                             "identify it)")
+    fmt = im.format or "image"
     try:
-        return _decode(im, path, color)
+        with decoder_messages(path):
+            return _decode(im, path, color)
     except CXRReadError:
         raise
     except MemoryError as e:
-        raise CXRReadError(path, "image too large to decode") from e
+        raise ImageReadError(path, ReadFailure.TOO_LARGE, "too large: not enough memory to decode it") from e
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad data
-        raise CXRReadError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from e
+        if isinstance(e, EOFError) or "truncated" in str(e).lower():
+            raise ImageReadError(path, ReadFailure.TRUNCATED, f"truncated {fmt}: the file ends before its image "
+                                                              f"data do ({type(e).__name__}: {e})") from e
+        raise ImageReadError(path, ReadFailure.UNDECODABLE, f"undecodable {fmt} data: the compressed image data "
+                                                            f"are damaged ({type(e).__name__}: {e})") from e
     finally:
         im.close()
+
+
+def _is_lossy(im: Image.Image) -> bool:
+    """JPEG-family codestreams discard information; PNG, BMP and (uncompressed/LZW/deflate) TIFF do not."""
+    if im.format in ("JPEG", "JPEG2000", "MPO", "WEBP"):
+        return not (im.format == "WEBP" and im.info.get("lossless"))
+    return im.format == "TIFF" and str(im.info.get("compression", "")).lower() in ("jpeg", "tiff_jpeg", "webp")
 
 
 def _decode(im: Image.Image, path: str, color: str) -> CXRImage:
     fmt = im.format or "unknown"
     w, h = im.size
     if w <= 0 or h <= 0:
-        raise CXRReadError(path, f"image has invalid size {w}x{h}")
+        raise ImageReadError(path, ReadFailure.INVALID, f"image has invalid size {w}x{h}")
     if w * h > MAX_PIXELS:
-        raise CXRReadError(path, f"image is {h}x{w} px, beyond the {MAX_PIXELS} pixel limit")
+        raise ImageReadError(path, ReadFailure.TOO_LARGE,
+                             f"too large: {h}x{w} pixels, over the limit of {MAX_PIXELS:,} pixels")
     n_frames = int(getattr(im, "n_frames", 1) or 1)
     if n_frames > 1:
-        raise CXRReadError(path, f"multi-frame {fmt} ({n_frames} frames); a radiograph has one frame")
+        raise ImageReadError(path, ReadFailure.UNSUPPORTED, f"multi-frame {fmt} ({n_frames} frames); a radiograph has one frame")
     # Never silently decode a truncated file as grey padding (another library may have flipped this).
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     mode_in = im.mode
     im.load()
     im = ImageOps.exif_transpose(im) or im
-    meta: dict[str, Any] = {"source_format": fmt, "mode": mode_in, "original_size": [im.size[1], im.size[0]]}
+    meta: dict[str, Any] = {"source_format": fmt, "mode": mode_in, "original_size": [im.size[1], im.size[0]],
+                            "lossy": _is_lossy(im)}
 
     mode = im.mode
     if mode == "P":
@@ -97,7 +168,7 @@ def _decode(im: Image.Image, path: str, color: str) -> CXRImage:
     elif mode in _INT16_MODES or mode in ("I", "F"):
         arr = np.asarray(im)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise CXRReadError(path, "image contains non-finite values")
+            raise ImageReadError(path, ReadFailure.INVALID, "image contains non-finite values")
         depth = 16 if (mode in _INT16_MODES or fmt == "PNG") and mode != "F" else 32
         if mode == "I" and arr.size and 0 <= int(arr.min()) and int(arr.max()) <= 65535:
             depth = 16  # Pillow opens some 16-bit files (PNG, TIFF) as 32-bit "I"
@@ -108,8 +179,8 @@ def _decode(im: Image.Image, path: str, color: str) -> CXRImage:
         rgb = np.asarray(im)[..., :3]
         grey = _is_grayscale(rgb)
         if not grey and color != "luminance":
-            raise CXRReadError(
-                path, f"colour {fmt} image (channels differ); chest X-rays are grayscale "
+            raise ImageReadError(
+                path, ReadFailure.UNSUPPORTED, f"colour {fmt} image (channels differ); chest X-rays are grayscale "
                 "(pass color='luminance' to convert)"
             )
         f = rgb.astype(np.float32)
@@ -119,6 +190,6 @@ def _decode(im: Image.Image, path: str, color: str) -> CXRImage:
         meta.update(bit_depth=8, photometric_interpretation="MONOCHROME2" if grey else "RGB",
                     converted_from=mode if grey else f"{mode} (luminance)")
     else:
-        raise CXRReadError(path, f"unsupported image mode {mode!r} in {fmt}")
+        raise ImageReadError(path, ReadFailure.UNSUPPORTED, f"unsupported image mode {mode!r} in {fmt}")
     meta.update(pixel_spacing=None, view_position=None, patient_id=None, study_id=None)
     return CXRImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), meta=meta)

@@ -2,7 +2,8 @@
 
 Format detection is by content, not by extension: the DICOM "DICM" marker at byte 128, then anything
 Pillow recognises (PNG, JPEG, TIFF, BMP...), then a forced DICOM read for ACR-NEMA style files that have
-neither preamble nor file meta. Every failure is a CXRReadError naming the file and the reason.
+neither preamble nor file meta. Every failure is an `ImageReadError` (a CXRReadError) naming the file, the
+reason and its `kind` (a `ReadFailure`: truncated, undecodable, not an image, too large...).
 """
 
 from __future__ import annotations
@@ -12,78 +13,71 @@ from os import PathLike
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image
-
-from chexfound.errors import CXRReadError
-from chexfound.io.dicom import decode_dicom
+from chexfound.io.decoder_logs import decoder_messages
+from chexfound.io.dicom import decode_dicom, has_dicom_marker, looks_like_acr_nema
+from chexfound.io.failures import ImageReadError, ReadFailure
 from chexfound.io.image import MIN_SIZE, CXRImage, check_min_size
-from chexfound.io.raster import decode_raster
+from chexfound.io.raster import decode_raster, open_raster
 
 ColorPolicy = Literal["error", "luminance"]
 
-_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
-
-# Magic numbers of the raster formats we expect, to name the format when Pillow cannot even open it.
-_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"BM", "BMP"),
-    (b"GIF8", "GIF"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-)
-
-
-def _signature(data: bytes) -> str | None:
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-
-
-def _looks_like_dicom(data: bytes) -> bool:
-    return len(data) >= 132 and data[128:132] == b"DICM"
-
-
-def _looks_like_acr_nema(data: bytes) -> bool:
-    """A meta-less DICOM starts with a group-0008 (or 0002) element tag in either byte order."""
-    if len(data) < 8:
-        return False
-    le = int.from_bytes(data[0:2], "little")
-    be = int.from_bytes(data[0:2], "big")
-    return le in (0x0002, 0x0008) or be in (0x0002, 0x0008)
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})  # read as DICOM even without the "DICM" preamble
 
 
 def read_image_bytes(
     data: bytes,
-    name: str = "<bytes>",
+    name: str = "upload",
     *,
     min_size: int | None = MIN_SIZE,
     color: ColorPolicy = "error",
     apply_voi: bool = True,
 ) -> CXRImage:
-    """Decode an in-memory file (e.g. an upload); `name` is used in messages and meta."""
+    """Decode an in-memory file (e.g. an upload); `name` is used in messages and meta (the server passes
+    "upload 'chest.dcm'"). Raises ImageReadError (a CXRReadError) whose `kind` says what went wrong."""
     if not data:
-        raise CXRReadError(name, "empty file")
+        raise ImageReadError(name, ReadFailure.EMPTY, "empty file")
     if color not in ("error", "luminance"):
         raise ValueError(f"color must be 'error' or 'luminance', not {color!r}")
-    if _looks_like_dicom(data):
+    if has_dicom_marker(data):
         img = decode_dicom(data, name, apply_voi=apply_voi, color=color)
     else:
-        im = None
-        try:
-            im = Image.open(io.BytesIO(data))
-        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
-            fmt = _signature(data)
-            if fmt is not None:
-                raise CXRReadError(name, f"corrupt {fmt} file ({type(e).__name__}: {e})") from e
+        im = open_raster(data, name)
         if im is not None:
             img = decode_raster(data, name, color=color, im=im)
-        elif _looks_like_acr_nema(data) or Path(name).suffix.lower() in _DICOM_SUFFIXES:
+        # a meta-less DICOM is recognised by its first tag, or by its name ("upload 'x.dcm'" counts too)
+        elif looks_like_acr_nema(data) or Path(name.rstrip("'")).suffix.lower() in DICOM_SUFFIXES:
             img = decode_dicom(data, name, apply_voi=apply_voi, color=color)
         else:
-            raise CXRReadError(name, "not a recognised image format (expected DICOM, PNG, JPEG, TIFF...)")
+            raise ImageReadError(name, ReadFailure.NOT_AN_IMAGE, "not a recognised image format (expected DICOM, "
+                                                                 "PNG, JPEG, TIFF...): no DICM marker, no DICOM "
+                                                                 "elements and no image signature")
     check_min_size(img.shape, min_size, name)
     img.meta["path"] = name
     return img
+
+
+def declared_size(data: bytes, name: str = "upload") -> tuple[int, int] | None:
+    """(rows, cols) from the header alone, before any pixel is decoded (a server checks its limits with this);
+    None when the header does not say. Raises ImageReadError (too large) for a Pillow decompression bomb."""
+    if not has_dicom_marker(data):
+        im = None
+        try:
+            im = open_raster(data, name)
+        except ImageReadError as e:
+            if e.kind is ReadFailure.TOO_LARGE:
+                raise
+        if im is not None:
+            with im:
+                return int(im.size[1]), int(im.size[0])
+    try:
+        import pydicom
+
+        with decoder_messages(name):
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        rows, cols = ds.get("Rows"), ds.get("Columns")
+        return (int(rows), int(cols)) if rows and cols else None
+    except Exception:  # not DICOM either: the full read says what it is
+        return None
 
 
 def read_image(
@@ -101,11 +95,11 @@ def read_image(
     """
     p = Path(path)
     if not p.exists():
-        raise CXRReadError(p, "no such file")
+        raise ImageReadError(p, ReadFailure.UNREADABLE_FILE, "no such file")
     if not p.is_file():
-        raise CXRReadError(p, "not a regular file")
+        raise ImageReadError(p, ReadFailure.UNREADABLE_FILE, "not a regular file")
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise CXRReadError(p, f"cannot read file ({e.strerror or e})") from e
+        raise ImageReadError(p, ReadFailure.UNREADABLE_FILE, f"cannot read file ({e.strerror or e})") from e
     return read_image_bytes(data, str(p), min_size=min_size, color=color, apply_voi=apply_voi)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The input normalisation lives with the transform (data layer); imported here for the configs' defaults.
+from chexfound.data.transform import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass

@@ -1,37 +1,41 @@
-"""Embed many images into one features file: batched, resumable, shardable over ranks.
+"""The feature engine: image files -> backbone -> sinks. Batched, resumable, shardable over ranks.
 
-Work is cut into fixed chunks of the input list (chunk c = images [c*C, (c+1)*C)). Each finished chunk is
-written atomically to `<out>.parts/chunkNNNNNN.safetensors`; a rerun skips chunks already there, so an
-interruption costs at most one chunk per rank. Under torch.distributed, rank r takes chunks c with
-c % world == r (so a rerun may use a different number of ranks), and rank 0 merges the parts in order.
-`run.json` in the parts folder records what the parts were made with; a rerun with other inputs or
-settings is refused instead of silently mixing features.
+Every feature file of the project is made here, whatever it holds: `chexfound embed` (a pooled-features
+file, `PooledFileWriter`), the adapt/evaluate token cache (`chexfound.adapt.token_cache.TokenCacheWriter`:
+full patch tokens of the last n blocks for GLoRI), or both from one forward pass.
+
+Work is cut into fixed chunks of the input list (chunk c = rows [c*C, (c+1)*C)). Each sink says which rows
+of a chunk it still needs (resume), receives every computed batch, and persists a chunk when it is complete
+(`commit`), so an interruption costs at most one chunk per rank. Under torch.distributed, rank r takes
+chunks c with c % world == r (a rerun may use another number of ranks) and rank 0 finishes the sinks.
+
+The data path: worker processes read and resize (`InputTransform.prepare`), images travel as uint8 on a
+GPU (4x fewer bytes through pinned memory, copied without blocking) and are normalised on the device;
+the backbone runs with the settings of `chexfound.models.inference` (packed CPU GEMMs, per-block
+torch.compile, CUDA graphs at a fixed batch shape).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
 
 from chexfound.errors import ChexfoundError
-from chexfound.models.features import write_features
-from chexfound.models.format import atomic_write_bytes
-from chexfound.models.vit import VisionTransformer
+from chexfound.models.extract import BlockOutputs
+from chexfound.models.inference import CudaGraphForward, InferenceSettings, prepare_backbone, run_context
+from chexfound.models.pooled import pool_tokens
+from chexfound.models.pooled_file import EmbedResult, PooledFileWriter
+from chexfound.runio import RunLog, resolve_device
+from chexfound.runio import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -42,102 +46,227 @@ class EmbedSettings:
     batch_size: int = 16
     chunk_size: int = 256
     workers: int = 0
-    feature_dtype: str = "float32"  # float32 | float16
-    autocast: str = "fp32"  # fp32 | bf16
+    feature_dtype: str = "float32"  # float32 | float16 (the pooled file)
+    autocast: str = "fp32"          # fp32 | bf16 | fp16: compute dtype
     keep_parts: bool = False
+    pack: bool = False              # CPU: oneDNN packed weights (the CLIs turn it on)
+    compile: bool = False           # per-block torch.compile, static shapes
+    cuda_graphs: bool = False       # CUDA: replay a captured graph at the fixed batch shape
+    sdpa: str = "auto"
+    transfer: str = "auto"          # uint8 | float32 | auto (uint8 on CUDA, float32 on CPU: nothing to copy)
+
+    def inference(self) -> InferenceSettings:
+        return InferenceSettings(compute=self.autocast, pack=self.pack, compile=self.compile,
+                                 cuda_graphs=self.cuda_graphs, sdpa=self.sdpa)
+
+    def transfer_dtype(self, device: torch.device) -> torch.dtype:
+        if self.transfer not in ("auto", "uint8", "float32"):
+            raise ChexfoundError(f"transfer dtype {self.transfer!r}: use auto, uint8 or float32")
+        if self.transfer == "auto":
+            return torch.uint8 if device.type == "cuda" else torch.float32
+        return torch.uint8 if self.transfer == "uint8" else torch.float32
+
+
+class Batch:
+    """One computed batch handed to the sinks: absolute rows and the block outputs (on the device)."""
+
+    def __init__(self, rows: np.ndarray, tokens: BlockOutputs, flipped: BlockOutputs | None) -> None:
+        self.rows, self.tokens, self.flipped = rows, tokens, flipped
+        self._pooled: tuple[Tensor, Tensor] | None = None
+
+    def pooled(self) -> tuple[Tensor, Tensor]:
+        """(cls [B, n, D], patch_mean [B, D]) float32 on the CPU, computed once for all sinks."""
+        if self._pooled is None:
+            cls, pm = pool_tokens(self.tokens)
+            self._pooled = (cls.cpu(), pm.cpu())
+        return self._pooled
+
+
+class FeatureSink(Protocol):
+    """Where features go. `open` runs on every rank before any work (rank 0 creates shared files; the engine
+    synchronises ranks after it), `finish` on rank 0 after every rank committed its chunks."""
+
+    wants_flip: bool
+
+    def open(self, rank: int) -> None: ...
+
+    def pending(self, chunk: int, lo: int, hi: int) -> np.ndarray: ...
+
+    def add(self, chunk: int, batch: Batch) -> None: ...
+
+    def add_errors(self, chunk: int, errors: list[tuple[int, str, str]]) -> None: ...
+
+    def commit(self, chunk: int) -> None: ...
+
+    def finish(self) -> Any: ...
 
 
 @dataclass
-class EmbedResult:
-    out: Path
-    count: int
-    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+class EngineRun:
+    """What one call computed on this rank, and where its time went (seconds)."""
+
+    results: list[Any]
+    images: int = 0
     computed_chunks: int = 0
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _plan(n: int, settings: EmbedSettings, sinks: Sequence[FeatureSink], rank: int,
+          world: int) -> list[tuple[int, list[int]]]:
+    """This rank's batches as (chunk, rows): rows any sink still needs, in chunk order."""
+    batches: list[tuple[int, list[int]]] = []
+    n_chunks = (n + settings.chunk_size - 1) // settings.chunk_size
+    for c in range(rank, n_chunks, world):
+        lo, hi = c * settings.chunk_size, min(n, (c + 1) * settings.chunk_size)
+        need = np.zeros(0, dtype=np.int64)
+        for s in sinks:
+            need = np.union1d(need, s.pending(c, lo, hi))
+        rows = need.astype(int).tolist()
+        for s0 in range(0, len(rows), settings.batch_size):
+            batches.append((c, rows[s0 : s0 + settings.batch_size]))
+    return batches
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _forward_fn(model: nn.Module, device: torch.device, settings: EmbedSettings) -> Callable[[Tensor], BlockOutputs]:
+    inf = settings.inference()
+    ctx = run_context(device, inf)
+    if settings.cuda_graphs:
+        if device.type != "cuda":
+            raise ChexfoundError("--cuda-graphs needs a CUDA device")
+        return CudaGraphForward(model, settings.n_blocks, ctx)
+
+    def fwd(x: Tensor) -> BlockOutputs:
+        with ctx():
+            return tuple(model.get_intermediate_layers(x, n=settings.n_blocks, return_class_token=True))
+
+    return fwd
 
 
-def parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
+def _pad(x: Tensor, size: int) -> Tensor:
+    """Zero-pad a batch to `size` rows (compiled graphs and CUDA graphs are per shape)."""
+    if x.shape[0] >= size:
+        return x
+    return torch.cat([x, x.new_zeros((size - x.shape[0], *x.shape[1:]))])
 
 
-def _fingerprint(paths: Sequence[str], ids: Sequence[str], backbone_sha: str, transform: dict[str, Any],
-                 settings: EmbedSettings) -> dict[str, Any]:
-    h = hashlib.sha256()
-    for p, i in zip(paths, ids):
-        h.update(p.encode())
-        h.update(b"\0")
-        h.update(i.encode())
-        h.update(b"\n")
-    return {"inputs_sha256": h.hexdigest(), "count": len(paths), "backbone_sha256": backbone_sha,
-            "transform": transform, "n_blocks": settings.n_blocks, "chunk_size": settings.chunk_size,
-            "feature_dtype": settings.feature_dtype, "autocast": settings.autocast}
+def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Sequence[FeatureSink],
+               settings: EmbedSettings, device: torch.device | str = "cpu", progress: bool = True,
+               desc: str = "embed", metrics: Path | None = None) -> EngineRun:
+    """Compute the rows the sinks still need and hand them over. Returns the sinks' `finish()` results on
+    rank 0 (an empty list elsewhere). `transform` is an InputTransform (its `prepare` runs in the loader
+    workers, `normalise` on the device)."""
+    from torch.utils.data import DataLoader
 
+    from chexfound.data.datasets import ImageDataset, collate_skip_errors
 
-def _check_run(pdir: Path, fp: dict[str, Any], rank: int) -> None:
-    run = pdir / "run.json"
+    t_start = time.perf_counter()
+    device = resolve_device(device)
+    rank, world = D.rank(), D.world_size()
+    if not paths:
+        raise ChexfoundError("no images to embed")
+    depth = len(model.blocks)  # type: ignore[arg-type]
+    if not 1 <= settings.n_blocks <= depth:
+        raise ChexfoundError(f"n_blocks {settings.n_blocks}: the backbone has {depth} blocks")
+    if settings.batch_size < 1 or settings.chunk_size < 1:
+        raise ChexfoundError("batch size and chunk size must be positive")
+    for s in sinks:
+        s.open(rank)
+    D.barrier()
+    batches = _plan(len(paths), settings, sinks, rank, world)
+    total = sum(len(r) for _, r in batches)
+    log.info("rank %d/%d: %d images to compute in %d batches", rank, world, total, len(batches))
+    run = EngineRun(results=[])
+    was_training = model.training
+    timings = {"prepare_model": 0.0, "wait_for_data": 0.0, "to_device_and_forward": 0.0, "to_sinks": 0.0}
+    if batches:
+        t = time.perf_counter()
+        fast = prepare_backbone(model, device, settings.inference())
+        fwd = _forward_fn(fast, device, settings)
+        if settings.inference().static_shapes:  # compile / capture now, so the throughput figures exclude it
+            size = int(transform.size)
+            with torch.inference_mode():
+                fwd(torch.zeros(settings.batch_size, 3, size, size, device=device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        timings["prepare_model"] = time.perf_counter() - t
+        flip = any(s.wants_flip for s in sinks)
+        tdtype = settings.transfer_dtype(device)
+        dataset = ImageDataset([str(p) for p in paths], partial(transform.prepare, dtype=tdtype))
+        loader = DataLoader(dataset, batch_sampler=[r for _, r in batches], collate_fn=collate_skip_errors,
+                            num_workers=settings.workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        remaining: dict[int, int] = {}
+        for c, r in batches:
+            remaining[c] = remaining.get(c, 0) + len(r)
+        bar = None
+        if progress and rank == 0 and total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
+        chunk_t0, chunk_images = time.perf_counter(), 0
+        # Every rank logs its own chunks (rows carry the rank); no log without a path.
+        chunk_log = RunLog(metrics or Path("metrics.jsonl"), enabled=metrics is not None)
+        it = iter(loader)
+        with torch.inference_mode():
+            for c, rows in batches:
+                t = time.perf_counter()
+                batch = next(it)
+                timings["wait_for_data"] += time.perf_counter() - t
+                if batch["errors"]:
+                    errs = [(int(i), str(p), str(why)) for i, p, why in batch["errors"]]
+                    for s in sinks:
+                        s.add_errors(c, errs)
+                if "image" in batch:
+                    t = time.perf_counter()
+                    b = batch["image"].shape[0]
+                    x = batch["image"].to(device, non_blocking=True)
+                    if settings.inference().static_shapes:
+                        x = _pad(x, settings.batch_size)
+                    x = transform.normalise(x)
+                    tokens = fwd(x)
+                    flipped = fwd(x.flip(-1)) if flip else None
+                    if x.shape[0] != b:
+                        tokens = tuple((p[:b], cl[:b]) for p, cl in tokens)
+                        flipped = None if flipped is None else tuple((p[:b], cl[:b]) for p, cl in flipped)
+                    out = Batch(batch["index"].numpy(), tokens, flipped)
+                    out.pooled()  # moves to the CPU: the forward is done (and timed) here
+                    timings["to_device_and_forward"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    for s in sinks:
+                        s.add(c, out)
+                    timings["to_sinks"] += time.perf_counter() - t
+                    run.images += b
+                    chunk_images += b
+                remaining[c] -= len(rows)
+                if bar is not None:
+                    bar.update(len(rows))
+                if remaining[c] == 0:
+                    t = time.perf_counter()
+                    for s in sinks:
+                        s.commit(c)
+                    timings["to_sinks"] += time.perf_counter() - t
+                    run.computed_chunks += 1
+                    dt = time.perf_counter() - chunk_t0
+                    chunk_log.write("chunk", rank=rank, chunk=c, images=chunk_images, seconds=round(dt, 3),
+                                    images_per_s=round(chunk_images / dt, 3) if dt else None)
+                    chunk_t0, chunk_images = time.perf_counter(), 0
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    D.barrier()
     if rank == 0:
-        pdir.mkdir(parents=True, exist_ok=True)
-        if run.is_file():
-            old = json.loads(run.read_text())
-            if old != fp:
-                diff = sorted(k for k in fp if old.get(k) != fp[k])
-                raise ChexfoundError(f"{pdir}: partial results were made with different {', '.join(diff)}; "
-                                     "delete that folder or choose another --out")
-        else:
-            atomic_write_bytes(run, json.dumps(fp, indent=1).encode())
-    _barrier()
-
-
-_SAME_RUN = ("inputs_sha256", "backbone_sha256", "transform", "n_blocks", "feature_dtype", "autocast")
-
-
-def _finished_earlier(out: Path, pdir: Path, fp: dict[str, Any]) -> EmbedResult | None:
-    """A rerun after a completed run: the output already holds these inputs with these settings."""
-    if not out.is_file() or pdir.exists():
-        return None
-    from chexfound.models.features import read_features
-
-    try:
-        meta = read_features(out)["meta"]
-    except ChexfoundError:
-        return None
-    if any(meta.get(k) != fp[k] for k in _SAME_RUN):
-        return None
-    skipped = [(int(a), str(b), str(c)) for a, b, c in meta.get("skipped", [])]
-    return EmbedResult(out=out, count=int(meta.get("count", 0)), skipped=skipped)
-
-
-def _chunk_file(pdir: Path, c: int) -> Path:
-    return pdir / f"chunk{c:06d}.safetensors"
-
-
-def _save_chunk(pdir: Path, c: int, idx: list[int], cls: list[torch.Tensor], pm: list[torch.Tensor],
-                errors: list[tuple[int, str, str]], dim: int, n_blocks: int, dtype: torch.dtype) -> None:
-    tensors = {
-        "index": torch.tensor(idx, dtype=torch.int64),
-        "cls": torch.cat(cls).to(dtype) if cls else torch.zeros(0, n_blocks, dim, dtype=dtype),
-        "patch_mean": torch.cat(pm).to(dtype) if pm else torch.zeros(0, dim, dtype=dtype),
-    }
-    final = _chunk_file(pdir, c)
-    tmp = final.with_name(f".{final.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"errors": json.dumps(errors)})
-    tmp.replace(final)
+        t = time.perf_counter()
+        run.results = [s.finish() for s in sinks]
+        timings["finish"] = time.perf_counter() - t
+    run.seconds = time.perf_counter() - t_start
+    run.timings = {k: round(v, 4) for k, v in timings.items()}
+    return run
 
 
 def embed_paths(
-    model: VisionTransformer,
-    transform: Callable[[np.ndarray], torch.Tensor],
+    model: nn.Module,
+    transform: Any,
     paths: Sequence[str],
     ids: Sequence[str],
     out: str | Path,
@@ -146,138 +275,24 @@ def embed_paths(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> EmbedResult | None:
-    """Embed `paths` into the features file `out` (.safetensors/.npz). Returns the result on rank 0
+    """Embed `paths` into the pooled-features file `out` (.safetensors/.npz). Returns the result on rank 0
     (None on other ranks). `meta` is stored in the file (backbone identity, transform, ...)."""
-    from chexfound.data.datasets import ImageDataset, collate_skip_errors
-
-    t0 = time.perf_counter()
-    out = Path(out)
-    device = torch.device(device)
-    rank, world = _dist()
-    meta = dict(meta or {})
     if len(paths) != len(ids):
         raise ValueError("paths and ids differ in length")
-    if not paths:
-        raise ChexfoundError("no images to embed")
-    if settings.feature_dtype not in ("float32", "float16"):
-        raise ChexfoundError(f"feature dtype {settings.feature_dtype!r}: use float32 or float16")
-    fdtype = getattr(torch, settings.feature_dtype)
-    depth = len(model.blocks)
-    if not 1 <= settings.n_blocks <= depth:
-        raise ChexfoundError(f"--n-blocks {settings.n_blocks}: the backbone has {depth} blocks")
-    pdir = parts_dir(out)
-    fp = _fingerprint(paths, ids, meta.get("backbone_sha256", ""), meta.get("transform", {}), settings)
-    done = _finished_earlier(out, pdir, fp)
-    if done is not None:
-        log.info("%s is already complete for these inputs and settings; nothing to do", out)
-        return done if rank == 0 else None
-    _check_run(pdir, fp, rank)
-
-    n = len(paths)
-    n_chunks = (n + settings.chunk_size - 1) // settings.chunk_size
-    mine = [c for c in range(n_chunks) if c % world == rank and not _chunk_file(pdir, c).is_file()]
-    batches: list[list[int]] = []
-    batch_chunk: list[int] = []
-    for c in mine:
-        lo, hi = c * settings.chunk_size, min(n, (c + 1) * settings.chunk_size)
-        for s in range(lo, hi, settings.batch_size):
-            batches.append(list(range(s, min(hi, s + settings.batch_size))))
-            batch_chunk.append(c)
-    total = sum(len(b) for b in batches)
-    log.info("rank %d/%d: %d of %d chunks to embed (%d images)", rank, world, len(mine), n_chunks, total)
-
-    dataset = ImageDataset([str(p) for p in paths], transform)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_errors,
-                        num_workers=settings.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
-    bar = None
-    if progress and rank == 0 and total:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="img", desc="embed", dynamic_ncols=True)
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-           if settings.autocast == "bf16" else nullcontext())
-    model = model.to(device).eval()
-    dim = model.embed_dim
-    acc: dict[str, Any] = {"idx": [], "cls": [], "pm": [], "err": []}
-    remaining = {c: sum(len(b) for b, bc in zip(batches, batch_chunk) if bc == c) for c in mine}
-    metrics = pdir / "metrics.jsonl"
-    t_chunk = time.perf_counter()
-    done_chunks = 0
-    with torch.inference_mode():
-        for j, batch in enumerate(loader):
-            c = batch_chunk[j]
-            acc["err"] += [(int(i), str(p), str(r)) for i, p, r in batch["errors"]]
-            if "image" in batch:
-                x = batch["image"].to(device, non_blocking=True)
-                with amp:
-                    outs = model.get_intermediate_layers(x, settings.n_blocks, return_class_token=True)
-                acc["cls"].append(torch.stack([cl.float() for _, cl in outs], dim=1).cpu())
-                acc["pm"].append(outs[-1][0].float().mean(dim=1).cpu())
-                acc["idx"] += batch["index"].tolist()
-            k = len(batches[j])
-            remaining[c] -= k
-            if bar is not None:
-                bar.update(k)
-            if remaining[c] == 0:
-                _save_chunk(pdir, c, acc["idx"], acc["cls"], acc["pm"], acc["err"], dim, settings.n_blocks, fdtype)
-                dt = time.perf_counter() - t_chunk
-                rec = {"rank": rank, "chunk": c, "images": len(acc["idx"]), "skipped": len(acc["err"]),
-                       "seconds": round(dt, 3), "images_per_s": round(len(acc["idx"]) / dt, 3) if dt else None}
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                acc = {"idx": [], "cls": [], "pm": [], "err": []}
-                t_chunk = time.perf_counter()
-                done_chunks += 1
-    if bar is not None:
-        bar.close()
-    _barrier()
-    if rank != 0:
+    meta = dict(meta or {})
+    writer = PooledFileWriter(out, [str(p) for p in paths], [str(i) for i in ids], n_blocks=settings.n_blocks,
+                              chunk_size=settings.chunk_size, feature_dtype=settings.feature_dtype,
+                              autocast=settings.autocast, meta=meta, keep_parts=settings.keep_parts,
+                              settings=asdict(settings))
+    run = run_engine(model, transform, paths, [writer], settings, device, progress, metrics=writer.metrics_path)
+    if not run.results:
         return None
-    result = _merge(out, pdir, n_chunks, list(paths), list(ids), settings, meta, fp)
-    result.computed_chunks = done_chunks
-    result.seconds = time.perf_counter() - t0
+    result: EmbedResult = run.results[0]
+    result.computed_chunks = run.computed_chunks
+    result.seconds = run.seconds
+    result.timings = run.timings
     return result
 
 
-def _merge(out: Path, pdir: Path, n_chunks: int, paths: list[str], ids: list[str], settings: EmbedSettings,
-           meta: dict[str, Any], fp: dict[str, Any]) -> EmbedResult:
-    missing = [c for c in range(n_chunks) if not _chunk_file(pdir, c).is_file()]
-    if missing:
-        raise ChexfoundError(f"{pdir}: chunks {missing[:10]} are missing (a rank failed?); rerun to finish them")
-    idx, cls, pm, errors = [], [], [], []
-    for c in range(n_chunks):
-        f = _chunk_file(pdir, c)
-        t = load_file(str(f))
-        with safe_open(str(f), framework="pt") as h:
-            errors += [tuple(e) for e in json.loads((h.metadata() or {}).get("errors", "[]"))]
-        idx.append(t["index"])
-        cls.append(t["cls"])
-        pm.append(t["patch_mean"])
-    index = torch.cat(idx).numpy()
-    arrays = {"index": index, "cls": torch.cat(cls).numpy(), "patch_mean": torch.cat(pm).numpy()}
-    errors.sort()
-    file_meta = {**meta, "transform": fp["transform"], "n_blocks": settings.n_blocks, "feature_dtype": settings.feature_dtype,
-                 "autocast": settings.autocast, "count": int(len(index)), "inputs": len(paths),
-                 "inputs_sha256": fp["inputs_sha256"], "backbone_sha256": fp["backbone_sha256"],
-                 "skipped": [list(e) for e in errors],
-                 "settings": asdict(settings)}
-    write_features(out, arrays, [ids[i] for i in index], [paths[i] for i in index], file_meta)
-    skipped_csv = out.with_name(out.stem + ".skipped.csv")
-    if errors:
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["index", "path", "reason"])
-        w.writerows(errors)
-        atomic_write_bytes(skipped_csv, buf.getvalue().encode())
-    else:
-        skipped_csv.unlink(missing_ok=True)
-    metrics = pdir / "metrics.jsonl"
-    if metrics.is_file():
-        shutil.copyfile(metrics, out.with_name(out.stem + ".metrics.jsonl"))
-    if not settings.keep_parts:
-        shutil.rmtree(pdir, ignore_errors=True)
-    return EmbedResult(out=out, count=int(len(index)), skipped=[(int(a), str(b), str(c)) for a, b, c in errors])
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")

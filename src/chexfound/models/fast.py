@@ -10,6 +10,16 @@ runs as the GEMM's fused "add" post-op, removing two full passes over the token 
 Outputs equal the plain model's to fp32 rounding (~1e-6); with dtype=torch.bfloat16 the GEMMs and
 attention run in bf16 and LayerNorm/residual stream stay fp32, as under CPU autocast.
 When the oneDNN ops are missing (another build), the model is returned unchanged.
+
+bf16 needs two more things, found with a CPU-time profile (one thread, `time.thread_time`, so other jobs on
+the machine do not distort it; bench/backbone.py prints it):
+- attention. PyTorch's CPU flash-attention kernel runs bf16 at ~85 GFLOP/s here (the bf16 GEMM peak is
+  ~470 GFLOP/s per core), so for ViT-L/16-512 (1,029 tokens) the 14% of FLOPs in attention took about half
+  the time. Plain bf16 GEMMs (scores, then scores @ v) in query chunks whose score tile stays in cache
+  (~4 MB: 128 queries x 16 heads x 1,029 keys) run at ~165 GFLOP/s; the whole softmax row is in each tile,
+  so this is exact attention, not an online-softmax approximation. In fp32 the flash kernel is the faster
+  one and stays.
+- GELU (ViT-S/B/L with an MLP) runs as the first GEMM's fused post-op instead of a separate pass.
 """
 
 from __future__ import annotations
@@ -49,12 +59,33 @@ class _PackedLinear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous(), rows_hint)
         self.bias = b.to(dtype).contiguous()
 
-    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, residual: Tensor | None = None, post: str = "none") -> Tensor:
+        """x @ W^T + b, then `post` ("none" | "gelu", erf GELU fused into the GEMM), then + residual."""
         x = x.to(self.dtype)
-        if residual is not None and residual.dtype == self.dtype:
+        if residual is not None and residual.dtype == self.dtype and post == "none":
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
-        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, post, [], "none" if post == "gelu" else "")
         return y if residual is None else residual + y
+
+
+# Score tiles of query-chunked attention are kept near this size (bytes), so they stay in the caches.
+_SCORE_TILE_BYTES = 4 << 20
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v for [B, H, N, d] tensors, image by image and in query chunks, on plain GEMMs.
+    Exact attention (every softmax row is complete in its chunk); faster than the CPU flash kernel in bf16.
+    Returns [B, N, H * d], the layout the output projection reads (no transpose copy afterwards)."""
+    b, h, n, d = q.shape
+    rows = max(16, min(n, _SCORE_TILE_BYTES // max(1, h * k.shape[-2] * q.element_size())) // 16 * 16)
+    out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
+    for i in range(b):
+        kt = k[i].transpose(-2, -1).contiguous()  # [H, d, N]: the score GEMM reads it row-major
+        qi, vi = q[i] * scale, v[i].contiguous()  # contiguous once, not once per chunk inside matmul
+        for s in range(0, n, rows):
+            scores = torch.matmul(qi[:, s : s + rows], kt).softmax(dim=-1)
+            out[i, s : s + rows] = torch.matmul(scores, vi).transpose(0, 1)
+    return out.view(b, n, h * d)
 
 
 class PackedBlock(nn.Module):
@@ -65,6 +96,7 @@ class PackedBlock(nn.Module):
         self.norm1, self.norm2 = blk.norm1, blk.norm2
         self.num_heads = blk.attn.num_heads
         self.scale = blk.attn.scale
+        self.dtype = dtype
         g1 = blk.ls1.gamma if hasattr(blk.ls1, "gamma") else None
         g2 = blk.ls2.gamma if hasattr(blk.ls2, "gamma") else None
         self.qkv = _PackedLinear(blk.attn.qkv, dtype, rows_hint)
@@ -86,16 +118,17 @@ class PackedBlock(nn.Module):
         attn = None
         if return_attention or not _vit._FUSED_ATTENTION:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            o = attn @ v
+            o = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        elif self.dtype == torch.bfloat16:
+            o = chunked_attention(q, k, v, self.scale)
         else:
-            o = F.scaled_dot_product_attention(q, k, v)
-        x = self.proj(o.transpose(1, 2).reshape(b, n, c), residual=x)
-        h = self.fc_in(self.norm2(x))
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = self.proj(o, residual=x)
         if self.swiglu:
-            h1, h2 = h.chunk(2, dim=-1)
-            h = F.silu(h1) * h2
+            h1, h2 = self.fc_in(self.norm2(x)).chunk(2, dim=-1)
+            h = F.silu(h1, inplace=True).mul_(h2)  # h1, h2 are views of a fresh GEMM output
         else:
-            h = F.gelu(h)
+            h = self.fc_in(self.norm2(x), post="gelu")
         x = self.fc_out(h, residual=x)
         return (x, attn) if return_attention else x
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -21,52 +19,19 @@ from safetensors.torch import save_file
 
 from chexfound import __version__
 from chexfound.errors import CheckpointError
+from chexfound.runio import atomic_output
 
 FORMAT_VERSION = 1
 META_KEY = "chexfound"
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def publish(tmp: str | PathLike[str], final: str | PathLike[str]) -> None:
-    """Rename a finished temp file into place with normal permissions (mkstemp makes files 0600)."""
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, final)
-
-
-def atomic_write_bytes(path: str | PathLike[str], data: bytes) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tensors(path: str | PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Write tensors + metadata atomically; returns the file's SHA-256."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "project_version": __version__, **meta}
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata={META_KEY: json.dumps(meta)})
-        publish(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(p) as tmp:
+        save_file(clean, str(tmp), metadata={META_KEY: json.dumps(meta)})
     return sha256_file(p)
 
 

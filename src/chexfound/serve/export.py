@@ -7,7 +7,7 @@ carry `chexfound` = JSON with findings, thresholds, task, input transform and ba
 deployment can preprocess and threshold without this package.
 
 safetensors bundle: tensors `backbone.*` and `head.*` with kind='classifier' metadata holding both
-files' metadata; `load_bundle` / `Predictor.from_bundle` read it back.
+files' metadata; `chexfound.serve.bundle.load_bundle` / `Predictor.from_bundle` read it back.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError, ConfigError
-from chexfound.models.format import load_tensors, save_tensors
+from chexfound.models.format import save_tensors
+from chexfound.serve.bundle import load_bundle  # noqa: F401  (read side; kept importable from here)
 from chexfound.serve.predictor import Classifier, Predictor
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17; onnxruntime >= 1.14 runs it
@@ -194,26 +195,3 @@ def export_safetensors(predictor: Predictor, path: str | PathLike[str], dtype: s
         "transform": predictor.transform.to_dict(),
     }
     return save_tensors(path, tensors, meta)
-
-
-def load_bundle(path: str | PathLike[str]) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """-> (backbone, head, metadata) from an `export_safetensors` file (weights back in fp32)."""
-    from chexfound.adapt.heads.base import head_from_meta
-    from chexfound.models import ViTConfig, VisionTransformer
-
-    tensors, meta = load_tensors(path)
-    if meta.get("kind") != "classifier":
-        raise CheckpointError(path, f"expected a classifier bundle, found kind={meta.get('kind')!r}")
-    backbone = VisionTransformer(ViTConfig.from_dict(meta["backbone"]["config"]))
-    try:
-        head = head_from_meta(meta["head"])
-    except CheckpointError as e:
-        raise CheckpointError(path, e.reason) from e
-    for prefix, module in (("backbone.", backbone), ("head.", head)):
-        sd = {k[len(prefix):]: v.float() if v.is_floating_point() else v
-              for k, v in tensors.items() if k.startswith(prefix)}
-        missing, unexpected = module.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(path, f"{prefix.rstrip('.')} keys do not match: missing {missing}, "
-                                        f"unexpected {unexpected}")
-    return backbone.eval(), head.eval(), meta

@@ -25,6 +25,7 @@ from PIL import Image
 
 from chexfound.adapt.heatmap import attention_map, save_heatmaps
 from chexfound.data.transform import InputTransform
+from chexfound.runio import atomic_write_json
 
 GAMMA = 0.5  # the original notebook's display curve
 MAX_ALPHA = 0.6  # as adapt.heatmap.overlay_png
@@ -107,12 +108,8 @@ def save_overlay_files(view: np.ndarray, attention: np.ndarray, probabilities: n
     tf = InputTransform(size=view.shape[0])  # the view is already the model's field of view: geometry = identity
     paths = save_heatmaps(attention.reshape(1, c, gh * gw), probabilities, findings, view, tf, out_dir, stem,
                           which=list(which), gamma=GAMMA, grid=(gh, gw))
-    from chexfound.serve.results import make_readable, publish_bytes
-
-    for p in paths:
-        make_readable(p)
     written = {findings[i]: p.name for i, p in zip(which, paths)}
-    publish_bytes(out_dir / INDEX_FILE, json.dumps(written, indent=1).encode())
+    atomic_write_json(out_dir / INDEX_FILE, written, indent=1)
     return written
 
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chexfound.adapt.runtime import resolve_device
 from chexfound.data.transform import InputTransform
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.io import CXRImage, read_image
+from chexfound.runio import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Prediction:
     error: str | None = None
     image_meta: dict[str, Any] = field(default_factory=dict)
     view: np.ndarray | None = None  # the model's view as float32 [D, D] in [0, 1] (for overlays), on request
+    threshold_rules: list[dict[str, str]] | None = None  # per finding: {"rule", "reason"} the head recorded
 
     @property
     def ok(self) -> bool:
@@ -94,16 +95,20 @@ class Prediction:
         return order if top_k is None else order[:top_k]
 
     def findings_list(self) -> list[dict[str, Any]]:
-        """[{"name", "probability", "threshold", "positive"}] in the head's finding order."""
+        """[{"name", "probability", "threshold", "positive", "threshold_rule", "threshold_reason"}] in the head's
+        finding order (the rule that chose each threshold: chexfound.stats.thresholds)."""
         if self.probabilities is None:
             return []
         pos = self.positives()
+        rules = self.threshold_rules or [{} for _ in self.findings]
         return [
             {
                 "name": name,
                 "probability": float(self.probabilities[i]),
                 "threshold": float(self.thresholds[i]),
                 "positive": None if pos is None else bool(pos[i]),
+                "threshold_rule": rules[i].get("rule"),
+                "threshold_reason": rules[i].get("reason"),
             }
             for i, name in enumerate(self.findings)
         ]
@@ -112,6 +117,16 @@ class Prediction:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "findings": self.findings_list(), "positive": self.positive_findings()}
+
+
+def threshold_rules_of(head_meta: dict[str, Any], head: Any) -> list[dict[str, str]]:
+    """Per finding {"rule", "reason"}: how the head's threshold was chosen (recorded since chexfound.stats),
+    or "unrecorded" for older head files."""
+    rules = head_meta.get("threshold_rules") or getattr(head, "threshold_rules", None) or []
+    n = len(getattr(head, "findings", []))
+    if len(rules) != n:
+        return [{"rule": "unrecorded", "reason": "the head file does not record how its thresholds were chosen"}] * n
+    return [{"rule": str(r.get("rule", "")), "reason": str(r.get("reason", ""))} for r in rules]
 
 
 def check_pairing(head_meta: dict[str, Any], backbone_sha: str | None, head_path: Any, strict: bool) -> str | None:
@@ -136,6 +151,8 @@ class Predictor:
     transform: the input transform; default: the one recorded with the head (what its features were
         computed with), else the backbone's, else the backbone config's.
     strict: raise (instead of warn) when the head was trained on a different backbone.
+    compile: run each backbone block through torch.compile (static shapes; batches are padded to the next
+        power of two so a server compiles a handful of shapes once). Pays on a GPU; off by default.
     """
 
     def __init__(
@@ -148,6 +165,7 @@ class Predictor:
         strict: bool = False,
         backbone_meta: dict[str, Any] | None = None,
         head_meta: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         from chexfound.adapt.heads.base import load_our_head
         from chexfound.models import backbone_sha256, load_backbone
@@ -180,16 +198,22 @@ class Predictor:
             raise ConfigError(None, f"dtype must be fp32 or bf16, got {dtype!r}")
         self.dtype = dtype
         self.model = Classifier(bb, hd).to(self.device).eval()
+        self.compiled = bool(compile)
+        if self.compiled:
+            from chexfound.models.inference import compile_blocks
+
+            self.model.backbone = compile_blocks(self.model.backbone)
         self.head = hd
         self.findings: list[str] = list(hd.findings)
         self.thresholds: np.ndarray = hd.thresholds.detach().cpu().float().numpy().copy()
+        self.threshold_rules = threshold_rules_of(self.head_meta, hd)
         self.task: str = hd.task
         self._has_attention: bool | None = None
 
     @classmethod
     def from_bundle(cls, path: str | PathLike[str], **kwargs: Any) -> "Predictor":
         """A Predictor from one `chexfound export --format safetensors` file."""
-        from chexfound.serve.export import load_bundle
+        from chexfound.serve.bundle import load_bundle
 
         bb, hd, meta = load_bundle(path)
         kwargs.setdefault("transform", InputTransform.from_dict(meta["transform"]))
@@ -261,6 +285,7 @@ class Predictor:
             },
             "findings": self.findings,
             "thresholds": [float(t) for t in self.thresholds],
+            "threshold_rules": self.threshold_rules,
             "transform": self.transform.to_dict(),
             "device": str(self.device),
             "dtype": self.dtype,
@@ -275,8 +300,12 @@ class Predictor:
     @torch.inference_mode()
     def predict_tensor(self, x: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Normalised images [B, 3, S, S] -> (probabilities [B, C], attention maps [B, C, g, g] or None)."""
+        n = x.shape[0]
+        if self.compiled and n & (n - 1):  # compiled graphs are per shape: pad to the next power of two
+            x = torch.cat([x, x.new_zeros((1 << n.bit_length()) - n, *x.shape[1:])])
         with self._autocast():
             probs, maps = self.model(x.to(self.device, non_blocking=True))
+        probs, maps = probs[:n], None if maps is None else maps[:n]
         return probs.float().cpu().numpy(), None if maps is None else maps.float().cpu().numpy()
 
     def preprocess(self, image: CXRImage | np.ndarray) -> Tensor:
@@ -286,7 +315,8 @@ class Predictor:
     def _prediction(self, path: str | None, probs: np.ndarray | None, maps: np.ndarray | None,
                     error: str | None = None, image_meta: dict[str, Any] | None = None) -> Prediction:
         return Prediction(path=path, findings=self.findings, thresholds=self.thresholds, task=self.task,
-                          probabilities=probs, attention=maps, error=error, image_meta=image_meta or {})
+                          probabilities=probs, attention=maps, error=error, image_meta=image_meta or {},
+                          threshold_rules=self.threshold_rules)
 
     def predict_image(self, image: CXRImage | np.ndarray | str | PathLike[str]) -> Prediction:
         """One image (a file, a `CXRImage`, or a [H, W] array in [0, 1]) -> Prediction (raises CXRReadError)."""

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chexfound.errors import ChexfoundError
-from chexfound.models.format import atomic_write_bytes
+from chexfound.runio import atomic_write_bytes
 from chexfound.serve.predictor import CALL_TASKS, Prediction
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -37,28 +37,16 @@ def heatmap_folder(path: str | Path) -> str:
     return f"{safe_name(Path(path).stem)}-{digest}"
 
 
-def make_readable(path: str | Path) -> None:
-    """The usual permissions (0666 less the umask): atomic writes go through 0600 temp files, but results
-    are meant to be read by whoever may read the folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def publish_bytes(path: str | Path, data: bytes) -> None:
-    """Atomic write (temp + rename) with the usual permissions."""
-    atomic_write_bytes(path, data)
-    make_readable(path)
-
-
 def _fmt(v: float) -> str:
     return f"{float(v):.7g}"
 
 
 class PredictionStore:
     def __init__(self, out: Path, findings: Sequence[str], thresholds: np.ndarray, task: str,
-                 identity: dict[str, Any], heatmap_dir: Path | None = None) -> None:
+                 identity: dict[str, Any], heatmap_dir: Path | None = None,
+                 threshold_rules: Sequence[dict[str, str]] | None = None) -> None:
         self.out = out
+        self.threshold_rules = list(threshold_rules or [{} for _ in findings])
         self.fmt = "json" if out.suffix.lower() == ".json" else "csv"
         self.findings = list(findings)
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
@@ -167,7 +155,8 @@ class PredictionStore:
             rec: dict[str, Any] = {
                 "path": shown,
                 "findings": [{"name": n, "probability": float(probs[i]), "threshold": float(self.thresholds[i]),
-                              "positive": None if calls is None else bool(calls[i])}
+                              "positive": None if calls is None else bool(calls[i]),
+                              "threshold_rule": self.threshold_rules[i].get("rule")}
                              for i, n in enumerate(self.findings)],
                 "positive": [] if calls is None else [n for n, c in zip(self.findings, calls) if c],
             }
@@ -184,17 +173,17 @@ class PredictionStore:
             w.writerow(["path", *self.findings])
             for shown, probs in self.rows.values():
                 w.writerow([shown, *map(_fmt, probs)])
-            publish_bytes(self.out, buf.getvalue().encode())
+            atomic_write_bytes(self.out, buf.getvalue().encode())
         else:
             doc = {"model": model, "predictions": self.records(),
                    "skipped": [{"path": p, "reason": r} for p, r in skipped]}
-            publish_bytes(self.out, json.dumps(doc, indent=1).encode())
+            atomic_write_bytes(self.out, json.dumps(doc, indent=1).encode())
         if skipped:
             buf = io.StringIO()
             w = csv.writer(buf)
             w.writerow(["path", "reason"])
             w.writerows(skipped)
-            publish_bytes(self.skipped_file, buf.getvalue().encode())
+            atomic_write_bytes(self.skipped_file, buf.getvalue().encode())
         else:
             self.skipped_file.unlink(missing_ok=True)
         self._write_run({"status": "complete", "identity": self.identity, "settings": settings,
@@ -203,4 +192,4 @@ class PredictionStore:
         self.partial.unlink(missing_ok=True)
 
     def _write_run(self, doc: dict[str, Any]) -> None:
-        publish_bytes(self.run_file, json.dumps(doc, indent=1, default=str).encode())
+        atomic_write_bytes(self.run_file, json.dumps(doc, indent=1, default=str).encode())

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from chexfound.data.transform import normalise_channels
 from chexfound.errors import ConfigError
 
 
@@ -222,9 +223,7 @@ class MultiCropAugment:
                    tuple(c["global_crops_scale"]), tuple(c["local_crops_scale"]), aug, mean, std)
 
     def _normalise(self, x: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x.expand(-1, 3, -1, -1) - mean) / std
+        return normalise_channels(x, self.mean, self.std)  # the model input's own last step
 
     def _views(self, src: Tensor, n_views: int, size: int, scale: tuple[float, float],
                gen: torch.Generator) -> Tensor:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError
 from chexfound.models import VisionTransformer, save_backbone
+from chexfound.runio import atomic_output, atomic_write_bytes
 from chexfound.ssl.config import dump_config
 
 log = logging.getLogger(__name__)
@@ -55,23 +54,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(run_dir: str | Path, iteration: int, payload: dict[str, Any], cfg: dict[str, Any],
                     keep_last: int) -> Path:
-    from chexfound.models.format import atomic_write_bytes
-
     d = Path(run_dir) / CKPT_DIR
     path = d / f"ckpt_{iteration:08d}.pt"
     atomic_write_bytes(d / f"ckpt_{iteration:08d}.yaml", dump_config(cfg).encode())

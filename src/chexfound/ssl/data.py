@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -110,7 +109,7 @@ class Skipped:
         self.items += [(p, r) for _, p, r in errors]
 
     def write(self, path: Path) -> None:
-        from chexfound.models.format import atomic_write_bytes
+        from chexfound.runio import atomic_write_bytes
 
         atomic_write_bytes(path, "".join(f"{p}\t{r}\n" for p, r in self.items).encode())
 
@@ -151,7 +150,7 @@ def decode_all(paths: Sequence[Path], size: int, workers: int, skipped: Skipped,
 def load_preloaded(paths: Sequence[Path], size: int, workers: int, cache_dir: Path | None, skipped: Skipped,
                    progress: bool = False) -> torch.Tensor:
     """Decode once (or read the run folder's cache) -> uint8 [N, 1, S, S] on CPU."""
-    from chexfound.models.format import atomic_write_bytes
+    from chexfound.runio import atomic_output, atomic_write_json
 
     key = _cache_key(paths, size)
     if cache_dir is not None:
@@ -163,11 +162,10 @@ def load_preloaded(paths: Sequence[Path], size: int, workers: int, cache_dir: Pa
     images, _ = decode_all(paths, size, workers, skipped, progress)
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".preload_{key}.{os.getpid()}.npy"
-        np.save(tmp, images.numpy())
-        os.replace(tmp, cache_dir / f"preload_{key}.npy")
-        atomic_write_bytes(cache_dir / f"preload_{key}.json",
-                           json.dumps({"n": len(paths), "size": size, "skipped": skipped.items}).encode())
+        with atomic_output(cache_dir / f"preload_{key}.npy") as tmp:
+            np.save(tmp, images.numpy())
+        atomic_write_json(cache_dir / f"preload_{key}.json", {"n": len(paths), "size": size, "skipped": skipped.items},
+                          indent=None)
     return images
 
 

@@ -14,11 +14,12 @@ grace period, and needs `patience` consecutive bad log rows before it warns.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from chexfound.runio import atomic_output, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +69,11 @@ class CollapseMonitor:
 
 
 # -- report ----------------------------------------------------------------------------------------
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    p = Path(path)
-    if not p.is_file():
-        return rows
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-    return rows
-
-
 def plot_report(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
     """A 3x3 grid of the training curves; None when there is nothing to plot."""
-    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "train"]
-    probes = [r for r in read_metrics(metrics_path) if r.get("kind") == "probe"]
+    logged = read_jsonl(metrics_path)
+    rows = [r for r in logged if r.get("kind") == "train"]
+    probes = [r for r in logged if r.get("kind") == "probe"]
     if not rows:
         return None
     import matplotlib
@@ -137,8 +124,7 @@ def plot_report(metrics_path: str | Path, out_png: str | Path, title: str = "") 
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_png)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    tmp.replace(out)
     return out

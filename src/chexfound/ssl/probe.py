@@ -1,10 +1,11 @@
 """Do the features separate findings? Linear-probe and k-NN AUROC on a small labelled hold-out.
 
 Features of a frozen backbone: the final-norm CLS token concatenated with the mean patch token (DINOv2's
-linear evaluation with avgpool, last block). Linear probe: standardised features, L2 logistic regression
-with C picked by 3-fold CV on the probe's train split. k-NN: cosine similarity, the k nearest train images
-vote with weights exp(sim / 0.07) (DINO's k-NN). Multilabel tasks (NIH-14) report the mean AUROC over
-findings that have both classes in train and test.
+linear evaluation with avgpool, last block). The statistics are the project's one statistics layer
+(`chexfound.stats`): the linear probe is its logistic probe (standardised features, L2 logistic regression,
+C chosen by 3-fold cross-validation on the probe's train split, folds of whole patients), k-NN its weighted
+k-NN (the k nearest train images vote with weights exp(sim / 0.07), DINO's k-NN). Multilabel tasks (NIH-14)
+report the mean AUROC over findings that have both classes in train and test.
 
 Default task: Kermany (NORMAL vs PNEUMONIA), a random subset of its official train split to fit, a random
 subset of its official test split to score. NIH-14 (optional): a seeded patient split, the same one a
@@ -20,17 +21,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GridSearchCV
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from chexfound.data.manifest import patient_split, read_manifest
 from chexfound.data.readers import read_kermany
 from chexfound.data.transform import InputTransform
+from chexfound.models.extract import extract_features
 from chexfound.models.vit import VisionTransformer
 from chexfound.ssl.data import Skipped, decode_all
+from chexfound.stats import fit_probe, knn_scores
+from chexfound.stats.ranking import macro_auroc
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class ProbeTask:
     test_images: Tensor
     test_labels: np.ndarray
     label_names: list[str]
+    train_groups: np.ndarray | None = None  # patient ids [n] (cross-validation folds of whole patients)
+    test_groups: np.ndarray | None = None   # patient ids (the bootstrap resamples patients)
 
     @property
     def multilabel(self) -> bool:
@@ -53,12 +55,13 @@ def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.permutation(n)[: min(k, n)])
 
 
-def _load(paths: list[Path], labels: np.ndarray, size: int, workers: int) -> tuple[Tensor, np.ndarray]:
+def _load(paths: list[Path], labels: np.ndarray, patients: np.ndarray, size: int,
+          workers: int) -> tuple[Tensor, np.ndarray, np.ndarray]:
     skipped = Skipped()
     images, keep = decode_all(paths, size, workers, skipped)
     if skipped.items:
         log.warning("probe: %d unreadable image(s) skipped, e.g. %s", len(skipped.items), skipped.items[0])
-    return images, labels[keep]
+    return images, labels[keep], np.asarray(patients)[keep]
 
 
 def kermany_task(root: str | Path, size: int, n_train: int, n_test: int, seed: int = 0,
@@ -68,9 +71,10 @@ def kermany_task(root: str | Path, size: int, n_train: int, n_test: int, seed: i
     tr, te = m.split("train"), m.split("test")
     itr, ite = _subset(len(tr), n_train, rng), _subset(len(te), n_test, rng)
     ptr, pte = tr.paths(), te.paths()  # (paths() builds the whole list: once)
-    xtr, ytr = _load([ptr[i] for i in itr], tr.labels()[itr], size, workers)
-    xte, yte = _load([pte[i] for i in ite], te.labels()[ite], size, workers)
-    return ProbeTask("kermany", xtr, ytr, xte, yte, list(m.label_columns))
+    # Kermany's patient keys are only unique within a split: the reader prefixes them with it.
+    xtr, ytr, gtr = _load([ptr[i] for i in itr], tr.labels()[itr], tr.patients()[itr], size, workers)
+    xte, yte, gte = _load([pte[i] for i in ite], te.labels()[ite], te.patients()[ite], size, workers)
+    return ProbeTask("kermany", xtr, ytr, xte, yte, list(m.label_columns), gtr, gte)
 
 
 NIH_EXCLUDE = ("Hernia",)  # 2 positives in the shared subset: no meaningful AUROC
@@ -86,41 +90,20 @@ def nih14_task(root: str | Path, size: int, n_train: int, n_test: int, seed: int
     dev, test = m.subset(split == "dev"), m.subset(split == "test")
     idev, ite = _subset(len(dev), n_train, rng), _subset(len(test), n_test, rng)
     pdev, pte = dev.paths(), test.paths()
-    xtr, ytr = _load([pdev[i] for i in idev], dev.labels()[idev], size, workers)
-    xte, yte = _load([pte[i] for i in ite], test.labels()[ite], size, workers)
-    return ProbeTask("nih14", xtr, ytr, xte, yte, list(m.label_columns))
+    xtr, ytr, gtr = _load([pdev[i] for i in idev], dev.labels()[idev], dev.patients()[idev], size, workers)
+    xte, yte, gte = _load([pte[i] for i in ite], test.labels()[ite], test.patients()[ite], size, workers)
+    return ProbeTask("nih14", xtr, ytr, xte, yte, list(m.label_columns), gtr, gte)
 
 
 # -- features --------------------------------------------------------------------------------------
-@torch.no_grad()
 def backbone_features(model: VisionTransformer, images: Tensor, device: torch.device, batch_size: int = 64,
                       autocast: Callable[[], Any] | None = None) -> np.ndarray:
+    """[N, 2D]: final-norm CLS + mean patch token of the last block, from the project's feature engine
+    (uint8 images normalised on the device by the backbone's input transform)."""
     tf = InputTransform.for_backbone(model.cfg, size=images.shape[-1])
-    mean = torch.tensor(tf.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(tf.std, device=device).view(1, 3, 1, 1)
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size].to(device).float() / 255.0
-        if tf.minmax_rescale:
-            lo = x.amin(dim=(1, 2, 3), keepdim=True)
-            hi = x.amax(dim=(1, 2, 3), keepdim=True)
-            x = (x - lo) / (hi - lo).clamp_min(1e-6)
-        x = (x.expand(-1, 3, -1, -1) - mean) / std
-        ctx = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
-        with ctx:
-            f = model.forward_features(x)
-        feat = torch.cat([f["x_norm_clstoken"], f["x_norm_patchtokens"].mean(dim=1)], dim=-1)
-        out.append(feat.float().cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy()
-
-
-def pixel_features(images: Tensor, size: int = 32) -> np.ndarray:
-    """The raw-pixel baseline: each image area-resized to size x size, flattened."""
-    x = torch.nn.functional.interpolate(images.float() / 255.0, size=(size, size), mode="area")
-    return x.flatten(1).numpy()
+    feats = extract_features(model, images, n_blocks=1, transform=tf, batch_size=batch_size, device=device,
+                             autocast=autocast)
+    return feats.vectors(1, avgpool=True)
 
 
 # -- probes ----------------------------------------------------------------------------------------
@@ -134,114 +117,34 @@ def _columns(ytr: np.ndarray, yte: np.ndarray) -> list[int]:
     return cols
 
 
-def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, seed: int = 0,
-                        n_jobs: int = 1) -> np.ndarray:
-    """Test scores [n_test, C] (NaN for columns that cannot be fitted)."""
-    sc = StandardScaler().fit(ftr)
-    a, b = sc.transform(ftr), sc.transform(fte)
-    out = np.full((fte.shape[0], ytr.shape[1]), np.nan)
-    for c in range(ytr.shape[1]):
-        ok = ~np.isnan(ytr[:, c])
-        y = ytr[ok, c]
-        if len(np.unique(y)) < 2 or min(np.bincount(y.astype(int))) < 3:
-            continue
-        clf = GridSearchCV(LogisticRegression(max_iter=2000, random_state=seed),
-                           {"C": [1e-3, 1e-2, 1e-1, 1.0]}, cv=3, scoring="roc_auc", n_jobs=n_jobs)
-        clf.fit(a[ok], y)
-        out[:, c] = clf.decision_function(b)
-    return out
-
-
-def knn_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, k: int = 20, t: float = 0.07) -> np.ndarray:
-    a = ftr / np.linalg.norm(ftr, axis=1, keepdims=True).clip(1e-12)
-    b = fte / np.linalg.norm(fte, axis=1, keepdims=True).clip(1e-12)
-    sim = b @ a.T
-    k = min(k, a.shape[0])
-    nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    w = np.exp(np.take_along_axis(sim, nn, axis=1) / t)
-    out = np.full((fte.shape[0], ytr.shape[1]), np.nan)
-    for c in range(ytr.shape[1]):
-        y = np.nan_to_num(ytr[:, c], nan=0.0)[nn]
-        lab = (~np.isnan(ytr[:, c]))[nn]
-        out[:, c] = (w * y * lab).sum(1) / np.clip((w * lab).sum(1), 1e-12, None)
-    return out
+def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, groups: np.ndarray | None = None,
+                        seed: int = 0, n_jobs: int = 1) -> np.ndarray:
+    """Test logits [n_test, C] of the statistics layer's logistic probe (`chexfound.stats.fit_probe`: C chosen
+    by cross-validation on the train rows, patient folds when `groups` holds the train patient ids)."""
+    return fit_probe(ftr, ytr, groups=groups, seed=seed, n_jobs=n_jobs).decision_function(fte)
 
 
 def mean_auroc(scores: np.ndarray, yte: np.ndarray, cols: list[int]) -> float:
-    vals = []
-    for c in cols:
-        ok = ~np.isnan(yte[:, c]) & ~np.isnan(scores[:, c])
-        if ok.sum() and len(np.unique(yte[ok, c])) == 2:
-            vals.append(roc_auc_score(yte[ok, c], scores[ok, c]))
-    return float(np.mean(vals)) if vals else float("nan")
-
-
-def auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """AUROC of each row of y/s [B, n] at once (Mann-Whitney with average ranks for ties, i.e. exactly
-    roc_auc_score); NaN for rows with one class only."""
-    from scipy.stats import rankdata
-
-    r = rankdata(s, axis=1)
-    npos = y.sum(axis=1)
-    nneg = y.shape[1] - npos
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = ((r * y).sum(axis=1) - npos * (npos + 1) / 2) / (npos * nneg)
-    auc[(npos == 0) | (nneg == 0)] = np.nan
-    return auc
-
-
-def _bootstrap_mean_auroc(scores: np.ndarray, yte: np.ndarray, cols: list[int], idx: np.ndarray) -> np.ndarray:
-    """Mean AUROC over `cols` for each bootstrap resample (rows of idx [B, n]); NaN where undefined."""
-    per_col = []
-    for c in cols:
-        y, s = yte[:, c], scores[:, c]
-        if np.isnan(y).any() or np.isnan(s).any():  # rare: fall back to the per-resample path
-            per_col.append(np.array([mean_auroc(scores[i], yte[i], [c]) for i in idx]))
-        else:
-            per_col.append(auroc_rows(y[idx], s[idx]))
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(np.stack(per_col), axis=0) if per_col else np.full(len(idx), np.nan)
-
-
-def bootstrap_ci(scores: np.ndarray, yte: np.ndarray, cols: list[int], n: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    idx = np.random.default_rng(seed).integers(0, len(yte), (n, len(yte)))
-    vals = _bootstrap_mean_auroc(scores, yte, cols, idx)
-    vals = vals[~np.isnan(vals)]
-    if not len(vals):
-        return float("nan"), float("nan")
-    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+    """Mean AUROC over `cols` (NaN labels and scores masked): the statistics layer's macro AUROC."""
+    return macro_auroc(yte[:, cols], scores[:, cols]) if cols else float("nan")
 
 
 def evaluate_features(ftr: np.ndarray, fte: np.ndarray, task: ProbeTask, knn_k: int = 20,
-                      linear: bool = True, ci: bool = False) -> dict[str, float]:
+                      linear: bool = True) -> dict[str, float]:
     cols = _columns(task.train_labels, task.test_labels)
     res = {"knn_auroc": mean_auroc(knn_scores(ftr, task.train_labels, fte, knn_k), task.test_labels, cols)}
     if linear:
-        s = linear_probe_scores(ftr, task.train_labels, fte)
+        s = linear_probe_scores(ftr, task.train_labels, fte, task.train_groups)
         res["linear_auroc"] = mean_auroc(s, task.test_labels, cols)
-        if ci:
-            res["linear_auroc_lo"], res["linear_auroc_hi"] = bootstrap_ci(s, task.test_labels, cols)
-            res["_scores"] = s  # type: ignore[assignment]
     return res
 
 
 def probe_backbone(model: VisionTransformer, task: ProbeTask, device: torch.device, knn_k: int = 20,
-                   batch_size: int = 64, linear: bool = True, ci: bool = False,
+                   batch_size: int = 64, linear: bool = True,
                    autocast: Callable[[], Any] | None = None) -> dict[str, float]:
     ftr = backbone_features(model, task.train_images, device, batch_size, autocast)
     fte = backbone_features(model, task.test_images, device, batch_size, autocast)
-    return evaluate_features(ftr, fte, task, knn_k, linear, ci)
-
-
-def paired_bootstrap_diff(s_a: np.ndarray, s_b: np.ndarray, yte: np.ndarray, cols: list[int], n: int = 1000,
-                          seed: int = 0) -> tuple[float, float, float]:
-    """AUROC(a) - AUROC(b) on the same test images (the same resamples for both): point value and 95% CI."""
-    idx = np.random.default_rng(seed).integers(0, len(yte), (n, len(yte)))
-    point = mean_auroc(s_a, yte, cols) - mean_auroc(s_b, yte, cols)
-    d = _bootstrap_mean_auroc(s_a, yte, cols, idx) - _bootstrap_mean_auroc(s_b, yte, cols, idx)
-    d = d[~np.isnan(d)]
-    return point, float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))
+    return evaluate_features(ftr, fte, task, knn_k, linear)
 
 
 def task_columns(task: ProbeTask) -> list[int]:

@@ -2,13 +2,14 @@
 
 periodic: teacher features on the small probe set (k-NN + linear AUROC) -> metrics.jsonl rows kind=probe.
 final:    linear probes of the teacher vs the same architecture at random init (`final_random_seeds` seeds) vs
-          raw 32x32 pixels, on each configured task, with bootstrap 95% CIs and the paired difference
-          teacher - random; printed as a table and written to probe_comparison.json.
+          raw 32x32 pixels, on each configured task: the statistics layer's logistic probe and its
+          comparison table (`chexfound.stats.compare_scores`): macro AUROC with 95% CIs from a bootstrap over
+          test *patients* and the paired differences teacher - baseline on the same resamples; printed as a
+          table and written to probe_comparison.json.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,9 +21,9 @@ import torch
 from chexfound.models import VisionTransformer
 from chexfound.ssl import distributed as D
 from chexfound.ssl.config import expand_path
-from chexfound.ssl.probe import (ProbeTask, backbone_features, bootstrap_ci, kermany_task, linear_probe_scores,
-                                 mean_auroc, nih14_task, paired_bootstrap_diff, pixel_features, probe_backbone,
-                                 task_columns)
+from chexfound.ssl.probe import (ProbeTask, backbone_features, kermany_task, linear_probe_scores, nih14_task,
+                                 probe_backbone, task_columns)
+from chexfound.stats import BootstrapConfig, compare_scores, pixel_features
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ class ProbeRunner:
             res = probe_backbone(backbone, self.task, self.device, int(self.p["knn_k"]), int(self.p["batch_size"]),
                                  autocast=self.trainer.autocast)
             self.t_probe = time.perf_counter() - t0
-            metrics.write({"kind": "probe", "iteration": iteration, "task": "kermany",
-                           **{f"probe_{k}": v for k, v in res.items()}, "probe_s": self.t_probe})
+            metrics.write("probe", iteration=iteration, task="kermany",
+                          **{f"probe_{k}": v for k, v in res.items()}, probe_s=self.t_probe)
             self.say(f"probe @ {iteration}: Kermany k-NN AUROC {res['knn_auroc']:.3f}, "
                      f"linear AUROC {res['linear_auroc']:.3f} ({self.t_probe:.1f}s)")
         D.barrier()
@@ -117,54 +118,47 @@ class ProbeRunner:
 
         teacher = teacher_backbone_from_state(model_sd, self.trainer.vit_config).to(self.device)
         bs = int(self.p["batch_size"])
+        seed = int(self.cfg["train"]["seed"])
         report: dict[str, Any] = {}
         for task in tasks:
             cols = task_columns(task)
-            y = task.test_labels
+            y = task.test_labels[:, cols]
+            names = [task.label_names[c] for c in cols]
 
-            def scores_of(model: VisionTransformer) -> np.ndarray:
-                ftr = backbone_features(model, task.train_images, self.device, bs, self.trainer.autocast)
-                fte = backbone_features(model, task.test_images, self.device, bs, self.trainer.autocast)
-                return linear_probe_scores(ftr, task.train_labels, fte, n_jobs=int(self.p.get("n_jobs", 1)))
+            def scores_of(ftr: np.ndarray, fte: np.ndarray) -> np.ndarray:
+                return linear_probe_scores(ftr, task.train_labels, fte, task.train_groups, seed=seed,
+                                           n_jobs=int(self.p.get("n_jobs", 1)))[:, cols]
 
-            rows: dict[str, Any] = {}
-            s_teacher = scores_of(teacher)
-            rows["teacher"] = self._row(s_teacher, y, cols)
-            baselines: dict[str, np.ndarray] = {}
+            def backbone_scores(model: VisionTransformer) -> np.ndarray:
+                return scores_of(backbone_features(model, task.train_images, self.device, bs, self.trainer.autocast),
+                                 backbone_features(model, task.test_images, self.device, bs, self.trainer.autocast))
+
+            scores: dict[str, np.ndarray] = {"teacher": backbone_scores(teacher)}
+            paired_name = {}
             if init_backbone is not None:
                 # This run's own iteration-0 weights: same seed, same architecture, untrained.
-                s_init = scores_of(init_backbone().to(self.device))
-                rows["init (iteration 0)"] = self._row(s_init, y, cols)
-                baselines["init"] = s_init
+                scores["init (iteration 0)"] = backbone_scores(init_backbone().to(self.device))
+                paired_name["init (iteration 0)"] = "init"
             for k in range(int(self.p["final_random_seeds"])):
                 torch.manual_seed(10_000 + k)
                 rnd = VisionTransformer(self.trainer.vit_config).to(self.device)
-                s = scores_of(rnd)
-                baselines[f"random_seed{k}"] = s
-                rows[f"random_init_seed{k}"] = self._row(s, y, cols)
+                scores[f"random_init_seed{k}"] = backbone_scores(rnd)
+                paired_name[f"random_init_seed{k}"] = f"random_seed{k}"
                 del rnd
-            s_pix = linear_probe_scores(pixel_features(task.train_images), task.train_labels,
-                                        pixel_features(task.test_images), n_jobs=int(self.p.get("n_jobs", 1)))
-            rows["pixels_32x32"] = self._row(s_pix, y, cols)
-            baselines["pixels"] = s_pix
-            diffs = {}
-            for name, s in baselines.items():
-                d, lo, hi = paired_bootstrap_diff(s_teacher, s, y, cols)
-                diffs[f"teacher_minus_{name}"] = {"diff": d, "ci95": [lo, hi]}
-            report[task.name] = {"n_train": int(len(task.train_labels)), "n_test": int(len(y)),
-                                 "findings": [task.label_names[c] for c in cols], "auroc": rows, "paired": diffs}
+            scores["pixels_32x32"] = scores_of(pixel_features(task.train_images), pixel_features(task.test_images))
+            paired_name["pixels_32x32"] = "pixels"
+            table = compare_scores(y, scores, names, task.test_groups, "teacher", BootstrapConfig(seed=seed))
+            diffs = {f"teacher_minus_{paired_name[m]}": table["paired"][f"teacher_minus_{m}"] for m in paired_name}
+            report[task.name] = {"n_train": int(len(task.train_labels)), "n_test": int(len(y)), "findings": names,
+                                 "auroc": table["auroc"], "paired": diffs, "bootstrap": table["bootstrap"],
+                                 "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
             self._print(task.name, report[task.name])
-            metrics.write({"kind": "final_probe", "task": task.name,
-                           **{f"{k}_auroc": v["auroc"] for k, v in rows.items()}})
-        from chexfound.models.format import atomic_write_bytes
+            metrics.write("final_probe", task=task.name,
+                          **{f"{k}_auroc": v["auroc"] for k, v in table["auroc"].items()})
+        from chexfound.runio import atomic_write_json
 
-        atomic_write_bytes(self.out / "probe_comparison.json", json.dumps(report, indent=2).encode())
+        atomic_write_json(self.out / "probe_comparison.json", report)
         return report
-
-    @staticmethod
-    def _row(scores: np.ndarray, y: np.ndarray, cols: list[int]) -> dict[str, Any]:
-        lo, hi = bootstrap_ci(scores, y, cols)
-        return {"auroc": mean_auroc(scores, y, cols), "ci95": [lo, hi]}
 
     def _print(self, name: str, r: dict[str, Any]) -> None:
         self.say(f"\nlinear probe on held-out images: {name} (train {r['n_train']}, test {r['n_test']}, "
@@ -172,7 +166,8 @@ class ProbeRunner:
         self.say(f"  {'features':<22} {'AUROC':>7}   95% CI")
         for k, v in r["auroc"].items():
             self.say(f"  {k:<22} {v['auroc']:7.3f}   [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
-        self.say("  paired difference (same test images, bootstrap 95% CI):")
+        unit = r.get("bootstrap", {}).get("unit", "images")
+        self.say(f"  paired difference (same test images, 95% CI from a bootstrap over {unit}):")
         for k, v in r["paired"].items():
             sig = "  *" if v["ci95"][0] > 0 or v["ci95"][1] < 0 else ""
             self.say(f"  {k:<28} {v['diff']:+.3f}   [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]{sig}")

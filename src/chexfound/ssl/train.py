@@ -10,7 +10,6 @@ Everything random in an iteration (which images, crops, masks, stochastic depth)
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,12 +21,13 @@ import torch
 
 from chexfound.errors import ChexfoundError, ConfigError
 from chexfound.models import VisionTransformer
+from chexfound.runio import RunLog, read_jsonl
 from chexfound.ssl import distributed as D
 from chexfound.ssl.checkpoint import (export_teacher, full_model_state, init_from_checkpoint, latest_checkpoint,
                                       load_checkpoint, save_checkpoint)
 from chexfound.ssl.config import diff_configs, dump_config
 from chexfound.ssl.data import (LoaderSource, PreloadedSource, Skipped, corpus_paths, load_preloaded)
-from chexfound.ssl.diagnostics import CollapseMonitor, plot_report, read_metrics
+from chexfound.ssl.diagnostics import CollapseMonitor, plot_report
 from chexfound.ssl.meta_arch import SSLMetaArch, all_reduce_stats
 from chexfound.ssl.sampler import ShardedStreamSampler
 
@@ -48,28 +48,6 @@ class RunResult:
     stopped_early: bool = False
     comparison: dict[str, Any] = field(default_factory=dict)
     exports: dict[str, Path] = field(default_factory=dict)
-
-
-class MetricsLog:
-    """metrics.jsonl (rank 0): one JSON object per line; on resume, rows past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, iteration: int) -> None:
-        if not self.enabled or not self.path.exists():
-            return
-        from chexfound.models.format import atomic_write_bytes
-
-        # Rows up to the checkpoint were written before it was saved; later ones belong to the lost tail.
-        keep = [r for r in read_metrics(self.path) if r.get("iteration", 0) <= iteration]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -188,10 +166,10 @@ def pretrain(
         for n in notes:
             say(f"init_from: {n}")
 
-    metrics = MetricsLog(out / "metrics.jsonl", info.is_main)
-    if ckpt is None and info.is_main and metrics.path.exists():
-        metrics.path.unlink()  # a fresh run in a folder without checkpoints
-    metrics.truncate_after(start)
+    metrics = RunLog(out / "metrics.jsonl", enabled=info.is_main)
+    if ckpt is None:
+        metrics.clear()  # a fresh run in a folder without checkpoints
+    metrics.truncate_after(start)  # rows past the checkpoint belong to the lost tail of a killed run
 
     # -- probe task (rank 0) ------------------------------------------------------------------------
     from chexfound.ssl.probe_runner import ProbeRunner
@@ -212,7 +190,7 @@ def pretrain(
                 "total_iterations": total, "epoch_length": epoch_length, "n_images": n_items,
                 "pipeline": pipeline, "n_skipped": len(skipped.items)}
     if info.is_main:
-        from chexfound.models.format import atomic_write_bytes
+        from chexfound.runio import atomic_write_bytes
 
         atomic_write_bytes(saved_cfg_path, dump_config({**cfg, "resolved": resolved}).encode())
     probe_at = _probe_iterations(total, int(cfg["probe"]["n_evals"]))
@@ -270,14 +248,14 @@ def pretrain(
                 ips = images_since / max(now - last_t, 1e-9)
                 last_t, images_since = now, 0
                 sc = trainer.schedules.at(it)  # type: ignore[union-attr]
-                row = {"kind": "train", "iteration": done, "epoch": sampler.epoch_of(done), **red, **sc,
+                row = {"iteration": done, "epoch": sampler.epoch_of(done), **red, **sc,
                        "images_per_s": ips, "elapsed_s": elapsed_before + now - t_start,
                        "n_skipped": len(skipped.items)}
-                metrics.write(row)
+                metrics.write("train", **row)
                 warn = monitor.check(done, red, 2 * b)
                 if warn and info.is_main:
                     (bar.write if bar is not None else say)(f"WARNING: {warn}")
-                    metrics.write({"kind": "warning", "iteration": done, "message": warn})
+                    metrics.write("warning", iteration=done, message=warn)
                 if bar is not None:
                     bar.set_postfix(loss=f"{red['loss']:.3f}", img_s=f"{ips:.1f}",
                                     protos=int(red["prototypes_in_use"]))
@@ -317,7 +295,7 @@ def pretrain(
 
             shards = export_teacher_shards(out / "teacher_bf16", full_sd, trainer.vit_config, float(shard_mib), extra)
             say(f"teacher as {len(shards)} bf16 shard(s) of <= {shard_mib} MiB in {out / 'teacher_bf16'}")
-        rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"]
+        rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "train"]
         if len(rows) >= 4:
             k = max(1, len(rows) // 10)
             first = float(np.mean([r["loss"] for r in rows[:k]]))
@@ -349,7 +327,7 @@ def _initial_teacher(cfg: dict[str, Any]) -> VisionTransformer:
     return meta.teacher.backbone.eval()
 
 
-def _check_replicas(trainer: Trainer, metrics: MetricsLog) -> None:
+def _check_replicas(trainer: Trainer, metrics: RunLog) -> None:
     """Under DDP every rank holds a full teacher: they must be bit-identical (logged; an error if not)."""
     if not trainer.info.enabled or trainer.sharded:
         return
@@ -360,7 +338,7 @@ def _check_replicas(trainer: Trainer, metrics: MetricsLog) -> None:
     sha = state_dict_sha256(trainer.meta.teacher.state_dict())
     shas: list[Any] = [None] * trainer.info.world_size
     dist.all_gather_object(shas, sha)
-    metrics.write({"kind": "ranks", "teacher_sha256": shas, "agree": len(set(shas)) == 1})
+    metrics.write("ranks", teacher_sha256=shas, agree=len(set(shas)) == 1)
     if len(set(shas)) != 1:
         raise ChexfoundError(f"the teacher differs between ranks after training ({shas}); "
                              "this is a bug in the distributed setup")

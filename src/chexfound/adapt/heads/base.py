@@ -8,7 +8,8 @@ Head files (safetensors; `save_head` / `load_our_head`): tensors = the head's st
 `thresholds` buffer and, for regression, `target_mean`/`target_std`), metadata["chexfound"] =
     kind="head", head_type ("glori" | "linear" | "mlp"), task ("multilabel" | "binary" | "multiclass" |
     "regression" | "survival"), findings (output names, logit order), thresholds (per finding, chosen on
-    validation), n_blocks, config (constructor hyper-parameters), backbone_sha256 (state-dict hash of the
+    validation), threshold_rules (per finding: the rule that chose it and its evidence, chexfound.stats.thresholds;
+    absent in older files), n_blocks, config (constructor hyper-parameters), backbone_sha256 (state-dict hash of the
     backbone the features came from), backbone_config (ViTConfig dict), transform (InputTransform dict),
     plus extras written by `chexfound adapt`: selection (metric, lr, weight decay, epoch, val metrics),
     label_columns, uncertain, train_manifest, finetune.
@@ -53,6 +54,8 @@ class Head(nn.Module):
         self.task = task
         # Decision thresholds on probabilities, chosen on validation (0.5 until then).
         self.register_buffer("thresholds", torch.full((len(self.findings),), 0.5))
+        # How each threshold was chosen (rule, reason, validation evidence): see chexfound.stats.thresholds.
+        self.threshold_rules: list[dict[str, Any]] = []
         if task == "regression":
             # Heads regress standardised targets; predictions are mapped back with the training mean/std.
             self.register_buffer("target_mean", torch.zeros(len(self.findings)))
@@ -75,6 +78,11 @@ class Head(nn.Module):
     def has_attention(self) -> bool:
         """Whether forward returns per-class attention over patches."""
         return False
+
+    def set_thresholds(self, choices: Sequence[Any]) -> None:
+        """Set the decision thresholds from `chexfound.stats.ThresholdChoice` records, keeping their rules."""
+        self.thresholds.copy_(torch.as_tensor([float(c.threshold) for c in choices], dtype=torch.float32))
+        self.threshold_rules = [c.to_dict() for c in choices]
 
     def hparams(self) -> dict[str, Any]:
         """Constructor keyword arguments (besides findings/n_blocks/task) needed to rebuild this head."""
@@ -107,6 +115,7 @@ def save_head(
         "task": head.task,
         "findings": head.findings,
         "thresholds": [float(t) for t in head.thresholds],
+        "threshold_rules": list(getattr(head, "threshold_rules", [])),
         "n_blocks": head.n_blocks,
         "config": head.hparams(),
         "backbone_sha256": backbone_sha256,
@@ -136,4 +145,5 @@ def load_our_head(path: str | PathLike[str]) -> tuple[Head, dict[str, Any]]:
     missing, unexpected = head.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(path, f"head keys do not match: missing {missing}, unexpected {unexpected}")
+    head.threshold_rules = list(meta.get("threshold_rules") or [])
     return head.eval(), meta

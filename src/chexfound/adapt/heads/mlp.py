@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from chexfound.adapt.heads.base import Features, Head
+from chexfound.models.pooled import linear_input_from_blocks
 
 
 class MLPHead(Head):
@@ -35,8 +35,5 @@ class MLPHead(Head):
                 "num_layers": self.num_layers, "dropout": self.dropout}
 
     def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
-        feats = list(features)[-self.n_blocks :]
-        x = torch.cat([cls for _, cls in feats], dim=-1)
-        if self.avgpool:
-            x = torch.cat([x, feats[-1][0].mean(dim=1)], dim=-1)
+        x = linear_input_from_blocks(features, self.n_blocks, self.avgpool)  # DINOv2's create_linear_input
         return self.out(self.mlp(x.float())), None

@@ -11,6 +11,8 @@ examples:
   chexfound adapt --config tiny_vit --train ../shared/data/nih14/labels.csv --val-split 0.2 --head linear \\
       --epochs 10 --out runs/lin --heatmaps 4
   chexfound adapt ... --finetune lora --lrs 1e-3 --epochs 5     # end to end (no cache): full | lora | bitfit
+  chexfound embed --backbone B --manifest all.csv --tokens feats/ && \
+      chexfound adapt --features feats/ --train train.csv --val val.csv --head glori --out runs/g   # no backbone
 
 The training manifest may carry a `split` column (train / val); without --val and without val rows, a
 --val-split fraction of patients is held out. Reruns with the same --out (or --cache) reuse the features.
@@ -45,7 +47,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("adapt", help="train GLoRI / linear / MLP heads on frozen cached features",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("backbone and data")
-    src.add_argument("--backbone", metavar="FILE", help="backbone weights (any format chexfound can load)")
+    src.add_argument("--backbone", metavar="FILE", help="backbone weights (any format chexfound can load; "
+                                                         "optional with --features, where it is checked against them)")
     src.add_argument("--config", metavar="NAME", help="a registry backbone with random weights (tests, baselines)")
     src.add_argument("--train", required=True, metavar="MANIFEST", help="training manifest (CSV/Parquet)")
     src.add_argument("--val", metavar="MANIFEST", help="validation manifest (default: split column or --val-split)")
@@ -59,6 +62,10 @@ def register(subparsers: Any) -> None:
     src.add_argument("--n-blocks", type=int, help="last n blocks of features (default min(4, depth))")
     src.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
     src.add_argument("--cache", metavar="DIR", help="feature cache folder (default OUT/cache)")
+    src.add_argument("--features", metavar="FILE|DIR",
+                     help="train on what `chexfound embed` wrote (a token cache folder from --tokens, or a pooled "
+                          "file for linear/MLP heads) instead of running the backbone; images are matched to the "
+                          "manifests by path, then image_id")
     src.add_argument("--flip-tta", action="store_true", help="also cache features of the flipped image")
     src.add_argument("--flip-augment", action="store_true", help="train on random flipped features (needs --flip-tta)")
 
@@ -100,6 +107,10 @@ def register(subparsers: Any) -> None:
     o.add_argument("--device", default="auto")
     o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone precision")
     o.add_argument("--workers", type=int, default=0)
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile each backbone block while caching features (pays on a GPU; off on CPU)")
+    o.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="on CPU, cache features with the plain model instead of the oneDNN packed-weight path")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--quiet", action="store_true")
     o.add_argument("--strict", action="store_true", help="exit 1 when any image was skipped")
@@ -109,8 +120,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from chexfound.adapt.run import AdaptOptions, run_adapt
-    from chexfound.adapt.train import DEFAULT_LRS
+    from chexfound.adapt.pipeline import AdaptOptions, run_adapt
+    from chexfound.adapt.fit import DEFAULT_LRS
 
     known = {f.name for f in fields(AdaptOptions)}
     kw = {k: v for k, v in vars(args).items() if k in known and v is not None}

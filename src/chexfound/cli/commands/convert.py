@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chexfound.models import load_backbone, save_backbone
-    from chexfound.models.format import atomic_write_bytes, sha256_file
+    from chexfound.models.format import sha256_file
+    from chexfound.runio import atomic_write_bytes
 
     src = Path(args.input)
     out = Path(args.out)

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="device for embedding dedup (auto: cuda if available)")
     p.add_argument("--batch-size", type=int, default=None, help="override dedup.embedding.batch_size")
     p.add_argument("--seed", type=int, default=None, help="override report.seed (contact-sheet sampling)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the first N images of every source (a quick trial of a spec; sets sources[*].limit)")
     p.add_argument("--retry-quarantined", action="store_true", help="try again files that failed to decode before")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any file was quarantined")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"report.seed={args.seed}")
     spec = load_spec(args.spec, overrides)
+    if args.limit is not None:
+        for src in spec.sources:
+            src.limit = args.limit
     if args.batch_size is not None and spec.dedup.embedding is not None:
         spec.dedup.embedding.batch_size = args.batch_size
     res = run_curation(spec, args.out, exclude=args.exclude, workers=args.workers, stop_after=args.stop_after,

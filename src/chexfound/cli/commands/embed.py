@@ -1,12 +1,15 @@
-"""`chexfound embed`: images, folders or a manifest -> one features file (CLS of the last n blocks + mean
-patch token per image). Resumable (rerun the same command), bad files skipped and listed, and under
-`torchrun` every rank embeds its own share of chunks and rank 0 merges them."""
+"""`chexfound embed`: images, folders or a manifest -> the project's features, computed once:
+a pooled-features file (`--out`: CLS of the last n blocks + mean patch token per image) and/or a token cache
+(`--tokens DIR`: the patch tokens GLoRI trains on, plus the pooled view), from one forward pass. Both are
+what `chexfound adapt --features` trains heads on without running the backbone again. Resumable (rerun the
+same command), bad files skipped and listed, and under `torchrun` every rank embeds its own share of
+chunks and rank 0 finishes the outputs."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -21,10 +24,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
-        help="embed images with a backbone into a features file",
+        help="embed images with a backbone into a features file and/or a token cache",
         description="Embed images (files, folders searched recursively, or a manifest) into OUT (.safetensors or "
                     ".npz): CLS token of each of the last --n-blocks blocks and the mean patch token of the last "
-                    "block, with image ids and paths. Rerun the same command to resume after an interruption. "
+                    "block, with image ids and paths; with --tokens DIR also (or only) the patch tokens of those "
+                    "blocks (what GLoRI heads train on). `chexfound adapt --features OUT|DIR` trains on either "
+                    "without running the backbone. Rerun the same command to resume after an interruption. "
                     "Under torchrun each rank embeds its own chunks and rank 0 merges.",
     )
     p.add_argument("inputs", nargs="*", help="image files and/or folders")
@@ -34,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--backbone", help="backbone weights (any format `chexfound convert` reads)")
     src.add_argument("--config", dest="config_name", help="named config with random weights (for tests/smoke runs)")
     p.add_argument("--backbone-config", default=None, help="architecture for --backbone if not stored with it")
-    p.add_argument("--out", required=True, help="features file: .safetensors or .npz")
+    p.add_argument("--out", help="pooled-features file: .safetensors or .npz")
+    p.add_argument("--tokens", metavar="DIR",
+                   help="also write a token cache folder (patch + CLS tokens of the last --n-blocks blocks, float16)")
+    p.add_argument("--flip-tta", action="store_true", help="--tokens: also cache the horizontally flipped image")
     p.add_argument("--n-blocks", type=int, default=None,
                    help="CLS of the last N blocks (default 4, or all blocks of a shallower model)")
     p.add_argument("--size", type=int, default=None, help="input size (default: the backbone's)")
@@ -48,10 +56,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, run the plain model instead of the oneDNN packed-weight fast path")
+    add_speed_options(p, cuda_graphs=True)
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after merging")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image was skipped")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
+
+
+def add_speed_options(p: argparse.ArgumentParser, cuda_graphs: bool = False) -> None:
+    """--compile (and --cuda-graphs, --sdpa): the GPU fast paths of `chexfound.models.inference`."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (static shapes): pays on a GPU; off by default "
+                        "(on a CPU it compiles for minutes and is no faster than the packed path)")
+    if cuda_graphs:
+        p.add_argument("--cuda-graphs", action="store_true",
+                       help="CUDA: replay the forward from a graph captured at the fixed batch shape")
+        p.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                       help="attention backend (default: PyTorch's choice)")
 
 
 def list_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
@@ -84,47 +105,30 @@ def manifest_inputs(manifest: str, split: str | None) -> tuple[list[str], list[s
     return paths, m.df[col].astype(str).tolist()
 
 
-def _device(name: str, local_rank: int) -> "torch.device":  # noqa: F821
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ChexfoundError(f"--device {name}: CUDA is not available here")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
-    import torch.distributed as dist
 
     from chexfound.data.transform import InputTransform
     from chexfound.models import backbone_sha256, create_backbone, load_backbone
-    from chexfound.models.embedder import EmbedSettings, embed_paths
-    from chexfound.models.features import FEATURE_SUFFIXES
+    from chexfound.models.embedder import EmbedSettings, run_engine
+    from chexfound.models.pooled_file import FEATURE_SUFFIXES, PooledFileWriter
+    from chexfound.runio import distributed as D
 
-    out = Path(args.out)
-    if out.suffix not in FEATURE_SUFFIXES:
+    if not args.out and not args.tokens:
+        raise ChexfoundError("give --out FILE (pooled features) and/or --tokens DIR (token cache)")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix not in FEATURE_SUFFIXES:
         raise ChexfoundError(f"{out}: --out must end with {' or '.join(FEATURE_SUFFIXES)}")
+    if args.flip_tta and not args.tokens:
+        raise ChexfoundError("--flip-tta applies to the token cache: add --tokens DIR")
     if bool(args.inputs) == bool(args.manifest):
         raise ChexfoundError("give image files/folders or --manifest (one of them)")
     if args.batch_size < 1 or args.chunk_size < 1:
         raise ChexfoundError("--batch-size and --chunk-size must be positive")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(args.device, local_rank)
-    started_pg = False
-    if world > 1 and not dist.is_initialized():
-        # Long timeout: ranks wait at the final barrier until the slowest shard is done.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(days=7))
-        started_pg = True
+    # Long timeout: ranks wait at the final barrier until the slowest shard is done.
+    info = D.init_distributed(args.device, timeout_s=timedelta(days=7).total_seconds())
+    device, world, rank = info.device, info.world_size, info.rank
     try:
-        rank = dist.get_rank() if dist.is_initialized() else 0
         paths, ids = manifest_inputs(args.manifest, args.split) if args.manifest else list_inputs(args.inputs)
         if args.backbone:
             model, meta = load_backbone(args.backbone, args.backbone_config)
@@ -142,32 +146,46 @@ def run(args: argparse.Namespace) -> int:
         tf = InputTransform.for_backbone(model.cfg, size=args.size, mode=args.mode)
         settings = EmbedSettings(n_blocks=n_blocks, batch_size=args.batch_size, chunk_size=args.chunk_size,
                                  workers=args.workers, feature_dtype=args.feature_dtype, autocast=args.dtype,
-                                 keep_parts=args.keep_parts)
+                                 keep_parts=args.keep_parts, pack=not args.no_pack, compile=args.compile,
+                                 cuda_graphs=args.cuda_graphs, sdpa=args.sdpa)
         blocks = list(range(model.cfg.depth - n_blocks, model.cfg.depth))
         file_meta = {**source, "backbone_sha256": sha, "backbone_config": model.cfg.to_dict(),
                      "transform": tf.to_dict(), "blocks": blocks}
         if rank == 0 and not args.quiet:
+            dest = " and ".join(str(d) for d in (out, args.tokens) if d)
             print(f"embedding {len(paths)} images with {model.cfg.name or 'backbone'} on {device} "
-                  f"({args.dtype}, world size {world}) -> {out}", file=sys.stderr)
-        if device.type == "cpu" and not args.no_pack:
-            from chexfound.models.fast import pack_for_inference
+                  f"({args.dtype}, world size {world}) -> {dest}", file=sys.stderr)
+        sinks: list = []
+        if out is not None:
+            sinks.append(PooledFileWriter(out, paths, ids, n_blocks=n_blocks, chunk_size=args.chunk_size,
+                                          feature_dtype=args.feature_dtype, autocast=args.dtype, meta=file_meta,
+                                          keep_parts=args.keep_parts, settings=dataclasses.asdict(settings)))
+        if args.tokens:
+            from chexfound.adapt.token_cache import TokenCacheWriter
 
-            model = pack_for_inference(model, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-        result = embed_paths(model, tf, paths, ids, out, settings, device=device, meta=file_meta,
-                             progress=not args.quiet)
+            sinks.append(TokenCacheWriter(args.tokens, model, paths, ids, tf, n_blocks, args.flip_tta, sha))
+        metrics = sinks[0].metrics_path if out is not None else Path(args.tokens) / "metrics.jsonl"
+        run = run_engine(model, tf, paths, sinks, settings, device, progress=not args.quiet, metrics=metrics)
     finally:
-        if started_pg:
-            dist.destroy_process_group()
-    if result is None:
+        D.destroy()  # only a process group this command started
+    if not run.results:
         return 0
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} unreadable image(s) (listed in "
-              f"{out.with_name(out.stem + '.skipped.csv')}):", file=sys.stderr)
-        for i, p, reason in result.skipped[:20]:
+    skipped = run.results[0].skipped if out is not None else _cache_errors(run.results[-1])
+    where = out.with_name(out.stem + ".skipped.csv") if out is not None else Path(args.tokens) / "index.csv"
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) (listed in {where}):", file=sys.stderr)
+        for i, p, reason in skipped[:20]:
             print(f"  {reason if p in reason else f'{p}: {reason}'}", file=sys.stderr)
-        if len(result.skipped) > 20:
-            print(f"  ... and {len(result.skipped) - 20} more", file=sys.stderr)
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more", file=sys.stderr)
     if not args.quiet:
-        print(f"wrote {result.count} embeddings to {out} ({result.computed_chunks} chunk(s) computed now, "
-              f"{result.seconds:.1f} s)")
-    return 1 if (args.strict and result.skipped) else 0
+        dest = " and ".join(str(d) for d in (out, args.tokens) if d)
+        print(f"wrote the embeddings of {len(paths) - len(skipped)} images to {dest} ({run.computed_chunks} "
+              f"chunk(s) computed now, {run.seconds:.1f} s)")
+    return 1 if (args.strict and skipped) else 0
+
+
+def _cache_errors(root: Path) -> list[tuple[int, str, str]]:
+    from chexfound.adapt.token_cache import FeatureCache
+
+    return FeatureCache.open(root).errors

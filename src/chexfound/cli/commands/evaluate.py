@@ -97,9 +97,8 @@ def register(sub: Any) -> None:
 
 
 def _cfg(args: argparse.Namespace) -> Any:
-    from chexfound.evaluate.bootstrap import BootstrapConfig
+    from chexfound.stats import BootstrapConfig, EligibilityRule
     from chexfound.evaluate.groups import GroupConfig
-    from chexfound.evaluate.metrics import EligibilityRule
     from chexfound.evaluate.protocols.common import EvalConfig
 
     head_t = args.head_threshold if args.head_threshold is not None else (0.10 if args.groups_by == "frequency" else 1000)

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="ONNX: input `image` [batch, 3, S, S] normalised as the recorded transform says (in the "
                     "file's metadata), outputs `probabilities` and, for attention heads, `attention`. "
                     "The export is checked against PyTorch with onnxruntime unless --no-verify.")
-    add_model_args(p)
+    add_model_args(p, compile_option=False)  # an exported graph is traced from the eager model
     p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
     p.add_argument("--out", required=True, help="output file (.onnx or .safetensors)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")

@@ -13,9 +13,10 @@ from PIL import Image
 
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import MIN_SIZE, CXRImage, read_image
-from chexfound.io.read import _DICOM_SUFFIXES
+from chexfound.io.read import DICOM_SUFFIXES
+from chexfound.runio import atomic_output, atomic_write_text
 
-_SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | _DICOM_SUFFIXES
+_SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,9 +87,8 @@ def _write_preview(img: CXRImage, out: Path, size: int) -> None:
     if size and max(im.size) > size:
         scale = size / max(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
-    tmp = out.with_name(f".{out.name}.tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        im.save(tmp, format="PNG")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         w = csv.writer(buf)
         w.writerow(["path", "reason"])
         w.writerows(bad)
-        (preview_dir / "skipped.csv").write_text(buf.getvalue())
+        atomic_write_text(preview_dir / "skipped.csv", buf.getvalue())
     if args.json:
         json.dump({"files": records, "read": n_ok, "failed": len(bad)}, sys.stdout, indent=2, default=str)
         print()

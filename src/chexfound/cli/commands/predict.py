@@ -14,7 +14,7 @@ from chexfound.errors import ChexfoundError, ConfigError
 log = logging.getLogger(__name__)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, compile_option: bool = True) -> None:
     """--backbone/--head (or --model bundle), shared by predict, serve and export."""
     g = p.add_argument_group("model")
     g.add_argument("--backbone", help="backbone file (as chexfound.models.load_backbone reads)")
@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                    "safetensors`")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    if compile_option:
+        g.add_argument("--compile", action="store_true",
+                       help="torch.compile each backbone block (pays on a GPU after a one-off compile; off on CPU)")
     g.add_argument("--strict", action="store_true",
                    help="fail (instead of warn) when the head was trained on another backbone; for predict, "
                         "also exit non-zero when any input was skipped")
@@ -34,10 +37,12 @@ def load_predictor(args: argparse.Namespace) -> Any:
     if args.model:
         if args.backbone or args.head:
             raise ConfigError(None, "give either --model or --backbone and --head, not both")
-        return Predictor.from_bundle(args.model, device=args.device, dtype=args.dtype, strict=args.strict)
+        return Predictor.from_bundle(args.model, device=args.device, dtype=args.dtype, strict=args.strict,
+                                     compile=getattr(args, "compile", False))
     if not (args.backbone and args.head):
         raise ConfigError(None, "--backbone and --head are required (or --model BUNDLE)")
-    return Predictor(args.backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict)
+    return Predictor(args.backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
+                     compile=getattr(args, "compile", False))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,8 +99,15 @@ def run(args: argparse.Namespace) -> int:
     info = predictor.info()
     identity = {"backbone_sha256": predictor.backbone_sha256, "head_sha256": info["head"]["file_sha256"],
                 "findings": predictor.findings, "transform": info["transform"]}
-    store = PredictionStore(out, predictor.findings, predictor.thresholds, predictor.task, identity, heat_dir)
+    store = PredictionStore(out, predictor.findings, predictor.thresholds, predictor.task, identity, heat_dir,
+                            predictor.threshold_rules)
     store.load()
+    if not args.quiet and predictor.task in ("multilabel", "binary"):
+        # What a positive call means: the rule behind each threshold (per finding in the JSON and run.json).
+        rules = [r["rule"] for r in predictor.threshold_rules]
+        counts = ", ".join(f"{rules.count(r)} by {r}" for r in dict.fromkeys(rules))
+        print(f"thresholds of {len(rules)} findings: {counts} (chexfound.stats.thresholds; per finding in "
+              f"{store.run_file.name})", file=sys.stderr)
     todo = [p for p in paths if not store.done(p)]
     settings = {"inputs": [str(i) for i in args.inputs], "manifest": args.manifest, "out": str(out),
                 "heatmaps": args.heatmaps, "top_k": args.top_k, "batch_size": args.batch_size,

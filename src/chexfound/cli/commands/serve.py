@@ -52,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     predictor = load_predictor(args)
+    if predictor.compiled:  # compile every padded batch shape before the first request, not during it
+        b = 1
+        while b < 2 * args.max_batch:
+            predictor.warmup(min(b, args.max_batch))
+            b *= 2
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_side=args.max_image_side,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,

@@ -15,9 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chexfound.evaluate.bootstrap import BootstrapConfig, bootstrap_multilabel
+from chexfound.stats.bootstrap import bootstrap_multilabel
+from chexfound.stats.resample import BootstrapConfig
 from chexfound.evaluate.groups import GroupConfig, group_means, prevalence_groups, training_frequencies
-from chexfound.evaluate.metrics import EligibilityRule, multilabel_metrics
+from chexfound.stats.multilabel import EligibilityRule, multilabel_metrics
 
 
 @dataclass(frozen=True)

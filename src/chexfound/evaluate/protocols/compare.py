@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chexfound.evaluate.bootstrap import paired_bootstrap
+from chexfound.stats.bootstrap import paired_bootstrap
 from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
 from chexfound.evaluate.trainers import HeadTrainer, train_and_predict
 

@@ -21,7 +21,7 @@ import torch
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError
 from chexfound.adapt.heatmap import attention_map
-from chexfound.evaluate.localisation import LocalisationItem, map_boxes, pointing_hit, score_items, summarise
+from chexfound.evaluate.box_scores import LocalisationItem, map_boxes, pointing_hit, score_items, summarise
 from chexfound.io import read_image
 
 log = logging.getLogger(__name__)

@@ -104,7 +104,9 @@ function showFindings(result) {
     const prob = document.createElement("span");
     prob.className = "prob";
     prob.textContent = (100 * f.probability).toFixed(1) + " %";
-    prob.title = `threshold ${(100 * f.threshold).toFixed(1)} %`;
+    const rule = f.threshold_rule ? `, ${f.threshold_rule} rule${f.threshold_reason ? ": " + f.threshold_reason : ""}` : "";
+    prob.title = `threshold ${(100 * f.threshold).toFixed(1)} %${rule}`;
+    li.title = prob.title;
     const bar = document.createElement("span");
     bar.className = "bar";
     const fill = document.createElement("span");
@@ -121,8 +123,27 @@ function showFindings(result) {
   $("right").hidden = false;
 }
 
+// Forget the previous image: what the page shows always belongs to the file named in the status line
+// (after a failed upload, the last image's findings and heatmap must not stay under the error).
+function clearResult() {
+  state.base = null;
+  state.overlay = null;
+  state.selected = null;
+  const canvas = $("view");
+  delete canvas.dataset.heatmap;
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  $("viewer").hidden = true;
+  $("caption").textContent = "";
+  $("findings").replaceChildren();
+  $("heatmap-note").hidden = true;
+  $("right").hidden = true;
+  $("image-info").replaceChildren();
+  $("image-info").hidden = true;
+}
+
 async function analyse(file) {
   const request = ++state.request;
+  clearResult();
   setStatus(`Analysing ${file.name}…`);
   const form = new FormData();
   form.append("file", file, file.name);
@@ -131,24 +152,31 @@ async function analyse(file) {
     r = await fetch("/v1/predict?heatmaps=url", { method: "POST", body: form });
     body = await r.json().catch(() => ({ detail: r.statusText }));
   } catch (e) {
-    setStatus("Could not reach the server: " + e.message, true);
+    if (request === state.request) {
+      clearResult();
+      setStatus("Could not reach the server: " + e.message, true);
+    }
     return;
   }
   if (request !== state.request) return; // a newer upload superseded this one
   if (!r.ok) {
     const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    clearResult();
     setStatus(`Error ${r.status}: ${detail}`, true);
     return;
   }
-  state.overlay = null;
-  state.selected = null;
-  delete $("view").dataset.heatmap;
+  let base;
   try {
-    state.base = await loadImage(body.image.image_url);
+    base = await loadImage(body.image.image_url);
   } catch (e) {
-    setStatus(e.message, true);
+    if (request === state.request) {
+      clearResult();
+      setStatus(e.message, true);
+    }
     return;
   }
+  if (request !== state.request) return;
+  state.base = base;
   $("viewer").hidden = false;
   draw();
   $("caption").textContent = body.heatmaps.available ? "click a finding to overlay its heatmap" : "";

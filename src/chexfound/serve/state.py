@@ -1,0 +1,64 @@
+"""What the HTTP service holds while it runs: its settings and one `ServeState` (the predictor, the
+micro-batcher, the prediction cache, the decode gate), built once by `create_app` and read by the routes."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from chexfound import __version__
+from chexfound.serve import overlay
+from chexfound.serve.batching import MicroBatcher
+from chexfound.serve.prediction_cache import PredictionCache
+from chexfound.serve.predictor import Predictor
+
+
+@dataclass
+class ServeSettings:
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_image_side: int = 8192  # rows or columns; larger uploads get 413 before their pixels are decoded
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    queue_size: int = 64  # requests admitted at once (decoding + waiting + in the model); more get 503
+    decode_workers: int = 4  # concurrent decodes: each holds a full-size float image in memory
+    cache_size: int = 32  # recent predictions kept for the page's image/heatmap URLs
+    request_timeout_s: float = 120.0
+    default_top_k: int = 3
+
+
+@dataclass
+class ServeState:
+    predictor: Predictor
+    settings: ServeSettings
+    batcher: MicroBatcher
+    cache: PredictionCache
+    decode_gate: threading.BoundedSemaphore  # at most `decode_workers` uploads decoded at once
+    display_size: int  # side of the page's image and heatmap PNGs
+    model_summary: dict[str, Any]  # sent with every prediction
+    no_heatmap_reason: str | None  # None when the head returns attention maps
+
+    @classmethod
+    def build(cls, predictor: Predictor, settings: ServeSettings) -> ServeState:
+        has_attention = predictor.has_attention
+        return cls(
+            predictor=predictor,
+            settings=settings,
+            batcher=MicroBatcher(predictor.predict_tensor, settings.max_batch, settings.max_wait_ms,
+                                 settings.queue_size),
+            cache=PredictionCache(settings.cache_size),
+            decode_gate=threading.BoundedSemaphore(settings.decode_workers),
+            display_size=overlay.display_size_for(predictor.transform),
+            model_summary={"backbone_sha256": predictor.backbone_sha256, "head_type": predictor.head_type,
+                           "task": predictor.task, "version": __version__},
+            no_heatmap_reason=None if has_attention else (
+                f"the head ({predictor.head_type}) returns no attention maps; heatmaps need an attention head "
+                "such as GLoRI"),
+        )
+
+
+def serve_state(request: Request) -> ServeState:
+    """The FastAPI dependency the routes use to reach the running service."""
+    return request.app.state.serve

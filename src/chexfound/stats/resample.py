@@ -1,0 +1,85 @@
+"""Patient-level (cluster) bootstrap resampling: the one resampler every confidence interval uses.
+
+Images of one patient are correlated, so resampling images treats them as independent evidence and gives
+intervals that are too narrow. We resample *patients* with replacement (as many draws as there are
+patients); each image then carries the weight "how many times its patient was drawn", which is exactly the
+same as duplicating that patient's images. Ranking metrics take those weights directly (ranking.py), so a
+resample never copies data; statistics without a weighted form take materialised indices
+(`resample_indices`, `bootstrap_statistic`). `groups=None` means every image is its own cluster (an
+image-level bootstrap: right only when each patient has one image).
+
+Intervals are percentile intervals over `n_boot` resamples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    n_boot: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    chunk: int = 100  # resamples evaluated together (memory ~ chunk x n_images doubles)
+    level: str = "patient"  # "patient" (clusters) or "image" (ignores clustering; for comparison only)
+
+
+def cluster_index(groups: Sequence[Any] | np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+    """Map group ids (e.g. patient ids) to 0..G-1; None means every image is its own group."""
+    if groups is None:
+        return np.arange(n), n
+    g = np.asarray(groups)
+    if g.shape[0] != n:
+        raise ValueError(f"{g.shape[0]} group ids for {n} images")
+    _, inv = np.unique(g.astype(str), return_inverse=True)
+    return inv.ravel(), int(inv.max()) + 1 if n else 0
+
+
+def resample_weights(
+    groups: Sequence[Any] | np.ndarray | None, n: int, cfg: BootstrapConfig
+) -> Iterator[np.ndarray]:
+    """Yield weight matrices [b, n] (b <= cfg.chunk) summing to n_boot rows: w[r, i] = draws of i's cluster."""
+    if cfg.level not in ("patient", "image"):
+        raise ValueError(f"bootstrap level must be 'patient' or 'image', got {cfg.level!r}")
+    idx, n_groups = cluster_index(groups if cfg.level == "patient" else None, n)
+    rng = np.random.default_rng(cfg.seed)
+    done = 0
+    while done < cfg.n_boot:
+        b = min(cfg.chunk, cfg.n_boot - done)
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b).astype(np.float64)
+        yield counts[:, idx]
+        done += b
+
+
+def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
+    s = np.asarray(samples, dtype=np.float64)
+    s = s[~np.isnan(s)]
+    if s.size == 0:
+        return float("nan"), float("nan")
+    a = (1 - ci) / 2
+    lo, hi = np.quantile(s, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def resample_indices(groups: Sequence[Any] | np.ndarray | None, n: int,
+                     cfg: BootstrapConfig) -> Iterator[np.ndarray]:
+    """Yield one index array per resample: every image of each drawn patient, repeated as often as it was
+    drawn (for statistics that have no weighted form, e.g. the C-index)."""
+    for w in resample_weights(groups, n, cfg):
+        counts = w.astype(np.int64)
+        for row in counts:
+            yield np.repeat(np.arange(n), row)
+
+
+def bootstrap_statistic(
+    fn: Callable[[np.ndarray], float], n: int, groups: Sequence[Any] | np.ndarray | None,
+    cfg: BootstrapConfig = BootstrapConfig(),
+) -> dict[str, Any]:
+    """Percentile CI of `fn(indices) -> float` over patient-level resamples (materialised indices)."""
+    vals = np.array([fn(idx) for idx in resample_indices(groups, n, cfg)], dtype=np.float64)
+    lo, hi = percentile_ci(vals, cfg.ci)
+    return {"ci": [lo, hi], "n_degenerate": int(np.sum(np.isnan(vals))), "se": float(np.nanstd(vals))}
