@@ -1,10 +1,13 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from chexfound.errors import ConfigError
+
 from chexfound.ssl.config import load_config
-from chexfound.ssl.heads import DINOHead
+from chexfound.ssl.heads import DINOHead, prenorm_stats
 from chexfound.ssl.meta_arch import SSLMetaArch
 from chexfound.ssl.param_groups import build_param_groups, layer_id
 from chexfound.ssl.schedules import CosineSchedule, LinearWarmupConstant, build_schedules, scaled_lr
@@ -106,3 +109,57 @@ def test_masked_ema_is_a_lerp_on_both_paths():
                 torch.testing.assert_close(a, s0 + w * (s - s0))
             if w == 0.0:
                 assert all(torch.equal(a, s0) for a, s0 in zip(t, start))  # a skipped step: untouched
+
+
+def test_warmup_and_freeze_in_iterations_win_over_epochs():
+    cfg = load_config("chexfound_vitl16_512", ["optim.warmup_iterations=30", "optim.freeze_last_layer_iterations=7"])
+    s = build_schedules(cfg, 1e-3, total=200, epoch_length=50)  # 10 warm-up epochs would be all 200
+    ref = _dinov2_array(1e-3, cfg["optim"]["min_lr"], 200, warmup=30)
+    np.testing.assert_allclose([s.lr(i) for i in range(200)], ref, rtol=1e-12, atol=1e-15)
+    assert all(s.last_layer_lr(i) == 0.0 for i in range(7)) and s.last_layer_lr(7) == 0.0 < s.last_layer_lr(8)
+    # longer than the run: capped at the run
+    s = build_schedules(load_config(None, ["optim.warmup_iterations=500"]), 1e-3, total=100, epoch_length=10)
+    assert s.lr.warmup == 100 and math.isclose(s.lr(50), 1e-3 * 50 / 99)
+    with pytest.raises(ConfigError):
+        load_config(None, ["optim.warmup_iterations=2.5"])
+
+
+def test_prenorm_stats_flag_a_head_that_maps_everything_to_one_vector():
+    torch.manual_seed(0)
+    spread = prenorm_stats(torch.randn(400, 16))
+    assert spread["head_alignment"] < 0.1 and math.isclose(float(spread["head_prenorm_norm"]), 4.0, rel_tol=0.1)
+    same = prenorm_stats(torch.randn(1, 16).expand(400, 16) * 3.0 + 1e-3 * torch.randn(400, 16))
+    assert same["head_alignment"] > 0.999
+
+
+def test_fp32_head_runs_outside_autocast_with_the_same_state_dict():
+    torch.manual_seed(0)
+    h32 = DINOHead(64, 100, hidden_dim=32, bottleneck_dim=16, fp32=True)
+    h = DINOHead(64, 100, hidden_dim=32, bottleneck_dim=16)
+    h.load_state_dict(h32.state_dict())
+    x = torch.randn(8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z32, z16 = h32(x.bfloat16()), h(x.bfloat16())
+    assert z32.dtype == torch.float32 and z16.dtype == torch.bfloat16
+    torch.testing.assert_close(z32, h32(x.bfloat16().float()))  # exactly the fp32 computation
+    h.record_prenorm = True
+    h(x)
+    assert set(h.prenorm_stats) == {"head_prenorm_norm", "head_alignment"}
+    meta = SSLMetaArch(_tiny_cfg(**{"dino.head_precision": "fp32", "ibot.separate_head": "true"}))
+    assert meta.student.dino_head.fp32 and meta.student.ibot_head.fp32 and not SSLMetaArch(_tiny_cfg()).student.dino_head.fp32
+
+
+def test_centred_head_removes_the_common_part_of_its_rows():
+    torch.manual_seed(0)
+    plain = DINOHead(32, 50, hidden_dim=16, bottleneck_dim=8)
+    centred = DINOHead(32, 50, hidden_dim=16, bottleneck_dim=8, center=True)
+    centred.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 32).expand(64, 32) * 5.0 + 0.01 * torch.randn(64, 32)  # one shared vector + tiny noise
+    # Without centring every row scores the prototypes alike (uniform Sinkhorn-Knopp targets follow);
+    # centred, the rows keep only what differs between them, normalised to the full cosine range.
+    assert plain(x).std(dim=0).mean() < 0.01 < 0.1 < centred(x).std(dim=0).mean()
+    z = centred.mlp(x)
+    u = torch.nn.functional.normalize(z - z.mean(dim=0, keepdim=True), dim=-1)
+    torch.testing.assert_close(centred(x), centred.last_layer(u))
+    assert centred(x[:1]).shape == (1, 50)  # one row: nothing to centre against, left as is
+    assert SSLMetaArch(_tiny_cfg(**{"dino.head_center": "true"})).teacher.dino_head.center

@@ -168,6 +168,11 @@ def validate(cfg: dict[str, Any]) -> None:
         a, b = cfg["crops"][k]
         need(0.0 < a <= b <= 1.0, f"crops.{k} must be 0 < min <= max <= 1")
     need(cfg["dino"]["head_n_prototypes"] >= 2, "dino.head_n_prototypes must be >= 2")
+    need(cfg["dino"]["head_precision"] in ("autocast", "fp32"), "dino.head_precision must be autocast or fp32")
+    for k in ("warmup_iterations", "freeze_last_layer_iterations"):
+        v = cfg["optim"][k]
+        need(v is None or (isinstance(v, (int, float)) and float(v).is_integer() and v >= 0),
+             f"optim.{k} must be null or a whole number >= 0")
 
 
 def dump_config(cfg: dict[str, Any]) -> str:

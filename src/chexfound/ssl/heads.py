@@ -43,21 +43,61 @@ def _mlp(in_dim: int, hidden: int, bottleneck: int, nlayers: int) -> nn.Sequenti
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, n_prototypes: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3) -> None:
+                 nlayers: int = 3, fp32: bool = False, center: bool = False) -> None:
         super().__init__()
+        # center: subtract the mean bottleneck output of the rows of each call (per process, like BatchNorm
+        # without scaling) before the L2 normalisation. The MLP maps the part every image's CLS token shares
+        # to one common vector; when it outgrows the image-dependent part, all normalised outputs point the
+        # same way and Sinkhorn-Knopp returns uniform targets (docs/pretraining.md, "Finding a recipe").
+        self.center = center
+        # fp32: run the head outside autocast (bf16 rounds the normalised bottleneck and the cosine scores to
+        # 8 mantissa bits, ~0.004 apart, coarser than the score differences a near-uniform head produces).
+        self.fp32 = fp32
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, max(1, nlayers))
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, n_prototypes)
+        # Set by the caller (the teacher's heads): keep `prenorm_stats` of each forward, for diagnostics.
+        self.record_prenorm = False
+        self.prenorm_stats: dict[str, Tensor] = {}
 
     @property
     def n_prototypes(self) -> int:
         return self.last_layer.weight_v.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fp32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                # The parameters' dtype: fp32, or the param dtype an FSDP mixed-precision policy casts to.
+                return self._scores(x.to(self.last_layer.weight_v.dtype))
+        return self._scores(x)
+
+    def _scores(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
+        if self.record_prenorm:
+            self.prenorm_stats = prenorm_stats(x)  # before centring: how much common mode the MLP makes
+        if self.center and x.shape[0] > 1:
+            x = x - x.mean(dim=0, keepdim=True)
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
         x = F.normalize(x, p=2, dim=-1, eps=eps)
         return self.last_layer(x)
+
+
+@torch.no_grad()
+def prenorm_stats(x: Tensor) -> dict[str, Tensor]:
+    """Health of the bottleneck output before the L2 normalisation (rows [M, bottleneck]), no host sync.
+
+    `head_prenorm_norm`: mean row norm; the gradient reaching the MLP through the normalisation scales like
+    1 / norm, so a growing norm starves the head. `head_alignment`: length of the mean unit row, 1 when
+    every row points the same way (the head maps all images to one vector; Sinkhorn-Knopp then returns
+    exactly uniform targets) and ~1/sqrt(M) for unrelated rows.
+    """
+    xf = x.detach().float()
+    if xf.shape[0] == 0:
+        z = xf.new_zeros(())
+        return {"head_prenorm_norm": z, "head_alignment": z}
+    n = xf.norm(dim=-1)
+    u = xf / n.clamp_min(1e-12).unsqueeze(-1)
+    return {"head_prenorm_norm": n.mean(), "head_alignment": u.mean(dim=0).norm()}

@@ -118,16 +118,18 @@ class SSLMetaArch(nn.Module):
         separate = self.ibot_enabled and bool(i["separate_head"])
 
         def heads() -> tuple[DINOHead, DINOHead | None]:
+            kw = {"fp32": d.get("head_precision", "autocast") == "fp32", "center": bool(d.get("head_center", False))}
             dh = DINOHead(vit_s.embed_dim, d["head_n_prototypes"], d["head_hidden_dim"],
-                          d["head_bottleneck_dim"], d["head_nlayers"])
+                          d["head_bottleneck_dim"], d["head_nlayers"], **kw)
             ih = (DINOHead(vit_s.embed_dim, i["head_n_prototypes"], i["head_hidden_dim"],
-                           i["head_bottleneck_dim"], i["head_nlayers"]) if separate else None)
+                           i["head_bottleneck_dim"], i["head_nlayers"], **kw) if separate else None)
             return dh, ih
 
         self.student = SSLModel(VisionTransformer(vit_s), *heads())
         self.teacher = SSLModel(VisionTransformer(self.vit_config), *heads())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        self.teacher.dino_head.record_prenorm = True  # head_prenorm_norm / head_alignment in the stats
         if not self.ibot_enabled:
             # Never used without masking; a parameter without gradient would stall DDP.
             self.student.backbone.mask_token.requires_grad_(False)
@@ -225,6 +227,7 @@ class SSLMetaArch(nn.Module):
                 "masked_patches": (n_masked.float() if n_masked is not None else torch.zeros((), device=dev)),
                 # made on the device (a fill, not a copy from the host)
                 "log_n_prototypes": torch.full((), math.log(k), device=dev),
+                **self.teacher.dino_head.prenorm_stats,
             }
         return total, stats
 

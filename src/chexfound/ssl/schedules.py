@@ -71,10 +71,16 @@ class Schedules:
                 "momentum": self.momentum(it), "teacher_temp": self.teacher_temp(it)}
 
 
+def _iterations(iterations: int | None, epochs: float, epoch_length: int) -> int:
+    return int(iterations) if iterations is not None else int(round(epochs * epoch_length))
+
+
 def build_schedules(cfg: dict[str, Any], lr: float, total: int, epoch_length: int) -> Schedules:
     o, t = cfg["optim"], cfg["teacher"]
-    warm = int(round(o["warmup_epochs"] * epoch_length))
-    freeze = int(round(o["freeze_last_layer_epochs"] * epoch_length))
+    # Lengths in iterations, when given, win over lengths in epochs: they do not stretch or shrink when a
+    # time budget refits the epoch, and stability depends on iterations (optimizer steps), not on epochs.
+    warm = _iterations(o.get("warmup_iterations"), o["warmup_epochs"], epoch_length)
+    freeze = _iterations(o.get("freeze_last_layer_iterations"), o["freeze_last_layer_epochs"], epoch_length)
     warm, freeze = min(warm, total), min(freeze, total)
     lr_s = CosineSchedule(lr, o["min_lr"], total, warmup=warm)
     # DINOv2 builds the last-layer schedule with the freeze prepended, so its cosine is shifted by `freeze`.
