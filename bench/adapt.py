@@ -1,7 +1,7 @@
 """Benchmark of head training: cached features vs recomputing the backbone, and a 13-lr grid vs one head.
 
     python bench/adapt.py                       # ViT-S/16 224 px (random init), 32 NIH images, CPU
-    python bench/adapt.py --config chexfound_vitl16_reg4_512 --images 256 --device cuda
+    python bench/adapt.py --backbone chexfound_vitl16_reg4_512 --images 256 --device cuda
 
 Prints, all measured in this process:
   - time per epoch of head training from the feature cache vs with the backbone recomputed every epoch
@@ -87,7 +87,7 @@ def epoch_recomputing(make, backbone, paths, y, tf, n_blocks, batch_size, dev, d
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="vits16_224")
+    ap.add_argument("--backbone", default="vits16_224", help="a named architecture (random weights) or a backbone file")
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1, help="timed epochs (after one warm-up)")
@@ -99,14 +99,14 @@ def main() -> int:
     args = ap.parse_args()
     dev, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     torch.manual_seed(0)
-    backbone = create_backbone(args.config).to(dev).eval()
+    backbone = create_backbone(args.backbone).to(dev).eval()
     n_blocks = min(4, len(backbone.blocks))
     m = read_manifest(Path(args.data) / "nih14" / "labels.csv")
     m = m.subset(np.arange(len(m)) < args.images)
     y = m.labels()
     findings = list(m.label_columns)
     tf = InputTransform.for_backbone(backbone.cfg)
-    print(f"backbone {args.config} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.1f} M params, "
+    print(f"backbone {args.backbone} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.1f} M params, "
           f"{tf.size}px), {len(m)} images, batch {args.batch_size}, device {dev}, {n_blocks} blocks")
     with tempfile.TemporaryDirectory() as tmp:
         _sync(dev)

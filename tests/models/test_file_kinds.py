@@ -83,3 +83,16 @@ def test_convert_reads_what_the_file_is(files: dict[str, Path], capsys: pytest.C
     same(create_backbone(out), files["model"])  # type: ignore[arg-type]
     assert main(["convert", str(files["random"]), "--out", str(files["root"] / "x.safetensors")]) == 2
     assert "random.safetensors: this is an unrecognised binary file" in capsys.readouterr().err
+
+
+def test_random_bytes_are_not_called_text(tmp_path: Path) -> None:
+    """100 random bytes were once "a text file" (they hold no NUL byte by chance); text must decode as UTF-8
+    and be mostly printable."""
+    import numpy as np
+
+    rnd = tmp_path / "random.pth"
+    rnd.write_bytes(np.random.default_rng(0).integers(1, 256, 100, dtype=np.uint8).tobytes())
+    assert sniff(rnd) == "an unrecognised binary file"
+    yml = tmp_path / "config.pth"
+    yml.write_text("student:\n  arch: vits16_224  # ViT-S/16 – 224 px\n")
+    assert sniff(yml) == "a text file (YAML/CSV/...?)"

@@ -91,7 +91,7 @@ def test_device_masks_are_seeded_and_follow_the_collate_recipe():
     assert (counts > 0).sum() == 10
     frac = np.sort(counts[counts > 0]) / 196
     assert frac.max() <= 0.5 + 1e-9 and frac.min() >= 0.05 and frac.max() - frac.min() > 0.2
-    tiny = sample_batch_masks_device(8, DeviceBlockMasks((2, 2), 4, 2), 1.0, (0.1, 0.5), torch.Generator(),
+    tiny = sample_batch_masks_device(8, DeviceBlockMasks((2, 2), min_patches=4, max_patches=2), 1.0, (0.1, 0.5), torch.Generator(),
                                      torch.device("cpu"))
     assert tiny.shape == (8, 4)
 

@@ -50,9 +50,24 @@ def sniff(path: Path) -> str:
     text = head.lstrip()
     if text[:1] in (b"{", b"["):
         return "a JSON text file"
-    if b"\x00" not in head:
+    if _looks_like_text(head):
         return "a text file (YAML/CSV/...?)"
     return "an unrecognised binary file"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 that is mostly printable (random bytes are neither, whatever their length)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:  # a multi-byte character cut at the end of the sniffed head is still text
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    if not text:
+        return False
+    printable = sum(c.isprintable() or c in "\t\r\n" for c in text)
+    return printable / len(text) >= 0.95
 
 
 def _sniff_zip(path: Path) -> str:

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-class BlockMaskGenerator:
+class BlockShape:
+    """The block-mask geometry both generators share: the patch grid, block sizes, aspect-ratio range."""
+
     def __init__(
         self,
         grid: tuple[int, int],
@@ -42,6 +45,10 @@ class BlockMaskGenerator:
         self.max_patches = self.num_patches if max_patches is None else max_patches
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+
+class BlockMaskGenerator(BlockShape):
+    """BEiT block masks on the host (numpy), one image at a time: the reference path."""
 
     def _add_block(self, mask: np.ndarray, max_new: int, rng: np.random.Generator) -> int:
         """Try (10 times) to add one rectangle with 1..max_new new patches; returns how many it added."""
@@ -102,25 +109,12 @@ def rounds_for(num_patches: int) -> int:
     return int(math.ceil(2 * math.log2(max(num_patches, 2)))) + 2
 
 
-class DeviceBlockMasks:
+class DeviceBlockMasks(BlockShape):
     """BEiT block masks for many images at once, on the device of the targets; see the module docstring."""
 
-    def __init__(
-        self,
-        grid: tuple[int, int],
-        min_patches: int = 4,
-        max_patches: int | None = None,
-        min_aspect: float = 0.3,
-        max_aspect: float | None = None,
-        tries: int = 10,
-        rounds: int | None = None,
-    ) -> None:
-        self.height, self.width = grid
-        self.num_patches = self.height * self.width
-        self.min_patches = min_patches
-        self.max_patches = self.num_patches if max_patches is None else max_patches
-        max_aspect = max_aspect or 1 / min_aspect
-        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+    def __init__(self, grid: tuple[int, int], tries: int = 10, rounds: int | None = None, **shape: Any) -> None:
+        """`shape`: min_patches, max_patches, min_aspect, max_aspect as `BlockShape`."""
+        super().__init__(grid, **shape)
         self.tries = tries
         self.rounds = rounds_for(self.num_patches) if rounds is None else rounds
 
