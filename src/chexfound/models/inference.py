@@ -114,6 +114,8 @@ class CudaGraphForward:
     pool and are overwritten by the next call, so callers copy them out (the engine moves them to the
     CPU) before calling again. Shapes other than the captured one fall back to the plain forward."""
 
+    reuses_outputs = True  # the next call overwrites what the previous one returned
+
     def __init__(self, model: nn.Module, n_blocks: int, context: Callable[[], ContextManager[Any]]) -> None:
         self.model, self.n_blocks, self.context = model, n_blocks, context
         self._graph: Any = None
