@@ -1,5 +1,7 @@
-"""How a backbone runs for inference: one settings object and one function used by embed, the token cache
-(adapt), predict and serve, so every path gets the same fast kernels.
+"""How a backbone runs for inference: one settings object (`InferenceSettings`) and one function
+(`prepare_backbone`) used by the feature engine (`chexfound embed`, the adapt/evaluate token cache), so
+those paths get the same fast kernels. `Predictor` (predict, serve, export) uses only `compile_blocks`
+(its --compile) and its own autocast; it does not pack weights or capture CUDA graphs.
 
 - CPU, `pack`: oneDNN GEMMs on pre-packed weights with LayerScale and the residual add folded in
   (`chexfound.models.fast`), fp32 or bf16. On by default on CPU (it pays there without compile time).
