@@ -109,6 +109,9 @@ def test_adapt_trains_from_embed_output_without_running_the_backbone(embedded, m
     assert len(pd.read_csv(out / "linear.val_per_finding.csv")) == 14
     # GLoRI needs tokens: a pooled file is refused with the reason.
     assert main(["adapt", "--features", str(embedded / "pooled.safetensors"), "--head", "glori", *common]) == 2
+    # Features have the size they were computed at: another --image-size is refused, not ignored.
+    assert main(["adapt", "--features", str(embedded / "tokens"), "--head", "linear", "--image-size", "32",
+                 *common]) == 2
 
 
 def test_pooled_source_gives_linear_heads_their_token_input(embedded):
