@@ -142,12 +142,14 @@ class CudaGraphForward:
     def __call__(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
         if x.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        if self._graph is None:
-            self._capture(x)
-        if tuple(x.shape) != self._shape:
-            with self.context():
-                return tuple(self.model.get_intermediate_layers(x, n=self.n_blocks, return_class_token=True))
-        assert self._static_in is not None
-        self._static_in.copy_(x)
-        self._graph.replay()
-        return tuple(self._static_out)
+        # Streams and graphs belong to the current CUDA device: make it x's (e.g. cuda:1 without set_device).
+        with torch.cuda.device(x.device):
+            if self._graph is None:
+                self._capture(x)
+            if tuple(x.shape) != self._shape:
+                with self.context():
+                    return tuple(self.model.get_intermediate_layers(x, n=self.n_blocks, return_class_token=True))
+            assert self._static_in is not None
+            self._static_in.copy_(x)
+            self._graph.replay()
+            return tuple(self._static_out)
