@@ -33,3 +33,29 @@ def test_call_rates_count_labelled_images_only():
     p = np.array([[0.9, 0.1], [0.9, 0.9], [0.2, 0.6], [0.8, 0.7]])
     c = call_rates(y, p, np.array([0.5, 0.5]))
     assert c == {"calls_per_image": 4 / 3, "labels_per_image": 1.0, "n_findings": 2}  # rows 0, 2, 3
+
+
+def test_the_pixel_label_efficiency_curve_leaves_unreadable_images_out(data_root, tmp_path):
+    """The pixel baseline stores which images it could read, so the label-efficiency curve fits and scores the
+    pixels on the same readable images as the backbones (it used to take every row, zeros included)."""
+    import pandas as pd
+
+    from chexfound.demo.pipeline import DemoConfig, TaskSpec, pixel_baseline, pixel_source
+
+    lab = pd.read_csv(data_root / "kermany" / "labels.csv")
+    rows = pd.concat([lab[lab["label"] == c].head(15) for c in ("NORMAL", "PNEUMONIA")]).reset_index(drop=True)
+    df = pd.DataFrame({"path": [str(data_root / "kermany" / p) for p in rows["path"]],
+                       "patient_id": rows["patient_key"], "PNEUMONIA": (rows["label"] == "PNEUMONIA").astype(int),
+                       "split": np.tile(["train", "train", "val", "test", "train"], 6)})
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    df.loc[0, "path"] = str(broken)
+    df.to_csv(tmp_path / "k.csv", index=False)
+    cfg = DemoConfig(data=data_root, out=tmp_path / "out", n_boot=20)
+    (cfg.out / "cache").mkdir(parents=True)
+    task = TaskSpec("kermany", tmp_path / "k.csv", ["PNEUMONIA"], ("linear",))
+    pixel_baseline(cfg, task, lambda s: None)
+    x, ok = pixel_source(cfg, task)
+    assert x.shape == (30, 1024) and ok.tolist() == [False] + [True] * 29
+    (cfg.out / "cache" / "pixels-kermany-ok.npy").unlink()  # a run folder from before the mask was stored
+    assert pixel_source(cfg, task)[1].tolist() == ok.tolist()
