@@ -43,15 +43,23 @@ def _pairs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(k, v) for k, v in results["paired"].items() if not k.startswith("_")]
 
 
+def _numbers(a: dict[str, Any]) -> dict[str, Any]:
+    """A paired result with NaN where a saved results.json holds null (JSON has no NaN: a rerun reloads it)."""
+    def f(v: Any) -> float:
+        return float("nan") if v is None else float(v)
+    return {"diff": f(a.get("diff")), "ci": [f(v) for v in (a.get("ci") or [None, None])], "p_value": f(a.get("p_value"))}
+
+
 def paired_rows(results: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for name, d in _pairs(results):
         if "error" in d:
             rows.append({"comparison": name, "AUROC difference [95% CI]": d["error"], "p": ""})
             continue
-        a = d["macro"]["auroc"]
-        excl = not (a["ci"][0] <= 0 <= a["ci"][1]) if not np.isnan(a["ci"][0]) else False
-        rows.append({"comparison": name, "AUROC difference [95% CI]": f"{a['diff']:+.3f} [{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}]",
+        a = _numbers(d["macro"]["auroc"])
+        lo, hi = a["ci"]
+        excl = not (lo <= 0 <= hi) if not np.isnan(lo) else False
+        rows.append({"comparison": name, "AUROC difference [95% CI]": f"{a['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]",
                      "CI excludes 0": "yes" if excl else "no", "p": f"{a['p_value']:.3f}"})
     return pd.DataFrame(rows)
 
@@ -62,7 +70,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     for name, d in _pairs(results):
         if "error" in d:
             continue
-        a = d["macro"]["auroc"]
+        a = _numbers(d["macro"]["auroc"])
         lo, hi = a["ci"]
         if np.isnan(lo):
             continue
