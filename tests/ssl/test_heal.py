@@ -202,3 +202,27 @@ def test_rollback_settings_survive_a_resume(tmp_path, tiny_corpus, tiny_config, 
     sched = build_schedules(cfg, lr, 16, 4)
     for it in (13, 14, 15):  # after the resume
         assert train[it]["lr"] == pytest.approx(0.5 * sched.lr(it - 1))
+
+
+def test_a_rollback_leaves_no_checkpoint_of_the_abandoned_stretch(tmp_path, tiny_corpus, tiny_config, loss_spike,
+                                                                  monkeypatch):
+    """A checkpoint written between the onset and the detection holds the abandoned stretch (and the settings
+    before the rollback): a resume right after the rollback must not continue from it."""
+    from chexfound.ssl.checkpoint import list_checkpoints
+    from chexfound.ssl.train import pretrain
+    from chexfound.ssl.train_loop import TrainLoop
+
+    seen = []
+    real = TrainLoop.roll_back
+
+    def roll_back(self, div):
+        target = real(self, div)
+        seen.append((target, [it for it, _ in list_checkpoints(tmp_path)], self.last_good))
+        return target
+
+    monkeypatch.setattr(TrainLoop, "roll_back", roll_back)
+    # the spike at iteration 8 is detected at the log row of 10; ckpt_00000009 is written in between
+    pretrain(_cfg(tiny_config, tiny_corpus, "checkpoint.every=9"), tmp_path, device="cpu", quiet=True,
+             echo=lambda s: None)
+    ((target, on_disk, last_good),) = seen
+    assert target == 8 and on_disk == [] and last_good is None

@@ -144,6 +144,7 @@ class TrainLoop:
             payload = load_checkpoint(disk[target])
             loop, source = payload.get("state", {}), str(disk[target])
         self.trainer.load_state(payload)
+        self._drop_checkpoints_after(target, disk)
         self.monitor = CollapseMonitor(self.length.total)
         self.monitor.load_state_dict(loop.get("monitor", {}))
         row = self.healer.record(div, target, source)
@@ -154,6 +155,18 @@ class TrainLoop:
                 f"({source}); lr x{row['lr_scale']:g}, EMA gap x{row['ema_gap_scale']:g} from now on")
         (self.bar.write if self.bar is not None else ctx.say)(line)
         return target
+
+    def _drop_checkpoints_after(self, target: int, disk: dict[int, Path]) -> None:
+        """The checkpoints written after the state rolled back to hold the abandoned stretch (and the settings
+        before the rollback): a resume must not continue from them, nor may they be named the last good one."""
+        if self.ctx.info.is_main:
+            for it, p in disk.items():
+                if it > target:
+                    p.unlink(missing_ok=True)
+                    p.with_suffix(".yaml").unlink(missing_ok=True)
+        D.barrier()
+        kept = [p for it, p in sorted(disk.items()) if it <= target]
+        self.last_good = kept[-1] if kept else None
 
     def _snapshot(self, done: int) -> None:
         if self.healer.want_snapshot(done):
