@@ -38,7 +38,7 @@ from chexfound.ssl.heal import Healer
 from chexfound.ssl.run_context import MetricsLog, PrintedLog, RunContext, RunSettings
 from chexfound.ssl.train_end import RunResult, finish
 from chexfound.ssl.train_loop import RunLength, TrainLoop, probe_iterations
-from chexfound.ssl.trainer import NonFiniteLossError, Trainer, resolve_precision, step_seed  # noqa: F401
+from chexfound.ssl.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger(__name__)
 
