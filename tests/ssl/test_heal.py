@@ -226,3 +226,29 @@ def test_a_rollback_leaves_no_checkpoint_of_the_abandoned_stretch(tmp_path, tiny
              echo=lambda s: None)
     ((target, on_disk, last_good),) = seen
     assert target == 8 and on_disk == [] and last_good is None
+
+
+def test_a_memory_snapshot_is_not_changed_by_the_training_after_its_rollback(tmp_path, tiny_corpus, tiny_config,
+                                                                            loss_spike, monkeypatch):
+    """On the CPU, loading a snapshot's optimizer state adopts its tensors: the steps after the rollback must not
+    rewrite the snapshot (a later rollback may go back to it)."""
+    import torch
+
+    from chexfound.ssl.heal import cpu_copy
+    from chexfound.ssl.train import pretrain
+    from chexfound.ssl.train_loop import TrainLoop
+
+    seen = []
+    real = TrainLoop.roll_back
+
+    def roll_back(self, div):
+        target = real(self, div)
+        snap = self.healer.snapshot_at(target)
+        seen.append((snap, cpu_copy(snap.payload["optimizer"]["state"])))
+        return target
+
+    monkeypatch.setattr(TrainLoop, "roll_back", roll_back)
+    pretrain(_cfg(tiny_config, tiny_corpus), tmp_path, device="cpu", quiet=True, echo=lambda s: None)
+    ((snap, at_rollback),) = seen
+    now = snap.payload["optimizer"]["state"]
+    assert at_rollback and all(torch.equal(now[i][k], v) for i, st in at_rollback.items() for k, v in st.items())

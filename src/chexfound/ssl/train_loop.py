@@ -16,7 +16,7 @@ from chexfound.ssl.budget import Deadline, ProbePlan
 from chexfound.ssl.checkpoint import list_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from chexfound.ssl.data import Corpus
 from chexfound.ssl.diagnostics import CollapseMonitor, plot_report
-from chexfound.ssl.heal import Divergence, DivergedError, Healer, adjust_schedules
+from chexfound.ssl.heal import Divergence, DivergedError, Healer, adjust_schedules, cpu_copy
 from chexfound.ssl.meta_arch import all_reduce_stats
 from chexfound.ssl.run_context import RunContext
 from chexfound.ssl.trainer import NonFiniteLossError, Trainer
@@ -139,7 +139,9 @@ class TrainLoop:
             self._give_up(div)
         snap = self.healer.snapshot_at(target)
         if snap is not None:  # memory first: same state, no disk read
-            payload, loop, source = snap.payload, snap.loop, "memory snapshot"
+            # a copy: on the CPU the optimizer would adopt the snapshot's tensors (same device and dtype) and
+            # its in-place updates would rewrite the snapshot a later rollback may go back to
+            payload, loop, source = cpu_copy(snap.payload), snap.loop, "memory snapshot"
         else:
             payload = load_checkpoint(disk[target])
             loop, source = payload.get("state", {}), str(disk[target])
