@@ -252,3 +252,15 @@ def test_a_memory_snapshot_is_not_changed_by_the_training_after_its_rollback(tmp
     ((snap, at_rollback),) = seen
     now = snap.payload["optimizer"]["state"]
     assert at_rollback and all(torch.equal(now[i][k], v) for i, st in at_rollback.items() for k, v in st.items())
+
+
+def test_with_healing_off_a_divergence_is_logged_not_acted_on(tmp_path, tiny_corpus, tiny_config, loss_spike):
+    from chexfound.ssl.train import pretrain
+
+    said: list[str] = []
+    res = pretrain(_cfg(tiny_config, tiny_corpus, "heal.enabled=false"), tmp_path, device="cpu", quiet=True,
+                   echo=said.append)
+    assert res.iterations == 16 and not _rows(tmp_path, "rollback")
+    warns = [r for r in _rows(tmp_path, "warning") if "heal.enabled=false" in r["message"]]
+    assert len(warns) == 1 and warns[0]["iteration"] == 10 and "gradient norm blew up" in warns[0]["message"]
+    assert any("not acted on" in s for s in said)

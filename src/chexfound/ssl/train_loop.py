@@ -62,6 +62,7 @@ class TrainLoop:
         self.last_plot = -math.inf
         self.plot_s = 0.0  # how long the report took to draw (the end keeps that much time for it)
         self.bar: Any = None
+        self.unhealed: set[str] = set()  # divergence signals seen with healing off (logged once each)
 
     # -- schedules, with what rollbacks changed ------------------------------------------------------------
     def apply_schedules(self) -> None:
@@ -130,6 +131,11 @@ class TrainLoop:
         from, or None when the signal is not acted on (healing off, and not a non-finite loss)."""
         ctx, hc = self.ctx, self.healer.hc
         if not hc.enabled and div.reason != "nonfinite":
+            if div.reason not in self.unhealed:  # logged, once per signal
+                self.unhealed.add(div.reason)
+                msg = f"{div.detail}; not acted on (heal.enabled=false)"
+                ctx.metrics.write_row({"kind": "warning", "iteration": div.iteration, "message": msg})
+                (self.bar.write if self.bar is not None else ctx.say)(f"WARNING: {msg}")
             return None
         if not self.healer.can_roll_back():
             self._give_up(div)
