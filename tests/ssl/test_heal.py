@@ -204,10 +204,10 @@ def test_rollback_settings_survive_a_resume(tmp_path, tiny_corpus, tiny_config, 
         assert train[it]["lr"] == pytest.approx(0.5 * sched.lr(it - 1))
 
 
-def test_a_rollback_leaves_no_checkpoint_of_the_abandoned_stretch(tmp_path, tiny_corpus, tiny_config, loss_spike,
-                                                                  monkeypatch):
-    """A checkpoint written between the onset and the detection holds the abandoned stretch (and the settings
-    before the rollback): a resume right after the rollback must not continue from it."""
+def test_a_rollback_leaves_no_checkpoint_of_the_diverged_stretch(tmp_path, tiny_corpus, tiny_config, loss_spike,
+                                                                 monkeypatch):
+    """A checkpoint written between the onset and the detection holds the damage (and the settings before the
+    rollback): a resume right after the rollback must not continue from it, nor is it the last good one."""
     from chexfound.ssl.checkpoint import list_checkpoints
     from chexfound.ssl.train import pretrain
     from chexfound.ssl.train_loop import TrainLoop

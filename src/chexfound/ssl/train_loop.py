@@ -152,7 +152,7 @@ class TrainLoop:
             payload = load_checkpoint(disk[target])
             loop, source = payload.get("state", {}), str(disk[target])
         self.trainer.load_state(payload)
-        self._drop_checkpoints_after(target, disk)
+        self._drop_damaged_checkpoints(div, disk)
         self.monitor = CollapseMonitor(self.length.total)
         self.monitor.load_state_dict(loop.get("monitor", {}))
         row = self.healer.record(div, target, source)
@@ -164,16 +164,17 @@ class TrainLoop:
         (self.bar.write if self.bar is not None else ctx.say)(line)
         return target
 
-    def _drop_checkpoints_after(self, target: int, disk: dict[int, Path]) -> None:
-        """The checkpoints written after the state rolled back to hold the abandoned stretch (and the settings
-        before the rollback): a resume must not continue from them, nor may they be named the last good one."""
+    def _drop_damaged_checkpoints(self, div: Divergence, disk: dict[int, Path]) -> None:
+        """The checkpoints written between the divergence's first flagged step and its detection hold the
+        damage: a resume must not continue from one, nor may one be named the last good checkpoint. (Newer
+        ones come from before an earlier rollback, when this stretch was run without the damage.)"""
+        damaged = {it for it in disk if div.onset < it < div.iteration}
         if self.ctx.info.is_main:
-            for it, p in disk.items():
-                if it > target:
-                    p.unlink(missing_ok=True)
-                    p.with_suffix(".yaml").unlink(missing_ok=True)
+            for it in damaged:
+                disk[it].unlink(missing_ok=True)
+                disk[it].with_suffix(".yaml").unlink(missing_ok=True)
         D.barrier()
-        kept = [p for it, p in sorted(disk.items()) if it <= target]
+        kept = [p for it, p in sorted(disk.items()) if it not in damaged]
         self.last_good = kept[-1] if kept else None
 
     def _snapshot(self, done: int) -> None:
