@@ -109,6 +109,9 @@ def test_adapt_trains_from_embed_output_without_running_the_backbone(embedded, m
     assert len(pd.read_csv(out / "linear.val_per_finding.csv")) == 14
     # GLoRI needs tokens: a pooled file is refused with the reason.
     assert main(["adapt", "--features", str(embedded / "pooled.safetensors"), "--head", "glori", *common]) == 2
+    # Features have the size they were computed at: another --image-size is refused, not ignored.
+    assert main(["adapt", "--features", str(embedded / "tokens"), "--head", "linear", "--image-size", "32",
+                 *common]) == 2
 
 
 def test_pooled_source_gives_linear_heads_their_token_input(embedded):
@@ -159,3 +162,38 @@ def test_uint8_transfer_and_extract_features_match_the_float_path(data_root, tmp
     np.testing.assert_allclose(mem.cls, b["cls"], atol=1e-5)
     np.testing.assert_allclose(mem.vectors(2, avgpool=True),
                                np.concatenate([b["cls"].reshape(4, -1), b["patch_mean"]], 1), atol=1e-5)
+
+
+def test_flip_survives_a_forward_that_reuses_its_output_buffers(data_root, tmp_path, monkeypatch):
+    """A CUDA graph replay writes into the same output buffers every call (`CudaGraphForward.reuses_outputs`):
+    the flipped forward must not overwrite the unflipped tokens before the sinks saw them."""
+    import chexfound.models.embedder as engine
+
+    paths = [str(p) for p in sorted((data_root / "nih14" / "images").glob("*.png"))[:3]]
+    torch.manual_seed(0)
+    model = create_backbone("tiny_vit").eval()
+    ref = FeatureCache.build(model, paths, tmp_path / "ref", n_blocks=2, batch_size=4, flip_tta=True)
+    plain = engine._forward_fn
+
+    class Reusing:
+        reuses_outputs = True
+
+        def __init__(self, fwd):
+            self.fwd, self.out = fwd, None
+
+        def __call__(self, x):
+            new = self.fwd(x)
+            if self.out is None:
+                self.out = tuple((p.clone(), c.clone()) for p, c in new)
+            for (p, c), (np_, nc) in zip(self.out, new):
+                p.copy_(np_)
+                c.copy_(nc)
+            return self.out
+
+    monkeypatch.setattr(engine, "_forward_fn", lambda *a, **k: Reusing(plain(*a, **k)))
+    got = FeatureCache.build(model, paths, tmp_path / "graph", n_blocks=2, batch_size=4, flip_tta=True)
+    rows = np.arange(len(paths))
+    for flip in (False, True):
+        for (pa, ca), (pb, cb) in zip(ref.features(rows, flip=flip), got.features(rows, flip=flip)):
+            torch.testing.assert_close(pb, pa)
+            torch.testing.assert_close(cb, ca)

@@ -65,6 +65,8 @@ def test_json_calls_and_heatmaps(models: dict[str, Path], png_paths: list[Path],
     for rec in doc["predictions"]:
         probs = {f["name"]: f["probability"] for f in rec["findings"]}
         assert rec["positive"] == [f["name"] for f in rec["findings"] if f["probability"] >= f["threshold"]]
+        # The same per-finding threshold record as /v1/predict and Prediction.findings_list.
+        assert all(f["threshold_rule"] and f["threshold_reason"] for f in rec["findings"])
         top2 = sorted(probs, key=lambda n: -probs[n])[:2]
         assert sorted(rec["heatmaps"]) == sorted(top2)
         for name, file in rec["heatmaps"].items():

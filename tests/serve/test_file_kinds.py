@@ -62,3 +62,31 @@ def test_predict_takes_the_architecture_of_a_bare_state_dict(models: dict[str, P
     assert main(["predict", "--backbone", str(renamed["torch_backbone"]), "--arch", "tiny_vit", "--head",
                  str(models["linear"]), "--quiet", "--out", str(out), str(png_paths[0])]) == 0
     assert out.is_file()
+
+
+def test_head_and_bundle_whose_tensors_disagree_with_their_metadata_name_the_file(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """A head/bundle file whose metadata lost a key or lists other findings than its tensors hold is refused
+    with a CheckpointError naming the file (it used to be a bare KeyError / load_state_dict RuntimeError)."""
+    from chexfound.adapt import load_head
+    from chexfound.errors import CheckpointError
+    from chexfound.models.format import load_tensors, save_tensors
+    from chexfound.serve.bundle import load_bundle, load_pair, save_bundle
+
+    tensors, meta = load_tensors(models["linear"])
+    more = tmp_path / "more_findings.safetensors"
+    save_tensors(more, tensors, {**meta, "findings": [*meta["findings"], "Extra"]})
+    with pytest.raises(CheckpointError, match=f"{more}: head tensors do not match its metadata"):
+        load_head(more)
+    lost = tmp_path / "no_n_blocks.safetensors"
+    save_tensors(lost, tensors, {k: v for k, v in meta.items() if k != "n_blocks"})
+    with pytest.raises(CheckpointError, match=f"{lost}: invalid head metadata .*n_blocks"):
+        load_head(lost)
+
+    bundle = tmp_path / "bundle.safetensors"
+    save_bundle(load_pair(models["backbone"], models["linear"]), bundle)
+    bt, bmeta = load_tensors(bundle)
+    bad = tmp_path / "bad_bundle.safetensors"
+    save_tensors(bad, bt, {**bmeta, "head": {**bmeta["head"], "findings": [*bmeta["head"]["findings"], "Extra"]}})
+    with pytest.raises(CheckpointError, match=f"{bad}: head tensors do not match the bundle metadata"):
+        load_bundle(bad)

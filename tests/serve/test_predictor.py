@@ -141,3 +141,21 @@ def test_predictions_say_which_rule_chose_each_threshold(models, png_paths, tmp_
     assert pred.info()["threshold_rules"][0]["rule"] == "prevalence"
     old = Predictor(models["backbone"], models["linear"])  # a head file from before rules were recorded
     assert {f["threshold_rule"] for f in old.predict_image(png_paths[0]).findings_list()} == {"unrecorded"}
+
+
+def test_a_head_whose_thresholds_were_never_chosen_says_default_not_unrecorded(models, png_paths, tmp_path):
+    """A head trained without validation data (or a multiclass head) keeps 0.5 and records no rules: its
+    outputs say "default" (0.5, none chosen) rather than blaming the file for not recording them."""
+    from chexfound.adapt.heads.base import save_head
+    from chexfound.models.format import read_meta
+
+    head = load_head(models["linear"])
+    head.thresholds.fill_(0.5)
+    head.threshold_rules = []
+    meta = read_meta(models["linear"])
+    save_head(head, tmp_path / "unchosen.safetensors", backbone_sha256=meta["backbone_sha256"],
+              backbone_config=meta["backbone_config"])
+    pred = Predictor(models["backbone"], tmp_path / "unchosen.safetensors")
+    out = pred.predict_image(png_paths[0]).findings_list()
+    assert {f["threshold_rule"] for f in out} == {"default"}
+    assert all("no threshold was chosen" in f["threshold_reason"] for f in out)

@@ -274,6 +274,9 @@ def _backbone_stage(opts: AdaptOptions) -> _Backbone:
                 raise ConfigError(Path(opts.features), f"these features were made by backbone "
                                   f"{str(meta.get('backbone_sha256'))[:12]}..., not by the given one ({sha[:12]}...)")
         tf = InputTransform.from_dict(meta["transform"])
+        if opts.image_size and opts.image_size != tf.size:
+            raise ConfigError(Path(opts.features), f"--image-size {opts.image_size}: these features were computed "
+                                                   f"at {tf.size} px (embed again at that size)")
         n_blocks = opts.n_blocks or src.n_blocks
         if not 1 <= n_blocks <= src.n_blocks:
             raise ConfigError(None, f"--n-blocks {n_blocks}: the features hold {src.n_blocks} block(s)")

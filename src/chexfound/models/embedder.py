@@ -225,6 +225,8 @@ def run_engine(model: nn.Module, transform: Any, paths: Sequence[str], sinks: Se
                         x = _pad(x, settings.batch_size)
                     x = transform.normalise(x)
                     tokens = fwd(x)
+                    if flip and getattr(fwd, "reuses_outputs", False):  # a CUDA graph replay would overwrite them
+                        tokens = tuple((p.clone(), cl.clone()) for p, cl in tokens)
                     flipped = fwd(x.flip(-1)) if flip else None
                     if x.shape[0] != b:
                         tokens = tuple((p[:b], cl[:b]) for p, cl in tokens)

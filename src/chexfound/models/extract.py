@@ -1,10 +1,11 @@
 """The backbone forward every feature consumer shares, and `extract_features` for images held in memory.
 
-`forward_blocks` is the one place that runs `get_intermediate_layers` for features: normalisation on the
-device (`InputTransform.normalise`), compute dtype by autocast, eval mode, no autograd. The file-driven
-engine (`chexfound.models.embedder`) and `extract_features` (the pretraining probes' decoded images,
-curation's near-duplicate embeddings) both call it, so every feature in the project comes out of the same
-code path.
+`forward_blocks` runs `get_intermediate_layers` for images held in memory: normalisation on the device
+(`InputTransform.normalise`), compute dtype by autocast, eval mode, no autograd. `extract_features` (the
+pretraining probes' decoded images, curation's near-duplicate embeddings) calls it; the file-driven engine
+(`chexfound.models.embedder`) runs the same normalisation and `get_intermediate_layers` through its own
+forward (`_forward_fn`: packed / compiled / CUDA-graph backbones from `chexfound.models.inference`), and a
+test checks that both give the same features.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""How a backbone runs for inference: one settings object and one function used by embed, the token cache
-(adapt), predict and serve, so every path gets the same fast kernels.
+"""How a backbone runs for inference: one settings object (`InferenceSettings`) and one function
+(`prepare_backbone`) used by the feature engine (`chexfound embed`, the adapt/evaluate token cache), so
+those paths get the same fast kernels. `Predictor` (predict, serve, export) uses only `compile_blocks`
+(its --compile) and its own autocast; it does not pack weights or capture CUDA graphs.
 
 - CPU, `pack`: oneDNN GEMMs on pre-packed weights with LayerScale and the residual add folded in
   (`chexfound.models.fast`), fp32 or bf16. On by default on CPU (it pays there without compile time).
@@ -114,6 +116,8 @@ class CudaGraphForward:
     pool and are overwritten by the next call, so callers copy them out (the engine moves them to the
     CPU) before calling again. Shapes other than the captured one fall back to the plain forward."""
 
+    reuses_outputs = True  # the next call overwrites what the previous one returned
+
     def __init__(self, model: nn.Module, n_blocks: int, context: Callable[[], ContextManager[Any]]) -> None:
         self.model, self.n_blocks, self.context = model, n_blocks, context
         self._graph: Any = None
@@ -138,12 +142,14 @@ class CudaGraphForward:
     def __call__(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
         if x.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        if self._graph is None:
-            self._capture(x)
-        if tuple(x.shape) != self._shape:
-            with self.context():
-                return tuple(self.model.get_intermediate_layers(x, n=self.n_blocks, return_class_token=True))
-        assert self._static_in is not None
-        self._static_in.copy_(x)
-        self._graph.replay()
-        return tuple(self._static_out)
+        # Streams and graphs belong to the current CUDA device: make it x's (e.g. cuda:1 without set_device).
+        with torch.cuda.device(x.device):
+            if self._graph is None:
+                self._capture(x)
+            if tuple(x.shape) != self._shape:
+                with self.context():
+                    return tuple(self.model.get_intermediate_layers(x, n=self.n_blocks, return_class_token=True))
+            assert self._static_in is not None
+            self._static_in.copy_(x)
+            self._graph.replay()
+            return tuple(self._static_out)

@@ -175,7 +175,11 @@ def load_bundle(path: str | PathLike[str]) -> tuple[VisionTransformer, Head, dic
     for prefix, module in (("backbone.", backbone), ("head.", head)):
         sd = {k[len(prefix):]: v.float() if v.is_floating_point() else v
               for k, v in tensors.items() if k.startswith(prefix)}
-        missing, unexpected = module.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = module.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shapes that disagree with the recorded config / findings
+            raise CheckpointError(path, f"{prefix.rstrip('.')} tensors do not match the bundle metadata "
+                                        f"({' '.join(str(e).split())[:300]})") from e
         if missing or unexpected:
             raise CheckpointError(path, f"{prefix.rstrip('.')} keys do not match: missing {missing}, "
                                         f"unexpected {unexpected}")

@@ -34,11 +34,15 @@ __all__ = ["CALL_TASKS", "Classifier", "Prediction", "Predictor", "check_pairing
 
 
 def threshold_rules_of(head_meta: dict[str, Any], head: Any) -> list[dict[str, str]]:
-    """Per finding {"rule", "reason"}: how the head's threshold was chosen (recorded since chexfound.stats),
-    or "unrecorded" for older head files."""
+    """Per finding {"rule", "reason"}: how the head's threshold was chosen (recorded since chexfound.stats);
+    "default" when none was chosen (every threshold still 0.5: no validation data, a multiclass head, the
+    released glori.pth), else "unrecorded" for older head files."""
     rules = head_meta.get("threshold_rules") or getattr(head, "threshold_rules", None) or []
     n = len(getattr(head, "findings", []))
     if len(rules) != n:
+        thresholds = getattr(head, "thresholds", None)
+        if thresholds is not None and n and bool((torch.as_tensor(thresholds) == 0.5).all()):
+            return [{"rule": "default", "reason": "0.5: no threshold was chosen on validation data"}] * n
         return [{"rule": "unrecorded", "reason": "the head file does not record how its thresholds were chosen"}] * n
     return [{"rule": str(r.get("rule", "")), "reason": str(r.get("reason", ""))} for r in rules]
 

@@ -155,7 +155,8 @@ class PredictionStore:
                 "path": shown,
                 "findings": [{"name": n, "probability": float(probs[i]), "threshold": float(self.thresholds[i]),
                               "positive": None if calls is None else bool(calls[i]),
-                              "threshold_rule": self.threshold_rules[i].get("rule")}
+                              "threshold_rule": self.threshold_rules[i].get("rule"),
+                              "threshold_reason": self.threshold_rules[i].get("reason")}
                              for i, n in enumerate(self.findings)],
                 "positive": [] if calls is None else [n for n, c in zip(self.findings, calls) if c],
             }

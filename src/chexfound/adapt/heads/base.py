@@ -142,8 +142,19 @@ def load_our_head(path: str | PathLike[str]) -> tuple[Head, dict[str, Any]]:
         head = head_from_meta(meta)
     except CheckpointError as e:
         raise CheckpointError(path, e.reason) from e
-    missing, unexpected = head.load_state_dict(tensors, strict=False)
+    except (KeyError, TypeError, ValueError) as e:  # metadata without findings/n_blocks, or bad hparams
+        raise CheckpointError(path, f"invalid head metadata ({type(e).__name__}: {e})") from e
+    try:
+        missing, unexpected = head.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes that disagree with the metadata (findings, embed_dim, ...)
+        raise CheckpointError(path, f"head tensors do not match its metadata ({_first_line(e)})") from e
     if missing or unexpected:
         raise CheckpointError(path, f"head keys do not match: missing {missing}, unexpected {unexpected}")
     head.threshold_rules = list(meta.get("threshold_rules") or [])
     return head.eval(), meta
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of torch's multi-line load_state_dict error, plus its first mismatch."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(e).__name__

@@ -153,7 +153,3 @@ def summarise_keys(keys: Iterable[str], limit: int = 12) -> str:
 
 def tensor_dtypes(sd: Mapping[str, Tensor]) -> list[str]:
     return sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
-
-
-def is_floating(sd: Mapping[str, Tensor]) -> bool:
-    return all(torch.is_floating_point(v) for v in sd.values())
