@@ -15,6 +15,10 @@ class _PathError(ChexfoundError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
 
+    def __reduce__(self) -> tuple[type, tuple[str | None, str]]:
+        # Rebuilt from (path, reason), not from the message: a worker process's error reaches the parent intact.
+        return (type(self), (self.path, self.reason))
+
 
 class CXRReadError(_PathError):
     """An image file could not be read as a chest X-ray (corrupt, unsupported, wrong shape...)."""

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexfound.curate.filters import (exclusion_mask, parse_age, parse_views, post_filter, pre_filter,
-                                      view_category)
+from chexfound.curate.filters import exclusion_mask, parse_age, post_filter, pre_filter
 from chexfound.curate.sources import list_items
 from chexfound.curate.spec import FilterSpec, load_spec
+from chexfound.curate.views import parse_views, view_category
 from chexfound.errors import ConfigError, ManifestError
 
 ISSUE_YAML = """\

@@ -108,3 +108,42 @@ def test_micro_ci_brackets_point_estimate():
     for k in ("auroc", "ap"):
         lo, hi = res["micro"][f"{k}_ci"]
         assert lo <= point[k] <= hi
+
+
+def test_weighted_resamples_equal_materialised_ones_with_unlabelled_rows():
+    """The weight-matrix bootstrap is the textbook one: each resample equals scikit-learn on the patients'
+    images copied as often as drawn, NaN labels dropped per finding; macro and paired differences included."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from chexfound.stats.resample import percentile_ci, resample_indices
+
+    rng = np.random.default_rng(3)
+    n, pats = 90, rng.integers(0, 30, 90)
+    y = (rng.random((n, 2)) < 0.4).astype(float)
+    y[rng.random((n, 2)) < 0.3] = np.nan  # not labelled: dropped for that finding only
+    p_a = np.round(rng.random((n, 2)) + 0.4 * np.nan_to_num(y), 1)  # rounded: many ties
+    p_b = np.round(rng.random((n, 2)) + 0.2 * np.nan_to_num(y), 1)
+    cfg = BootstrapConfig(n_boot=60, seed=5, chunk=13)
+
+    def per_finding(idx, p):
+        out = []
+        for c in range(2):
+            yy, m = y[idx, c], ~np.isnan(y[idx, c])
+            if len(np.unique(yy[m])) < 2:
+                out.append((np.nan, np.nan))
+                continue
+            out.append((roc_auc_score(yy[m], p[idx, c][m]), average_precision_score(yy[m], p[idx, c][m])))
+        return np.array(out)
+
+    draws_a = np.array([per_finding(i, p_a) for i in resample_indices(pats, n, cfg)])  # [B, finding, (auc, ap)]
+    draws_b = np.array([per_finding(i, p_b) for i in resample_indices(pats, n, cfg)])
+    res = bootstrap_multilabel(y, p_a, ["A", "B"], pats, cfg=cfg)
+    for c, f in enumerate(["A", "B"]):
+        assert res["per_finding"][f]["auroc_ci"] == pytest.approx(percentile_ci(draws_a[:, c, 0], 0.95), abs=1e-12)
+        assert res["per_finding"][f]["ap_ci"] == pytest.approx(percentile_ci(draws_a[:, c, 1], 0.95), abs=1e-12)
+    macro_a, macro_b = np.nanmean(draws_a[..., 0], axis=1), np.nanmean(draws_b[..., 0], axis=1)
+    assert res["macro"]["auroc_ci"] == pytest.approx(percentile_ci(macro_a, 0.95), abs=1e-12)
+    d = paired_bootstrap(y, p_a, p_b, ["A", "B"], pats, cfg=cfg)["macro"]["auroc"]
+    assert d["ci"] == pytest.approx(percentile_ci(macro_a - macro_b, 0.95), abs=1e-12)
+    point = [multilabel_metrics(y, p, ["A", "B"])["macro"]["auroc"] for p in (p_a, p_b)]
+    assert d["diff"] == pytest.approx(point[0] - point[1], abs=1e-12)

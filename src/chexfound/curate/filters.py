@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from chexfound.curate.spec import FilterSpec
-from chexfound.curate.views import normalize_view, parse_views, view_allowed, view_category  # noqa: F401 (re-exported)
+from chexfound.curate.views import normalize_view, parse_views, view_allowed
 
 RULES_PRE = ("excluded_patient", "view", "modality", "age")
 RULES_POST = ("blank", "min_size", "max_size", "view", "modality", "age")

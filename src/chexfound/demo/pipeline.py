@@ -300,6 +300,7 @@ def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None])
     sp = _splits(m)
     x, ok = read_pixel_features(m.paths(), size=32)
     np.save(cfg.out / "cache" / f"pixels-{task.name}.npy", x)
+    np.save(cfg.out / "cache" / f"pixels-{task.name}-ok.npy", ok)
     sp = {k: v[ok[v]] for k, v in sp.items()}
     y = m.labels()
     fitted = LogisticTrainer(findings=task.findings).fit(x, y, sp["train"], sp["val"], seed=cfg.seed)
@@ -312,6 +313,16 @@ def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None])
          f"{calls['calls_per_image']:.1f} positive calls per test image (labels {calls['labels_per_image']:.1f})")
     return {"metrics": res, "fit": fitted.info, "calls": calls,
             "threshold_rules": [c.to_dict() for c in fitted.threshold_choices]}
+
+
+def pixel_source(cfg: DemoConfig, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel features `pixel_baseline` stored for every manifest row, and which rows could be read (an
+    unreadable image is a row of zeros that no split may use). A run folder from before the mask was stored:
+    the rows that are not all zeros."""
+    x = np.load(cfg.out / "cache" / f"pixels-{task.name}.npy")
+    ok_file = cfg.out / "cache" / f"pixels-{task.name}-ok.npy"
+    ok = np.load(ok_file) if ok_file.is_file() else np.any(x != 0, axis=1)
+    return x, np.asarray(ok, dtype=bool)
 
 
 def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
@@ -346,8 +357,7 @@ def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None
     for which in ("pretrained", "random"):
         cache = FeatureCache.open(cfg.out / "cache" / which / task.name)
         sources[which] = (probe_inputs(cache, cache.n_blocks), np.asarray(cache.valid, dtype=bool))
-    x = np.load(cfg.out / "cache" / f"pixels-{task.name}.npy")
-    sources["pixels"] = (x, np.ones(len(x), dtype=bool))
+    sources["pixels"] = pixel_source(cfg, task)  # unreadable images out, as for the backbones' caches
     for which, (feats, ok) in sources.items():
         splits = Splits(sp["train"][ok[sp["train"]]], sp["val"][ok[sp["val"]]], sp["test"][ok[sp["test"]]])
         metrics, _ = run_label_efficiency(LogisticTrainer(), feats, y, pats, splits, task.findings, fractions, seeds,

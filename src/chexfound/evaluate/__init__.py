@@ -5,13 +5,13 @@
     ci = bootstrap_multilabel(y, p, findings, patient_ids)         # resamples patients, not images
     d = paired_bootstrap(y, p_a, p_b, findings, patient_ids)        # A - B on the same resamples
 
-The statistics themselves (AUROC/AP, thresholds, patient bootstrap, paired differences, C-index, the
-logistic probe) live in `chexfound.stats`; they are re-exported here as before. Modules: groups (head/medium/
-tail), box_scores (boxes, pointing game, attention mass, centre prior), tasks (dataset task definitions),
-trainers (the head-training step of the protocols: the stats logistic probe, the adapt heads), protocols/
-(compare, label efficiency, OOD, localisation), figures + report (metrics.json, report.md/html) + run_common
-(provenance, the classification figures), score (matching a predictions file to a manifest) / score_kinds /
-score_run (scoring it), pipeline (what `chexfound evaluate --task` runs).
+The statistics themselves (AUROC/AP, thresholds, patient bootstrap, paired differences, C-index, the logistic
+probe) live in `chexfound.stats`; the metric functions this package exported before are re-exported here
+(below). Modules: groups (head/medium/tail), box_scores (boxes, pointing game, attention mass, centre prior),
+tasks (dataset task definitions), trainers (the head-training step of the protocols: the stats logistic probe,
+the adapt heads), protocols/ (compare, label efficiency, OOD, localisation), figures + report (metrics.json,
+report.md/html) + run_common (provenance, the classification figures), score (matching a predictions file to a
+manifest) / score_kinds / score_run (scoring it), pipeline (what `chexfound evaluate --task` runs).
 """
 
 from chexfound.evaluate.groups import GroupConfig, prevalence_groups

@@ -35,6 +35,9 @@ class ImageReadError(CXRReadError):
         self.kind = kind
         super().__init__(path, clean_message(reason))
 
+    def __reduce__(self) -> tuple[type, tuple[str | None, ReadFailure, str]]:
+        return (type(self), (self.path, self.kind, self.reason))
+
 
 # Pillow and pydicom put the repr of our in-memory buffer in their messages ("cannot identify image file
 # <_io.BytesIO object at 0x7f...>"): an address means nothing to a reader, the file name is already there.
