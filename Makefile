@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The GPU proof (docs/pretraining.md): runs from this source tree with no install and no venv (torch >= 2.11,
-# numpy, scikit-learn, pandas, safetensors, pyyaml, Pillow, tqdm); OUT receives <= 8 files of <= 16 MiB.
+# numpy, scikit-learn, scipy, pandas, safetensors, pyyaml, Pillow, tqdm); OUT receives <= 8 files of <= 16 MiB.
 #   make gpu-proof OUT=dir [ARGS='--time-budget 420 key=value ...']
 gpu-proof:
 	@test -n "$(OUT)" || { echo "usage: make gpu-proof OUT=dir [ARGS='key=value ...']"; exit 2; }

@@ -117,6 +117,23 @@ def test_calibration_excludes_the_first_step_and_stays_cheap():
     assert calibrate_step(step, lambda: None, budget_s=100.0, clock=lambda: t[0], warmup_free=True) == (1.0, 3)
 
 
+def test_calibration_stops_where_rank_0_stops():
+    """The timed steps are collectives: a rank whose own clock says stop must go on while rank 0 does (and
+    stop when it stops), or one rank waits forever in a step the others never run."""
+    t = [0.0]
+    durations = iter([30.0, 10.0, 10.0, 10.0])  # this rank alone would stop after one timed step ...
+
+    def step(k: int) -> None:
+        t[0] += next(durations)
+
+    rank0 = iter([False, False, False, True])  # ... rank 0 (faster) times three
+    assert calibrate_step(step, lambda: None, budget_s=100.0, clock=lambda: t[0], warmup_free=True,
+                          agree=lambda flag: next(rank0)) == (10.0, 4)
+    durations = iter([1.0, 1.0])  # ... and the other way round: rank 0 stops at its first timed step
+    rank0 = iter([False, True])
+    assert calibrate_step(step, lambda: None, budget_s=100.0, clock=lambda: t[0], agree=lambda flag: next(rank0)) == (1.0, 2)
+
+
 def test_deadline():
     t = [100.0]
     d = Deadline(t_start=100.0, budget_s=50.0, end_reserve_s=10.0, step_s=1.0, clock=lambda: t[0])

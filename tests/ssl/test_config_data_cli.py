@@ -61,6 +61,23 @@ def test_preload_skips_corrupt_files_and_caches(tmp_path, tiny_corpus):
     assert (again == imgs).all() and len(sk2.items) == 1
 
 
+def test_a_corpus_of_unreadable_images_names_the_list_it_wrote(tmp_path, tiny_config):
+    from chexfound.ssl import distributed as D
+    from chexfound.ssl.data import open_corpus
+
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "manifest.csv").write_text(f"path,patient_id,split\n{bad},bad,train\n")
+    cfg = tiny_config("data.pipeline=preload", "data.cache=false")
+    cfg["data"]["sources"] = [{"path": str(tmp_path / "manifest.csv")}]
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(ConfigError, match="none of the 1 images could be read") as e:
+        open_corpus(cfg, out, D.DistInfo(), lambda s: None, quiet=True)
+    listed = out / "skipped.txt"
+    assert str(listed) in str(e.value) and "corrupt.png" in listed.read_text()
+
+
 def test_sharded_sampler_is_a_partition_and_resumable():
     world, b, n = 3, 4, 25
     samplers = [ShardedStreamSampler(n, b, world, r, seed=1) for r in range(world)]

@@ -79,3 +79,24 @@ def test_verdict_needs_every_baseline_beaten_on_both_tasks():
     v = verdict({"kermany": task(0.01), "nih14": task(0.01)}, 3)  # two random inits were turned down
     assert not v["passed"] and "1 of 3 random inits" in v["notes"][0]
     assert not verdict({"kermany": task(0.01)}, 1)["passed"]
+
+
+def test_gather_writes_strict_json_when_a_bound_is_nan(tmp_path):
+    """A degenerate finding gives a NaN CI: verdict.json must still be JSON (null), not Python's NaN."""
+    from chexfound.ssl.gpu_proof import gather
+
+    run = tmp_path / "run"
+    (run / "teacher_bf16").mkdir(parents=True)
+    (run / "teacher_bf16" / "teacher_backbone.01-of-01.safetensors").write_bytes(b"x")
+    (run / "pretrain.log").write_text("log\n")
+    paired = {"teacher_minus_pixels": {"diff": float("nan"), "ci95": [float("nan"), float("nan")]}}
+    v = verdict({"kermany": {"auroc": {"teacher": {"auroc": 0.5}}, "paired": paired}}, 0)
+    files = gather(run, tmp_path / "proof", v)
+    assert [f.name for f in files] == ["teacher_backbone.01-of-01.safetensors", "proof.tar.gz", "verdict.json"]
+
+    def no_nan(c):
+        raise ValueError(c)
+
+    back = json.loads((tmp_path / "proof" / "verdict.json").read_text(), parse_constant=no_nan)
+    assert back["tasks"]["kermany"]["vs"]["pixels"]["ci95"] == [None, None] and not back["passed"]
+    assert sorted(p.name for p in (tmp_path / "proof").iterdir()) == sorted(f.name for f in files)  # no temp left

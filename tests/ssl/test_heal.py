@@ -202,3 +202,65 @@ def test_rollback_settings_survive_a_resume(tmp_path, tiny_corpus, tiny_config, 
     sched = build_schedules(cfg, lr, 16, 4)
     for it in (13, 14, 15):  # after the resume
         assert train[it]["lr"] == pytest.approx(0.5 * sched.lr(it - 1))
+
+
+def test_a_rollback_leaves_no_checkpoint_of_the_diverged_stretch(tmp_path, tiny_corpus, tiny_config, loss_spike,
+                                                                 monkeypatch):
+    """A checkpoint written between the onset and the detection holds the damage (and the settings before the
+    rollback): a resume right after the rollback must not continue from it, nor is it the last good one."""
+    from chexfound.ssl.checkpoint import list_checkpoints
+    from chexfound.ssl.train import pretrain
+    from chexfound.ssl.train_loop import TrainLoop
+
+    seen = []
+    real = TrainLoop.roll_back
+
+    def roll_back(self, div):
+        target = real(self, div)
+        seen.append((target, [it for it, _ in list_checkpoints(tmp_path)], self.last_good))
+        return target
+
+    monkeypatch.setattr(TrainLoop, "roll_back", roll_back)
+    # the spike at iteration 8 is detected at the log row of 10; ckpt_00000009 is written in between
+    pretrain(_cfg(tiny_config, tiny_corpus, "checkpoint.every=9"), tmp_path, device="cpu", quiet=True,
+             echo=lambda s: None)
+    ((target, on_disk, last_good),) = seen
+    assert target == 8 and on_disk == [] and last_good is None
+
+
+def test_a_memory_snapshot_is_not_changed_by_the_training_after_its_rollback(tmp_path, tiny_corpus, tiny_config,
+                                                                            loss_spike, monkeypatch):
+    """On the CPU, loading a snapshot's optimizer state adopts its tensors: the steps after the rollback must not
+    rewrite the snapshot (a later rollback may go back to it)."""
+    import torch
+
+    from chexfound.ssl.heal import cpu_copy
+    from chexfound.ssl.train import pretrain
+    from chexfound.ssl.train_loop import TrainLoop
+
+    seen = []
+    real = TrainLoop.roll_back
+
+    def roll_back(self, div):
+        target = real(self, div)
+        snap = self.healer.snapshot_at(target)
+        seen.append((snap, cpu_copy(snap.payload["optimizer"]["state"])))
+        return target
+
+    monkeypatch.setattr(TrainLoop, "roll_back", roll_back)
+    pretrain(_cfg(tiny_config, tiny_corpus), tmp_path, device="cpu", quiet=True, echo=lambda s: None)
+    ((snap, at_rollback),) = seen
+    now = snap.payload["optimizer"]["state"]
+    assert at_rollback and all(torch.equal(now[i][k], v) for i, st in at_rollback.items() for k, v in st.items())
+
+
+def test_with_healing_off_a_divergence_is_logged_not_acted_on(tmp_path, tiny_corpus, tiny_config, loss_spike):
+    from chexfound.ssl.train import pretrain
+
+    said: list[str] = []
+    res = pretrain(_cfg(tiny_config, tiny_corpus, "heal.enabled=false"), tmp_path, device="cpu", quiet=True,
+                   echo=said.append)
+    assert res.iterations == 16 and not _rows(tmp_path, "rollback")
+    warns = [r for r in _rows(tmp_path, "warning") if "heal.enabled=false" in r["message"]]
+    assert len(warns) == 1 and warns[0]["iteration"] == 10 and "gradient norm blew up" in warns[0]["message"]
+    assert any("not acted on" in s for s in said)

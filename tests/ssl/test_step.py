@@ -8,7 +8,7 @@ import torch
 
 from chexfound.ssl import distributed as D
 from chexfound.ssl.timing import SyncCounter
-from chexfound.ssl.trainer import NonFiniteLossError, Trainer
+from chexfound.ssl.trainer import Trainer
 
 
 def _trainer(tiny_config, *extra: str, reference: bool = False) -> Trainer:
@@ -102,15 +102,12 @@ def test_a_non_finite_step_changes_nothing_and_is_reported(tiny_config, centerin
             continue
         assert torch.equal(v, after[k]), f"{k} changed on a skipped step"
     assert float(stats["nonfinite"]) == 1 and float(stats["first_nonfinite_iteration"]) == 1
-    red = {k: float(v) for k, v in stats.items()}
-    with pytest.raises(NonFiniteLossError, match="iteration 1 \\(2 step"):
-        Trainer.raise_if_nonfinite({**red, "nonfinite": 2.0})
     # A finite step afterwards trains again.
     t.meta.forward_losses = real  # type: ignore[method-assign]
     good = t.train_step(3, _images(seed=3))
     assert float(good["nonfinite"]) == 2  # counted since the trainer was built
     assert any(not torch.equal(before[k], v) for k, v in _learned_state(t).items() if k.startswith("model.teacher"))
-    t.reset_optimizer()
+    t.load_state(t.state())  # a restored trainer (a rollback, a resume) counts afresh
     assert float(t.train_step(4, _images(seed=4))["nonfinite"]) == 0
 
 

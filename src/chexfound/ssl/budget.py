@@ -234,17 +234,20 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
 
 
 def calibrate_step(run_step: Callable[[int], Any], sync: Callable[[], None], budget_s: float, clock: Clock,
-                   max_timed: int = 3, max_fraction: float = 0.02, warmup_free: bool = False) -> tuple[float, int]:
+                   max_timed: int = 3, max_fraction: float = 0.02, warmup_free: bool = False,
+                   agree: Callable[[bool], bool] = bool) -> tuple[float, int]:
     """Time the step on the run's first iterations: iteration 0 untimed (warm-up), then up to `max_timed`
     timed ones, fewer when they would take more than `max_fraction` of the budget (at least one).
     `warmup_free` (a CPU without compilation: no kernels to pick or compile): when iteration 0 alone takes more
     than `max_fraction` of the budget, its time is the estimate and no further iteration is spent on timing.
+    `agree`: every stop decision goes through it (rank 0's on every rank: the steps are collectives, so a
+    decision from each rank's own clock could leave one rank waiting in a step the others never run).
     Returns (median seconds per iteration, iterations run)."""
     t0 = clock()
     run_step(0)
     sync()
     first = clock() - t0
-    if warmup_free and first > max_fraction * budget_s:
+    if agree(warmup_free and first > max_fraction * budget_s):
         return first, 1
     times: list[float] = []
     it = 1
@@ -254,7 +257,7 @@ def calibrate_step(run_step: Callable[[int], Any], sync: Callable[[], None], bud
         sync()
         times.append(clock() - t0)
         it += 1
-        if len(times) >= max_timed or (sum(times) + times[-1]) > max_fraction * budget_s:
+        if agree(len(times) >= max_timed or (sum(times) + times[-1]) > max_fraction * budget_s):
             break
     times.sort()
     return times[len(times) // 2], it

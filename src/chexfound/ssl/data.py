@@ -262,6 +262,8 @@ def open_corpus(cfg: dict[str, Any], out: Path, info: D.DistInfo, say: Any, quie
             images = load_preloaded(paths, size, int(d["num_workers"]), cache, skipped)
         n_items = images.shape[0]
         if n_items == 0:
+            if info.is_main:
+                skipped.write(out / "skipped.txt")  # the file the message points to
             raise ConfigError(None, f"none of the {len(paths)} images could be read (see {out / 'skipped.txt'})")
         sampler = ShardedStreamSampler(n_items, b, info.world_size, info.rank, seed)
         source = PreloadedSource(images, sampler, info.device)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
 
 from chexfound.errors import ChexfoundError
+from chexfound.runio import atomic_output, atomic_write_json
 
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
@@ -113,10 +113,11 @@ def gather(run_dir: str | Path, dest: str | Path, v: dict[str, Any]) -> list[Pat
                              "raise checkpoint.export_bf16_shard_mib (at most 16)")
     files = []
     for s in shards:
-        shutil.copyfile(s, out / s.name)
+        with atomic_output(out / s.name) as tmp:
+            shutil.copyfile(s, tmp)
         files.append(out / s.name)
     text = verdict_text(v) + "\n"
-    with tarfile.open(out / ARCHIVE, "w:gz") as tar:
+    with atomic_output(out / ARCHIVE) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for name in ARCHIVED:
             if (run / name).is_file():
                 tar.add(run / name, arcname=name)
@@ -124,8 +125,7 @@ def gather(run_dir: str | Path, dest: str | Path, v: dict[str, Any]) -> list[Pat
         info.size = len(text.encode())
         tar.addfile(info, io.BytesIO(text.encode()))
     files.append(out / ARCHIVE)
-    (out / "verdict.json").write_text(json.dumps(v, indent=2))
-    files.append(out / "verdict.json")
+    files.append(atomic_write_json(out / "verdict.json", v))  # strict JSON: a NaN bound is written as null
     for f in files:
         if f.stat().st_size > MAX_FILE_BYTES:
             raise ChexfoundError(f"{f}: {f.stat().st_size / 2**20:.1f} MiB exceeds the 16 MiB hand-back limit")

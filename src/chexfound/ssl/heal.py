@@ -19,7 +19,9 @@ A rollback restores the newest good state older than the first flagged row: an i
 checkpoint, whichever is newer. The learning rate is then multiplied by `lr_factor` and the teacher's EMA gap
 (1 - momentum) by `ema_factor` for the rest of the run (both compound over rollbacks), and the run continues.
 Each rollback is a `kind: rollback` row in metrics.jsonl; the rows of the abandoned stretch are relabelled
-`train_abandoned` / `probe_abandoned` (kept for the report, left out of the curves' main lines). The settings
+`train_abandoned` / `probe_abandoned` (kept for the report, left out of the curves' main lines); the disk
+checkpoints written between the first flagged step and the detection are deleted (a resume must not continue
+the damage). The settings
 are stored in every checkpoint, so a resumed run keeps them.
 """
 

@@ -155,7 +155,6 @@ class DeviceBlockMasks(BlockShape):
             # BEiT stops an image when it is full or when a call's tries all failed.
             active = (hit > 0) & (count < target)
         return mask > 0
-        return mask
 
 
 def masked_patch_bound(n_images: int, num_patches: int, mask_probability: float,

@@ -38,7 +38,7 @@ from chexfound.ssl.heal import Healer
 from chexfound.ssl.run_context import MetricsLog, PrintedLog, RunContext, RunSettings
 from chexfound.ssl.train_end import RunResult, finish
 from chexfound.ssl.train_loop import RunLength, TrainLoop, probe_iterations
-from chexfound.ssl.trainer import NonFiniteLossError, Trainer, resolve_precision, step_seed  # noqa: F401
+from chexfound.ssl.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,10 @@ def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: An
 
     t0 = ctx.clock()
     warmup_free = trainer.device.type == "cpu" and not ctx.cfg["train"]["compile"]
-    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock, warmup_free=warmup_free)
+    def agree(flag: bool) -> bool:  # rank 0's decision on every rank
+        return bool(D.broadcast_object(bool(flag)))
+
+    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock, warmup_free=warmup_free, agree=agree)
     calibration_s = ctx.clock() - t0
     gen.close()
     step_t = torch.tensor([step_s], device=trainer.device)

@@ -16,7 +16,7 @@ from chexfound.ssl.budget import Deadline, ProbePlan
 from chexfound.ssl.checkpoint import list_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from chexfound.ssl.data import Corpus
 from chexfound.ssl.diagnostics import CollapseMonitor, plot_report
-from chexfound.ssl.heal import Divergence, DivergedError, Healer, adjust_schedules
+from chexfound.ssl.heal import Divergence, DivergedError, Healer, adjust_schedules, cpu_copy
 from chexfound.ssl.meta_arch import all_reduce_stats
 from chexfound.ssl.run_context import RunContext
 from chexfound.ssl.trainer import NonFiniteLossError, Trainer
@@ -62,6 +62,7 @@ class TrainLoop:
         self.last_plot = -math.inf
         self.plot_s = 0.0  # how long the report took to draw (the end keeps that much time for it)
         self.bar: Any = None
+        self.unhealed: set[str] = set()  # divergence signals seen with healing off (logged once each)
 
     # -- schedules, with what rollbacks changed ------------------------------------------------------------
     def apply_schedules(self) -> None:
@@ -130,6 +131,11 @@ class TrainLoop:
         from, or None when the signal is not acted on (healing off, and not a non-finite loss)."""
         ctx, hc = self.ctx, self.healer.hc
         if not hc.enabled and div.reason != "nonfinite":
+            if div.reason not in self.unhealed:  # logged, once per signal
+                self.unhealed.add(div.reason)
+                msg = f"{div.detail}; not acted on (heal.enabled=false)"
+                ctx.metrics.write_row({"kind": "warning", "iteration": div.iteration, "message": msg})
+                (self.bar.write if self.bar is not None else ctx.say)(f"WARNING: {msg}")
             return None
         if not self.healer.can_roll_back():
             self._give_up(div)
@@ -139,11 +145,14 @@ class TrainLoop:
             self._give_up(div)
         snap = self.healer.snapshot_at(target)
         if snap is not None:  # memory first: same state, no disk read
-            payload, loop, source = snap.payload, snap.loop, "memory snapshot"
+            # a copy: on the CPU the optimizer would adopt the snapshot's tensors (same device and dtype) and
+            # its in-place updates would rewrite the snapshot a later rollback may go back to
+            payload, loop, source = cpu_copy(snap.payload), snap.loop, "memory snapshot"
         else:
             payload = load_checkpoint(disk[target])
             loop, source = payload.get("state", {}), str(disk[target])
         self.trainer.load_state(payload)
+        self._drop_damaged_checkpoints(div, disk)
         self.monitor = CollapseMonitor(self.length.total)
         self.monitor.load_state_dict(loop.get("monitor", {}))
         row = self.healer.record(div, target, source)
@@ -154,6 +163,19 @@ class TrainLoop:
                 f"({source}); lr x{row['lr_scale']:g}, EMA gap x{row['ema_gap_scale']:g} from now on")
         (self.bar.write if self.bar is not None else ctx.say)(line)
         return target
+
+    def _drop_damaged_checkpoints(self, div: Divergence, disk: dict[int, Path]) -> None:
+        """The checkpoints written between the divergence's first flagged step and its detection hold the
+        damage: a resume must not continue from one, nor may one be named the last good checkpoint. (Newer
+        ones come from before an earlier rollback, when this stretch was run without the damage.)"""
+        damaged = {it for it in disk if div.onset < it < div.iteration}
+        if self.ctx.info.is_main:
+            for it in damaged:
+                disk[it].unlink(missing_ok=True)
+                disk[it].with_suffix(".yaml").unlink(missing_ok=True)
+        D.barrier()
+        kept = [p for it, p in sorted(disk.items()) if it not in damaged]
+        self.last_good = kept[-1] if kept else None
 
     def _snapshot(self, done: int) -> None:
         if self.healer.want_snapshot(done):

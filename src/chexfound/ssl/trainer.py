@@ -62,8 +62,8 @@ class Trainer:
     loss or gradient is handled there too: the AdamW update and the teacher EMA of that step are skipped
     (fused AdamW's `found_inf`, a zero EMA weight), so non-finite values never reach the weights. The host
     learns of it from the stats (`nonfinite`: steps skipped since the trainer was built or restored,
-    `first_nonfinite_iteration`: the first of them or -1) whenever it reads them, e.g. at log steps
-    (`raise_if_nonfinite`).
+    `first_nonfinite_iteration`: the first of them or -1) whenever it reads them: the loop's log steps, where
+    the divergence detector rolls the run back (chexfound.ssl.heal).
 
     `reference=True` runs the step as it was before (BEiT masks on a host thread copied to the device, a host
     sync per step for the finite check that raises at once, AdamW as before (fused on CUDA only), the EMA
@@ -158,13 +158,6 @@ class Trainer:
             g.pop("names")
         betas = tuple(self.cfg["optim"]["betas"])
         return torch.optim.AdamW(groups, betas=betas, lr=0.0, fused=self.fused_optimizer or None)
-
-    def reset_optimizer(self) -> None:
-        self.optimizer = self._make_optimizer()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.scaler.is_enabled())
-        self.meta.dino_center.center.zero_()
-        self.meta.ibot_center.center.zero_()
-        self._reset_nonfinite()
 
     def _reset_nonfinite(self) -> None:
         self._nonfinite.zero_()
@@ -311,16 +304,6 @@ class Trainer:
         if bad.item() > 0:
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in stats.items() if k.endswith("loss"))
             raise NonFiniteLossError(f"the loss became non-finite at iteration {step} ({parts})")
-
-    @staticmethod
-    def raise_if_nonfinite(stats: dict[str, Any]) -> None:
-        """At a log step (this reads the device): NonFiniteLossError if a step since the trainer was built or
-        restored was non-finite (its update was skipped, the weights are those of the step before)."""
-        n = float(stats.get("nonfinite", 0.0))
-        if n > 0:
-            first = int(float(stats["first_nonfinite_iteration"]))
-            raise NonFiniteLossError(f"the loss became non-finite at iteration {first} ({int(n)} step(s) skipped; "
-                                     "no non-finite value reached the weights)")
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
