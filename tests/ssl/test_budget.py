@@ -257,7 +257,8 @@ def test_a_run_that_falls_behind_is_cut_and_still_ends_in_time(tmp_path, tiny_co
                                                                fake_costs):
     clock, slow = fake_costs
     slow.update(after=10, factor=2.0)  # steps get twice as slow after the calibration
-    cfg = _budget_config(tiny_config, tiny_corpus, data_root, 200.0, "probe.n_evals=0")
+    # re-planning off: the deadline is the safety net behind it (late slow-downs, long probes, rollbacks)
+    cfg = _budget_config(tiny_config, tiny_corpus, data_root, 200.0, "probe.n_evals=0", "budget.replan_until=0")
     from chexfound.ssl.checkpoint import load_checkpoint, latest_checkpoint
     from chexfound.ssl.train import pretrain
 
@@ -288,3 +289,45 @@ def test_a_budget_too_small_for_any_probe_trains_instead(tmp_path, tiny_corpus, 
     assert not (tmp_path / "probe_comparison.json").exists() and not _rows(tmp_path, "final_probe")
     end = _rows(tmp_path, "budget")[-1]
     assert 0.95 <= end["budget_used"] <= 1.0 and end["training_fraction"] >= 0.5
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.6])
+def test_a_run_whose_pace_differs_from_its_calibration_is_replanned_and_fills_its_budget(
+        tmp_path, tiny_corpus, tiny_config, data_root, fake_costs, factor):
+    """A CPU's first step is often slower than the rest, and other jobs come and go: the plan follows the
+    measured pace (faster: more iterations, slower: fewer) instead of ending far early or being cut short,
+    and the schedules keep their shape over the new length."""
+    clock, slow = fake_costs
+    slow.update(after=3, factor=factor)  # every step after the calibration's (iterations 0-2)
+    cfg = _budget_config(tiny_config, tiny_corpus, data_root, 200.0)
+    from chexfound.ssl.checkpoint import load_checkpoint, latest_checkpoint
+    from chexfound.ssl.train import pretrain
+
+    res = pretrain(cfg, tmp_path, device="cpu", quiet=True, clock=clock, echo=lambda s: None)
+    rows = _rows(tmp_path, "budget")
+    plan, end = rows[0], rows[-1]
+    replans = [r for r in rows if r["event"] == "replan"]
+    assert replans and not [r for r in rows if r["event"] == "cut_short"]
+    assert replans[0]["planned_iterations"] == plan["total"]
+    assert (res.iterations > plan["total"]) if factor < 1 else (res.iterations < plan["total"])
+    assert res.iterations == replans[-1]["total"] == end["iterations"]
+    assert 0.95 <= end["budget_used"] <= 1.0 and end["training_fraction"] >= 0.5
+    # the step-0 probe and all three periodic ones ran, after the re-plan inside the new length
+    probes = [r["iteration"] for r in _rows(tmp_path, "probe")]
+    assert len(probes) == 4 and probes[-1] < res.iterations
+    # the cosine ends where the run ends: the last step's lr is (close to) the schedule's final value
+    train = _rows(tmp_path, "train")
+    assert train[-1]["iteration"] == res.iterations
+    assert train[-1]["lr"] <= 0.02 * max(r["lr"] for r in train) + cfg["optim"]["min_lr"]
+    st = load_checkpoint(latest_checkpoint(tmp_path))["state"]
+    assert st["total_iterations"] == res.iterations
+
+
+def test_replan_total_moves_only_beyond_the_threshold():
+    from chexfound.ssl.budget import replan_total
+
+    assert replan_total(done=20, total=100, pace_s=1.0, training_left_s=82.0, tolerance_s=1.0, min_change=0.05) is None
+    assert replan_total(done=20, total=100, pace_s=0.5, training_left_s=80.0, tolerance_s=1.0, min_change=0.05) == 180
+    assert replan_total(done=20, total=100, pace_s=2.0, training_left_s=80.0, tolerance_s=1.0, min_change=0.05) == 60
+    # no time left: one more iteration at most (the deadline, not the plan, stops a run that is behind)
+    assert replan_total(done=20, total=100, pace_s=2.0, training_left_s=-5.0, tolerance_s=1.0, min_change=0.05) == 21

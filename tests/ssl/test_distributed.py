@@ -38,9 +38,9 @@ def test_two_ranks_agree(tmp_path, tiny_corpus, tiny_config):
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]
     assert resolved["world_size"] == 2 and resolved["global_batch"] == 8
     # FSDP2 (fully_shard per block) trains the same model as DDP, up to reduction order.
-    from chexfound.models import load_backbone
+    from chexfound.models import create_backbone
 
-    ddp, _ = load_backbone(tmp_path / "run" / "teacher_backbone.safetensors")
-    fsdp, _ = load_backbone(tmp_path / "run_fsdp" / "teacher_backbone.safetensors")
+    ddp = create_backbone(tmp_path / "run" / "teacher_backbone.safetensors")
+    fsdp = create_backbone(tmp_path / "run_fsdp" / "teacher_backbone.safetensors")
     for (k, a), b in zip(ddp.state_dict().items(), fsdp.state_dict().values()):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5, err_msg=k)

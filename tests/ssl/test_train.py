@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from chexfound.models import load_backbone
+from chexfound.models import create_backbone
 from chexfound.ssl.checkpoint import list_checkpoints, load_checkpoint
 from chexfound.ssl.meta_arch import SSLMetaArch
 from chexfound.ssl.train import NonFiniteLossError, pretrain
@@ -46,10 +46,10 @@ def test_run_writes_log_config_exports_and_skips_corrupt(full_run):
 def test_exports_match_the_teacher(full_run):
     out, _, cfg = full_run
     ck = load_checkpoint(list_checkpoints(out)[-1][1])
-    model, meta = load_backbone(out / "teacher_backbone.safetensors")
+    model = create_backbone(out / "teacher_backbone.safetensors")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ck["model"][f"teacher.backbone.{k}"])
-    assert meta["kind"] == "backbone" and meta["config"]["img_size"] == 32
+    assert model.info.format == "chexfound" and model.info.config.img_size == 32
     orig = torch.load(out / "teacher_checkpoint.pth", weights_only=True)
     keys = set(orig["teacher"])
     # depth 2 in 2 chunks: block i sits at blocks.<chunk>.<i>, as the original's BlockChunk layout
@@ -113,7 +113,7 @@ def test_next_stage_interpolates_pos_embed(full_run, tmp_path, tiny_corpus, tiny
     from chexfound.ssl.checkpoint import init_from_checkpoint
 
     out, _, _ = full_run
-    ref, _ = load_backbone(out / "teacher_backbone.safetensors")
+    ref = create_backbone(out / "teacher_backbone.safetensors")
     # From our training checkpoint, and from the original layout (chunked block keys).
     for src in (list_checkpoints(out)[-1][1], out / "teacher_checkpoint.pth"):
         meta = SSLMetaArch(tiny_config("crops.global_crops_size=48"))
@@ -132,7 +132,7 @@ def test_next_stage_interpolates_pos_embed(full_run, tmp_path, tiny_corpus, tiny
                       "optim.epochs=1", "train.epoch_length=1")
     cfg["data"]["sources"] = [{"path": str(tiny_corpus)}]
     pretrain(cfg, tmp_path, device="cpu", quiet=True)
-    model, _ = load_backbone(tmp_path / "teacher_backbone.safetensors")
+    model = create_backbone(tmp_path / "teacher_backbone.safetensors")
     assert model.pos_embed.shape == (1, 10, 64)
 
 
@@ -145,7 +145,7 @@ def test_bf16_shards_roundtrip(full_run, tmp_path):
     files = export_teacher_shards(tmp_path, ck["model"], meta_arch.vit_config, 0.25, {"note": "test"})
     assert len(files) > 1 and all(f.stat().st_size <= 0.25 * 2**20 for f in files)
     model, meta = load_backbone_shards(tmp_path)
-    ref, _ = load_backbone(out / "teacher_backbone.safetensors")
+    ref = create_backbone(out / "teacher_backbone.safetensors")
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v.to(torch.bfloat16).float())
     assert meta["n_shards"] == len(files) and meta["ssl"]["note"] == "test"

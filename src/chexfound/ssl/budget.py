@@ -26,9 +26,11 @@ Each turn-down is printed and written to metrics.jsonl (`kind: budget`). `budget
 budget is kept for the report and the unexpected, so a run ends just inside its budget; the iteration count is
 the one whose end lands nearest the budget, never more than `budget.tolerance_fraction` over it.
 
-While the run goes, `Deadline` keeps it honest: training stops early (and says so) if it falls behind the
-plan, a periodic probe that no longer fits is skipped, and the final probes are re-planned against the time
-actually left.
+While the run goes, the plan is corrected and `Deadline` keeps it honest: in the first part of the run
+(`budget.replan_until` of the planned iterations) the total is refitted to the pace measured so far whenever
+it would change by more than `budget.replan_threshold` (`replan_total`); after that, training stops early (and
+says so) if it falls behind, a periodic probe that no longer fits is skipped, and the final probes are
+re-planned against the time actually left.
 """
 
 from __future__ import annotations
@@ -204,6 +206,29 @@ class BudgetFit:
         return s
 
 
+def iterations_that_fit(train_s: float, per_it_s: float, tolerance_s: float) -> int:
+    """The count of iterations whose end lands nearest `train_s` seconds, but never more than `tolerance_s` past
+    it (a long step that would overshoot further is left out); none when no time is left."""
+    more = max(0, round(train_s / max(per_it_s, 1e-9)))
+    while more > 0 and more * per_it_s - train_s > tolerance_s:
+        more -= 1
+    return more
+
+
+def replan_total(done: int, total: int, pace_s: float, training_left_s: float, tolerance_s: float,
+                 min_change: float) -> int | None:
+    """The new total when the pace measured in the run (`pace_s` per iteration, checkpoints included) would
+    end training more than `min_change` of the planned iterations away from `total` in the `training_left_s`
+    still left for it (periodic probes already taken out); None to keep the plan. A step timed once at the
+    start is a noisy estimate: a CPU's first step is slow, other jobs come and go, so the plan is corrected
+    while the schedules can still absorb it rather than ending far early or being cut short."""
+    new = done + iterations_that_fit(training_left_s, pace_s, tolerance_s)
+    new = max(new, done + 1)  # a run behind its plan is cut by the deadline, not here
+    if abs(new - total) <= min_change * total:
+        return None
+    return new
+
+
 def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, costs: ProbeCosts, plan: ProbePlan,
                bcfg: dict[str, Any], epochs: float, ckpt_every: int,
                done_sizes: dict[str, tuple[int, int]] | None = None,
@@ -224,9 +249,7 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
     # the count whose end lands nearest the budget, but never more than the tolerance over it (a long step
     # that would overshoot further is left out); none when setup already spent the budget
     tol = float(bcfg.get("tolerance_fraction", 0.05)) * budget_s
-    more = max(0, round(train_s / max(per_it, 1e-9)))
-    while more > 0 and more * per_it - train_s > tol:
-        more -= 1
+    more = iterations_that_fit(train_s, per_it, tol)
     total = done + more
     return BudgetFit(budget_s=budget_s, elapsed_s=elapsed_s, step_s=step_s, done=done, total=total,
                      epoch_length=total / max(float(epochs), 1e-9), reserve_s=reserve, margin_s=margin,

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import torch
 
 from chexfound.ssl import distributed as D
-from chexfound.ssl.budget import Deadline, ProbePlan
+from chexfound.ssl.budget import Deadline, ProbePlan, replan_total
 from chexfound.ssl.checkpoint import list_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from chexfound.ssl.data import Corpus
 from chexfound.ssl.diagnostics import CollapseMonitor, plot_report
@@ -44,6 +44,11 @@ class RunLength:
     def probe_at(self) -> set[int]:
         return probe_iterations(self.total, self.plan.periodic - 1)
 
+    def probes_after(self, done: int, left: int) -> set[int]:
+        """After a re-plan: the `left` periodic probes not yet run, spread evenly over the rest of the run."""
+        rest = self.total - done
+        return {done + int(round(rest * (k + 1) / (left + 1))) for k in range(left)} - {done, self.total}
+
 
 @dataclass
 class LoopOutcome:
@@ -63,6 +68,7 @@ class TrainLoop:
         self.plot_s = 0.0  # how long the report took to draw (the end keeps that much time for it)
         self.bar: Any = None
         self.unhealed: set[str] = set()  # divergence signals seen with healing off (logged once each)
+        self.pace_from: tuple[float, int, float] | None = None  # (clock, iteration, pauses so far): pace window
 
     # -- schedules, with what rollbacks changed ------------------------------------------------------------
     def apply_schedules(self) -> None:
@@ -186,6 +192,40 @@ class TrainLoop:
         """Rank 0's decision, on every rank (a time-based choice must not split the ranks)."""
         return bool(D.broadcast_object(flag)) if self.ctx.info.enabled else flag
 
+    def replan(self, done: int, now: float, pause_s: float, probes_left: int) -> int | None:
+        """Refit the total to the pace measured since the window opened (budget.replan_until /
+        replan_threshold); the new total, or None when the plan holds. Rank 0 decides for every rank."""
+        length, s = self.length, self.ctx.settings
+        d, b = length.deadline, s.budget
+        if d is None or self.pace_from is None:
+            return None
+        t0, it0, p0 = self.pace_from
+        n = done - it0
+        if done > float(b.get("replan_until", 0.0)) * length.total or n < max(10, 0.05 * length.total):
+            return None
+        ckpt_s = float(length.budget_state.get("costs", {}).get("ckpt_s", 0.0))
+        pace = (now - t0 - (pause_s - p0)) / n + (ckpt_s / s.ckpt_every if s.ckpt_every else 0.0)
+        left = d.training_left_s() - probes_left * self.prober.probe_s(length.plan)
+        new = replan_total(done, length.total, pace, left, d.tolerance_s, float(b.get("replan_threshold", 0.05)))
+        new = D.broadcast_object(new) if self.ctx.info.enabled else new
+        if new is None:
+            return None
+        old, length.total = length.total, int(new)
+        d.step_s = pace  # what the deadline and a resume expect from now on
+        length.budget_state.update(step_s=pace, replanned_total=length.total)
+        self.apply_schedules()
+        self.pace_from = (now, done, pause_s)
+        self.ctx.metrics.write_row({"kind": "budget", "event": "replan", "iteration": done, "planned_iterations": old,
+                                    "total": length.total, "step_s": pace, "training_left_s": left,
+                                    "elapsed_s": self.ctx.elapsed()})
+        line = (f"budget: re-planned at iteration {done}: {old} -> {length.total} iterations "
+                f"({pace * 1000:.0f} ms/iteration measured, {left:.0f}s of training left)")
+        (self.bar.write if self.bar is not None else self.ctx.say)(line)
+        if self.bar is not None:
+            self.bar.total = length.total
+            self.bar.refresh()
+        return length.total
+
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, start: int, stop_after: int | None = None) -> LoopOutcome:
         ctx, trainer, length = self.ctx, self.trainer, self.length
@@ -198,9 +238,11 @@ class TrainLoop:
 
             self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
         probe_at = length.probe_at
+        probes_left = len({p for p in probe_at if p > start})
         self._snapshot(start)
         t_loop = last_t = ctx.clock()
         pause_s = 0.0  # probes and checkpoints
+        self.pace_from = (t_loop, start, 0.0)
         images_since = 0
         gen = self.corpus.source.batches(start)
         it = start
@@ -234,6 +276,7 @@ class TrainLoop:
                         self.bar.refresh()
                     last_t, images_since = ctx.clock(), 0
                     t_prev = ctx.clock()
+                    self.pace_from = (t_prev, target, pause_s)  # the pace window restarts with the rerun
                     continue
             if log_now:
                 self._snapshot(done)
@@ -241,7 +284,7 @@ class TrainLoop:
                 self.bar.update(1)
             t_pause, paused = ctx.clock(), False
             if done in probe_at:
-                paused = True
+                paused, probes_left = True, probes_left - 1
                 fits = length.deadline is None or length.deadline.fits(self.prober.probe_s(length.plan), total - done)
                 if self._agree(fits):
                     self.prober.periodic(done, ctx.metrics)
@@ -265,6 +308,9 @@ class TrainLoop:
             it = done
             if out.stopped_early:
                 break
+            if log_now and done < total and self.replan(done, now, pause_s, probes_left) is not None:
+                total = length.total
+                probe_at = length.probes_after(done, probes_left)
             if length.deadline is not None and done < total and (not ctx.info.enabled or log_now):
                 if self._agree(length.deadline.behind(next_step_s=max(step_est, length.deadline.step_s))):
                     out.cut_short = (f"budget: training stopped at iteration {done} of {total}: it fell behind its "
