@@ -4,6 +4,7 @@ backbone forward, the uint8 data path, and the shared pooling / linear-probe inp
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -84,7 +85,8 @@ def test_one_pass_writes_pooled_file_and_token_cache_that_agree(embedded, manife
     np.testing.assert_allclose(pooled.patch_mean[:3], pm.numpy(), atol=1e-5)
 
 
-def test_adapt_trains_from_embed_output_without_running_the_backbone(embedded, manifests, tmp_path, monkeypatch):
+def test_adapt_trains_from_embed_output_without_running_the_backbone(embedded, manifests, tmp_path, monkeypatch,
+                                                                      caplog):
     import chexfound.models.embedder as engine
 
     def no_backbone(*a, **k):
@@ -109,6 +111,11 @@ def test_adapt_trains_from_embed_output_without_running_the_backbone(embedded, m
     assert len(pd.read_csv(out / "linear.val_per_finding.csv")) == 14
     # GLoRI needs tokens: a pooled file is refused with the reason.
     assert main(["adapt", "--features", str(embedded / "pooled.safetensors"), "--head", "glori", *common]) == 2
+    # Options of the backbone run that --features replaces are named in a warning, not silently dropped.
+    with caplog.at_level(logging.WARNING, logger="chexfound.adapt.pipeline"):
+        assert main(["adapt", "--features", str(embedded / "pooled.safetensors"), "--head", "linear", "--dtype", "bf16",
+                     "--compile", *common]) == 0
+    assert any("--dtype bf16, --compile have no effect with --features" in r.getMessage() for r in caplog.records)
     # Features have the size they were computed at: another --image-size is refused, not ignored.
     assert main(["adapt", "--features", str(embedded / "tokens"), "--head", "linear", "--image-size", "32",
                  *common]) == 2

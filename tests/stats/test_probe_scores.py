@@ -32,3 +32,13 @@ def test_probes_separate_separable_features_and_ci_brackets():
     lo, hi = bootstrap_multilabel(y[120:], s, ["A"], None, cfg=BootstrapConfig(n_boot=1000))["macro"]["auroc_ci"]
     assert auc > 0.9 and lo <= auc <= hi
     assert macro_auroc(y[120:], knn_scores(f[:120], y[:120], f[120:], k=10)) > 0.9
+
+
+def test_knn_votes_only_with_labelled_neighbours():
+    # column 0 labelled everywhere, column 1 only on the far cluster: near test rows get no vote there (NaN),
+    # not a negative one; labelled neighbours give the weighted positive share
+    ftr = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    ytr = np.array([[1, np.nan], [0, np.nan], [1, 1], [1, 0]], dtype=float)
+    fte = np.array([[1.0, 0.05], [0.05, 1.0]])
+    s = knn_scores(ftr, ytr, fte, k=2)
+    assert np.isnan(s[0, 1]) and 0 < s[0, 0] < 1 and s[1, 0] == 1.0 and 0 < s[1, 1] < 1

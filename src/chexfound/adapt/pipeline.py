@@ -229,6 +229,15 @@ def validate(opts: AdaptOptions) -> None:
         raise ConfigError(None, "--flip-augment needs --flip-tta (features of flipped images in the cache)")
     if opts.uncertain not in ("nan", "zero", "one"):
         raise ConfigError(None, f"--uncertain {opts.uncertain}: use nan, zero or one")
+    if opts.features:
+        # options of the backbone run that --features replaces: said, not silently dropped
+        unused = [flag for flag, on in (("--dtype bf16", opts.dtype != "fp32"), ("--flip-tta", opts.flip_tta),
+                                        ("--cache", bool(opts.cache)), ("--compile", opts.compile),
+                                        ("--no-pack", not opts.pack), ("--workers", opts.workers > 0)) if on]
+        if unused:
+            log.warning("%s: %s %s no effect with --features (the backbone does not run here; these features were "
+                        "computed by `chexfound embed` with its own options)", opts.features, ", ".join(unused),
+                        "has" if len(unused) == 1 else "have")
 
 
 @dataclass

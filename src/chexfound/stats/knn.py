@@ -7,7 +7,8 @@ import numpy as np
 
 def knn_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, k: int = 20, t: float = 0.07) -> np.ndarray:
     """Cosine similarity; the k nearest training rows vote with weights exp(sim / t). Returns [n_test, C]: the
-    weighted share of positive votes among the neighbours labelled for that column."""
+    weighted share of positive votes among the neighbours labelled for that column; NaN where none of the k is
+    labelled for it (no vote is not a negative vote: metrics mask NaN scores)."""
     a = ftr / np.linalg.norm(ftr, axis=1, keepdims=True).clip(1e-12)
     b = fte / np.linalg.norm(fte, axis=1, keepdims=True).clip(1e-12)
     sim = b @ a.T
@@ -18,5 +19,6 @@ def knn_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, k: int = 20, t
     for c in range(ytr.shape[1]):
         y = np.nan_to_num(ytr[:, c], nan=0.0)[nn]
         lab = (~np.isnan(ytr[:, c]))[nn]
-        out[:, c] = (w * y * lab).sum(1) / np.clip((w * lab).sum(1), 1e-12, None)
+        den = (w * lab).sum(1)
+        out[:, c] = np.where(lab.any(1), (w * y * lab).sum(1) / np.clip(den, 1e-300, None), np.nan)
     return out
