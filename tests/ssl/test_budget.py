@@ -303,7 +303,9 @@ def test_a_run_whose_pace_differs_from_its_calibration_is_replanned_and_fills_it
     from chexfound.ssl.checkpoint import load_checkpoint, latest_checkpoint
     from chexfound.ssl.train import pretrain
 
-    res = pretrain(cfg, tmp_path, device="cpu", quiet=True, clock=clock, echo=lambda s: None)
+    # with the progress bar up: the re-plan's line goes through the bar and into pretrain.log
+    res = pretrain(cfg, tmp_path, device="cpu", quiet=False, clock=clock, echo=lambda s: None)
+    assert "budget: re-planned at iteration" in (tmp_path / "pretrain.log").read_text()
     rows = _rows(tmp_path, "budget")
     plan, end = rows[0], rows[-1]
     replans = [r for r in rows if r["event"] == "replan"]

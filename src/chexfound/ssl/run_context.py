@@ -3,10 +3,11 @@ the process's place in the job, the clock, the printed log and metrics.jsonl."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from chexfound.runio import RunLog, atomic_write_text, read_jsonl
 from chexfound.ssl import distributed as D
@@ -80,6 +81,16 @@ class PrintedLog:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+
+    @contextlib.contextmanager
+    def echoing_to(self, echo: Callable[[str], None]) -> Iterator[None]:
+        """Lines go to `echo` for a while (a progress bar's `write`, so they do not tear the bar), and still to
+        the log file."""
+        before, self.echo = self.echo, echo
+        try:
+            yield
+        finally:
+            self.echo = before
 
 
 @dataclass

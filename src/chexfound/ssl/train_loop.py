@@ -4,6 +4,7 @@ checkpoint, the collapse monitor, the healer) lives in one place."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from chexfound.ssl.data import Corpus
 from chexfound.ssl.diagnostics import CollapseMonitor, plot_report
 from chexfound.ssl.heal import Divergence, DivergedError, Healer, adjust_schedules, cpu_copy
 from chexfound.ssl.meta_arch import all_reduce_stats
-from chexfound.ssl.run_context import RunContext
+from chexfound.ssl.run_context import PrintedLog, RunContext
 from chexfound.ssl.trainer import NonFiniteLossError, Trainer
 
 
@@ -98,7 +99,7 @@ class TrainLoop:
             return
         warn = self.monitor.check(done, red, 2 * self.ctx.settings.batch_size)
         if warn and ctx.info.is_main:
-            (self.bar.write if self.bar is not None else ctx.say)(f"WARNING: {warn}")
+            ctx.say(f"WARNING: {warn}")
             ctx.metrics.write_row({"kind": "warning", "iteration": done, "message": warn})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{red['loss']:.3f}", img_s=f"{ips:.1f}", protos=int(red["prototypes_in_use"]))
@@ -141,7 +142,7 @@ class TrainLoop:
                 self.unhealed.add(div.reason)
                 msg = f"{div.detail}; not acted on (heal.enabled=false)"
                 ctx.metrics.write_row({"kind": "warning", "iteration": div.iteration, "message": msg})
-                (self.bar.write if self.bar is not None else ctx.say)(f"WARNING: {msg}")
+                ctx.say(f"WARNING: {msg}")
             return None
         if not self.healer.can_roll_back():
             self._give_up(div)
@@ -167,7 +168,7 @@ class TrainLoop:
         ctx.metrics.write_row({**row, "elapsed_s": ctx.elapsed()})
         line = (f"ROLLBACK {row['rollback']}/{hc.max_rollbacks}: {div.detail}; back to iteration {target} "
                 f"({source}); lr x{row['lr_scale']:g}, EMA gap x{row['ema_gap_scale']:g} from now on")
-        (self.bar.write if self.bar is not None else ctx.say)(line)
+        ctx.say(line)
         return target
 
     def _drop_damaged_checkpoints(self, div: Divergence, disk: dict[int, Path]) -> None:
@@ -220,7 +221,7 @@ class TrainLoop:
                                     "elapsed_s": self.ctx.elapsed()})
         line = (f"budget: re-planned at iteration {done}: {old} -> {length.total} iterations "
                 f"({pace * 1000:.0f} ms/iteration measured, {left:.0f}s of training left)")
-        (self.bar.write if self.bar is not None else self.ctx.say)(line)
+        self.ctx.say(line)
         if self.bar is not None:
             self.bar.total = length.total
             self.bar.refresh()
@@ -228,15 +229,28 @@ class TrainLoop:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, start: int, stop_after: int | None = None) -> LoopOutcome:
+        if self.ctx.info.is_main and not self.ctx.quiet and start < self.length.total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.length.total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
+        # while the bar is up, the run's lines are written through it (and still to pretrain.log)
+        say = self.ctx.say
+        routed = say.echoing_to(self.bar.write) if self.bar is not None and isinstance(say, PrintedLog) \
+            else contextlib.nullcontext()
+        try:
+            with routed:
+                return self._run(start, stop_after)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    def _run(self, start: int, stop_after: int | None) -> LoopOutcome:
         ctx, trainer, length = self.ctx, self.trainer, self.length
         total, s = length.total, ctx.settings
         out = LoopOutcome(done=start, train_s=length.calibration_s)
         if start >= total:
             return out
-        if ctx.info.is_main and not ctx.quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
         probe_at = length.probe_at
         probes_left = len({p for p in probe_at if p > start})
         self._snapshot(start)
@@ -290,7 +304,7 @@ class TrainLoop:
                     self.prober.periodic(done, ctx.metrics)
                 else:
                     ctx.metrics.write_row({"kind": "budget", "event": "probe_skipped", "iteration": done})
-                    (self.bar.write if self.bar is not None else ctx.say)(
+                    ctx.say(
                         f"budget: periodic probe at iteration {done} skipped (training is behind its plan)")
             if s.ckpt_every and done % s.ckpt_every == 0 and done < total:
                 paused = True
@@ -315,13 +329,11 @@ class TrainLoop:
                 if self._agree(length.deadline.behind(next_step_s=max(step_est, length.deadline.step_s))):
                     out.cut_short = (f"budget: training stopped at iteration {done} of {total}: it fell behind its "
                                      "plan (slower steps or longer probes than measured); the end keeps its time")
-                    (self.bar.write if self.bar is not None else ctx.say)(out.cut_short)
+                    ctx.say(out.cut_short)
                     ctx.metrics.write_row({"kind": "budget", "event": "cut_short", "iteration": done,
                                        "planned_iterations": total, "elapsed_s": ctx.elapsed()})
                     break
         gen.close()
-        if self.bar is not None:
-            self.bar.close()
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         out.done = it
