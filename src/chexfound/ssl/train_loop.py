@@ -69,7 +69,10 @@ class TrainLoop:
         self.plot_s = 0.0  # how long the report took to draw (the end keeps that much time for it)
         self.bar: Any = None
         self.unhealed: set[str] = set()  # divergence signals seen with healing off (logged once each)
-        self.pace_from: tuple[float, int, float] | None = None  # (clock, iteration, pauses so far): pace window
+        # the pace window: (clock, iteration, pauses so far) where it opened (the loop's start, or a rollback's
+        # rerun); the pace is measured over all of it, so a short burst of other jobs does not swing the plan
+        self.pace_from: tuple[float, int, float] | None = None
+        self.replanned_at = -1  # iteration of the last re-plan check that changed the total
 
     # -- schedules, with what rollbacks changed ------------------------------------------------------------
     def apply_schedules(self) -> None:
@@ -195,14 +198,15 @@ class TrainLoop:
 
     def replan(self, done: int, now: float, pause_s: float, probes_left: int) -> int | None:
         """Refit the total to the pace measured since the window opened (budget.replan_until /
-        replan_threshold); the new total, or None when the plan holds. Rank 0 decides for every rank."""
+        replan_threshold), at least 10 iterations (and 5% of the run) after the window opened and after the last
+        change; the new total, or None when the plan holds. Rank 0 decides for every rank."""
         length, s = self.length, self.ctx.settings
         d, b = length.deadline, s.budget
         if d is None or self.pace_from is None:
             return None
         t0, it0, p0 = self.pace_from
-        n = done - it0
-        if done > float(b.get("replan_until", 0.0)) * length.total or n < max(10, 0.05 * length.total):
+        n, gap = done - it0, max(10.0, 0.05 * length.total)
+        if done > float(b.get("replan_until", 0.0)) * length.total or n < gap or done - self.replanned_at < gap:
             return None
         ckpt_s = float(length.budget_state.get("costs", {}).get("ckpt_s", 0.0))
         pace = (now - t0 - (pause_s - p0)) / n + (ckpt_s / s.ckpt_every if s.ckpt_every else 0.0)
@@ -215,7 +219,7 @@ class TrainLoop:
         d.step_s = pace  # what the deadline and a resume expect from now on
         length.budget_state.update(step_s=pace, replanned_total=length.total)
         self.apply_schedules()
-        self.pace_from = (now, done, pause_s)
+        self.replanned_at = done
         self.ctx.metrics.write_row({"kind": "budget", "event": "replan", "iteration": done, "planned_iterations": old,
                                     "total": length.total, "step_s": pace, "training_left_s": left,
                                     "elapsed_s": self.ctx.elapsed()})
