@@ -163,3 +163,18 @@ def test_centred_head_removes_the_common_part_of_its_rows():
     torch.testing.assert_close(centred(x), centred.last_layer(u))
     assert centred(x[:1]).shape == (1, 50)  # one row: nothing to centre against, left as is
     assert SSLMetaArch(_tiny_cfg(**{"dino.head_center": "true"})).teacher.dino_head.center
+
+
+def test_centred_head_centres_each_part_of_a_shared_call_over_its_real_rows():
+    """A shared head scores [CLS tokens; masked-patch buffer] in one call: each part is centred on its own, and
+    the buffer's padding rows (whatever they hold) do not move its mean."""
+    torch.manual_seed(0)
+    head = DINOHead(32, 50, hidden_dim=16, bottleneck_dim=8, center=True)
+    cls, patches = torch.randn(6, 32) + 3.0, torch.randn(10, 32) - 2.0
+    valid = torch.arange(10) < 7  # 3 padding rows
+    want = torch.cat([head(cls), head(patches[:7])])
+    for pad in (patches[7:], 100 * torch.randn(3, 32)):
+        x = torch.cat([cls, patches[:7], pad])
+        got = head(x, [6, 10], torch.cat([torch.ones(6, dtype=torch.bool), valid]))
+        torch.testing.assert_close(torch.cat([got[:6], got[6:13]]), want)
+        torch.testing.assert_close(head(torch.cat([patches[:7], pad]), valid=valid)[:7], head(patches[:7]))

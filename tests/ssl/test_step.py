@@ -68,10 +68,13 @@ def test_fast_step_trains_the_same_model_as_the_reference_step(tiny_config):
     assert float(a["nonfinite"]) == 0 and float(a["first_nonfinite_iteration"]) == -1
 
 
-def test_padding_of_the_masked_patch_buffer_changes_nothing(tiny_config):
+@pytest.mark.parametrize("extra", [(), ("dino.head_center=true", "ibot.separate_head=false"),
+                                   ("dino.head_center=true", "ibot.separate_head=true")])
+def test_padding_of_the_masked_patch_buffer_changes_nothing(tiny_config, extra):
+    # (a centred head, shared or not, centres the patch rows over the real ones only)
     from chexfound.ssl.masking import gather_masked
 
-    exact, padded = _trainer(tiny_config), _trainer(tiny_config)
+    exact, padded = _trainer(tiny_config, *extra), _trainer(tiny_config, *extra)
     for step in range(2):
         batch = padded.make_batch(step, _images(seed=step))
         mp = gather_masked(batch["masks"], max(1, int(batch["n_masked"])))  # no padding

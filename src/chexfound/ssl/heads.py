@@ -9,6 +9,7 @@ MLP layers sit at `mlp.0`, `mlp.2`, `mlp.4` (Linear, GELU, Linear, GELU, Linear)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,22 +68,37 @@ class DINOHead(nn.Module):
     def n_prototypes(self) -> int:
         return self.last_layer.weight_v.shape[0]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, segments: Sequence[int] | None = None, valid: Tensor | None = None) -> Tensor:
+        """Scores of the rows of `x`. For centring only: `segments`, the row counts of the parts of one call that
+        are centred apart (a shared head scores CLS tokens and patch tokens in one call, and their common parts
+        differ); `valid`, which rows are real (a masked-patch buffer's padding rows must not move the mean)."""
         if self.fp32 and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 # The parameters' dtype: fp32, or the param dtype an FSDP mixed-precision policy casts to.
-                return self._scores(x.to(self.last_layer.weight_v.dtype))
-        return self._scores(x)
+                return self._scores(x.to(self.last_layer.weight_v.dtype), segments, valid)
+        return self._scores(x, segments, valid)
 
-    def _scores(self, x: Tensor) -> Tensor:
+    def _scores(self, x: Tensor, segments: Sequence[int] | None = None, valid: Tensor | None = None) -> Tensor:
         x = self.mlp(x)
         if self.record_prenorm:
             self.prenorm_stats = prenorm_stats(x)  # before centring: how much common mode the MLP makes
-        if self.center and x.shape[0] > 1:
-            x = x - x.mean(dim=0, keepdim=True)
+        if self.center:
+            x = centre_rows(x, segments, valid)
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
         x = F.normalize(x, p=2, dim=-1, eps=eps)
         return self.last_layer(x)
+
+
+def centre_rows(x: Tensor, segments: Sequence[int] | None = None, valid: Tensor | None = None) -> Tensor:
+    """Each segment of rows minus the mean of its valid rows (no host sync); a one-row segment is left as is
+    (nothing to centre against)."""
+    w = (valid.to(x.dtype) if valid is not None else x.new_ones(x.shape[0]))[:, None]
+    parts, start = [], 0
+    for n in segments if segments is not None else [x.shape[0]]:
+        xs, ws = x[start:start + n], w[start:start + n]
+        parts.append(xs if n <= 1 else xs - (xs * ws).sum(0, keepdim=True) / ws.sum().clamp_min(1.0))
+        start += n
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 @torch.no_grad()

@@ -56,10 +56,11 @@ class SSLModel(nn.Module):
         self.ibot_head = ibot_head
 
     def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor | None,
-                mask_idx: Tensor | None, teacher: bool = False) -> dict[str, Tensor]:
-        # One entry point for both roles: FSDP2 hooks only wrap `forward`.
+                mask_idx: Tensor | None, teacher: bool = False, mask_valid: Tensor | None = None) -> dict[str, Tensor]:
+        # One entry point for both roles: FSDP2 hooks only wrap `forward`. `mask_valid` marks the real rows of
+        # the masked-patch buffer (a centred head must not count its padding rows).
         if teacher:
-            return self._teacher_scores(global_crops, mask_idx)
+            return self._teacher_scores(global_crops, mask_idx, mask_valid)
         assert local_crops is not None
         g = self.backbone.forward_features(global_crops, masks=masks)
         cls_g = g["x_norm_clstoken"]
@@ -73,18 +74,21 @@ class SSLModel(nn.Module):
             patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_idx]
         if self.ibot_head is None and patches is not None:
             # One head call for all tokens (shared head), split afterwards.
-            z = self.dino_head(torch.cat([cls_l, cls_g, patches]))
+            n_cls = cls_l.shape[0] + cls_g.shape[0]
+            z = self.dino_head(torch.cat([cls_l, cls_g, patches]), [n_cls, patches.shape[0]],
+                               _rows_valid(n_cls, mask_valid, patches))
             out["dino_local"], out["dino_global"], out["ibot"] = z.split(
                 [cls_l.shape[0], cls_g.shape[0], patches.shape[0]])
         else:
             z = self.dino_head(torch.cat([cls_l, cls_g]))
             out["dino_local"], out["dino_global"] = z.split([cls_l.shape[0], cls_g.shape[0]])
             if patches is not None and self.ibot_head is not None:
-                out["ibot"] = self.ibot_head(patches)
+                out["ibot"] = self.ibot_head(patches, valid=mask_valid)
         return out
 
     @torch.no_grad()
-    def _teacher_scores(self, global_crops: Tensor, mask_idx: Tensor | None) -> dict[str, Tensor]:
+    def _teacher_scores(self, global_crops: Tensor, mask_idx: Tensor | None,
+                        mask_valid: Tensor | None = None) -> dict[str, Tensor]:
         """Teacher side: prototype scores of the global CLS tokens (views swapped) and masked patches."""
         g = self.backbone.forward_features(global_crops)
         cls = g["x_norm_clstoken"]
@@ -94,13 +98,21 @@ class SSLModel(nn.Module):
         if mask_idx is not None:
             patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_idx]
             if self.ibot_head is None:
-                z = self.dino_head(torch.cat([cls, patches]))
+                z = self.dino_head(torch.cat([cls, patches]), [cls.shape[0], patches.shape[0]],
+                                   _rows_valid(cls.shape[0], mask_valid, patches))
                 out["dino"], out["ibot"] = z.split([cls.shape[0], patches.shape[0]])
             else:
-                out["dino"], out["ibot"] = self.dino_head(cls), self.ibot_head(patches)
+                out["dino"], out["ibot"] = self.dino_head(cls), self.ibot_head(patches, valid=mask_valid)
         else:
             out["dino"] = self.dino_head(cls)
         return out
+
+
+def _rows_valid(n_cls: int, mask_valid: Tensor | None, patches: Tensor) -> Tensor | None:
+    """Which rows of a shared head's [CLS tokens; masked-patch buffer] call are real."""
+    if mask_valid is None:
+        return None
+    return torch.cat([mask_valid.new_ones(n_cls), mask_valid.to(torch.bool).reshape(patches.shape[0])])
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -184,7 +196,7 @@ class SSLMetaArch(nn.Module):
             mask_idx, mask_weight = batch["mask_idx"], batch["mask_weight"]
             mask_valid, n_masked = batch["mask_valid"], batch["n_masked"]
         with tm("teacher"), autocast():
-            ts = self.teacher(g, None, None, mask_idx, True)
+            ts = self.teacher(g, None, None, mask_idx, True, mask_valid)
             if hasattr(self.teacher, "reshard"):
                 # FSDP2 keeps the root's parameters gathered after forward (expecting a backward); the
                 # teacher has none, and its shards must line up with the student's for the EMA.
@@ -194,7 +206,7 @@ class SSLMetaArch(nn.Module):
             ibot_t = (self._targets(ts["ibot"], self.ibot_center, teacher_temp, mask_valid)
                       if "ibot" in ts else None)
         with tm("student"), autocast():
-            so = self.run_student(g, loc, masks, mask_idx)
+            so = self.run_student(g, loc, masks, mask_idx, False, mask_valid)
         with tm("loss"):
             st = float(cfg["student_temp"])
             n_l = self.n_local

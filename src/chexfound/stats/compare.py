@@ -25,7 +25,9 @@ def compare_scores(
 ) -> dict[str, Any]:
     """y [N, C] (NaN = unlabelled), scores {model: [N, C]} on the same rows, groups = patient ids (None: each
     row its own patient). Returns {"auroc": {model: {"auroc", "ci95"}}, "paired": {"<ref>_minus_<model>":
-    {"diff", "ci95", "p_value"}}, "bootstrap": {"n_boot", "level", "n_clusters", ...}}."""
+    {"diff", "ci95", "p_value"}}, "bootstrap": {"n_boot", "ci", "level", "n_clusters", ...}}. The "ci95" key
+    holds the interval at `cfg.ci` (0.95 unless changed; the key keeps its name so that probe_comparison.json
+    files stay readable, and "bootstrap.ci" says the level)."""
     if reference not in scores:
         raise ValueError(f"reference {reference!r} is not one of the models {list(scores)}")
     y = np.asarray(y, dtype=np.float64)
