@@ -31,6 +31,9 @@ def test_onnx_matches_pytorch(models: dict[str, Path], png_paths: list[Path], tm
     assert meta["findings"] == list(NIH14) and meta["transform"] == p.transform.to_dict()
     assert meta["thresholds"] == pytest.approx(p.thresholds.tolist())
     assert meta["backbone_sha256"] == p.backbone_sha256
+    # the rule behind each threshold travels with it
+    assert meta["threshold_rules"] == p.threshold_rules and len(meta["threshold_rules"]) == len(meta["findings"])
+    assert all(r["rule"] and r["reason"] for r in meta["threshold_rules"])
 
     sess = onnx_session(out)
     names = [o.name for o in sess.get_outputs()]

@@ -3,8 +3,8 @@
 ONNX: input `image` float32 [batch, 3, S, S], already normalised by the recorded input transform;
 outputs `probabilities` [batch, C] and, for heads with attention, `attention` [batch, C, S/p, S/p]
 (mean over attention heads) — the same as `Classifier`, which `Predictor` runs. The model's metadata_props
-carry `chexfound` = JSON with findings, thresholds, task, input transform and backbone identity, so a
-deployment can preprocess and threshold without this package.
+carry `chexfound` = JSON with findings, thresholds (and the rule behind each), task, input transform and
+backbone identity, so a deployment can preprocess and threshold without this package.
 
 safetensors bundle: tensors `backbone.*` and `head.*` with kind='classifier' metadata holding both
 files' metadata (`chexfound.serve.bundle`); `Predictor.from_bundle` reads it back.
@@ -53,6 +53,8 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
     return {
         "findings": predictor.findings,
         "thresholds": [float(t) for t in predictor.thresholds],
+        # per finding, the rule that chose its threshold and the evidence (a deployment shows them too)
+        "threshold_rules": predictor.threshold_rules,
         "task": predictor.task,
         "head_type": predictor.head_type,
         "transform": predictor.transform.to_dict(),
