@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexfound.adapt.pipeline import AdaptOptions, split_manifests, task_labels
+from chexfound.adapt.labels import split_manifests, task_labels
+from chexfound.adapt.options import AdaptOptions
 from chexfound.errors import ConfigError, ManifestError
 
 

@@ -10,9 +10,10 @@
 Modules: heads/ (GloriHead, LinearHead, MLPHead; tasks multilabel | binary | multiclass | regression |
 survival), token_cache (FeatureCache: what the feature engine `chexfound.models.embedder` writes for heads),
 sources (feature sources: token cache, pooled file, tensors, row subsets), fit (fit_heads + FitSettings),
-grid (vmapped AdamW over stacked heads), losses (masked BCE, ASL, CE, MSE, Cox), metrics, inference
-(predict), heatmap, released (original glori.pth), finetune (end to end: full, LoRA, BitFit, when the cache
-is off; FinetuneSettings), pipeline (the `chexfound adapt` command as a function).
+grid (vmapped AdamW over stacked heads), losses (masked BCE, ASL, CE, MSE, Cox), selection (model selection
+metrics), inference (predict), heatmap, released (original glori.pth), finetune (end to end: full, LoRA,
+BitFit, when the cache is off; FinetuneSettings), pipeline (the `chexfound adapt` command as a function, with
+options: AdaptOptions and validation, labels: splits and task label arrays, outputs: what a run writes).
 """
 
 from __future__ import annotations
