@@ -47,7 +47,9 @@ def _numbers(a: dict[str, Any]) -> dict[str, Any]:
     """A paired result with NaN where a saved results.json holds null (JSON has no NaN: a rerun reloads it)."""
     def f(v: Any) -> float:
         return float("nan") if v is None else float(v)
-    return {"diff": f(a.get("diff")), "ci": [f(v) for v in (a.get("ci") or [None, None])], "p_value": f(a.get("p_value"))}
+
+    ci = a.get("ci") or [None, None]
+    return {"diff": f(a.get("diff")), "ci": [f(v) for v in ci], "p_value": f(a.get("p_value"))}
 
 
 def paired_rows(results: dict[str, Any]) -> pd.DataFrame:

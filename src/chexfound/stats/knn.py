@@ -19,6 +19,6 @@ def knn_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, k: int = 20, t
     for c in range(ytr.shape[1]):
         y = np.nan_to_num(ytr[:, c], nan=0.0)[nn]
         lab = (~np.isnan(ytr[:, c]))[nn]
-        den = (w * lab).sum(1)
-        out[:, c] = np.where(lab.any(1), (w * y * lab).sum(1) / np.clip(den, 1e-300, None), np.nan)
+        with np.errstate(invalid="ignore"):  # 0 / 0 -> NaN: no labelled neighbour (every weight is > 0)
+            out[:, c] = (w * y * lab).sum(1) / (w * lab).sum(1)
     return out
