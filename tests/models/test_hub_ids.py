@@ -193,3 +193,45 @@ def test_cli_subprocess_offline(hub: dict, tmp_path: Path) -> None:
     assert miss.returncode == 2 and "Traceback" not in miss.stderr
     assert "hf://DIAL-RPI/CheXFound: not in the Hugging Face Hub cache" in miss.stderr
     assert "hf download DIAL-RPI/CheXFound" in miss.stderr
+
+
+def test_online_lookup_order_and_errors(hub: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With network (HF_HUB_OFFLINE unset) the client is asked, not only the cache: an id without a file takes
+    the first weights file the repository has, and any client failure becomes our error naming the id."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    snap = hub["home"] / "hub" / "models--tester--tiny-chexfound" / "snapshots" / COMMIT
+    asked: list[tuple[str, bool]] = []
+
+    def fake(repo_id: str, filename: str, **kw: object) -> str:
+        asked.append((filename, bool(kw["local_files_only"])))
+        assert kw["cache_dir"] == str(hub["home"] / "hub")  # HF_HOME as set now
+        if filename == "model.safetensors":
+            raise errors.EntryNotFoundError(f"{filename} not in {repo_id}")
+        if filename == "pytorch_model.bin":
+            return str(snap / "model.safetensors")  # its bytes decide how it is read
+        raise errors.EntryNotFoundError(filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    m = create_backbone("hf://tester/tiny-chexfound", num_heads=2)
+    assert asked[:2] == [("model.safetensors", False), ("pytorch_model.bin", False)]
+    assert {"config.json", "preprocessor_config.json", "config.yaml"} <= {f for f, _ in asked[2:]}
+    assert m.info.origin["hub"]["file"] == "pytorch_model.bin" and m.info.origin["hub"]["commit"] == COMMIT
+
+    def down(repo_id: str, filename: str, **kw: object) -> str:
+        raise ConnectionError("Max retries exceeded with url: https://huggingface.co/...")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", down)
+    with pytest.raises(CheckpointError, match=r"^hf://tester/x: could not get it from the Hugging Face Hub "
+                                              r"\(ConnectionError: Max retries"):
+        create_backbone("hf://tester/x")
+
+
+def test_evaluate_records_the_hub_file(hub: dict) -> None:
+    from chexfound.evaluate.pipeline import load_backbone_spec
+
+    _, info, label = load_backbone_spec("hf://tester/tiny-chexfound")
+    assert info["file_sha256"] == hub["sha"] and info["hub"]["commit"] == COMMIT and label == "tiny-chexfound"

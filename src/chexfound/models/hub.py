@@ -74,18 +74,15 @@ class HubFile:
     """One file of a Hub repository, in the local cache."""
 
     id: HubId
-    path: Path
+    file: str  # its path in the repository
+    path: Path  # in the local cache
     commit: str
     sha256: str
 
     def origin(self) -> dict[str, Any]:
         """Provenance for `ModelInfo.origin["hub"]` and head metadata (JSON-safe)."""
         return {"id": str(self.id), "repo_id": self.id.repo_id, "revision": self.id.revision or "main",
-                "commit": self.commit, "file": self.path_in_repo, "sha256": self.sha256}
-
-    @property
-    def path_in_repo(self) -> str:
-        return self.id.file or self.path.name
+                "commit": self.commit, "file": self.file, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -182,7 +179,7 @@ def resolve_hub(hid: HubId, default_files: tuple[str, ...] = BACKBONE_FILES) -> 
         except Exception as e:  # never a raw hub traceback: say what failed and for which id
             raise _hub_error(hid, e, errors) from e
         _fetch_sidecars(hh, hid, name, kw)
-        return HubFile(hid, path, _commit_of(path, name), _sha256(path))
+        return HubFile(hid, name, path, _commit_of(path, name), _sha256(path))
     if not_cached:
         where = _cache_dir() or "the default Hugging Face cache"
         how = ("HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached")
@@ -223,8 +220,14 @@ def _errors(hh: Any) -> dict[str, Any]:
 
 def _offline(hh: Any) -> bool:
     """HF_HUB_OFFLINE as set now (the client reads it once, at import), or as the client read it."""
+    import importlib
+
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _OFFLINE_VALUES
-    return env or bool(getattr(getattr(hh, "constants", None), "HF_HUB_OFFLINE", False))
+    try:
+        constants: Any = importlib.import_module(f"{hh.__name__}.constants")
+    except ImportError:
+        return env
+    return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def _cache_dir() -> str | None:

@@ -114,6 +114,7 @@ class ModelInfo:
             "provenance": self.provenance(),
             "config_source": self.config_source,
             "weights_sha256": self.weights_sha256,
+            **({"hub": dict(self.origin["hub"])} if isinstance(self.origin.get("hub"), dict) else {}),
         }
 
     def file_extra(self) -> dict[str, Any]:
