@@ -25,6 +25,7 @@ from chexfound.data.findings import NIH14
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.models import create_backbone
 from chexfound.models.format import read_meta
+from chexfound.models.pooled_file import read_features
 from chexfound.models.hub import SHORT_NAMES, parse_hub_id, resolve_weights
 from chexfound.serve import Predictor
 
@@ -176,6 +177,11 @@ def test_cli_predict_and_convert_from_ids(hub: dict, tmp_path: Path, data_root: 
     assert written["model"]["backbone"]["hub"]["commit"] == COMMIT  # provenance in what predict writes
     probs = {f["name"]: f["probability"] for f in written["predictions"][0]["findings"]}
     np.testing.assert_allclose([probs[f] for f in NIH14], got.probabilities, atol=1e-6)
+    feats = tmp_path / "feats.safetensors"
+    assert main(["embed", "--backbone", "hf://tester/tiny-chexfound", "--out",
+                 str(feats), "--quiet", str(image)]) == 0
+    meta = read_features(feats)["meta"]
+    assert json.dumps(meta).count(COMMIT) >= 1 and hub["sha"] in json.dumps(meta)  # the hub file, in its record
     conv = tmp_path / "converted.safetensors"
     assert main(["convert", "hf://tester/tiny-chexfound", "--out", str(conv), "--quiet"]) == 0
     assert read_meta(conv)["source"]["hub"]["commit"] == COMMIT
