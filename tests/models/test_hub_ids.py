@@ -28,6 +28,7 @@ from chexfound.models.format import read_meta
 from chexfound.models.pooled_file import read_features
 from chexfound.models.hub import SHORT_NAMES, parse_hub_id, resolve_weights
 from chexfound.serve import Predictor
+from chexfound.serve.bundle import load_pair, save_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -137,6 +138,17 @@ def test_predictor_and_head_from_ids(hub: dict) -> None:
     x = torch.randn(1, 3, 64, 64)
     ref = Predictor(hub["local"], hub["local"].parent / "head.safetensors", device="cpu")
     np.testing.assert_array_equal(p.predict_tensor(x)[0], ref.predict_tensor(x)[0])
+    # A bundle (`export --format safetensors`, what `--model` reads) published on the Hub.
+    bundle = hub["local"].parent / "bundle.safetensors"
+    save_bundle(load_pair(hub["local"], hub["local"].parent / "head.safetensors"), bundle)
+    put_in_hub_cache(hub["home"], "tester/bundle", {"classifier.safetensors": bundle})
+    b = Predictor.from_bundle("hf://tester/bundle/classifier.safetensors", device="cpu")
+    assert b.info()["backbone"]["hub"]["file"] == "classifier.safetensors"
+    np.testing.assert_allclose(b.predict_tensor(x)[0], ref.predict_tensor(x)[0], atol=1e-6)
+    # A named architecture with weights from an id (checkpoint=).
+    named = create_backbone("tiny_vit", checkpoint="hf://tester/tiny-chexfound")
+    assert named.info.origin["hub"]["commit"] == COMMIT and named.info.weights_sha256 == info["backbone"][
+        "weights_sha256"]
 
 
 def test_not_cached_offline_is_our_error_naming_the_id(hub: dict) -> None:

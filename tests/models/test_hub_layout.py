@@ -98,7 +98,8 @@ def test_published_shapes_are_recognised_as_chexfound_vitl16(tmp_path: Path) -> 
     want = get_config("chexfound_vitl16_reg4_512")
     assert fmt == "chexfound_hub" and same_architecture(cfg, want) and cfg.num_heads == 16  # type: ignore[arg-type]
     assert cfg.name == "chexfound_vitl16_reg4_512" and cfg.img_size == 512  # type: ignore[attr-defined]
-    assert (cfg.interpolate_offset, cfg.interpolate_antialias, cfg.minmax_rescale) == (0.1, False, True)  # type: ignore[attr-defined]
+    settings = (cfg.interpolate_offset, cfg.interpolate_antialias, cfg.minmax_rescale)  # type: ignore[attr-defined]
+    assert settings == (0.1, False, True)
 
 
 def strict_load(sd: dict[str, torch.Tensor], where: Path) -> None:

@@ -119,7 +119,8 @@ def parse_hub_id(spec: str | PathLike[str]) -> HubId:
     rest = s[len(SCHEME):]
 
     def bad(why: str) -> ConfigError:
-        return ConfigError(None, f"invalid Hugging Face Hub id {s!r}: {why} (expected hf://OWNER/NAME[@REVISION][/FILE])")
+        return ConfigError(None, f"invalid Hugging Face Hub id {s!r}: {why} "
+                                 "(expected hf://OWNER/NAME[@REVISION][/FILE])")
 
     if "\\" in rest:
         raise bad("backslashes are not allowed")

@@ -207,8 +207,9 @@ def _count_heads(sd: dict[str, Any], p: Path, fmt: str, num_heads: int | None,
                                     + (f"{num_heads} heads" if num_heads is not None else f"heads of width {head_dim}"))
         return replace(shape, num_heads=n), f"{n} heads as given"
     # The Hub layout is CheXFound's own: only its published shapes say which model it is.
-    released = sorted(n for n in RELEASED if (fmt != "chexfound_hub" or n.startswith("chexfound")) and same_architecture(replace(shape, num_heads=get_config(n).num_heads),
-                                                               get_config(n)))
+    candidates = [n for n in RELEASED if fmt != "chexfound_hub" or n.startswith("chexfound")]
+    released = sorted(n for n in candidates
+                      if same_architecture(replace(shape, num_heads=get_config(n).num_heads), get_config(n)))
     counts = {get_config(n).num_heads for n in released}
     said = config_json_heads(p, dim, shape.depth) if fmt == "chexfound_hub" else None
     if len(counts) == 1:
