@@ -129,3 +129,14 @@ def hf_config(cfg: ViTConfig) -> dict:
         d.update(model_type="dinov2_with_registers", architectures=["Dinov2WithRegistersModel"],
                  num_register_tokens=cfg.num_register_tokens)
     return d
+
+
+def to_chexfound_hub(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The official weights as published on the Hugging Face Hub: the original backbone's state dict
+    (block_chunks=0) with every key prefixed `model.` and LayerScale saved as `ls1.weight` / `ls2.weight`."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".ls1.gamma", ".ls2.gamma")):
+            k = k[: -len("gamma")] + "weight"
+        out["model." + k] = v if v.is_meta else v.clone().contiguous()
+    return out

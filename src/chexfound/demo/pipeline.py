@@ -45,7 +45,7 @@ class DemoConfig:
     device: str | None = None
     preset: str = "demo_tiny"
     pretrain_budget_s: float | None = None  # None: by mode (and shipped checkpoint)
-    weights: Path | None = None             # a shipped pretrained backbone; None: look in weights/
+    weights: str | Path | None = None       # a pretrained backbone (file or hf:// id); None: look in weights/
     use_shipped: bool = True
     n_boot: int = 1000
 

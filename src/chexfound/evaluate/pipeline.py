@@ -45,11 +45,12 @@ def load_backbone_spec(spec: str, seed: int = 0) -> tuple[torch.nn.Module, dict[
         log.warning("backbone %r is a registry name: using RANDOM weights (seed %d)", spec, seed)
         return model, {"registry_name": spec, "random_init_seed": seed, "weights_sha256": mi.weights_sha256,
                        "config": model.cfg.to_dict()}, spec
-    p = Path(spec)
+    hub = mi.origin.get("hub")
+    p = Path(mi.source) if hub else Path(spec)  # an hf:// id: the file in the hub cache it resolved to
     info = {"path": str(p.resolve()), "file_sha256": sha256_file(p) if p.is_file() else None,
             "weights_sha256": mi.weights_sha256, "name": mi.name, "config": mi.config.to_dict(),
-            "transform": mi.transform.to_dict()}
-    return model.eval(), info, p.stem
+            "transform": mi.transform.to_dict(), **({"hub": hub} if hub else {})}
+    return model.eval(), info, (hub["repo_id"].split("/")[-1] if hub else p.stem)
 
 
 def _transform_for(model: torch.nn.Module, info: dict[str, Any], image_size: int | None) -> InputTransform:

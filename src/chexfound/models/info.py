@@ -18,6 +18,15 @@ from chexfound.models.config import ViTConfig
 if TYPE_CHECKING:
     from chexfound.data.transform import InputTransform
 
+# What each `ModelInfo.format` id is, in words.
+FORMAT_NAMES = {
+    "chexfound": "chexfound safetensors",
+    "chexfound_hub": "CheXFound (Hugging Face Hub layout)",
+    "chexfound_official": "CheXFound teacher_checkpoint.pth (Google Drive release)",
+    "dinov2": "DINOv2 .pth state dict",
+    "hf_dinov2": "Hugging Face Dinov2Model / Dinov2WithRegistersModel",
+    "random": "random initialisation",
+}
 # File-metadata keys that `save_backbone` writes itself; everything else in a backbone file is provenance.
 _FILE_KEYS = ("format_version", "project_version", "kind", "config", "transform", "weights_sha256", "head_names")
 
@@ -29,10 +38,12 @@ class ModelInfo:
     name: the registry entry, the pretraining preset it was derived under (e.g. `demo_tiny`), or the file's
         config name; never the name of a registry entry the weights were merely derived from.
     source: the file it was loaded from, or `registry:<name>` for freshly initialised weights.
-    format: `chexfound` (ours), `chexfound_official`, `dinov2`, `hf_dinov2`, or `random`.
+    format: `chexfound` (ours), `chexfound_hub`, `chexfound_official`, `dinov2`, `hf_dinov2`, or `random`
+        (`format_name` says it in words, e.g. "CheXFound (Hugging Face Hub layout)").
     config_source: where the architecture came from (file metadata, config.yaml, a named config, ...).
     origin: provenance carried in the file (`ssl`: the pretraining run; `source`: the converted file;
-        `random_init`: the seed) - what "where it came from" means on the page and in `embed`.
+        `random_init`: the seed; `hub`: the Hugging Face Hub id, revision, commit and file SHA-256) - what
+        "where it came from" means on the page and in `embed`.
     weights_sha256: `state_dict_sha256` of the weights as loaded; heads record it to refuse other backbones.
     heads: SSL or classifier heads that came with the weights ({name: {param: tensor}}).
     """
@@ -56,6 +67,10 @@ class ModelInfo:
     def input_size(self) -> int:
         return self.transform.size
 
+    @property
+    def format_name(self) -> str:
+        return FORMAT_NAMES.get(self.format, self.format)
+
     def provenance(self) -> str:
         """One line saying where the weights came from."""
         ssl = self.origin.get("ssl")
@@ -71,6 +86,10 @@ class ModelInfo:
             return f"converted from {src['path']} ({src.get('format', '?')})"
         if isinstance(src, str) and src:
             return src
+        hub = self.origin.get("hub")
+        if isinstance(hub, dict) and hub.get("id"):
+            commit = str(hub.get("commit") or "")
+            return f"{self.format_name} from {hub['id']}" + (f" (commit {commit[:12]})" if commit else "")
         if "random_init" in self.origin:
             seed = self.origin["random_init"].get("seed") if isinstance(self.origin["random_init"], dict) else None
             return "random initialisation" + (f" (seed {seed})" if seed is not None else "")
@@ -91,9 +110,11 @@ class ModelInfo:
             "input_size": self.input_size,
             "source": self.source,
             "format": self.format,
+            "format_name": self.format_name,
             "provenance": self.provenance(),
             "config_source": self.config_source,
             "weights_sha256": self.weights_sha256,
+            **({"hub": dict(self.origin["hub"])} if isinstance(self.origin.get("hub"), dict) else {}),
         }
 
     def file_extra(self) -> dict[str, Any]:

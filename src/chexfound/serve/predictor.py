@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ConfigError
 from chexfound.io import CXRImage, read_image
+from chexfound.models.hub import is_hub_id, record, resolve_weights
 from chexfound.runio import resolve_device
 from chexfound.serve.bundle import Classifier, check_pairing, load_bundle, load_pair
 from chexfound.serve.overlay import view_from_input
@@ -51,8 +52,10 @@ class Predictor:
     """Run a backbone + head on chest X-rays.
 
     backbone: a backbone file (any layout `chexfound.models.create_backbone` reads; the kind comes from the
-        bytes), a named architecture, or a `VisionTransformer`.
-    head: a head file (`chexfound.adapt.load_head`: ours or the released glori.pth) or a `Head`.
+        bytes), a Hugging Face Hub id (`hf://OWNER/NAME[@REVISION][/FILE]`, `chexfound-vitl16`), a named
+        architecture, or a `VisionTransformer`.
+    head: a head file (`chexfound.adapt.load_head`: ours or the released glori.pth), a Hub id naming one
+        (`hf://OWNER/NAME/FILE`), or a `Head`.
     transform: the input transform; default: the one recorded with the head (what its features were
         computed with), else the backbone's.
     allow_backbone_mismatch: run a head trained on another backbone (a warning, recorded in `info()`);
@@ -76,6 +79,11 @@ class Predictor:
         self.head_path = None if isinstance(head, nn.Module) else str(head)
         pair = load_pair(backbone, head, allow_backbone_mismatch=allow_backbone_mismatch and not strict,
                          transform=transform)
+        # A Hub id names a file in the hub's cache: that file is what is hashed and shown (the id is provenance).
+        if is_hub_id(backbone):
+            self.backbone_path = pair.backbone_info.source
+        if is_hub_id(head):
+            self.head_path = pair.head_info.source
         self.backbone_info = pair.backbone_info
         self.head_info = pair.head_info
         self.backbone_sha256: str = pair.backbone_info.weights_sha256
@@ -100,11 +108,15 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, path: str | PathLike[str], **kwargs: Any) -> "Predictor":
-        """A Predictor from one `chexfound export --format safetensors` file."""
-        bb, hd, meta = load_bundle(path)
+        """A Predictor from one `chexfound export --format safetensors` file (or a Hugging Face Hub id of one)."""
+        weights = resolve_weights(path)
+        bb, hd, meta = load_bundle(weights.local)
         kwargs.setdefault("transform", InputTransform.from_dict(meta["transform"]))
         p = cls(bb, hd, **kwargs)
-        p.backbone_path = p.head_path = str(path)
+        p.backbone_path = p.head_path = str(weights.local)
+        if weights.hub is not None:
+            record(p.backbone_info.origin, weights)
+            p.head_info.meta["hub"] = weights.hub.origin()
         return p
 
     @property
@@ -161,6 +173,7 @@ class Predictor:
                 "depth": cfg.depth,
                 "patch_size": cfg.patch_size,
                 "num_register_tokens": cfg.num_register_tokens,
+                **({"hub": bi.origin["hub"]} if "hub" in bi.origin else {}),
             },
             "head": {
                 "path": Path(self.head_path).name if self.head_path else None,
@@ -171,6 +184,7 @@ class Predictor:
                 "trained_on_backbone_sha256": self.head_info.backbone_sha256,
                 "pairing_warning": self.pairing_warning,
                 "has_attention": self.has_attention,
+                **({"hub": self.head_info.meta["hub"]} if "hub" in self.head_info.meta else {}),
             },
             "findings": self.findings,
             "thresholds": [float(t) for t in self.thresholds],

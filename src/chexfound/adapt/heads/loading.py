@@ -56,12 +56,15 @@ def load_head(path: str | PathLike[str], name: str | None = None, findings: Sequ
               num_heads: int = 8) -> Head:
     """A head file -> Head in eval mode with `head.info`: our safetensors heads, or the original `glori.pth` /
     linear-probe checkpoints (`name`, `findings`, `num_heads` only apply to those; see
-    `chexfound.adapt.released`)."""
+    `chexfound.adapt.released`). `path` may be a Hugging Face Hub id naming the file
+    (`hf://OWNER/NAME[@REVISION]/FILE`; its revision, commit and SHA-256 go into `head.info.meta["hub"]`)."""
     from chexfound.adapt.heads.base import load_our_head
     from chexfound.adapt.released import load_released_head
+    from chexfound.models.hub import resolve_weights
     from chexfound.models.loaders.files import describe_kind, sniff_as, suffix_mismatch
 
-    p, kind = sniff_as(path, ("safetensors", "torch-zip", "torch-legacy"),
+    weights = resolve_weights(path, default_files=())  # a head repository holds more than one file: name it
+    p, kind = sniff_as(weights.local, ("safetensors", "torch-zip", "torch-legacy"),
                        "a head file (chexfound safetensors head or a CheXFound glori.pth / linear-probe checkpoint)")
     note = suffix_mismatch(p, kind)
     if kind == "safetensors":
@@ -73,6 +76,8 @@ def load_head(path: str | PathLike[str], name: str | None = None, findings: Sequ
                              meta={"kind": "head", "head_type": head.head_type, "released": describe_kind(kind)})
     if note:
         head.info.meta.setdefault("notes", []).append(note)
+    if weights.hub is not None:
+        head.info.meta["hub"] = weights.hub.origin()
     return head
 
 

@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("backbone and data")
     src.add_argument("--backbone", metavar="FILE|NAME",
-                     help="backbone weights (any format chexfound can load), or a named architecture with random "
+                     help="backbone weights (any format chexfound can load; a file or an hf:// id), or a named architecture with random "
                           "weights (baselines); optional with --features, where it is checked against them")
     src.add_argument("--config", dest="backbone", action=DeprecatedOption, replacement="--backbone NAME")
     src.add_argument("--train", required=True, metavar="MANIFEST", help="training manifest (CSV/Parquet)")

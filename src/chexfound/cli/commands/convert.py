@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "neither records it, --arch, --num-heads or --head-dim must say it (nothing is guessed). "
                     "The output's SHA-256 is printed and written to OUT.sha256.",
     )
-    p.add_argument("input", help="checkpoint file or folder")
+    p.add_argument("input", help="checkpoint file or folder, or a Hugging Face Hub id (hf://OWNER/NAME[@REVISION]"
+                                 "[/FILE], chexfound-vitl16)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     add_arch_options(p, old_spelling="--config")
     p.add_argument("--no-heads", action="store_true", help="drop SSL/classifier heads instead of keeping them")
@@ -35,11 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from chexfound.models.info import format_params
     from chexfound.runio import atomic_write_bytes
 
-    src = Path(args.input)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ChexfoundError(f"{out}: --out must end with .safetensors")
-    model = create_backbone(src, config=args.arch, num_heads=args.num_heads, head_dim=args.head_dim)
+    model = create_backbone(args.input, config=args.arch, num_heads=args.num_heads, head_dim=args.head_dim)
     info = model.info
     heads = {} if args.no_heads else info.heads
     src_file = Path(info.source)
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         "config_source": info.config_source,
         "ignored": info.ignored,
         "warnings": info.warnings,
+        **({"hub": info.origin["hub"]} if "hub" in info.origin else {}),
     }
     sha = save_backbone(model, out, transform=info.transform.to_dict(), extra={"source": source}, heads=heads)
     atomic_write_bytes(out.with_name(out.name + ".sha256"), f"{sha}  {out.name}\n".encode())

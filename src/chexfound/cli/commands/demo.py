@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--preset", default="demo_tiny", help="pretraining preset (chexfound pretrain --list-presets)")
     p.add_argument("--pretrain-budget", type=float, default=None, help="pretraining wall-clock budget in seconds")
-    p.add_argument("--weights", type=Path, default=None, help="use this pretrained backbone instead of weights/")
+    p.add_argument("--weights", default=None,
+                   help="use this pretrained backbone instead of weights/ (a file or an hf:// id)")
     p.add_argument("--no-shipped", action="store_true", help="ignore weights/: the pretraining run is the backbone")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
     p.set_defaults(func=run)

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="only the manifest rows of this split")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--backbone", metavar="FILE|NAME",
-                     help="backbone weights (any format `chexfound convert` reads), or a named architecture with "
+                     help="backbone weights (any format `chexfound convert` reads; a file or an hf:// id), or a named architecture with "
                           "random weights (--seed; for baselines and smoke runs)")
     src.add_argument("--config", dest="backbone", action=DeprecatedOption, replacement="--backbone NAME")
     add_arch_options(p, old_spelling="--backbone-config")

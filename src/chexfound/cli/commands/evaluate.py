@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     tk.add_argument("--image-root", help="folder the task's image paths are relative to, when not --root "
                     "(nih14, cxrlt24, mimic)")
     tk.add_argument("--backbone", action="append", default=[],
-                    help="backbone file or registry name (random weights); repeat to compare")
+                    help="backbone file, hf:// id or registry name (random weights); repeat to compare")
     tk.add_argument("--head", action="append", default=[], choices=["linear", "glori", "mlp", "logistic"],
                     help="head type (repeat to compare; default linear). linear/mlp/glori train the adapt stage's "
                          "heads (learning-rate grid, selection and thresholds on val) on the feature cache; "

@@ -19,11 +19,12 @@ def add_model_args(p: argparse.ArgumentParser, compile_option: bool = True) -> N
     """--backbone/--head (or --model bundle), shared by predict, serve and export."""
     g = p.add_argument_group("model")
     g.add_argument("--backbone", help="backbone file (any layout chexfound.models.create_backbone reads; the kind "
-                                      "is read from the bytes, not the name)")
+                                      "is read from the bytes, not the name), or a Hugging Face Hub id: "
+                                      "hf://OWNER/NAME[@REVISION][/FILE], chexfound-vitl16 (the official weights)")
     g.add_argument("--head", help="head file (ours in safetensors, or the released glori.pth: "
-                                  "chexfound.adapt.load_head)")
+                                  "chexfound.adapt.load_head), or hf://OWNER/NAME[@REVISION]/FILE")
     g.add_argument("--model", help="instead of --backbone/--head: one bundle from `chexfound export --format "
-                                   "safetensors`")
+                                   "safetensors` (a file or an hf:// id)")
     add_arch_options(g)
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -59,7 +60,10 @@ def load_predictor(args: argparse.Namespace) -> Any:
         backbone = create_backbone(args.backbone, config=args.arch, num_heads=args.num_heads, head_dim=args.head_dim)
     p = Predictor(backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
                   allow_backbone_mismatch=args.allow_backbone_mismatch, compile=getattr(args, "compile", False))
-    p.backbone_path = str(args.backbone)
+    if backbone is not args.backbone:  # built here: say which file (for an hf:// id, the one in the hub cache)
+        from chexfound.models.hub import is_hub_id
+
+        p.backbone_path = backbone.info.source if is_hub_id(args.backbone) else str(args.backbone)
     return p
 
 

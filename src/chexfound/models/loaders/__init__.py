@@ -5,6 +5,8 @@ predecessor that returned `(model, meta dict)`.)
 
 Formats (detected from the file, not its name):
 - chexfound: our safetensors (config + transform in the metadata),
+- chexfound_hub: the official CheXFound weights as the Hugging Face Hub publishes them (`model.safetensors`,
+  `model.`-prefixed teacher backbone keys; `config.json` beside it),
 - chexfound_official: CheXFound `teacher_checkpoint.pth` ({"teacher": ...}, backbone./dino_head./ibot_head.
   prefixes, chunked or flat blocks) with `config.yaml` when given or found beside it,
 - dinov2: original DINOv2 `.pth` state dicts,
@@ -37,6 +39,7 @@ from chexfound.models.loaders.describe import ARCHITECTURES, SUPPORTED, describe
 from chexfound.models.loaders.files import (describe_kind, load_weights_only, read_json, read_safetensors,
                                             read_safetensors_meta, sniff, suffix_mismatch)
 from chexfound.models.loaders.hf import config_from_hf, filter_hf_dinov2, hf_uses_mask_token, looks_hf
+from chexfound.models.loaders.hub_layout import config_json_heads, filter_chexfound_hub, looks_chexfound_hub
 from chexfound.models.loaders.infer import complete_from_registry, infer_config, match_registry, same_architecture
 from chexfound.models.loaders.keys import Filtered, RawStateDict, tensor_dtypes, unwrap_state_dict
 from chexfound.models.loaders.official import (
@@ -55,7 +58,7 @@ from chexfound.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED", "load_backbone", "load_file", "resolve_config", "read_foreign"]
+__all__ = ["SUPPORTED", "foreign_architecture", "load_backbone", "load_file", "resolve_config", "read_foreign"]
 
 ConfigLike = ViTConfig | str | PathLike[str] | Mapping[str, Any] | None
 
@@ -150,6 +153,9 @@ def read_foreign(p: Path, raw: RawStateDict) -> tuple[str, Filtered, ViTConfig |
         cfg = config_from_hf(hf_cfg, cj, _hf_preprocessor(p.parent)) if hf_cfg else None
         optional = () if hf_uses_mask_token(hf_cfg) else ("mask_token",)
         return "hf_dinov2", filt, cfg, str(cj) if cfg else "", optional
+    if looks_chexfound_hub(keys):
+        # Its config.json is of no schema we know: the architecture comes from the tensors (`_count_heads`).
+        return "chexfound_hub", filter_chexfound_hub(raw.tensors, p), None, "", ()
     if any(k.endswith("patch_embed.proj.weight") for k in keys):
         yaml_path = find_release_config(p)
         official = looks_official(keys, raw.wrapper) or yaml_path is not None
@@ -171,7 +177,7 @@ def _embedded_config(p: Path, entry: dict[str, Any]) -> ViTConfig:
 
 def _defaults_for(fmt: str, cfg: ViTConfig) -> ViTConfig:
     """Settings tensors cannot show, by format, when no config and no named config matches."""
-    if fmt == "chexfound_official":
+    if fmt in ("chexfound_official", "chexfound_hub"):
         return replace(cfg, interpolate_offset=0.1, interpolate_antialias=False, mean=IMAGENET_MEAN,
                        std=IMAGENET_STD, minmax_rescale=True)
     if fmt == "hf_dinov2":
@@ -200,15 +206,27 @@ def _count_heads(sd: dict[str, Any], p: Path, fmt: str, num_heads: int | None,
             raise ConfigError(None, f"{p}: embed dim {dim} does not split into "
                                     + (f"{num_heads} heads" if num_heads is not None else f"heads of width {head_dim}"))
         return replace(shape, num_heads=n), f"{n} heads as given"
-    released = sorted(n for n in RELEASED if same_architecture(replace(shape, num_heads=get_config(n).num_heads),
-                                                               get_config(n)))
+    # The Hub layout is CheXFound's own: only its published shapes say which model it is.
+    candidates = [n for n in RELEASED if fmt != "chexfound_hub" or n.startswith("chexfound")]
+    released = sorted(n for n in candidates
+                      if same_architecture(replace(shape, num_heads=get_config(n).num_heads), get_config(n)))
     counts = {get_config(n).num_heads for n in released}
+    said = config_json_heads(p, dim, shape.depth) if fmt == "chexfound_hub" else None
     if len(counts) == 1:
         n = counts.pop()
+        if said is not None and said[0] != n:
+            msg = (f"{p}: config.json says {said[0]} heads, but the tensors are the published {released[0]} "
+                   f"shapes ({n} heads); the tensors win")
+            warnings.warn(msg, UserWarning, stacklevel=4)
+            log.warning("%s", msg)
         return replace(shape, num_heads=n), f"{n} heads of the released {released[0]} architecture"
+    if said is not None:
+        return replace(shape, num_heads=said[0]), said[1]
     divisors = [h for h in (64, 32, 128, 16) if dim % h == 0]
     hint = f" (a head width of {divisors[0]}: {dim // divisors[0]} heads)" if divisors else ""
-    raise CheckpointError(p, (
+    published = ("it is not the published CheXFound ViT-L/16 (24 blocks of width 1024, 4 registers, SwiGLU), "
+                 "whose shapes alone say 16 heads; " if fmt == "chexfound_hub" else "")
+    raise CheckpointError(p, published + (
         f"the number of attention heads cannot be read from this {fmt} checkpoint: it carries no config, no "
         f"config.yaml / config.json lies beside it, and no released architecture has these tensors "
         f"(dim {dim}, depth {shape.depth}, patch {shape.patch_size}, {shape.num_register_tokens} registers, "
@@ -223,6 +241,33 @@ def _check_given_heads(cfg: ViTConfig, where: str, num_heads: int | None, head_d
     given = num_heads if num_heads is not None else (cfg.embed_dim // head_dim if head_dim else None)
     if given is not None and given != cfg.num_heads:
         raise ConfigError(None, f"{p}: {given} attention heads given, but {where} says {cfg.num_heads}")
+
+
+def foreign_architecture(
+    p: Path, fmt: str, filt: Filtered, explicit: tuple[ViTConfig | None, str], file_cfg: tuple[ViTConfig | None, str],
+    num_heads: int | None = None, head_dim: int | None = None,
+) -> tuple[ViTConfig, str]:
+    """The architecture of a foreign file's mapped tensors -> (config, where it came from): the caller's config,
+    else the file's, else the tensors with a head count given or identified (`_count_heads`)."""
+    if explicit[0] is not None:
+        cfg, cfg_src = explicit
+    elif file_cfg[0] is not None:
+        cfg, cfg_src = file_cfg
+    else:
+        inferred, heads_src = _count_heads(filt.backbone, p, fmt, num_heads, head_dim)
+        name = None if fmt == "hf_dinov2" else match_registry(
+            inferred, prefer="chexfound" if fmt in ("chexfound_official", "chexfound_hub") else "dinov2")
+        if fmt == "chexfound_hub" and name and not name.startswith("chexfound"):
+            name = None  # CheXFound's layout: its settings (offset 0.1, min-max), not another model's
+        if name:
+            cfg = complete_from_registry(inferred, name)
+            cfg_src = f"inferred from tensors ({heads_src}); settings of {name}"
+        else:
+            cfg, cfg_src = _defaults_for(fmt, inferred), f"inferred from tensors ({heads_src}); {fmt} defaults"
+    _check_given_heads(cfg, cfg_src, num_heads, head_dim, p)
+    if not cfg.name:
+        cfg = replace(cfg, name=p.parent.name if fmt == "hf_dinov2" else p.stem)
+    return cfg, cfg_src  # type: ignore[return-value]
 
 
 def load_file(
@@ -252,23 +297,9 @@ def load_file(
         return model
 
     fmt, filt, file_cfg, file_src, optional = read_foreign(p, raw)
-    if explicit is not None:
-        cfg, cfg_src = explicit, explicit_src
-    elif file_cfg is not None:
-        cfg, cfg_src = file_cfg, file_src
-    else:
-        inferred, heads_src = _count_heads(filt.backbone, p, fmt, num_heads, head_dim)
-        name = None if fmt == "hf_dinov2" else match_registry(
-            inferred, prefer="chexfound" if fmt == "chexfound_official" else "dinov2")
-        if name:
-            cfg = complete_from_registry(inferred, name)
-            cfg_src = f"inferred from tensors ({heads_src}); settings of {name}"
-        else:
-            cfg, cfg_src = _defaults_for(fmt, inferred), f"inferred from tensors ({heads_src}); {fmt} defaults"
-    _check_given_heads(cfg, cfg_src, num_heads, head_dim, p)
-    if not cfg.name:
-        cfg = replace(cfg, name=p.parent.name if fmt == "hf_dinov2" else p.stem)
-    model, warns = load_backbone_strict(cfg, filt.backbone, p, optional)
+    cfg, cfg_src = foreign_architecture(p, fmt, filt, (explicit, explicit_src), (file_cfg, file_src),
+                                        num_heads, head_dim)
+    model, warns = load_backbone_strict(cfg, filt.backbone, p, optional, filt.file_key)
     embedded = raw.embedded if (raw.embedded is not None and explicit is None) else None
     transform = InputTransform.for_backbone(model.cfg)
     if embedded is not None and isinstance(embedded.get("transform"), Mapping):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 SUPPORTED = (
-    "supported backbone files: the official CheXFound teacher_checkpoint.pth (+ config.yaml; chunked or flat "
+    "supported backbone files: the official CheXFound weights as the Hugging Face Hub publishes them "
+    "(model.safetensors, model.-prefixed keys), the CheXFound teacher_checkpoint.pth (+ config.yaml; chunked or flat "
     "blocks, teacher./backbone./module. prefixes), original DINOv2 .pth state dicts, Hugging Face "
     "Dinov2Model / Dinov2WithRegistersModel (model.safetensors or pytorch_model.bin + config.json), and "
     "chexfound .safetensors backbones"

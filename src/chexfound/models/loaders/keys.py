@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class Filtered:
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Our tensor name -> the file's, for error messages of layouts that rename (None: the names are the same).
+    file_key: Callable[[str], str] | None = None
 
 
 def unwrap_state_dict(obj: Any, path: Path) -> RawStateDict:

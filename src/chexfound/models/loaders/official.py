@@ -22,7 +22,7 @@ from chexfound.models.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from chexfound.models.loaders.keys import SSL_HEADS, Filtered, split_heads, strip_prefixes, unchunk_blocks
 
 # DINOv2 `vision_transformer.vit_*` builders: (embed_dim, depth, num_heads); all use mlp_ratio 4.
-_ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_giant2": (1536, 40, 24)}
+DINOV2_ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_giant2": (1536, 40, 24)}
 # ssl_default_config.yaml values for anything a config file leaves out.
 _STUDENT_DEFAULTS: dict[str, Any] = {
     "arch": "vit_large", "patch_size": 16, "drop_path_rate": 0.3, "layerscale": 1.0e-5, "drop_path_uniform": True,
@@ -70,9 +70,9 @@ def config_from_dinov2_yaml(d: dict[str, Any], source: str | Path) -> ViTConfig:
     """Architecture from a DINOv2/CheXFound SSL config (the release's `config.yaml`)."""
     student = {**_STUDENT_DEFAULTS, **(d.get("student") or {})}
     arch = str(student["arch"]).removesuffix("_memeff")
-    if arch not in _ARCHS:
-        raise ConfigError(source, f"student.arch {arch!r} is not a DINOv2 ViT (known: {', '.join(_ARCHS)})")
-    dim, depth, heads = _ARCHS[arch]
+    if arch not in DINOV2_ARCHS:
+        raise ConfigError(source, f"student.arch {arch!r} is not a DINOv2 ViT (known: {', '.join(DINOV2_ARCHS)})")
+    dim, depth, heads = DINOV2_ARCHS[arch]
     ffn = str(student["ffn_layer"])
     if ffn in ("swiglu", "swiglufused"):
         ffn = "swiglu"

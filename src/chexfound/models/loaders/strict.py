@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,10 +37,13 @@ def _pos_grid_differs_only(v: Tensor, want: torch.Size) -> bool:
 
 
 def load_backbone_strict(
-    cfg: ViTConfig, sd: dict[str, Tensor], path: str | Path, optional: tuple[str, ...] = ()
+    cfg: ViTConfig, sd: dict[str, Tensor], path: str | Path, optional: tuple[str, ...] = (),
+    file_key: Callable[[str], str] | None = None,
 ) -> tuple[VisionTransformer, list[str]]:
     """-> (model in eval mode, warnings). `optional` keys may be absent and keep their init (zeros), e.g. the
-    mask token of a Hugging Face model saved with use_mask_token=False."""
+    mask token of a Hugging Face model saved with use_mask_token=False. `file_key` spells our tensor names as
+    the file does, so errors name the tensors the user can find in it."""
+    named = file_key or (lambda k: k)
     try:
         # Build on the meta device: skips the random init of ~300M parameters we overwrite anyway.
         with torch.device("meta"):
@@ -52,9 +56,9 @@ def load_backbone_strict(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)}: {summarise_keys(missing)}")
+            parts.append(f"missing {len(missing)}: {summarise_keys(map(named, missing))}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {summarise_keys(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)}: {summarise_keys(map(named, unexpected))}")
         raise CheckpointError(path, f"backbone keys do not match a {describe_config(cfg)}; " + "; ".join(parts))
     out_warnings: list[str] = []
     sd = dict(sd)
@@ -73,7 +77,7 @@ def load_backbone_strict(
             out_warnings.append(msg)
             sd[k] = resize_pos_embed(v, (g, g), cfg.interpolate_offset, cfg.interpolate_antialias)
         else:
-            bad.append(f"{k}: file {tuple(v.shape)} vs model {tuple(want)}")
+            bad.append(f"{named(k)}: file {tuple(v.shape)} vs model {tuple(want)}")
     if bad:
         raise CheckpointError(path, f"tensor shapes do not match a {describe_config(cfg)}: " + "; ".join(bad[:12])
                               + (f" ... ({len(bad) - 12} more)" if len(bad) > 12 else ""))
