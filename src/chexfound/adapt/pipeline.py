@@ -179,8 +179,14 @@ def _train_end_to_end(opts: AdaptOptions, make: Callable[[], Head], bb: RunBackb
                           device=resolve_device(opts.device), dtype=opts.dtype, workers=opts.workers, seed=opts.seed)
     model, res = finetune(copy.deepcopy(bb.model), make, splits["train"].paths(), y_tr, splits["val"].paths(), y_va,
                           st, transform=bb.transform, callback=runlog)
-    save_backbone(model, out / f"{name}.backbone.safetensors", transform=bb.transform.to_dict(),
-                  extra={"finetuned_from": bb.sha256, "finetune": opts.finetune})
+    if res.adapter_tensors is not None:  # LoRA / BitFit: the adapter, tied to its base (megabytes, not a copy)
+        from chexfound.adapt.adapter import Adapter, save_adapter
+
+        save_adapter(Adapter(opts.finetune, res.adapter_tensors, bb.sha256, backbone_sha256(model),  # type: ignore[arg-type]
+                             bb.config, res.lora, bb.transform.to_dict()), out / f"{name}.adapter.safetensors")
+    if res.adapter_tensors is None or opts.save_merged:
+        save_backbone(model, out / f"{name}.backbone.safetensors", transform=bb.transform.to_dict(),
+                      extra={"finetuned_from": bb.sha256, "finetune": opts.finetune})
     adapted = RunBackbone(model, backbone_sha256(model), model.cfg.to_dict(), bb.transform, bb.n_blocks, bb.embed_dim,
                         bb.name)
     trained = TrainedHead(res.head, res.config, [res.config], res.val_predictions, res.metric, None,
