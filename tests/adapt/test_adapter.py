@@ -67,8 +67,6 @@ def test_lora_unmerged_equals_merged_and_merge_is_bitwise_reproducible(tiny_back
 
 
 def test_broken_adapter_files_are_named(tiny_backbone, tmp_path):
-    from chexfound.adapt.adapter import load_adapter
-
     save_backbone(tiny_backbone, tmp_path / "bb.safetensors")
     with pytest.raises(CheckpointError, match="expected an adapter file"):
         load_adapter(tmp_path / "bb.safetensors")

@@ -182,8 +182,9 @@ def _train_end_to_end(opts: AdaptOptions, make: Callable[[], Head], bb: RunBackb
     if res.adapter_tensors is not None:  # LoRA / BitFit: the adapter, tied to its base (megabytes, not a copy)
         from chexfound.adapt.adapter import Adapter, save_adapter
 
-        save_adapter(Adapter(opts.finetune, res.adapter_tensors, bb.sha256, backbone_sha256(model),  # type: ignore[arg-type]
-                             bb.config, res.lora, bb.transform.to_dict()), out / f"{name}.adapter.safetensors")
+        adapter = Adapter(opts.finetune, res.adapter_tensors, bb.sha256,  # type: ignore[arg-type]
+                          backbone_sha256(model), bb.config, res.lora, bb.transform.to_dict())
+        save_adapter(adapter, out / f"{name}.adapter.safetensors")
     if res.adapter_tensors is None or opts.save_merged:
         save_backbone(model, out / f"{name}.backbone.safetensors", transform=bb.transform.to_dict(),
                       extra={"finetuned_from": bb.sha256, "finetune": opts.finetune})

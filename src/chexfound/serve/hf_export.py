@@ -308,10 +308,12 @@ def export_hf(
         if problem:
             raise ConfigError(getattr(getattr(head, "info", None), "source", None),
                               f"not exported to transformers: {problem}")
-        trained_on = getattr(getattr(head, "info", None), "backbone_sha256", None)
+        head_info = getattr(head, "info", None)
+        trained_on = getattr(head_info, "backbone_sha256", None)
         if trained_on and trained_on != info.weights_sha256 and not allow_backbone_mismatch:
-            raise ConfigError(head.info.source, f"the head was trained on backbone {trained_on[:12]}..., not on "  # type: ignore[attr-defined]
-                                                f"this one ({info.weights_sha256[:12]}...)")
+            raise ConfigError(getattr(head_info, "source", None), f"the head was trained on backbone "
+                                                                  f"{trained_on[:12]}..., not on this one "
+                                                                  f"({info.weights_sha256[:12]}...)")
         extra.update(_head_config(head))
         extra["chexfound"].update({"task": head.task, "findings": list(head.findings),
                                    "thresholds": [float(t) for t in head.thresholds],

@@ -70,8 +70,9 @@ def _run_hf(args: argparse.Namespace, out: Path) -> int:
         raise ConfigError(None, "--format hf exports --backbone (and --head, --adapter), not a --model bundle")
     if not args.backbone:
         raise ConfigError(None, "--format hf needs --backbone")
-    if args.opset is not None or args.no_attention or args.weights_dtype != "fp32":
-        raise ConfigError(None, "--opset, --no-attention and --weights-dtype are not for --format hf (float32)")
+    if args.opset is not None or args.no_attention or args.weights_dtype != "fp32" or args.dtype != "fp32":
+        raise ConfigError(None, "--opset, --no-attention, --weights-dtype and --dtype are not for --format hf "
+                                "(it writes and checks float32 weights)")
     base = create_backbone(args.backbone, config=args.arch, num_heads=args.num_heads, head_dim=args.head_dim)
     adapter = load_adapter(args.adapter) if args.adapter else None
     if adapter is not None and args.head and not args.merge_adapter:
