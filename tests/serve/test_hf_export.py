@@ -263,3 +263,34 @@ def test_cli_export_hf_with_adapter(tmp_path):
     assert main(["export", "--format", "hf", "--backbone", str(other), "--adapter", str(tmp_path / "a.safetensors"),
                  "--out", str(tmp_path / "no")]) != 0
     assert not (tmp_path / "no").exists()
+
+
+def test_lora_fine_tune_on_real_images_to_peft(tmp_path, data_root):
+    """The user's path: `adapt --finetune lora` on real NIH images, then `export --format hf --adapter`; peft on the
+    export gives our base + adapter's features for a real image."""
+    import pandas as pd
+
+    from chexfound.adapt.adapter import apply_adapter
+    from chexfound.io import read_image
+
+    df = pd.read_csv(data_root / "nih14" / "labels.csv").head(8)
+    df["path"] = [str(data_root / "nih14" / p) for p in df["path"]]
+    df["split"] = ["train"] * 6 + ["val"] * 2
+    df.to_csv(tmp_path / "m.csv", index=False)
+    base, path = _random_backbone(tmp_path, "tiny_vit")
+    run = tmp_path / "run"
+    assert main(["adapt", "--backbone", str(path), "--train", str(tmp_path / "m.csv"), "--labels", "Effusion",
+                 "--task", "binary", "--head", "linear", "--finetune", "lora", "--epochs", "1", "--lrs", "1e-2",
+                 "--batch-size", "3", "--out", str(run), "--quiet"]) == 0
+    adapter_file = run / "linear.adapter.safetensors"
+    assert main(["export", "--format", "hf", "--backbone", str(path), "--adapter", str(adapter_file),
+                 "--out", str(tmp_path / "hf")]) == 0
+    pm = peft.PeftModel.from_pretrained(_load(tmp_path / "hf"), str(tmp_path / "hf-lora")).eval()
+    tuned = apply_adapter(base, load_adapter(adapter_file))
+    x = tuned.info.transform(read_image(df["path"].iloc[0]).pixels)[None]
+    with torch.no_grad():
+        hidden = pm(pixel_values=x).last_hidden_state
+    cls, patches = _ours(tuned, x)
+    torch.testing.assert_close(hidden[:, 0], cls, rtol=0, atol=1e-4)
+    torch.testing.assert_close(hidden[:, 3:], patches, rtol=0, atol=1e-4)
+    assert float((cls - _ours(base, x)[0]).abs().max()) > 1e-5  # training moved the features

@@ -26,7 +26,7 @@ else), <name>.val_per_finding.csv (AUROC/AP/threshold per finding), <name>.grid.
 with --finetune full also <name>.backbone.safetensors (the adapted backbone the head belongs to); with
 --finetune lora|bitfit <name>.adapter.safetensors instead (only what was trained, tied to the base backbone's
 SHA-256: `predict --backbone BASE --adapter A --head H`; `export --format hf --adapter A` writes it for peft),
-and the merged backbone too with --save-merged.
+and the merged backbone too with --save-merged (always when the base is a named, random-init architecture).
 """
 
 
