@@ -294,3 +294,21 @@ def test_lora_fine_tune_on_real_images_to_peft(tmp_path, data_root):
     torch.testing.assert_close(hidden[:, 0], cls, rtol=0, atol=1e-4)
     torch.testing.assert_close(hidden[:, 3:], patches, rtol=0, atol=1e-4)
     assert float((cls - _ours(base, x)[0]).abs().max()) > 1e-5  # training moved the features
+
+
+def test_cli_export_hf_refuses_what_peft_cannot_hold(tmp_path, capsys):
+    base, path = _random_backbone(tmp_path, "tiny_vit")
+    bitfit = adapter_from_model(base, "bitfit", backbone_sha256(base))
+    save_adapter(bitfit, tmp_path / "b.safetensors")
+    args = ["export", "--format", "hf", "--backbone", str(path), "--out", str(tmp_path / "o")]
+    assert main([*args, "--adapter", str(tmp_path / "b.safetensors")]) == 2
+    assert "peft has no bitfit adapter format: add --merge-adapter" in capsys.readouterr().err
+    save_head(LinearHead(["A"], 1, "binary", embed_dim=64, avgpool=True), tmp_path / "h.safetensors")
+    assert main([*args, "--adapter", str(tmp_path / "b.safetensors"), "--head", str(tmp_path / "h.safetensors")]) == 2
+    assert "add --merge-adapter" in capsys.readouterr().err
+    assert main([*args, "--adapter-out", str(tmp_path / "x")]) == 2
+    assert "need --adapter" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
+    assert main(["export", "--format", "onnx", "--backbone", str(path), "--head", str(tmp_path / "h.safetensors"),
+                 "--merge-adapter", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "for --format hf" in capsys.readouterr().err

@@ -81,8 +81,10 @@ def _run_hf(args: argparse.Namespace, out: Path) -> int:
     if adapter is not None and adapter.method != "lora" and not args.merge_adapter:
         raise ConfigError(args.adapter, f"peft has no {adapter.method} adapter format: add --merge-adapter to "
                                         "export base + adapter merged")
-    if args.merge_adapter and adapter is None:
-        raise ConfigError(None, "--merge-adapter needs --adapter")
+    if (args.merge_adapter or args.adapter_out) and adapter is None:
+        raise ConfigError(None, "--merge-adapter and --adapter-out need --adapter")
+    if args.merge_adapter and args.adapter_out:
+        raise ConfigError(None, "--adapter-out names the peft folder; with --merge-adapter there is none")
     if adapter is not None:
         check_adapter_base(base, adapter)  # before anything is written
     model = apply_adapter(base, adapter) if adapter is not None and args.merge_adapter else base
