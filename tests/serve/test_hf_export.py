@@ -18,7 +18,8 @@ from chexfound.cli.main import main
 from chexfound.errors import ConfigError
 from chexfound.models import backbone_sha256, create_backbone, save_backbone
 from chexfound.models.to_hf import TRANSFORMERS_TESTED
-from chexfound.serve.hf_export import export_hf, export_peft_adapter, hf_classifier_problem
+from chexfound.serve.hf_export import export_hf, hf_classifier_problem
+from chexfound.serve.peft_export import export_peft_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -64,7 +64,8 @@ def _run_hf(args: argparse.Namespace, out: Path) -> int:
     from chexfound.adapt import load_head
     from chexfound.adapt.adapter import apply_adapter, check_adapter_base, load_adapter
     from chexfound.models import create_backbone
-    from chexfound.serve.hf_export import export_hf, export_peft_adapter
+    from chexfound.serve.hf_export import export_hf
+    from chexfound.serve.peft_export import export_peft_adapter
 
     if args.model:
         raise ConfigError(None, "--format hf exports --backbone (and --head, --adapter), not a --model bundle")
