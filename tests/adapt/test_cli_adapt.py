@@ -93,20 +93,38 @@ def test_split_column_and_backbone_file(manifest, tmp_path, tiny_backbone):
     assert main(["adapt", "--train", str(tmp_path / "split.csv"), "--out", str(out), "--quiet"]) == 2  # no backbone
 
 
-def test_end_to_end_lora_run(manifest, tmp_path):
-    from chexfound.models import backbone_sha256, load_backbone
+def test_end_to_end_lora_run_writes_an_adapter_tied_to_its_base(manifest, tmp_path, tiny_backbone):
+    from chexfound.adapt.adapter import apply_adapter, load_adapter
+    from chexfound.models import backbone_sha256, create_backbone, save_backbone
 
     df = pd.read_csv(manifest / "train.csv").head(8)
     df["split"] = ["train"] * 6 + ["val"] * 2
     df.to_csv(tmp_path / "m.csv", index=False)
+    save_backbone(tiny_backbone, tmp_path / "base.safetensors")
     out = tmp_path / "e2e"
-    rc = main(["adapt", "--config", "tiny_vit", "--train", str(tmp_path / "m.csv"), "--labels", "Atelectasis",
-               "--task", "binary", "--head", "linear", "--finetune", "lora", "--epochs", "1", "--lrs", "1e-3",
-               "--batch-size", "3", "--out", str(out), "--quiet"])
-    assert rc == 0
-    bb, _ = load_backbone(out / "linear.backbone.safetensors")
+    args = ["adapt", "--backbone", str(tmp_path / "base.safetensors"), "--train", str(tmp_path / "m.csv"),
+            "--labels", "Atelectasis", "--task", "binary", "--head", "linear", "--finetune", "lora", "--epochs", "1",
+            "--lrs", "1e-3", "--batch-size", "3", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert not (out / "linear.backbone.safetensors").exists()  # an adapter, not a copy
+    adapter = load_adapter(out / "linear.adapter.safetensors")
     meta = read_meta(out / "linear.safetensors")
-    assert meta["backbone_sha256"] == backbone_sha256(bb) and meta["task"] == "binary" and meta["finetune"] == "lora"
+    assert adapter.method == "lora" and adapter.base_sha256 == backbone_sha256(tiny_backbone)
+    assert meta["task"] == "binary" and meta["finetune"] == "lora" and meta["adapter"] == "linear.adapter.safetensors"
+    assert set(adapter.tensors) == {f"blocks.{i}.attn.{m}.lora_{x}" for i in range(2) for m in ("qkv", "proj")
+                                    for x in "ab"}
+    # base + adapter is bitwise the backbone the head was trained with
+    merged = apply_adapter(create_backbone(tmp_path / "base.safetensors"), adapter)
+    assert backbone_sha256(merged) == meta["backbone_sha256"] == adapter.adapted_sha256
+    # predict: base + adapter + head, no merged copy needed
+    assert main(["predict", "--backbone", str(tmp_path / "base.safetensors"), "--adapter",
+                 str(out / "linear.adapter.safetensors"), "--head", str(out / "linear.safetensors"),
+                 "--out", str(tmp_path / "p.csv"), str(df["path"].iloc[0])]) == 0
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 1
+    # the merged backbone on request, identical to base + adapter
+    assert main([*args, "--out", str(tmp_path / "e2e-merged"), "--save-merged"]) == 0
+    bb = create_backbone(tmp_path / "e2e-merged" / "linear.backbone.safetensors")
+    assert backbone_sha256(bb) == read_meta(tmp_path / "e2e-merged" / "linear.safetensors")["backbone_sha256"]
 
 
 @pytest.mark.parametrize("extra,message", [

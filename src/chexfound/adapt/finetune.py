@@ -5,7 +5,9 @@ biases only (BitFit), on augmented images. One configuration per run (a grid wou
 
 LoRA as in the original (`peft`: r=16, alpha=16, dropout 0.1 on the attention `qkv` and `proj` linears),
 written here without peft; adapters are merged into the weights at the end, so the returned backbone is a
-plain VisionTransformer that saves and loads like any other (with a new sha256 the head records).
+plain VisionTransformer that saves and loads like any other (with a new sha256 the head records). What LoRA or
+BitFit trained is also returned un-merged (`FinetuneResult.adapter_tensors`): `chexfound.adapt.adapter` saves it
+as an adapter file tied to the base backbone.
 Augmentation as the original's training transform: random resized crop (scale 0.75-1) and horizontal flip.
 """
 
@@ -52,8 +54,19 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         out = copy.deepcopy(self.base)
         with torch.no_grad():
-            out.weight += (self.lora_b @ self.lora_a) * self.scaling
+            out.weight += lora_delta(self.lora_a, self.lora_b, self.scaling).to(out.weight)
         return out
+
+
+def lora_delta(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """(alpha / r) * B @ A in float32, summed rank by rank with elementwise ops: bitwise the same on every
+    machine and device (a matmul's summation order is not), so base + adapter reproduces the merged
+    weights' SHA-256 that a head records."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    delta = torch.zeros(b.shape[0], a.shape[1])
+    for i in range(a.shape[0]):
+        delta += b[:, i : i + 1] * a[i : i + 1, :]
+    return delta * scaling
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float = 0.1,
@@ -121,6 +134,10 @@ class FinetuneResult:
     val_predictions: np.ndarray | None = None
     metric: str = ""
     errors: list[tuple[int, str, str]] = field(default_factory=list)
+    # LoRA / BitFit: what training changed, as `chexfound.adapt.adapter.Adapter` tensors
+    # (`blocks.<i>.attn.qkv.lora_a` ... or the biases) and the LoRA settings; None for full fine-tuning.
+    adapter_tensors: dict[str, Tensor] | None = None
+    lora: dict[str, Any] = field(default_factory=dict)
 
 
 def _loader(paths: Sequence[Any], transform: Any, batch_size: int, workers: int, shuffle: bool, seed: int):
@@ -306,11 +323,16 @@ def _finish(backbone: nn.Module, head: Head, best_state: dict[str, Any] | None, 
     if best_state is not None:
         head.load_state_dict(best_state["head"])
         backbone.load_state_dict(best_state["backbone"])
+    backbone.cpu()  # merged on the CPU in float32, as `apply_adapter` does: the same weights, bitwise
+    adapter_tensors: dict[str, Tensor] | None = None
+    if st.mode in ("lora", "bitfit"):
+        keep = (lambda n: ".lora_" in n) if st.mode == "lora" else (lambda n: n.endswith(".bias"))
+        adapter_tensors = {n: p.detach().float().clone() for n, p in backbone.named_parameters() if keep(n)}
     if st.mode == "lora":
         merge_lora(backbone)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    backbone.eval()
+    backbone.to(dev).eval()
     head.eval()
     config = {"mode": st.mode, "lr": st.lr, "backbone_lr": st.resolved_backbone_lr, "weight_decay": st.weight_decay,
               "best_epoch": best_epoch or len(history)}
@@ -323,7 +345,10 @@ def _finish(backbone: nn.Module, head: Head, best_state: dict[str, Any] | None, 
             # Validation-optimal where the evidence is strong, else the training prevalence.
             head.set_thresholds(choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], st.threshold_method,
                                                   train_prevalence, head.findings))
-    return backbone.cpu(), FinetuneResult(head.cpu(), config, history, val_pred, metric, sorted(errors.values()))
+    lora = ({"r": st.lora_r, "alpha": st.lora_alpha, "dropout": st.lora_dropout, "targets": ["proj", "qkv"]}
+            if st.mode == "lora" else {})
+    return backbone.cpu(), FinetuneResult(head.cpu(), config, history, val_pred, metric, sorted(errors.values()),
+                                          adapter_tensors, lora)
 
 
 @torch.no_grad()

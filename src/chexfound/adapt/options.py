@@ -56,6 +56,7 @@ class AdaptOptions:
     # end to end
     finetune: str | None = None
     backbone_lr: float | None = None
+    save_merged: bool = False  # LoRA / BitFit: also write the merged backbone (the adapter is always written)
     # outputs
     heatmaps: int = 0
     heatmap_top_k: int = 3
@@ -90,6 +91,9 @@ def validate(opts: AdaptOptions) -> None:
         raise ConfigError(None, "--lrs needs positive values and --wds at least one value")
     if opts.epochs < 1 or opts.batch_size < 1:
         raise ConfigError(None, "--epochs and --batch-size must be at least 1")
+    if opts.save_merged and opts.finetune not in ("lora", "bitfit"):
+        raise ConfigError(None, "--save-merged is for --finetune lora or bitfit (full fine-tuning always writes "
+                                "the backbone)")
     if opts.finetune and opts.flip_augment:
         raise ConfigError(None, "--flip-augment applies to cached features; end-to-end runs augment images")
     if opts.flip_augment and not opts.flip_tta and not opts.features:

@@ -66,6 +66,8 @@ def write_outputs(opts: AdaptOptions, name: str, out: Path, bb: RunBackbone, tr:
              "uncertain": opts.uncertain, "train_manifest": str(opts.train), "finetune": opts.finetune}
     if opts.features:
         extra["features"] = str(opts.features)
+    if opts.finetune in ("lora", "bitfit"):  # the backbone is base + this adapter (`predict --adapter`)
+        extra["adapter"] = f"{name}.adapter.safetensors"
     save_head(head, head_path, backbone_sha256=bb.sha256, backbone_config=bb.config, transform=bb.transform.to_dict(),
               extra=extra)
     files = {"head": head_path, "grid": out / f"{name}.grid.csv", "summary": out / f"{name}.metrics.json",

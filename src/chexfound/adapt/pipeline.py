@@ -167,7 +167,7 @@ def _train_end_to_end(opts: AdaptOptions, make: Callable[[], Head], bb: RunBackb
                       y_va: np.ndarray, splits: dict[str, Any], out: Path, name: str,
                       runlog: Callable[[dict[str, Any]], None]) -> tuple[TrainedHead, RunBackbone]:
     from chexfound.adapt.finetune import FinetuneSettings, finetune
-    from chexfound.models import backbone_sha256, save_backbone
+    from chexfound.models import backbone_sha256, info_of, save_backbone
 
     if len(opts.lrs) > 1 or len(opts.weight_decays) > 1:
         log.warning("end-to-end training runs one configuration: lr %g, weight decay %g (the first values)",
@@ -179,8 +179,17 @@ def _train_end_to_end(opts: AdaptOptions, make: Callable[[], Head], bb: RunBackb
                           device=resolve_device(opts.device), dtype=opts.dtype, workers=opts.workers, seed=opts.seed)
     model, res = finetune(copy.deepcopy(bb.model), make, splits["train"].paths(), y_tr, splits["val"].paths(), y_va,
                           st, transform=bb.transform, callback=runlog)
-    save_backbone(model, out / f"{name}.backbone.safetensors", transform=bb.transform.to_dict(),
-                  extra={"finetuned_from": bb.sha256, "finetune": opts.finetune})
+    if res.adapter_tensors is not None:  # LoRA / BitFit: the adapter, tied to its base (megabytes, not a copy)
+        from chexfound.adapt.adapter import Adapter, save_adapter
+
+        adapter = Adapter(opts.finetune, res.adapter_tensors, bb.sha256,  # type: ignore[arg-type]
+                          backbone_sha256(model), bb.config, res.lora, bb.transform.to_dict())
+        save_adapter(adapter, out / f"{name}.adapter.safetensors")
+    # A random-init base (a named architecture) cannot be given back to `predict --backbone`: keep the merged one.
+    random_base = bb.model is not None and info_of(bb.model).format == "random"
+    if res.adapter_tensors is None or opts.save_merged or random_base:
+        save_backbone(model, out / f"{name}.backbone.safetensors", transform=bb.transform.to_dict(),
+                      extra={"finetuned_from": bb.sha256, "finetune": opts.finetune})
     adapted = RunBackbone(model, backbone_sha256(model), model.cfg.to_dict(), bb.transform, bb.n_blocks, bb.embed_dim,
                         bb.name)
     trained = TrainedHead(res.head, res.config, [res.config], res.val_predictions, res.metric, None,

@@ -23,7 +23,10 @@ Outputs in --out (<name> = --name or the head type, so several heads can share o
 else), <name>.val_per_finding.csv (AUROC/AP/threshold per finding), <name>.grid.csv (every lr/wd config),
 <name>.val_predictions.csv, <name>.metrics.json, <name>.config.yaml, heatmaps/<name>/*.png, metrics.jsonl
 (progress log of every run), skipped.csv (unreadable images), cache/ (features; or --cache DIR);
-with --finetune also <name>.backbone.safetensors (the adapted backbone the head belongs to).
+with --finetune full also <name>.backbone.safetensors (the adapted backbone the head belongs to); with
+--finetune lora|bitfit <name>.adapter.safetensors instead (only what was trained, tied to the base backbone's
+SHA-256: `predict --backbone BASE --adapter A --head H`; `export --format hf --adapter A` writes it for peft),
+and the merged backbone too with --save-merged (always when the base is a named, random-init architecture).
 """
 
 
@@ -101,6 +104,9 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--grid-chunk", type=int, help="configs per vmapped forward (lower to save memory)")
     tr.add_argument("--finetune", choices=["full", "lora", "bitfit"],
                     help="train end to end without the cache (uses the first --lrs value for the head)")
+    tr.add_argument("--save-merged", action="store_true",
+                    help="--finetune lora|bitfit: also write the merged backbone (<name>.backbone.safetensors) "
+                         "beside the adapter")
     tr.add_argument("--backbone-lr", type=float, help="end to end: backbone lr (default 1e-5 full, else head lr)")
 
     o = p.add_argument_group("outputs and common options")

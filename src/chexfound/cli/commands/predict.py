@@ -23,6 +23,8 @@ def add_model_args(p: argparse.ArgumentParser, compile_option: bool = True) -> N
                                       "hf://OWNER/NAME[@REVISION][/FILE], chexfound-vitl16 (the official weights)")
     g.add_argument("--head", help="head file (ours in safetensors, or the released glori.pth: "
                                   "chexfound.adapt.load_head), or hf://OWNER/NAME[@REVISION]/FILE")
+    g.add_argument("--adapter", help="a LoRA / BitFit adapter (`adapt --finetune lora|bitfit` writes "
+                                     "<name>.adapter.safetensors), merged onto --backbone, which must be its base")
     g.add_argument("--model", help="instead of --backbone/--head: one bundle from `chexfound export --format "
                                    "safetensors` (a file or an hf:// id)")
     add_arch_options(g)
@@ -43,8 +45,8 @@ def load_predictor(args: argparse.Namespace) -> Any:
     from chexfound.serve.predictor import Predictor
 
     if args.model:
-        if args.backbone or args.head:
-            raise ConfigError(None, "give either --model or --backbone and --head, not both")
+        if args.backbone or args.head or getattr(args, "adapter", None):
+            raise ConfigError(None, "give either --model or --backbone and --head (and --adapter), not both")
         if args.arch or args.num_heads or args.head_dim:
             raise ConfigError(None, "--arch/--num-heads/--head-dim describe a --backbone file; a --model bundle "
                                     "records its architecture")
@@ -54,10 +56,14 @@ def load_predictor(args: argparse.Namespace) -> Any:
     if not (args.backbone and args.head):
         raise ConfigError(None, "--backbone and --head are required (or --model BUNDLE)")
     backbone = args.backbone
-    if args.arch or args.num_heads or args.head_dim:
+    if args.arch or args.num_heads or args.head_dim or getattr(args, "adapter", None):
         from chexfound.models import create_backbone
 
         backbone = create_backbone(args.backbone, config=args.arch, num_heads=args.num_heads, head_dim=args.head_dim)
+    if getattr(args, "adapter", None):
+        from chexfound.adapt.adapter import apply_adapter, load_adapter
+
+        backbone = apply_adapter(backbone, load_adapter(args.adapter))
     p = Predictor(backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
                   allow_backbone_mismatch=args.allow_backbone_mismatch, compile=getattr(args, "compile", False))
     if backbone is not args.backbone:  # built here: say which file (for an hf:// id, the one in the hub cache)
