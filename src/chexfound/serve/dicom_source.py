@@ -1,0 +1,128 @@
+"""What the DICOM objects we write take from their source image: its identity and a clean copy of its patient
+and study attributes.
+
+Real DICOMs are not clean (dates written `1995.07.20`, a Patient's Age of `62`, a zero Pixel Spacing, two files
+with one SOP Instance UID): an SR or secondary capture that copied them verbatim would inherit their errors.
+`source_reference` copies only the attributes an SR and a secondary capture of the same study need, and only
+values valid for their VR; an invalid value is dropped (Type 2 attributes are then written empty), never
+passed on. A file that is not DICOM, or lacks the UIDs that tie a result to its study, is named, not half-used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, config, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from pydicom.valuerep import validate_value
+
+log = logging.getLogger(__name__)
+
+# The UIDs an SR needs to reference its source image in its study (a missing one: a named skip).
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# Patient and General Study modules (+ the Patient Study attributes worth keeping): copied when valid.
+PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
+                 "PatientWeight", "IssuerOfPatientID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                 "AccessionNumber", "StudyDescription")
+# Type 2 attributes of those modules: present (empty when unknown or invalid) in what we write.
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_ENUMS = {"PatientSex": ("M", "F", "O")}
+
+
+class NotDicom(Exception):
+    """The file is not DICOM (PNG, JPEG, ...): there is no study to attach results to."""
+
+
+class MissingUIDs(Exception):
+    """A DICOM without the UIDs (or with invalid ones) that an SR needs to reference it."""
+
+
+@dataclass
+class SourceReference:
+    """The source image as our DICOM objects see it: a clean dataset (UIDs, patient, study, modality) and
+    what was dropped from it and why."""
+
+    path: str
+    dataset: Dataset
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+def _valid(keyword: str, elem: Any) -> str | None:
+    """None when `elem` can be copied as is, else why not."""
+    value = elem.value
+    if value is None or value == "":
+        return None
+    values = list(value) if elem.VM > 1 else [value]
+    if elem.VM > 1 and keyword in PATIENT_STUDY:
+        return f"{elem.VM} values where one is allowed"
+    for v in values:
+        try:
+            validate_value(elem.VR, v if elem.VR != "PN" else str(v), config.RAISE)
+        except (ValueError, TypeError) as e:
+            return f"{v!r} is not a valid {elem.VR} ({e})"
+    if keyword in _ENUMS and str(value) not in _ENUMS[keyword]:
+        return f"{value!r} is not one of {_ENUMS[keyword]}"
+    return None
+
+
+def read_header(path: str | PathLike[str]) -> Dataset:
+    """The file's DICOM header (no pixels). Raises NotDicom for anything else."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(132)
+    if head[128:132] != b"DICM":
+        # Old files without a preamble (ACR-NEMA style) are DICOM too: pydicom reads them with force.
+        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            raise NotDicom(f"{p}: a {p.suffix.lower().lstrip('.').upper()} file, not DICOM")
+    try:
+        ds = dcmread(p, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as e:
+        raise NotDicom(f"{p}: not DICOM ({e})") from e
+    if len(ds) == 0 or not any(tag.group > 0x0002 for tag in ds.keys()):
+        raise NotDicom(f"{p}: not DICOM (no data elements)")
+    return ds
+
+
+def source_reference(ds: Dataset, path: str | PathLike[str]) -> SourceReference:
+    """A clean reference dataset for the SR and secondary captures of `ds`. Raises MissingUIDs."""
+    ref = Dataset()
+    problems = []
+    for kw in REQUIRED_UIDS:
+        v = ds.get(kw)
+        if v is None or str(v).strip() == "":
+            problems.append(f"no {kw}")
+        elif not UID(str(v)).is_valid:
+            problems.append(f"{kw} {str(v)!r} is not a valid UID")
+        else:
+            setattr(ref, kw, UID(str(v)))
+    if problems:
+        raise MissingUIDs(f"{path}: no DICOM SR can reference this image: {', '.join(problems)}")
+    dropped = []
+    charset = ds.get("SpecificCharacterSet")
+    if charset:
+        ref.SpecificCharacterSet = charset
+    for kw in ("Modality", *PATIENT_STUDY):
+        elem = ds.data_element(kw) if kw in ds else None
+        if elem is None:
+            continue
+        why = _valid(kw, elem)
+        if why is None:
+            ref.add(elem)
+        else:
+            dropped.append(f"{kw}: {why}")
+    for kw in TYPE2:
+        if kw not in ref:
+            setattr(ref, kw, None)
+    if dropped:
+        log.info("%s: not copied into the DICOM outputs: %s", path, "; ".join(dropped))
+    return SourceReference(str(path), ref, dropped)
