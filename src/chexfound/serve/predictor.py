@@ -129,6 +129,18 @@ class Predictor:
             self._has_attention = maps is not None
         return self._has_attention
 
+    @property
+    def heatmap_kind(self) -> str:
+        """What the heatmaps show for this head (`chexfound.adapt.attribution`: glori_attention,
+        linear_patch_contribution or cls_attention)."""
+        return self.model.heatmap_kind
+
+    @property
+    def has_heatmaps(self) -> bool:
+        """Every head has heatmaps (of the kind `heatmap_kind` says); `has_attention` is whether the head
+        itself attends (GLoRI)."""
+        return True
+
     def warmup(self, batch: int = 1) -> None:
         """One forward pass on blank images, so the first real request does not pay for lazy initialisation."""
         self.predict_tensor(torch.zeros(batch, 3, self.transform.size, self.transform.size))
@@ -171,6 +183,7 @@ class Predictor:
                 "trained_on_backbone_sha256": self.head_info.backbone_sha256,
                 "pairing_warning": self.pairing_warning,
                 "has_attention": self.has_attention,
+                "heatmap_kind": self.heatmap_kind,
             },
             "findings": self.findings,
             "thresholds": [float(t) for t in self.thresholds],

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from chexfound.adapt.attribution import KIND_DESCRIPTIONS
 from chexfound.serve import overlay
 from chexfound.serve.api_page import render_api_page
 from chexfound.serve.batching import QueueFull
@@ -142,7 +143,8 @@ def prediction_body(state: ServeState, filename: str | None, decoded: DecodedUpl
             "view_position": m.get("view_position"),
             "image_url": image_url,
         },
-        "heatmaps": {"available": state.no_heatmap_reason is None, "reason": state.no_heatmap_reason},
+        "heatmaps": {"available": state.no_heatmap_reason is None, "reason": state.no_heatmap_reason,
+                     "kind": predictor.heatmap_kind, "description": KIND_DESCRIPTIONS[predictor.heatmap_kind]},
         "timing_ms": {k: round(v, 2) for k, v in timing.items()},
     }
 

@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="predictions.csv",
                    help="preds.csv or preds.json (default predictions.csv); a folder gets predictions.csv inside")
     p.add_argument("--heatmaps", metavar="DIR",
-                   help="write heatmap overlays (PNG) per image and finding here (needs an attention head)")
+                   help="write heatmap overlays (PNG) per image and finding here: GLoRI attention, a linear avgpool "
+                        "head's patch contributions, else the last block's CLS attention (the title says which)")
     p.add_argument("--top-k", type=int, metavar="K",
                    help="heatmaps for the K most probable findings (default: the findings called positive)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -109,16 +110,15 @@ def run(args: argparse.Namespace) -> int:
     out = resolve_out(args.out)
     predictor = load_predictor(args)
     heat_dir = Path(args.heatmaps) if args.heatmaps else None
-    if heat_dir is not None and not predictor.has_attention:
-        raise ChexfoundError(f"--heatmaps: the head ({predictor.head_type}) returns no attention maps; heatmaps need "
-                             "an attention head such as GLoRI")
+    if heat_dir is not None and not predictor.has_heatmaps:
+        raise ChexfoundError(f"--heatmaps: the head ({predictor.head_type}) has no heatmaps")
 
     paths = collect_inputs(args.inputs, args.manifest)
     info = predictor.info()
     identity = {"backbone_sha256": predictor.backbone_sha256, "head_sha256": info["head"]["file_sha256"],
                 "findings": predictor.findings, "transform": info["transform"]}
     store = PredictionStore(out, predictor.findings, predictor.thresholds, predictor.task, identity, heat_dir,
-                            predictor.threshold_rules)
+                            predictor.threshold_rules, heatmap_kind=predictor.heatmap_kind)
     store.load()
     if not args.quiet and predictor.task in ("multilabel", "binary"):
         # What a positive call means: the rule behind each threshold (per finding in the JSON and run.json).
@@ -169,7 +169,8 @@ def _loop(predictor: Any, todo: list[Path], store: Any, bar: Any, skipped: list[
                     which = [] if pos is None else np.flatnonzero(pos).tolist()
                 if which:
                     save_overlay_files(pred.view, pred.attention, pred.probabilities, pred.findings, which,
-                                       heat_dir / heatmap_folder(str(pred.path)), Path(str(pred.path)).stem)
+                                       heat_dir / heatmap_folder(str(pred.path)), Path(str(pred.path)).stem,
+                                       kind=predictor.heatmap_kind)
         # Heatmaps first, then the rows: a row on disk means its image is completely done.
         store.append(preds)
         bar.update(len(preds))
