@@ -11,15 +11,19 @@ passed on. A file that is not DICOM, or lacks the UIDs that tie a result to its 
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pydicom import Dataset, config, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
+
+from chexfound.io.dicom import has_dicom_marker, looks_like_acr_nema
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "ReferringPhysicianName", "StudyID", "AccessionNumber")
 _ENUMS = {"PatientSex": ("M", "F", "O")}
+_SIGNATURES = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 class NotDicom(Exception):
@@ -75,21 +80,29 @@ def _valid(keyword: str, elem: Any) -> str | None:
     return None
 
 
+@contextmanager
+def quiet_person_names() -> Iterator[None]:
+    """highdicom advises on every single-component name (`Anonymized`): names are copied from the source as
+    they are, valid for their VR, so the advice is noise in our logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name",
+                                category=UserWarning)
+        yield
+
+
 def read_header(path: str | PathLike[str]) -> Dataset:
-    """The file's DICOM header (no pixels). Raises NotDicom for anything else."""
+    """The file's DICOM header (no pixels), from a Part-10 file or a meta-less (ACR-NEMA style) one.
+    Raises NotDicom for anything else (PNG, JPEG, ...)."""
     p = Path(path)
     with open(p, "rb") as f:
         head = f.read(132)
-    if head[128:132] != b"DICM":
-        # Old files without a preamble (ACR-NEMA style) are DICOM too: pydicom reads them with force.
-        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-            raise NotDicom(f"{p}: a {p.suffix.lower().lstrip('.').upper()} file, not DICOM")
+    if not (has_dicom_marker(head) or looks_like_acr_nema(head)):
+        kind = next((k for sig, k in _SIGNATURES if head.startswith(sig)), None)
+        raise NotDicom(f"{p}: {'a ' + kind + ' file' if kind else 'no DICOM marker'}, not DICOM")
     try:
         ds = dcmread(p, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as e:
-        raise NotDicom(f"{p}: not DICOM ({e})") from e
-    if len(ds) == 0 or not any(tag.group > 0x0002 for tag in ds.keys()):
-        raise NotDicom(f"{p}: not DICOM (no data elements)")
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as e:
+        raise NotDicom(f"{p}: not a readable DICOM header ({e})") from e
     return ds
 
 
@@ -111,7 +124,7 @@ def source_reference(ds: Dataset, path: str | PathLike[str]) -> SourceReference:
     charset = ds.get("SpecificCharacterSet")
     if charset:
         ref.SpecificCharacterSet = charset
-    for kw in ("Modality", *PATIENT_STUDY):
+    for kw in ("Modality", "PatientOrientation", *PATIENT_STUDY):
         elem = ds.data_element(kw) if kw in ds else None
         if elem is None:
             continue

@@ -34,7 +34,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from chexfound.serve.algorithm_id import AlgorithmIdentity
-from chexfound.serve.dicom_source import SourceReference
+from chexfound.serve.dicom_source import SourceReference, quiet_person_names
 from chexfound.serve.finding_fields import CODING_SCHEME, record_fields
 
 SR_SERIES_NUMBER = 9001  # high numbers keep derived series after the acquired ones in a viewer's list
@@ -96,6 +96,12 @@ def measurement_group(record: dict[str, Any], identity: AlgorithmIdentity,
 def build_sr(source: SourceReference, findings: Sequence[dict[str, Any]], identity: AlgorithmIdentity,
              series_instance_uid: str | None = None, sop_instance_uid: str | None = None) -> ComprehensiveSR:
     """The Comprehensive SR for one image: `findings` as `Prediction.findings_list()` gives them."""
+    with quiet_person_names():
+        return _build_sr(source, findings, identity, series_instance_uid, sop_instance_uid)
+
+
+def _build_sr(source: SourceReference, findings: Sequence[dict[str, Any]], identity: AlgorithmIdentity,
+              series_instance_uid: str | None, sop_instance_uid: str | None) -> ComprehensiveSR:
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
