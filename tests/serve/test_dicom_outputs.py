@@ -214,3 +214,35 @@ def test_reruns_skip_finished_reports_and_finish_interrupted_ones(models: dict[s
     _, rows = read_csv(out)
     assert sorted(r[0] for r in rows) == sorted([str(a), str(b)])  # no duplicate rows
     assert not list(dcm.rglob("*.tmp*"))  # atomic writes leave no temporaries
+
+
+def test_serve_returns_the_sr_of_an_uploaded_dicom(models: dict[str, Path], shared_dicoms: list[Path],
+                                                   png_paths: list[Path], tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from chexfound.serve import Predictor
+    from chexfound.serve.app import create_app
+
+    predictor = Predictor(models["backbone"], models["linear"], device="cpu")
+    src = next(p for p in shared_dicoms if p.name == "Fake_MONOHR1.dcm")
+    with TestClient(create_app(predictor)) as c:
+        r = c.post("/v1/predict/sr", files={"file": (src.name, src.read_bytes())})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/dicom"
+        out = tmp_path / "sr.dcm"
+        out.write_bytes(r.content)
+        ds = pydicom.dcmread(out)
+        source = pydicom.dcmread(src, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        back = read_sr_findings(ds)
+        expected = predictor.predict_image(src).probabilities
+        np.testing.assert_allclose([back[n]["Probability"] for n in predictor.findings], expected, atol=1e-5)
+        assert dciodvfy_errors(out) == []
+        # A PNG has no study; a DICOM without its UIDs cannot be referenced: both refused, by name.
+        r = c.post("/v1/predict/sr", files={"file": ("x.png", png_paths[0].read_bytes())})
+        assert r.status_code == 415 and r.json()["detail"].startswith("x.png: a PNG file, not DICOM")
+        bad = pydicom.dcmread(src)
+        del bad.SOPInstanceUID
+        bad.save_as(tmp_path / "bad.dcm")
+        r = c.post("/v1/predict/sr", files={"file": ("bad.dcm", (tmp_path / "bad.dcm").read_bytes())})
+        assert r.status_code == 422 and "no SOPInstanceUID" in r.json()["detail"]

@@ -10,12 +10,12 @@ passed on. A file that is not DICOM, or lacks the UIDs that tie a result to its 
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
-from pathlib import Path
 from typing import Any, Iterator
 
 from pydicom import Dataset, config, dcmread
@@ -90,20 +90,23 @@ def quiet_person_names() -> Iterator[None]:
         yield
 
 
-def read_header(path: str | PathLike[str]) -> Dataset:
-    """The file's DICOM header (no pixels), from a Part-10 file or a meta-less (ACR-NEMA style) one.
-    Raises NotDicom for anything else (PNG, JPEG, ...)."""
-    p = Path(path)
-    with open(p, "rb") as f:
-        head = f.read(132)
+def read_header(source: str | PathLike[str] | bytes, name: str | None = None) -> Dataset:
+    """The DICOM header (no pixels) of a file or of bytes (an upload, named `name`), Part-10 or meta-less
+    (ACR-NEMA style). Raises NotDicom for anything else (PNG, JPEG, ...)."""
+    if isinstance(source, bytes):
+        label, head, stream = name or "upload", source[:132], io.BytesIO(source)
+    else:
+        label = str(source)
+        with open(source, "rb") as f:
+            head = f.read(132)
+        stream = None
     if not (has_dicom_marker(head) or looks_like_acr_nema(head)):
         kind = next((k for sig, k in _SIGNATURES if head.startswith(sig)), None)
-        raise NotDicom(f"{p}: {'a ' + kind + ' file' if kind else 'no DICOM marker'}, not DICOM")
+        raise NotDicom(f"{label}: {'a ' + kind + ' file' if kind else 'no DICOM marker'}, not DICOM")
     try:
-        ds = dcmread(p, stop_before_pixels=True, force=True)
+        return dcmread(stream if stream is not None else source, stop_before_pixels=True, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as e:
-        raise NotDicom(f"{p}: not a readable DICOM header ({e})") from e
-    return ds
+        raise NotDicom(f"{label}: not a readable DICOM header ({e})") from e
 
 
 def source_reference(ds: Dataset, path: str | PathLike[str]) -> SourceReference:
