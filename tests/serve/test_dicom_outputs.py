@@ -146,7 +146,8 @@ def test_png_gets_no_sr_said_once(run: dict, png_paths: list[Path]) -> None:
     png = str(png_paths[0])
     assert png in run["probs"]  # predicted as usual
     lines = [ln for ln in run["stderr"].splitlines() if ln.startswith("no DICOM SR for")]
-    assert [ln for ln in lines if png in ln] == [f"no DICOM SR for {png}: a PNG file, not DICOM (no study to attach it to)"]
+    said = f"no DICOM SR for {png}: a PNG file, not DICOM (no study to attach it to)"
+    assert [ln for ln in lines if png in ln] == [said]
     assert not (run["dicom"] / heatmap_folder(png)).exists()
 
 

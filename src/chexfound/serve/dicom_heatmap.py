@@ -12,7 +12,6 @@ processing operation); patient and study come from the clean `dicom_source.Sourc
 
 from __future__ import annotations
 
-from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -114,10 +113,3 @@ def _source_item(ref: Dataset) -> Dataset:
     item.PurposeOfReferenceCodeSequence = [purpose]
     return item
 
-
-def heatmap_summary(sc: Any) -> dict[str, Any]:
-    """What a reader of the file can check: its UIDs and the source it references."""
-    src = sc.SourceImageSequence[0]
-    return {"sop_instance_uid": str(sc.SOPInstanceUID), "series_instance_uid": str(sc.SeriesInstanceUID),
-            "study_instance_uid": str(sc.StudyInstanceUID),
-            "source_sop_instance_uid": str(src.ReferencedSOPInstanceUID)}
