@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -70,3 +72,34 @@ def test_cls_attention_leaves_registers_out_and_matches_the_block() -> None:
     assert cls.shape == (2, n)
     torch.testing.assert_close(cls, full[:, :, 1 + r:].mean(1), rtol=1e-5, atol=1e-6)
     assert hook.cls_attention() is None  # used once: never a stale map
+
+
+def test_classifier_draws_cls_attention_for_a_cls_only_head() -> None:
+    from chexfound.serve.bundle import Classifier
+
+    torch.manual_seed(0)
+    bb = create_backbone("tiny_vit").eval()
+    c = Classifier(bb, LinearHead(FINDINGS, n_blocks=2, embed_dim=bb.embed_dim).eval())
+    assert c.heatmap_kind == CLS_ATTENTION
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        probs, maps = c(x)
+        out = bb.forward_features(x, return_attention=True)
+    assert maps.shape == (2, len(FINDINGS), 4, 4)
+    expected = out["attention"][:, :, 0, 1 + bb.num_register_tokens:].mean(1).reshape(2, 4, 4)
+    for k in range(len(FINDINGS)):  # one map, the same for every finding
+        torch.testing.assert_close(maps[:, k], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_predictor_still_draws_cls_attention() -> None:
+    from chexfound.serve.predictor import Predictor
+
+    torch.manual_seed(0)
+    bb = create_backbone("tiny_vit").eval()
+    head = LinearHead(FINDINGS, n_blocks=2, embed_dim=bb.embed_dim).eval()
+    x = torch.randn(2, 3, 64, 64)
+    _, eager = Predictor(bb, head, device="cpu").predict_tensor(x)
+    _, fast = Predictor(bb, head, device="cpu", compile=True).predict_tensor(x)
+    assert fast is not None  # the hooked last block runs uncompiled
+    np.testing.assert_allclose(fast, eager, atol=1e-5)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from chexfound.adapt.attribution import CLS_ATTENTION
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ConfigError
 from chexfound.io import CXRImage, read_image
@@ -91,6 +92,10 @@ class Predictor:
             from chexfound.models.inference import compile_blocks
 
             self.model.backbone = compile_blocks(self.model.backbone)
+            if self.model.heatmap_kind == CLS_ATTENTION:
+                # The CLS map reads the last attention layer's input through a hook, which compiled graphs
+                # skip: that one block runs uncompiled.
+                self.model.backbone.blocks[-1] = pair.backbone.blocks[-1]
         self.head = pair.head
         self.findings: list[str] = list(pair.head.findings)
         self.thresholds: np.ndarray = pair.head.thresholds.detach().cpu().float().numpy().copy()
