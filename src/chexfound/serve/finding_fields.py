@@ -59,6 +59,8 @@ def field_of(key: str, value: Any) -> Field | None:
 def record_fields(record: dict[str, Any]) -> Iterator[tuple[str, Field, Any]]:
     """(key, Field, value) for every reportable field of one finding record with a value (None = not stated)."""
     for key, value in record.items():
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+            value = value.item()  # numpy scalars as the Python number or bool they hold
         if key in SKIP or value is None:
             continue
         f = field_of(key, value)
