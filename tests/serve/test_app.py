@@ -75,7 +75,7 @@ def test_predict_real_files(client: TestClient, attention_predictor: Predictor, 
     assert all(f["positive"] == (f["probability"] >= f["threshold"]) for f in body["findings"])
     assert body["image"]["filename"] == path.name and body["image"]["bytes"] == path.stat().st_size
     assert body["model"]["backbone_sha256"] == attention_predictor.backbone_sha256
-    assert body["heatmaps"] == {"available": True}
+    assert body["heatmaps"]["available"] is True and body["heatmaps"]["kind"] == "glori_attention"
     # Without ?heatmaps= nothing is cached and no heatmap fields are sent.
     # (Every finding says which rule chose its threshold: chexfound.stats.thresholds.)
     assert "id" not in body and all(set(f) == {"name", "probability", "threshold", "positive", "threshold_rule",
@@ -113,16 +113,19 @@ def test_heatmaps_base64_top_k(client: TestClient, png_paths: list[Path]) -> Non
     assert im.size == (512, 512) and im.mode == "RGB"
 
 
-def test_head_without_attention_says_so(linear_predictor: Predictor, png_paths: list[Path]) -> None:
+def test_head_without_attention_has_maps_that_say_their_kind(linear_predictor: Predictor,
+                                                             png_paths: list[Path]) -> None:
     with TestClient(create_app(linear_predictor)) as c:
         body = post(c, png_paths[0], heatmaps="url").json()
-        assert body["heatmaps"]["available"] is False
-        assert "no attention maps" in body["heatmaps"]["reason"] and "linear" in body["heatmaps"]["reason"]
-        assert all(f.get("heatmap_url") is None for f in body["findings"])
-        assert c.get(body["image"]["image_url"]).status_code == 200  # the image is still shown
+        # A linear avgpool head: its exact per-patch logit shares (chexfound.adapt.attribution).
+        assert body["heatmaps"]["available"] is True
+        assert body["heatmaps"]["kind"] == "linear_patch_contribution"
+        assert "patch contributions" in body["heatmaps"]["description"]
+        assert all(f.get("heatmap_url") for f in body["findings"])
         r = c.get(f"/v1/predictions/{body['id']}/heatmap.png", params={"finding": "Mass"})
-        assert r.status_code == 409 and "no attention maps" in r.json()["detail"]
-        assert c.get("/v1/model").json()["head"]["has_attention"] is False
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        model = c.get("/v1/model").json()["head"]
+        assert model["has_attention"] is False and model["heatmap_kind"] == "linear_patch_contribution"
 
 
 def test_unreadable_uploads_get_clear_4xx(client: TestClient, not_an_image: Path, tmp_path: Path) -> None:

@@ -92,6 +92,8 @@ def test_drop_a_dicom_and_see_findings_and_heatmap(browser, models: dict[str, Pa
         after, _, _ = browser.execute_script(COLOURED_JS)
         assert after > 0.05, f"only {after:.1%} of the canvas is coloured after choosing a heatmap"
         assert names[0] in browser.find_element(By.ID, "caption").text
+        assert "glori attention" in browser.find_element(By.ID, "caption").text  # which kind of map
+        assert "heatmaps: glori attention" in browser.find_element(By.ID, "model-summary").text
 
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "page_heatmap.png"

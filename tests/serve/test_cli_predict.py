@@ -78,11 +78,18 @@ def test_json_calls_and_heatmaps(models: dict[str, Path], png_paths: list[Path],
             assert (colour > 40).mean() > 0.05  # a coloured map over the grayscale image
 
 
-def test_heatmaps_need_an_attention_head(models: dict[str, Path], png_paths: list[Path], tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    rc = predict(models, "--out", str(tmp_path / "p.csv"), "--heatmaps", str(tmp_path / "h"), str(png_paths[0]))
-    assert rc == 2
-    assert "no attention maps" in capsys.readouterr().err
+def test_every_head_has_heatmaps_that_say_their_kind(models: dict[str, Path], png_paths: list[Path],
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    rc = predict(models, "--out", str(out), "--heatmaps", str(tmp_path / "h"), "--top-k", "1", str(png_paths[0]))
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"]["head"]["heatmap_kind"] == "linear_patch_contribution"
+    (rec,) = doc["predictions"]
+    assert rec["heatmap_kind"] == "linear_patch_contribution" and len(rec["heatmaps"]) == 1
+    assert all(Path(f).is_file() for f in rec["heatmaps"].values())
+    run = json.loads(out.with_name("p.run.json").read_text())
+    assert run["model"]["head"]["heatmap_kind"] == "linear_patch_contribution"  # beside a CSV too
 
 
 def test_bad_files_listed_and_skipped(models: dict[str, Path], png_paths: list[Path], not_an_image: Path,

@@ -33,7 +33,8 @@ def test_predict_real_png_and_dicom(models: dict[str, Path], png_paths: list[Pat
         assert x.ok, x.error
         assert x.probabilities.shape == (len(NIH14),)
         assert np.all((x.probabilities >= 0) & (x.probabilities <= 1))
-        assert x.attention is None  # linear head
+        # A linear avgpool head has a map too: its per-patch logit shares (chexfound.adapt.attribution).
+        assert x.attention is not None and x.attention.shape == (len(NIH14), p.grid_size, p.grid_size)
         assert x.positive_findings() == [n for n, pr, t in zip(NIH14, x.probabilities, p.thresholds) if pr >= t]
     # Different images give different outputs (the model really looks at the pixels).
     assert not np.allclose(preds[0].probabilities, preds[1].probabilities, atol=1e-4)
@@ -76,7 +77,9 @@ def test_attention_head_gives_maps(models: dict[str, Path], png_paths: list[Path
     assert pred.attention.shape == (len(NIH14), g, g)
     # Softmax attention over patches, averaged over heads: each finding's map sums to 1.
     np.testing.assert_allclose(pred.attention.reshape(len(NIH14), -1).sum(-1), 1.0, atol=1e-4)
-    assert not Predictor(models["backbone"], models["linear"], device="cpu").has_attention
+    linear = Predictor(models["backbone"], models["linear"], device="cpu")
+    assert not linear.has_attention and linear.has_heatmaps
+    assert p.heatmap_kind == "glori_attention" and linear.heatmap_kind == "linear_patch_contribution"
 
 
 def test_head_from_another_backbone_warns_or_fails(models: dict[str, Path]) -> None:

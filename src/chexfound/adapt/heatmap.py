@@ -117,10 +117,11 @@ def _safe(name: str) -> str:
 def save_heatmaps(attention: Tensor | np.ndarray, probabilities: Sequence[float], findings: Sequence[str],
                   pixels: np.ndarray, transform: Any, out_dir: str | PathLike[str], stem: str,
                   top_k: int | None = 3, which: Sequence[int] | None = None, original_space: bool = False,
-                  gamma: float = 0.5, grid: Sequence[int] | None = None) -> list[Path]:
+                  gamma: float = 0.5, grid: Sequence[int] | None = None, note: str | None = None) -> list[Path]:
     """Overlays for one image: `attention` [heads, C, N] from a GLoRI head, its probabilities [C].
     Draws the `top_k` most probable findings (or the indices `which`) on the model's view of the image
-    (`transform.geometry(pixels)`), or on the original image with `original_space`."""
+    (`transform.geometry(pixels)`), or on the original image with `original_space`. `note` (e.g. the kind
+    of map) goes in the title."""
     a = np.asarray(attention, dtype=np.float32)
     probs = np.asarray(probabilities, dtype=np.float64)
     if which is None:
@@ -134,6 +135,6 @@ def save_heatmaps(attention: Tensor | np.ndarray, probabilities: Sequence[float]
         # Display scaling as matplotlib's default norm: min -> transparent, max -> full colour.
         lo, hi = float(heat.min()), float(heat.max())
         heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-        title = f"{findings[c]}: p = {probs[c]:.2f}"
+        title = f"{findings[c]}: p = {probs[c]:.2f}" + (f" ({note})" if note else "")
         out.append(overlay_png(base, heat, Path(out_dir) / f"{_safe(stem)}__{_safe(findings[c])}.png", title))
     return out

@@ -18,6 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from chexfound.adapt.attribution import (
+    CLS_ATTENTION,
+    LINEAR_CONTRIBUTION,
+    LastBlockInput,
+    heatmap_kind,
+    patch_contributions,
+)
 from chexfound.adapt.heads.base import Head
 from chexfound.adapt.heads.loading import HeadInfo, head_info, load_head
 from chexfound.data.transform import InputTransform
@@ -32,26 +39,37 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Classifier(nn.Module):
     """Backbone + head as one module: normalised images [B, 3, S, S] -> (probabilities [B, C],
-    attention maps [B, C, S/p, S/p] averaged over attention heads, or None for heads without attention).
+    heatmaps [B, C, S/p, S/p] or None).
 
-    The same module is what `chexfound export` writes to ONNX, so served and exported outputs agree.
+    The heatmaps are of the kind `heatmap_kind` names (`chexfound.adapt.attribution`): a GLoRI head's
+    attention averaged over attention heads, a linear avgpool head's exact per-patch logit shares, or else the
+    last block's CLS attention (one map repeated for every finding). The same module is what `chexfound
+    export` writes to ONNX, so served and exported outputs agree.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.heatmap_kind = heatmap_kind(head)
+        self._last_block = LastBlockInput(backbone) if self.heatmap_kind == CLS_ATTENTION else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         feats = self.backbone.get_intermediate_layers(x, n=self.head.n_blocks, return_class_token=True)
         logits, attention = self.head(feats)
         probs = self.head.probabilities(logits.float())
-        if attention is None:
-            return probs, None
-        # [B, heads, C, N] -> mean over heads -> [B, C, gh, gw]; patches are row-major like the backbone's.
         p = self.backbone.patch_size
         gh, gw = x.shape[-2] // p, x.shape[-1] // p
-        maps = attention.float().mean(dim=1)
+        if attention is not None:
+            maps = attention.float().mean(dim=1)  # [B, heads, C, N] -> [B, C, N]
+        elif self.heatmap_kind == LINEAR_CONTRIBUTION:
+            maps = patch_contributions(self.head, feats[-1][0])
+        else:
+            cls = self._last_block.cls_attention() if self._last_block is not None else None
+            if cls is None:
+                return probs, None
+            maps = cls[:, None].expand(-1, probs.shape[1], -1)
+        # Patches are row-major like the backbone's.
         return probs, maps.reshape(maps.shape[0], maps.shape[1], gh, gw)
 
 

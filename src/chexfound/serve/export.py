@@ -64,6 +64,8 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
         "backbone_config": predictor.model.backbone.cfg.to_dict(),
         "head_file_sha256": info["head"]["file_sha256"],
         "has_attention": predictor.has_attention,
+        # what predict and serve draw for this head; the ONNX `attention` output is there for GLoRI heads only
+        "heatmap_kind": predictor.heatmap_kind,
         "input": "image: float32 [batch, 3, S, S], normalised by `transform`",
         "outputs": ["probabilities"] + (["attention"] if predictor.has_attention else []),
     }

@@ -46,13 +46,15 @@ class SecurityHeaders:
 
 
 class UploadLimit:
-    """Reject oversized uploads to `path` from the Content-Length header, before the body is read or spooled."""
+    """Reject oversized uploads to `path` (and the routes under it, e.g. /v1/predict/sr) from the
+    Content-Length header, before the body is read or spooled."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, path: str) -> None:
         self.app, self.max_bytes, self.path = app, max_bytes, path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+        if scope["type"] == "http" and scope["method"] == "POST" and (
+                scope["path"] == self.path or scope["path"].startswith(self.path + "/")):
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             if length is None:

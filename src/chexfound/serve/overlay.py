@@ -101,13 +101,16 @@ def overlay_png(gray: np.ndarray, attention: np.ndarray) -> bytes:
 
 
 def save_overlay_files(view: np.ndarray, attention: np.ndarray, probabilities: np.ndarray,
-                       findings: Sequence[str], which: Sequence[int], out_dir: Path, stem: str) -> dict[str, str]:
-    """Titled overlay PNGs for the findings `which` of one image into `out_dir`, plus an index
-    (`heatmaps.json`: finding -> file name) so later runs know what is there. Returns that mapping."""
+                       findings: Sequence[str], which: Sequence[int], out_dir: Path, stem: str,
+                       kind: str | None = None) -> dict[str, str]:
+    """Titled overlay PNGs for the findings `which` of one image into `out_dir` (the title names the map's
+    `kind`), plus an index (`heatmaps.json`: finding -> file name) so later runs know what is there.
+    Returns that mapping."""
     c, gh, gw = attention.shape
     tf = InputTransform(size=view.shape[0])  # the view is already the model's field of view: geometry = identity
     paths = save_heatmaps(attention.reshape(1, c, gh * gw), probabilities, findings, view, tf, out_dir, stem,
-                          which=list(which), gamma=GAMMA, grid=(gh, gw))
+                          which=list(which), gamma=GAMMA, grid=(gh, gw),
+                          note=None if kind is None else kind.replace("_", " "))
     written = {findings[i]: p.name for i, p in zip(which, paths)}
     atomic_write_json(out_dir / INDEX_FILE, written, indent=1)
     return written

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from chexfound.adapt.attribution import CLS_ATTENTION
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ConfigError
 from chexfound.io import CXRImage, read_image
@@ -99,6 +100,10 @@ class Predictor:
             from chexfound.models.inference import compile_blocks
 
             self.model.backbone = compile_blocks(self.model.backbone)
+            if self.model.heatmap_kind == CLS_ATTENTION:
+                # The CLS map reads the last attention layer's input through a hook, which compiled graphs
+                # skip: that one block runs uncompiled.
+                self.model.backbone.blocks[-1] = pair.backbone.blocks[-1]
         self.head = pair.head
         self.findings: list[str] = list(pair.head.findings)
         self.thresholds: np.ndarray = pair.head.thresholds.detach().cpu().float().numpy().copy()
@@ -140,6 +145,18 @@ class Predictor:
             _, maps = self.predict_tensor(torch.zeros(1, 3, self.transform.size, self.transform.size))
             self._has_attention = maps is not None
         return self._has_attention
+
+    @property
+    def heatmap_kind(self) -> str:
+        """What the heatmaps show for this head (`chexfound.adapt.attribution`: glori_attention,
+        linear_patch_contribution or cls_attention)."""
+        return self.model.heatmap_kind
+
+    @property
+    def has_heatmaps(self) -> bool:
+        """Every head has heatmaps (of the kind `heatmap_kind` says); `has_attention` is whether the head
+        itself attends (GLoRI)."""
+        return True
 
     def warmup(self, batch: int = 1) -> None:
         """One forward pass on blank images, so the first real request does not pay for lazy initialisation."""
@@ -185,6 +202,7 @@ class Predictor:
                 "pairing_warning": self.pairing_warning,
                 "has_attention": self.has_attention,
                 **({"hub": self.head_info.meta["hub"]} if "hub" in self.head_info.meta else {}),
+                "heatmap_kind": self.heatmap_kind,
             },
             "findings": self.findings,
             "thresholds": [float(t) for t in self.thresholds],

@@ -45,8 +45,9 @@ def _fmt(v: float) -> str:
 class PredictionStore:
     def __init__(self, out: Path, findings: Sequence[str], thresholds: np.ndarray, task: str,
                  identity: dict[str, Any], heatmap_dir: Path | None = None,
-                 threshold_rules: Sequence[dict[str, str]] | None = None) -> None:
+                 threshold_rules: Sequence[dict[str, str]] | None = None, heatmap_kind: str | None = None) -> None:
         self.out = out
+        self.heatmap_kind = heatmap_kind  # what the heatmaps show (chexfound.adapt.attribution)
         self.threshold_rules = list(threshold_rules or [{} for _ in findings])
         self.fmt = "json" if out.suffix.lower() == ".json" else "csv"
         self.findings = list(findings)
@@ -163,6 +164,7 @@ class PredictionStore:
             maps = self._heatmaps_of(shown)
             if maps:
                 rec["heatmaps"] = maps
+                rec["heatmap_kind"] = self.heatmap_kind
             out.append(rec)
         return out
 

@@ -3,6 +3,7 @@
     POST /v1/predict                      multipart `file` (DICOM/PNG/JPEG) -> findings JSON (+ heatmaps)
     GET  /v1/predictions/{id}/image.png   the model's view of an uploaded image (for the page; DICOM too)
     GET  /v1/predictions/{id}/heatmap.png?finding=NAME   one finding's overlay
+    POST /v1/predict/sr                   multipart `file` (DICOM) -> its findings as a DICOM Comprehensive SR
     GET  /v1/model                        backbone/head identity, findings, thresholds, transform, limits
     GET  /healthz                         liveness + queue state
     GET  /                                the web page
@@ -24,6 +25,7 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from chexfound.adapt.attribution import KIND_DESCRIPTIONS
 from chexfound.serve import overlay
 from chexfound.serve.api_page import render_api_page
 from chexfound.serve.batching import QueueFull
@@ -31,7 +33,7 @@ from chexfound.serve.prediction import CALL_TASKS
 from chexfound.serve.prediction_cache import CachedPrediction
 from chexfound.serve.schemas import ErrorOut, PredictionOut
 from chexfound.serve.state import ServeState, serve_state
-from chexfound.serve.uploads import DecodedUpload, decode_upload
+from chexfound.serve.uploads import DecodedUpload, UploadRejected, decode_upload
 
 STATIC = Path(__file__).parent / "static"
 PREDICT_PATH = "/v1/predict"
@@ -102,6 +104,66 @@ async def predict(
                                    {"decode": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
 
 
+@router.post(PREDICT_PATH + "/sr", summary="Findings for one DICOM chest X-ray as a DICOM Comprehensive SR",
+             response_class=Response,
+             responses={200: {"content": {"application/dicom": {}},
+                              "description": "a TID 1500 Measurement Report in a new series of the image's study"},
+                        400: {"model": ErrorOut, "description": "unreadable or empty upload"},
+                        415: {"model": ErrorOut, "description": "not DICOM (PNG/JPEG: no study to attach to)"},
+                        422: {"model": ErrorOut, "description": "a DICOM without the UIDs an SR needs"},
+                        503: {"description": "queue full; retry later"}})
+async def predict_sr(state: State, file: UploadFile = File(..., description="a DICOM chest X-ray")) -> Any:
+    # The header first: a PNG or a DICOM without UIDs is refused before the model runs.
+    source = await run_in_threadpool(_sr_source, file, state.settings.max_upload_bytes)
+    try:
+        slot = state.batcher.reserve()
+    except QueueFull as e:
+        return JSONResponse({"detail": f"server busy: {e}; retry later"}, 503, headers={"Retry-After": "1"})
+    try:
+        decoded = await run_in_threadpool(decode_upload, file, state, False)
+        try:
+            probs, _ = await asyncio.wait_for(asyncio.wrap_future(slot.submit(decoded.x)),
+                                              state.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, "timed out waiting for the model") from None
+    finally:
+        slot.release()
+    body = await run_in_threadpool(_sr_bytes, state, source, file.filename, probs)
+    stem = Path(file.filename or "upload").stem
+    return Response(body, media_type="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="{quote(stem)}.sr.dcm"'})
+
+
+def _sr_source(file: UploadFile, limit: int) -> Any:
+    from chexfound.serve.dicom_source import MissingUIDs, NotDicom, read_header, source_reference
+
+    name = file.filename or "upload"
+    file.file.seek(0)
+    data = file.file.read(limit + 1)
+    if not data:
+        raise UploadRejected(400, f"{name}: empty upload")
+    if len(data) > limit:
+        raise UploadRejected(413, f"{name}: upload too large: more than {limit} bytes")
+    try:
+        return source_reference(read_header(data, name), name)
+    except NotDicom as e:
+        raise UploadRejected(415, f"{e} (an SR needs a DICOM study to attach to)") from e
+    except MissingUIDs as e:
+        raise UploadRejected(422, str(e)) from e
+
+
+def _sr_bytes(state: ServeState, source: Any, filename: str | None, probs: np.ndarray) -> bytes:
+    from chexfound.serve.algorithm_id import AlgorithmIdentity
+    from chexfound.serve.dicom_out import dataset_bytes
+    from chexfound.serve.dicom_sr import build_sr
+    from chexfound.serve.prediction import Prediction
+
+    p = state.predictor
+    pred = Prediction(path=filename, findings=p.findings, thresholds=p.thresholds, task=p.task,
+                      probabilities=probs, threshold_rules=p.threshold_rules)
+    return dataset_bytes(build_sr(source, pred.findings_list(), AlgorithmIdentity.of(p)))
+
+
 def prediction_body(state: ServeState, filename: str | None, decoded: DecodedUpload, probs: np.ndarray,
                     maps: np.ndarray | None, heatmaps: str, top_k: int, timing: dict[str, float]) -> dict[str, Any]:
     """The /v1/predict JSON (a PredictionOut): findings in the head's order, calls, image facts, heatmaps."""
@@ -142,7 +204,8 @@ def prediction_body(state: ServeState, filename: str | None, decoded: DecodedUpl
             "view_position": m.get("view_position"),
             "image_url": image_url,
         },
-        "heatmaps": {"available": state.no_heatmap_reason is None, "reason": state.no_heatmap_reason},
+        "heatmaps": {"available": state.no_heatmap_reason is None, "reason": state.no_heatmap_reason,
+                     "kind": predictor.heatmap_kind, "description": KIND_DESCRIPTIONS[predictor.heatmap_kind]},
         "timing_ms": {k: round(v, 2) for k, v in timing.items()},
     }
 

@@ -22,6 +22,9 @@ class FindingOut(BaseModel):
 class HeatmapInfo(BaseModel):
     available: bool
     reason: str | None = None
+    kind: str | None = Field(None, description="what the maps show: glori_attention | "
+                                               "linear_patch_contribution | cls_attention")
+    description: str | None = None
 
 
 class ImageOut(BaseModel):

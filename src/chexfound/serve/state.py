@@ -38,11 +38,11 @@ class ServeState:
     decode_gate: threading.BoundedSemaphore  # at most `decode_workers` uploads decoded at once
     display_size: int  # side of the page's image and heatmap PNGs
     model_summary: dict[str, Any]  # sent with every prediction
-    no_heatmap_reason: str | None  # None when the head returns attention maps
+    no_heatmap_reason: str | None  # None when the model gives heatmaps (of predictor.heatmap_kind)
 
     @classmethod
     def build(cls, predictor: Predictor, settings: ServeSettings) -> ServeState:
-        has_attention = predictor.has_attention
+        has_heatmaps = predictor.has_heatmaps
         return cls(
             predictor=predictor,
             settings=settings,
@@ -53,9 +53,7 @@ class ServeState:
             display_size=overlay.display_size_for(predictor.transform),
             model_summary={"backbone_sha256": predictor.backbone_sha256, "head_type": predictor.head_type,
                            "task": predictor.task, "version": __version__},
-            no_heatmap_reason=None if has_attention else (
-                f"the head ({predictor.head_type}) returns no attention maps; heatmaps need an attention head "
-                "such as GLoRI"),
+            no_heatmap_reason=None if has_heatmaps else f"the head ({predictor.head_type}) has no heatmaps",
         )
 
 

@@ -85,9 +85,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="predictions.csv",
                    help="preds.csv or preds.json (default predictions.csv); a folder gets predictions.csv inside")
     p.add_argument("--heatmaps", metavar="DIR",
-                   help="write heatmap overlays (PNG) per image and finding here (needs an attention head)")
+                   help="write heatmap overlays (PNG) per image and finding here: GLoRI attention, a linear avgpool "
+                        "head's patch contributions, else the last block's CLS attention (the title says which)")
     p.add_argument("--top-k", type=int, metavar="K",
                    help="heatmaps for the K most probable findings (default: the findings called positive)")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="for each DICOM input, a DICOM Comprehensive SR of the findings (TID 1500) and its heatmaps "
+                        "(the --heatmaps selection) as Secondary Captures, in new series of the image's study, "
+                        "one folder per input (PNG/JPEG inputs get none: no study to attach to)")
+    p.add_argument("--fhir-out", metavar="DIR",
+                   help="for each input, a FHIR R5 Bundle: DiagnosticReport + one Observation per finding + the "
+                        "model as Device (needs the fhir extra)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from chexfound.serve.inputs import collect_inputs
+    from chexfound.serve.report_outputs import ReportOutputs
     from chexfound.serve.results import PredictionStore
 
     if not args.inputs and not args.manifest:
@@ -119,16 +128,16 @@ def run(args: argparse.Namespace) -> int:
     out = resolve_out(args.out)
     predictor = load_predictor(args)
     heat_dir = Path(args.heatmaps) if args.heatmaps else None
-    if heat_dir is not None and not predictor.has_attention:
-        raise ChexfoundError(f"--heatmaps: the head ({predictor.head_type}) returns no attention maps; heatmaps need "
-                             "an attention head such as GLoRI")
+    reports = ReportOutputs.open(predictor, args.dicom_out, args.fhir_out)
+    if heat_dir is not None and not predictor.has_heatmaps:
+        raise ChexfoundError(f"--heatmaps: the head ({predictor.head_type}) has no heatmaps")
 
     paths = collect_inputs(args.inputs, args.manifest)
     info = predictor.info()
     identity = {"backbone_sha256": predictor.backbone_sha256, "head_sha256": info["head"]["file_sha256"],
                 "findings": predictor.findings, "transform": info["transform"]}
     store = PredictionStore(out, predictor.findings, predictor.thresholds, predictor.task, identity, heat_dir,
-                            predictor.threshold_rules)
+                            predictor.threshold_rules, heatmap_kind=predictor.heatmap_kind)
     store.load()
     if not args.quiet and predictor.task in ("multilabel", "binary"):
         # What a positive call means: the rule behind each threshold (per finding in the JSON and run.json).
@@ -136,9 +145,11 @@ def run(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{rules.count(r)} by {r}" for r in dict.fromkeys(rules))
         print(f"thresholds of {len(rules)} findings: {counts} (chexfound.stats.thresholds; per finding in "
               f"{store.run_file.name})", file=sys.stderr)
-    todo = [p for p in paths if not store.done(p)]
+    reports.prepare(paths)
+    todo = [p for p in paths if not store.done(p) or reports.wants(p)]
     settings = {"inputs": [str(i) for i in args.inputs], "manifest": args.manifest, "out": str(out),
                 "heatmaps": args.heatmaps, "top_k": args.top_k, "batch_size": args.batch_size,
+                "dicom_out": args.dicom_out, "fhir_out": args.fhir_out,
                 "device": str(predictor.device), "dtype": predictor.dtype, "started": time.strftime("%FT%T%z")}
     store.start(settings)
     if store.resumed:
@@ -147,8 +158,9 @@ def run(args: argparse.Namespace) -> int:
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=args.quiet or not todo, file=sys.stderr)
     with logging_redirect_tqdm():
-        _loop(predictor, todo, store, bar, skipped, heat_dir, args)
+        _loop(predictor, todo, store, bar, skipped, heat_dir, args, reports)
     bar.close()
+    reports.finish()
 
     store.finish(skipped, info, settings)
     n_new = len(todo) - len(skipped)
@@ -157,29 +169,36 @@ def run(args: argparse.Namespace) -> int:
     return 1 if (skipped and args.strict) else 0
 
 
-def _loop(predictor: Any, todo: list[Path], store: Any, bar: Any, skipped: list[tuple[str, str]],
-          heat_dir: Path | None, args: argparse.Namespace) -> None:
+def _heatmap_choice(pred: Any, top_k: int | None) -> list[int]:
+    """The findings that get heatmaps: the K most probable with --top-k, else those called positive."""
     import numpy as np
 
+    if top_k:
+        return pred.ranked(top_k)
+    pos = pred.positives()
+    return [] if pos is None else np.flatnonzero(pos).tolist()
+
+
+def _loop(predictor: Any, todo: list[Path], store: Any, bar: Any, skipped: list[tuple[str, str]],
+          heat_dir: Path | None, args: argparse.Namespace, reports: Any) -> None:
     from chexfound.serve.overlay import save_overlay_files
     from chexfound.serve.results import heatmap_folder
 
+    maps_needed = heat_dir is not None or reports.dicom is not None
     for preds in predictor.iter_batches(todo, batch_size=args.batch_size, workers=args.workers,
-                                        keep_attention=heat_dir is not None, keep_view=heat_dir is not None):
+                                        keep_attention=maps_needed, keep_view=maps_needed):
         for pred in preds:
             if not pred.ok:
                 reason = str(pred.error).removeprefix(f"{pred.path}: ")
                 skipped.append((str(pred.path), reason))
                 log.warning("skipped %s: %s", pred.path, reason)
-            elif heat_dir is not None and pred.attention is not None and pred.view is not None:
-                pos = pred.positives()
-                if args.top_k:
-                    which = pred.ranked(args.top_k)
-                else:
-                    which = [] if pos is None else np.flatnonzero(pos).tolist()
-                if which:
-                    save_overlay_files(pred.view, pred.attention, pred.probabilities, pred.findings, which,
-                                       heat_dir / heatmap_folder(str(pred.path)), Path(str(pred.path)).stem)
-        # Heatmaps first, then the rows: a row on disk means its image is completely done.
+                continue
+            which = _heatmap_choice(pred, args.top_k)
+            if heat_dir is not None and pred.attention is not None and pred.view is not None and which:
+                save_overlay_files(pred.view, pred.attention, pred.probabilities, pred.findings, which,
+                                   heat_dir / heatmap_folder(str(pred.path)), Path(str(pred.path)).stem,
+                                   kind=predictor.heatmap_kind)
+            reports.write(pred, which)
+        # Heatmaps and reports first, then the rows: a row on disk means its image is completely done.
         store.append(preds)
         bar.update(len(preds))

@@ -46,7 +46,7 @@ async function showModel() {
     $("model-summary").textContent =
       `${m.head.head_type} head, ${m.findings.length} findings, backbone ${b.name || ""} ` +
       `(${size} params, ${b.input_size} px, ${b.provenance || "unknown origin"}) ${sha}` +
-      (m.head.has_attention ? "" : " (no heatmaps: this head has no attention)");
+      ` · heatmaps: ${(m.head.heatmap_kind || "none").replace(/_/g, " ")}`;
     $("model-summary").title = `backbone weights sha256 ${b.weights_sha256 || "?"}`;
   } catch (e) {
     $("model-summary").textContent = "model info unavailable";
@@ -85,7 +85,9 @@ async function selectFinding(li, finding) {
     if (state.selected !== finding.name) return; // another finding was clicked meanwhile
     state.overlay = img;
     draw();
-    $("caption").textContent = `heatmap: ${finding.name}`;
+    const kind = state.heatmapKind ? ` (${state.heatmapKind.replace(/_/g, " ")})` : "";
+    $("caption").textContent = `heatmap${kind}: ${finding.name}`;
+    $("caption").title = state.heatmapDescription || "";
     $("view").dataset.heatmap = finding.name;
   } catch (e) {
     $("caption").textContent = `heatmap for ${finding.name} unavailable (${e.message})`;
@@ -121,6 +123,8 @@ function showFindings(result) {
     li.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") selectFinding(li, f); });
     list.append(li);
   }
+  state.heatmapKind = result.heatmaps.kind;  // what the maps show: said in the caption
+  state.heatmapDescription = result.heatmaps.description;
   const note = $("heatmap-note");
   note.hidden = result.heatmaps.available;
   note.textContent = result.heatmaps.available ? "" : "Heatmaps unavailable: " + result.heatmaps.reason;
