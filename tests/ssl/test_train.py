@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_corp
 
 
 def test_next_stage_interpolates_pos_embed(full_run, tmp_path, tiny_corpus, tiny_config):
-    from chexfound.ssl.checkpoint import init_from_checkpoint
+    from chexfound.ssl.init_source import init_from_checkpoint
 
     out, _, _ = full_run
     ref = create_backbone(out / "teacher_backbone.safetensors")

@@ -12,9 +12,10 @@ import torch
 
 from chexfound.errors import ChexfoundError
 from chexfound.models import VisionTransformer
-from chexfound.ssl.checkpoint import export_teacher, full_model_state, init_from_checkpoint, latest_checkpoint
+from chexfound.ssl.checkpoint import export_teacher, full_model_state, latest_checkpoint
 from chexfound.runio import read_jsonl
 from chexfound.ssl.diagnostics import plot_report
+from chexfound.ssl.init_source import init_from_checkpoint
 from chexfound.ssl.meta_arch import SSLMetaArch
 from chexfound.ssl.run_context import MetricsLog, RunContext
 from chexfound.ssl.train_loop import LoopOutcome, RunLength, TrainLoop
@@ -99,10 +100,7 @@ def initial_teacher(cfg: dict[str, Any]) -> VisionTransformer:
     torch.manual_seed(int(cfg["train"]["seed"]))
     meta = SSLMetaArch(cfg)
     if cfg["train"]["init_from"]:
-        from chexfound.ssl.config import expand_path
-
-        init_from_checkpoint(meta.student, meta.teacher, expand_path(cfg["train"]["init_from"]),
-                             cfg["train"]["pos_embed_on_resize"])
+        init_from_checkpoint(meta.student, meta.teacher, cfg["train"]["init_from"], cfg["train"]["pos_embed_on_resize"])
     return meta.teacher.backbone.eval()
 
 
