@@ -7,6 +7,8 @@ Layout of a run folder:
   teacher_backbone.safetensors our format (chexfound.models.save_backbone): config + input transform in meta
   teacher_checkpoint.pth       the original CheXFound layout {"teacher": {backbone.blocks.<chunk>.<i>...,
                                 dino_head..., ibot_head...}} so the original tools can read it
+  teacher_backbone.md, teacher_checkpoint.md   their model cards (`chexfound.models.card`), with the final
+                                probe comparison (probe_comparison.json) once the run has it
 
 Where a run starts from (`train.init_from`: an earlier stage, the release, any backbone) is
 `chexfound.ssl.init_source`.
@@ -17,15 +19,16 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError
 from chexfound.models import VisionTransformer, save_backbone
-from chexfound.models.format import META_KEY
-from chexfound.models.ours import checkpoint_entry
+from chexfound.models.card import ModelFile, ResultTable, write_card
+from chexfound.models.format import META_KEY, sha256_file
+from chexfound.models.ours import checkpoint_entry, saved_info
 from chexfound.runio import atomic_output, atomic_write_bytes
 from chexfound.ssl.config import dump_config
 
@@ -188,7 +191,19 @@ def export_teacher(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config:
     # Self-describing: our config beside {"teacher": ...} (the original tools read only "teacher").
     layout[META_KEY] = checkpoint_entry(vit, extra={"ssl": extra})
     _atomic_torch_save(layout, orig)
+    write_teacher_cards(out, vit, layout[META_KEY])
     return {"ours": ours, "original": orig}
+
+
+def write_teacher_cards(out_dir: str | Path, vit: VisionTransformer, meta: dict[str, Any],
+                        results: Sequence[ResultTable] = ()) -> list[Path]:
+    """The model cards of both teacher exports (`teacher_backbone.md`, `teacher_checkpoint.md`); written again
+    with the final probe comparison once the run has measured it."""
+    out = Path(out_dir)
+    return [write_card(ModelFile(out / name, kind, sha256_file(out / name)), saved_info(vit, meta, out / name),
+                       results=results)
+            for name, kind in (("teacher_backbone.safetensors", "backbone"),
+                               ("teacher_checkpoint.pth", "teacher_checkpoint"))]
 
 
 def export_teacher_shards(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config: Any, max_mib: float,
