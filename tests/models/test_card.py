@@ -95,7 +95,8 @@ def test_head_card_from_an_adapt_run_carries_its_validation_numbers(tmp_path, da
     f = facts(card)
     assert sha_in(f["file SHA-256"]) == sha256_file(head_file)
     summary = json.loads((out / "linear.metrics.json").read_text())
-    assert sha_in(f["backbone weights SHA-256"]) == summary["backbone_sha256"] == load_head(head_file).info.backbone_sha256
+    recorded = load_head(head_file).info.backbone_sha256
+    assert sha_in(f["backbone weights SHA-256"]) == summary["backbone_sha256"] == recorded
     head = load_head(head_file)
     for name, t in zip(head.findings, head.thresholds.tolist()):
         assert re.search(rf"^\| {re.escape(name)} \| {t:.4f} \| ", card, re.M), name

@@ -90,7 +90,8 @@ def resolve_init_source(source: str | Path) -> InitSource:
         if str(source) in list_configs():
             raise ConfigError(None, f"--init-from {source}: a named architecture has no weights to start from; give a "
                                     "checkpoint, a backbone file or a run folder (the architecture is the preset's)")
-    return _from_backbone(source)  # files, folders and ids the model resolver knows (it names what it refuses)
+    # files, folders and ids the model resolver knows (it names what it refuses)
+    return _from_backbone(str(source), path if path is not None else str(source))
 
 
 def _from_checkpoint(path: Path, source: str, obj: dict[str, Any] | None = None) -> InitSource:
@@ -136,10 +137,10 @@ def _recorded_config(path: Path, obj: dict[str, Any]) -> ViTConfig | None:
     return None
 
 
-def _from_backbone(source: str | Path) -> InitSource:
+def _from_backbone(source: str, where: str | Path) -> InitSource:
     from chexfound.models import create_backbone
 
-    model = create_backbone(source if _local(source) is None else _local(source))  # type: ignore[arg-type]
+    model = create_backbone(where)
     info = model.info
     if info.format == "random":
         raise ConfigError(None, f"--init-from {source}: a named architecture has no weights to start from")
@@ -148,7 +149,7 @@ def _from_backbone(source: str | Path) -> InitSource:
         if name in ("dino_head", "ibot_head"):
             sd.update({f"{name}.{k}": v for k, v in hsd.items()})
     has_heads = any(k.startswith(("dino_head.", "ibot_head.")) for k in sd)
-    return InitSource(str(source), f"backbone, {info.format}", {"student": sd, "teacher": dict(sd)}, info.config,
+    return InitSource(source, f"backbone, {info.format}", {"student": sd, "teacher": dict(sd)}, info.config,
                       has_heads)
 
 
@@ -233,7 +234,8 @@ def init_from_checkpoint(student: nn.Module, teacher: nn.Module, path: str | Pat
             notes.append(f"{side}: {k} not loaded (shape {tuple(sd[k].shape)} != {tuple(own[k].shape)})")
             del sd[k]
         missing, unexpected = module.load_state_dict(sd, strict=False)
-        bad = [k for k in missing if k.startswith("backbone.") and not (k == "backbone.pos_embed" and pos_mode == "reinit")]
+        reinit_pos = pos_mode == "reinit"
+        bad = [k for k in missing if k.startswith("backbone.") and not (k == "backbone.pos_embed" and reinit_pos)]
         if bad or [k for k in unexpected if k.startswith("backbone.")]:
             raise CheckpointError(p, f"{side} backbone keys do not match: missing {bad}, unexpected {unexpected}")
         fresh = sorted({k.split(".")[0] for k in missing if not k.startswith("backbone.")})
