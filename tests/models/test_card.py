@@ -186,3 +186,17 @@ def test_convert_writes_a_card(tmp_path):
     assert sha_in(facts(card)["file SHA-256"]) == sha256_file(tmp_path / "c.safetensors")
     assert "converted from" in facts(card)["provenance"] and "Apache-2.0" in card
     assert_no_results(card)
+
+
+def test_a_folder_model_gets_readme_with_hub_header(backbone, tmp_path):
+    from chexfound.models.card import ModelFile, write_card
+
+    model, _, path = backbone
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    card = write_card(ModelFile(folder, "hf", sha256_file(path)), create_backbone(path).info)
+    assert card == folder / "README.md" == card_path(folder)
+    text = card.read_text()
+    assert text.startswith("---\nlibrary_name: transformers\n") and "license:" not in text.split("---")[1]
+    assert "AutoModel.from_pretrained" in text
+    assert_common(text)

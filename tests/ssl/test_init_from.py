@@ -122,6 +122,18 @@ def test_another_architecture_is_refused_naming_both(source, tmp_path, tiny_conf
         init_from_checkpoint(meta.student, meta.teacher, "tiny_vit", "interpolate")
 
 
+def test_a_missing_source_is_refused_before_the_corpus_is_read(tmp_path, tiny_config, monkeypatch):
+    import chexfound.ssl.train as train_mod
+
+    def no_corpus(*a, **kw):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(train_mod, "open_corpus", no_corpus)
+    cfg = tiny_config(f"train.init_from={tmp_path / 'missing' / 'teacher_checkpoint.pth'}")
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        pretrain(cfg, tmp_path / "run", device="cpu", quiet=True)
+
+
 def test_a_run_folder_continues_its_student_and_teacher(source, tmp_path, tiny_corpus, tiny_config):
     _, _, d = source
     cfg = tiny_config(*HEADS, f"train.init_from={d / 'teacher_checkpoint.pth'}", "optim.epochs=1")

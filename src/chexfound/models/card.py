@@ -124,7 +124,8 @@ def render_card(file: ModelFile, backbone: ModelInfo | None, *, head: HeadFacts 
     title = file.path.stem
     if file.kind in ("backbone", "teacher_checkpoint", "hf") and backbone is not None and backbone.name:
         title = f"{backbone.name} ({name})"
-    md = [f"# {title}", "", f"`{name}` is {_WHAT[file.kind]}, written by chexfound, an open implementation of "
+    md = _hub_header(backbone) if file.kind == "hf" else []
+    md += [f"# {title}", "", f"`{name}` is {_WHAT[file.kind]}, written by chexfound, an open implementation of "
           "CheXFound (Yang et al., arXiv 2502.05142).", ""]
     md += _identity(file, backbone, head)
     md += _data(backbone, head)
@@ -133,6 +134,15 @@ def render_card(file: ModelFile, backbone: ModelInfo | None, *, head: HeadFacts 
     md += _transform(backbone)
     md += _loading(file)
     return "\n".join(md).rstrip() + "\n"
+
+
+def _hub_header(info: ModelInfo | None) -> list[str]:
+    """The YAML block the Hugging Face Hub reads from a README (a licence only where the weights' is known)."""
+    head = ["---", "library_name: transformers", "pipeline_tag: image-feature-extraction",
+            "tags: [chest-x-ray, radiology, dinov2, chexfound, self-supervised]"]
+    if _from_chexfound_release(info):
+        head.append("license: apache-2.0")
+    return head + ["---", ""]
 
 
 def _row(key: str, value: Any) -> str:

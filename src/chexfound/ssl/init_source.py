@@ -90,8 +90,17 @@ def resolve_init_source(source: str | Path) -> InitSource:
         if str(source) in list_configs():
             raise ConfigError(None, f"--init-from {source}: a named architecture has no weights to start from; give a "
                                     "checkpoint, a backbone file or a run folder (the architecture is the preset's)")
-    # files, folders and ids the model resolver knows (it names what it refuses)
-    return _from_backbone(str(source), path if path is not None else str(source))
+    # files, folders, ids and short names the model resolver knows (it names what it refuses)
+    return _from_backbone(str(source), path if path is not None and path.exists() else str(source))
+
+
+def check_source_exists(source: str | Path) -> None:
+    """Before any work: a SOURCE written as a local file or folder must be there (ids and names are resolved
+    later, by the model resolver)."""
+    path = _local(source)
+    looks_local = path is not None and ("/" in str(source) or path.suffix in (".pth", ".pt", ".safetensors", ".bin"))
+    if looks_local and path is not None and not path.exists():
+        raise ConfigError(path, "--init-from: no such file or folder")
 
 
 def _from_checkpoint(path: Path, source: str, obj: dict[str, Any] | None = None) -> InitSource:

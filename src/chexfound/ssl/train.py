@@ -35,7 +35,7 @@ from chexfound.ssl.config import diff_configs, dump_config
 from chexfound.ssl.data import Corpus, open_corpus
 from chexfound.ssl.diagnostics import CollapseMonitor
 from chexfound.ssl.heal import Healer
-from chexfound.ssl.init_source import init_from_checkpoint
+from chexfound.ssl.init_source import check_source_exists, init_from_checkpoint
 from chexfound.ssl.run_context import MetricsLog, PrintedLog, RunContext, RunSettings
 from chexfound.ssl.train_end import RunResult, finish
 from chexfound.ssl.train_loop import RunLength, TrainLoop, probe_iterations
@@ -62,6 +62,8 @@ def pretrain(
     """Run (or resume) a pretraining run in `out_dir`. `stop_after`: stop (as if killed, after a checkpoint)
     once this many iterations are done (used to test resumption). `clock`: the time source of the budget."""
     ctx, ckpt = _open(cfg, out_dir, device, quiet, echo, clock)
+    if ckpt is None and ctx.settings.init_from:
+        check_source_exists(ctx.settings.init_from)  # before the corpus is read
     corpus = open_corpus(ctx.cfg, ctx.out, ctx.info, ctx.say, quiet)
     trainer, start, resumed = _model(ctx, corpus, ckpt)
     from chexfound.ssl.probe_runner import ProbeRunner
