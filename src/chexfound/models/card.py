@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from chexfound.models.info import ModelInfo, format_params
 
-Kind = Literal["backbone", "teacher_checkpoint", "head", "classifier", "onnx", "hf"]
+Kind = Literal["backbone", "teacher_checkpoint", "shards", "head", "classifier", "onnx", "hf"]
 
 __all__ = ["HeadFacts", "ModelFile", "ResultTable", "backbone_of_head", "card_path", "head_facts", "render_card",
            "write_card"]
@@ -58,7 +58,7 @@ class HeadFacts:
 class ModelFile:
     path: Path
     kind: Kind
-    sha256: str  # of the file itself (`sha256sum`); for a folder, of its weights file
+    sha256: str  # of the file itself (`sha256sum`); for a folder, of its weights file ("" for shards: per file)
     extra_files: tuple[str, ...] = field(default=())  # files that belong to it (ONNX external data, ...)
 
 
@@ -84,7 +84,7 @@ def head_facts(meta: Mapping[str, Any], n_params: int = 0) -> HeadFacts:
     return HeadFacts(head_type=str(meta.get("head_type", "?")), task=str(meta.get("task", "multilabel")),
                      findings=tuple(meta.get("findings") or ()),
                      thresholds=tuple(float(t) for t in meta.get("thresholds") or ()), threshold_rules=tuple(rules),
-                     n_params=n_params, trained_on=str(meta.get("train_manifest") or ""))
+                     n_params=n_params, trained_on=str(meta.get("train_manifest") or meta.get("trained_on") or ""))
 
 
 def backbone_of_head(meta: Mapping[str, Any]) -> ModelInfo | None:
@@ -114,6 +114,7 @@ _WHAT = {
     "classifier": "a classifier (backbone + head) in one safetensors bundle",
     "onnx": "a classifier (backbone + head) exported to ONNX",
     "hf": "a backbone exported for Hugging Face `transformers`",
+    "shards": "a backbone as bf16 safetensors shards (small files for capped transfers)",
 }
 
 
@@ -122,7 +123,7 @@ def render_card(file: ModelFile, backbone: ModelInfo | None, *, head: HeadFacts 
     """The card as Markdown (see the module docstring)."""
     name = file.path.name
     title = file.path.stem
-    if file.kind in ("backbone", "teacher_checkpoint", "hf") and backbone is not None and backbone.name:
+    if file.kind in ("backbone", "teacher_checkpoint", "hf", "shards") and backbone is not None and backbone.name:
         title = f"{backbone.name} ({name})"
     md = _hub_header(backbone) if file.kind == "hf" else []
     md += [f"# {title}", "", f"`{name}` is {_WHAT[file.kind]}, written by chexfound, an open implementation of "
@@ -160,10 +161,11 @@ def architecture(cfg: Any) -> str:
 
 
 def _identity(file: ModelFile, info: ModelInfo | None, head: HeadFacts | None) -> list[str]:
-    md = ["## The model", "", "| | |", "|---|---|", _row("file", f"`{file.path.name}`"),
-          _row("file SHA-256", f"`{file.sha256}`")]
+    md = ["## The model", "", "| | |", "|---|---|", _row("file", f"`{file.path.name}`")]
+    if file.sha256:
+        md.append(_row("file SHA-256", f"`{file.sha256}`"))
     for extra in file.extra_files:
-        md.append(_row("with", f"`{extra}`"))
+        md.append(_row("with", extra if " " in extra else f"`{extra}`"))
     if info is not None:
         md += [_row("backbone", f"`{info.name or 'unnamed'}`"), _row("architecture", architecture(info.config)),
                _row("backbone parameters", f"{format_params(info.num_params)} ({info.num_params:,})"
@@ -312,7 +314,11 @@ def _transform(info: ModelInfo | None) -> list[str]:
 def _loading(file: ModelFile) -> list[str]:
     n = file.path.name
     md = ["## How to load", ""]
-    if file.kind in ("backbone", "teacher_checkpoint"):
+    if file.kind == "shards":
+        md += ["```python", "from chexfound.ssl.checkpoint import load_backbone_shards", "",
+               f'model, meta = load_backbone_shards("{n}")  # checks every shard against the fp32 weights SHA-256',
+               "```", ""]
+    elif file.kind in ("backbone", "teacher_checkpoint"):
         md += ["```python", "import torch", "from chexfound.io import read_image",
                "from chexfound.models import create_backbone", "", f'model = create_backbone("{n}")',
                'x = model.info.transform(read_image("scan.dcm").pixels)[None]',

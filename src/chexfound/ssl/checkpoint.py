@@ -232,11 +232,14 @@ def export_teacher_shards(out_dir: str | Path, model_sd: dict[str, Tensor], vit_
     meta = {"kind": "backbone_shard", "config": vit.cfg.to_dict(),
             "transform": InputTransform.for_backbone(vit.cfg).to_dict(), "dtype": str(dtype).replace("torch.", ""),
             "fp32_weights_sha256": state_dict_sha256(vit.state_dict()), "n_shards": len(groups), "ssl": extra}
-    out = []
+    out, shas = [], []
     for i, keys in enumerate(groups):
         path = Path(out_dir) / f"teacher_backbone.{i + 1:02d}-of-{len(groups):02d}.safetensors"
-        save_tensors(path, {k: sd[k] for k in keys}, {**meta, "shard": i + 1})
+        shas.append(save_tensors(path, {k: sd[k] for k in keys}, {**meta, "shard": i + 1}))
         out.append(path)
+    info = saved_info(vit, {**meta, "weights_sha256": meta["fp32_weights_sha256"]}, Path(out_dir))
+    write_card(ModelFile(Path(out_dir), "shards", "", tuple(f"`{p.name}` (SHA-256 `{s}`)" for p, s in zip(out, shas))),
+               info)
     return out
 
 
