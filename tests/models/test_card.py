@@ -102,6 +102,7 @@ def test_head_card_from_an_adapt_run_carries_its_validation_numbers(tmp_path, da
         assert re.search(rf"^\| {re.escape(name)} \| {t:.4f} \| ", card, re.M), name
     sec = results_section(card)
     assert "From `linear.metrics.json`" in sec
+    assert f"Selected by validation {summary['metric']}: {summary['best'][summary['metric']]:.4f}." in sec
     for r in summary["per_finding"]:
         cells = [r["finding"], str(r["n_pos"]), str(r["n_neg"])] + [
             "n/a" if r[k] is None or r[k] != r[k] else f"{r[k]:.4f}" for k in ("auroc", "ap")]

@@ -101,8 +101,8 @@ def backbone_of_head(meta: Mapping[str, Any]) -> ModelInfo | None:
     return ModelInfo(name=config.name, config=config,
                      transform=InputTransform.from_dict(tf) if tf else InputTransform.for_backbone(config),
                      weights_sha256=str(meta.get("backbone_sha256") or "not recorded"), source="",
-                     format="chexfound", origin={"source": "the backbone the head was trained on (its weights "
-                                                           "SHA-256 below; another backbone is refused)"})
+                     format="chexfound", origin={"source": "the backbone the head was trained on (the weights "
+                                                           "SHA-256 above; another backbone is refused)"})
 
 
 # -- rendering ------------------------------------------------------------------------------------------------
