@@ -93,13 +93,15 @@ def backbone_of_head(meta: Mapping[str, Any]) -> ModelInfo | None:
     from chexfound.data.transform import InputTransform
     from chexfound.models.config import ViTConfig
 
-    cfg = meta.get("backbone_config")
-    if not isinstance(cfg, dict):
+    cfg, tf = meta.get("backbone_config"), meta.get("transform")
+    try:
+        config = ViTConfig.from_dict(cfg) if isinstance(cfg, dict) else None
+        transform = InputTransform.from_dict(tf) if tf else None
+    except (TypeError, ValueError):  # a config this version cannot read: the card leaves the backbone out
         return None
-    config = ViTConfig.from_dict(cfg)
-    tf = meta.get("transform")
-    return ModelInfo(name=config.name, config=config,
-                     transform=InputTransform.from_dict(tf) if tf else InputTransform.for_backbone(config),
+    if config is None:
+        return None
+    return ModelInfo(name=config.name, config=config, transform=transform or InputTransform.for_backbone(config),
                      weights_sha256=str(meta.get("backbone_sha256") or "not recorded"), source="",
                      format="chexfound", origin={"source": "the backbone the head was trained on (the weights "
                                                            "SHA-256 above; another backbone is refused)"})
