@@ -109,9 +109,10 @@ def test_another_architecture_is_refused_naming_both(source, tmp_path, tiny_conf
     deeper = tiny("tiny_vit", seed=1, img_size=32, depth=3)
     save_backbone(deeper, tmp_path / "deep.safetensors")
     torch.save(official_teacher(deeper.state_dict(), depth=3, chunks=0, heads={}), tmp_path / "deep.pth")
-    for src in (tmp_path / "deep.safetensors", tmp_path / "deep.pth"):  # a recorded config; shapes only
+    for src, says in ((tmp_path / "deep.safetensors", "the source is tiny_vit"),  # a recorded config
+                      (tmp_path / "deep.pth", "the source's shapes say")):  # shapes only
         meta = SSLMetaArch(tiny_config(*HEADS))
-        with pytest.raises(ConfigError, match=r"depth=3.*this run's backbone .*depth=2.*differ in depth"):
+        with pytest.raises(ConfigError, match=rf"{says} \(.*depth=3.*this run's backbone .*depth=2.*differ in depth"):
             init_from_checkpoint(meta.student, meta.teacher, src, "interpolate")
     # The head count is not in the shapes: one of our runs records it (its checkpoint's config).
     meta = SSLMetaArch(tiny_config(*HEADS, "student.overrides={num_heads: 4}"))

@@ -187,16 +187,16 @@ def check_architecture(src: InitSource, run: ViTConfig) -> list[str]:
     mine = {f.name: getattr(run, f.name) for f in fields(run) if f.name in _ARCH_FIELDS}
     if src.config is not None:
         theirs = {f.name: getattr(src.config, f.name) for f in fields(src.config) if f.name in _ARCH_FIELDS}
-        what = f"{src.config.name or 'unnamed'}"
+        what = f"the source is {src.config.name or 'unnamed'}"
         notes = []
     else:
         theirs = _shape_facts(src.weights["teacher"])
-        what = "its shapes"
+        what = "the source's shapes say"
         notes = [f"the source records no architecture: its shapes match, and num_heads={run.num_heads} (the "
                  "run's) is assumed (shapes cannot tell the head count)"]
     differ = sorted(k for k in theirs if k in mine and theirs[k] != mine[k])
     if differ:
-        raise ConfigError(None, f"--init-from {src.source}: the source is a {what} {_describe(theirs)}, this run's "
+        raise ConfigError(None, f"--init-from {src.source}: {what} {_describe(theirs)}, this run's "
                                 f"backbone is {_describe(mine, run.name)}; they differ in {', '.join(differ)}. "
                                 "Choose the preset of the source's architecture (student.arch / student.overrides)")
     return notes
