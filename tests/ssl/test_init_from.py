@@ -174,3 +174,34 @@ def test_continue_preset_is_the_released_recipe_with_gentler_optimisation():
     assert o["base_lr"] < r["base_lr"] and o["warmup_epochs"] < r["warmup_epochs"]
     assert o["freeze_last_layer_epochs"] >= 1
     assert cont["teacher"]["warmup_teacher_temp"] == cont["teacher"]["teacher_temp"]
+
+
+@pytest.mark.slow
+def test_two_ranks_under_ddp_and_fsdp_start_from_the_source(source, tmp_path, tiny_corpus, tiny_config):
+    """Each rank loads the source; under FSDP2 each takes its shard. At learning rate 0 nothing moves, so the
+    exported teacher (backbone and heads) must be the source exactly."""
+    import os
+    import subprocess
+
+    import yaml
+
+    model, heads, d = source
+    cfg = tiny_config(*HEADS, "train.batch_size_per_gpu=4", "optim.epochs=1", "train.epoch_length=2")
+    cfg.pop("_preset")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "dist_init_worker.py"), str(tmp_path), str(tiny_corpus),
+           str(tmp_path / "tiny.yaml"), str(d / "teacher_checkpoint.pth")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from chexfound.models import create_backbone
+
+    for mode in ("ddp", "fsdp"):
+        exported = create_backbone(tmp_path / mode / "teacher_backbone.safetensors").state_dict()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(exported[k], v, rtol=0, atol=0, msg=f"{mode} {k}")
+        teacher = torch.load(tmp_path / mode / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+        for k, v in heads.items():
+            torch.testing.assert_close(teacher[k], v, rtol=0, atol=0, msg=f"{mode} {k}")

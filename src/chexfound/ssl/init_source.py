@@ -215,6 +215,17 @@ def resize_pos_embed(pos: Tensor, new_grid: int) -> Tensor:
     return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
 
 
+def _load(module: nn.Module, sd: dict[str, Tensor]) -> None:
+    """Load full (unsharded) tensors of `module`'s own keys, `strict=False` (absent heads keep their fresh
+    values); under FSDP2 each rank takes its shard of them (every rank calls this)."""
+    if any(hasattr(p, "to_local") for p in module.parameters()):  # DTensor parameters: FSDP2
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        module.load_state_dict(sd, strict=False)
+
+
 def init_from_checkpoint(student: nn.Module, teacher: nn.Module, path: str | Path, pos_mode: str) -> list[str]:
     """Start student and teacher from `path` (`chexfound.ssl.init_source`: an earlier run or stage, the
     original layout, or any backbone): backbones, and heads where the source has them and shapes match;
@@ -242,7 +253,8 @@ def init_from_checkpoint(student: nn.Module, teacher: nn.Module, path: str | Pat
                 raise CheckpointError(p, f"{side} {k}: shape {tuple(sd[k].shape)} != {tuple(own[k].shape)}")
             notes.append(f"{side}: {k} not loaded (shape {tuple(sd[k].shape)} != {tuple(own[k].shape)})")
             del sd[k]
-        missing, unexpected = module.load_state_dict(sd, strict=False)
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        _load(module, {k: v for k, v in sd.items() if k in own})
         reinit_pos = pos_mode == "reinit"
         bad = [k for k in missing if k.startswith("backbone.") and not (k == "backbone.pos_embed" and reinit_pos)]
         if bad or [k for k in unexpected if k.startswith("backbone.")]:

@@ -154,6 +154,7 @@ def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer,
     elif s.init_from:
         for n in init_from_checkpoint(trainer.meta.student, trainer.meta.teacher, s.init_from, s.pos_embed_on_resize):
             ctx.say(f"init_from: {n}")
+        trainer.meta.forget_ema_pairs()
     ctx.metrics.truncate_after(start)
     return trainer, start, resumed
 
