@@ -29,6 +29,12 @@ def test_demo_quick_runs_resumes_and_reports(data_root, tmp_path, capsys):
     auc = rep["models"]["pretrained/kermany"]["heads"]["linear"]["metrics"]["macro"]["auroc"]
     lo, hi = rep["models"]["pretrained/kermany"]["heads"]["linear"]["metrics"]["macro"]["auroc_ci"]
     assert 0.0 <= lo <= auc <= hi <= 1.0
+    # Every model has its card; a head's card carries the test numbers the report has for it.
+    for which in ("pretrained", "random"):
+        for f in ("backbone", "nih14-glori", "nih14-linear", "kermany-linear"):
+            assert "**Not for clinical use.**" in (out / "models" / which / f"{f}.md").read_text(), (which, f)
+    card = (out / "models" / "pretrained" / "kermany-linear.md").read_text()
+    assert f"| macro | {auc:.4f} | [{lo:.4f}, {hi:.4f}] |" in card
     # The baselines are always reported next to the pretrained model.
     assert {"random/kermany", "pixels/kermany", "pixels/nih14"} <= set(rep["models"])
     assert "kermany: pretrained - random (linear)" in rep["paired"]

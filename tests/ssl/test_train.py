@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_corp
 
 
 def test_next_stage_interpolates_pos_embed(full_run, tmp_path, tiny_corpus, tiny_config):
-    from chexfound.ssl.checkpoint import init_from_checkpoint
+    from chexfound.ssl.init_source import init_from_checkpoint
 
     out, _, _ = full_run
     ref = create_backbone(out / "teacher_backbone.safetensors")
@@ -145,6 +145,11 @@ def test_bf16_shards_roundtrip(full_run, tmp_path):
     files = export_teacher_shards(tmp_path, ck["model"], meta_arch.vit_config, 0.25, {"note": "test"})
     assert len(files) > 1 and all(f.stat().st_size <= 0.25 * 2**20 for f in files)
     model, meta = load_backbone_shards(tmp_path)
+    card = (tmp_path / "README.md").read_text()  # the shards' model card lists each with its SHA-256
+    from chexfound.models.format import sha256_file
+
+    assert all(f"`{f.name}` (SHA-256 `{sha256_file(f)}`)" in card for f in files)
+    assert "load_backbone_shards" in card and "**Not for clinical use.**" in card
     ref = create_backbone(out / "teacher_backbone.safetensors")
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v.to(torch.bfloat16).float())

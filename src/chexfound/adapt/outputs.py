@@ -15,6 +15,7 @@ import torch
 from chexfound.adapt.heads import Head, save_head
 from chexfound.adapt.options import AdaptOptions
 from chexfound.adapt.selection import per_finding
+from chexfound.models.card_results import adapt_tables
 from chexfound.runio import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ def write_outputs(opts: AdaptOptions, name: str, out: Path, bb: RunBackbone, tr:
         extra["features"] = str(opts.features)
     if opts.finetune in ("lora", "bitfit"):  # the backbone is base + this adapter (`predict --adapter`)
         extra["adapter"] = f"{name}.adapter.safetensors"
-    save_head(head, head_path, backbone_sha256=bb.sha256, backbone_config=bb.config, transform=bb.transform.to_dict(),
-              extra=extra)
     files = {"head": head_path, "grid": out / f"{name}.grid.csv", "summary": out / f"{name}.metrics.json",
              "val_predictions": out / f"{name}.val_predictions.csv",
              "val_per_finding": out / f"{name}.val_per_finding.csv", "log": out / "metrics.jsonl"}
@@ -96,6 +95,9 @@ def write_outputs(opts: AdaptOptions, name: str, out: Path, bb: RunBackbone, tr:
             summary["per_finding"] = rows
             if not opts.quiet:
                 print(_format_table(table))
+    # The head file's model card carries the validation numbers above (from the same summary as metrics.json).
+    save_head(head, head_path, backbone_sha256=bb.sha256, backbone_config=bb.config, transform=bb.transform.to_dict(),
+              extra=extra, results=adapt_tables(summary, files["summary"].name))
     if tr.skipped:
         _write_csv(pd.DataFrame(tr.skipped, columns=["split", "path", "reason"]), out / "skipped.csv")
         log.warning("%d unreadable image(s) skipped; listed in %s", len(tr.skipped), out / "skipped.csv")

@@ -27,6 +27,7 @@ from chexfound.data.readers import read_kermany, read_nih14_shared
 from chexfound.demo.stages import StageRunner
 from chexfound.errors import ConfigError
 from chexfound.models import backbone_sha256, create_backbone, save_backbone
+from chexfound.models.card_results import evaluate_tables
 from chexfound.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,8 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
                                 y[sp["train"]], ecfg)
         head_file = cfg.out / "models" / which / f"{task.name}-{head_type}.safetensors"
         save_head(head, head_file, backbone_sha256=model.info.weights_sha256, backbone_config=model.cfg.to_dict(),
-                  transform=tf.to_dict(), extra={"task_name": task.name, "trained_on": str(task.manifest)})
+                  transform=tf.to_dict(), extra={"task_name": task.name, "trained_on": str(task.manifest)},
+                  results=evaluate_tables(res, "report.json (the demo's test split)"))
         np.save(cfg.out / "cache" / which / f"{task.name}-{head_type}-test-probs.npy", p)
         calls = call_rates(y[sp["test"]], p, np.asarray(fitted.thresholds))
         out["heads"][head_type] = {"metrics": res, "fit": fitted.info, "file": str(head_file), "calls": calls,

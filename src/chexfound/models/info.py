@@ -80,6 +80,8 @@ class ModelInfo:
                 parts.append(f"{ssl['iterations']} iterations")
             if ssl.get("n_images") is not None:
                 parts.append(f"{ssl['n_images']} images")
+            if ssl.get("init_from"):
+                parts.append(f"continued from {ssl['init_from']}")
             return ", ".join(parts)
         src = self.origin.get("source")
         if isinstance(src, dict) and src.get("path"):

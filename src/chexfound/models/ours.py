@@ -15,8 +15,10 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from chexfound.errors import CheckpointError
+from chexfound.models.card import ModelFile, ResultTable, write_card
 from chexfound.models.config import ViTConfig
 from chexfound.models.format import FORMAT_VERSION, load_tensors, save_tensors, state_dict_sha256
+from chexfound.models.info import ModelInfo
 from chexfound.models.vit import VisionTransformer
 
 HEADS_PREFIX = "heads."
@@ -58,8 +60,10 @@ def save_backbone(
     transform: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     heads: dict[str, dict[str, Tensor]] | None = None,
+    results: Sequence[ResultTable] = (),
 ) -> str:
-    """Write `model` (its config, transform, provenance and any `heads`) to `path`; returns the file SHA-256.
+    """Write `model` (its config, transform, provenance and any `heads`) to `path`, and its model card beside
+    it (`chexfound.models.card`, with the `results` the caller's run measured); returns the file SHA-256.
     A model from `create_backbone` keeps its transform and provenance (`model.info`) unless given here."""
     sd = model.state_dict()
     tensors = dict(sd)
@@ -71,7 +75,20 @@ def save_backbone(
     info = getattr(model, "info", None)
     origin = info.file_extra() if info is not None else {}
     meta = backbone_meta(model, transform, {**origin, **(extra or {})}, head_names=list(heads or {}))
-    return save_tensors(path, tensors, meta)
+    sha = save_tensors(path, tensors, meta)
+    write_card(ModelFile(Path(path), "backbone", sha), saved_info(model, meta, path), results=results)
+    return sha
+
+
+def saved_info(model: VisionTransformer, meta: dict[str, Any], path: str | PathLike[str]) -> ModelInfo:
+    """The `ModelInfo` that loading the file just written with `meta` gives (without reading it back)."""
+    from chexfound.data.transform import InputTransform
+    from chexfound.models.info import count_params, origin_from_file_meta
+
+    return ModelInfo(name=model.cfg.name or Path(path).stem, config=model.cfg,
+                     transform=InputTransform.from_dict(meta["transform"]), weights_sha256=meta["weights_sha256"],
+                     source=str(path), format="chexfound", config_source="file metadata",
+                     num_params=count_params(model), origin=origin_from_file_meta(meta))
 
 
 def read_ours(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, Any]]:

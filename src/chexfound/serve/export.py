@@ -8,6 +8,8 @@ backbone identity, so a deployment can preprocess and threshold without this pac
 
 safetensors bundle: tensors `backbone.*` and `head.*` with kind='classifier' metadata holding both
 files' metadata (`chexfound.serve.bundle`); `Predictor.from_bundle` reads it back.
+
+Every export writes its model card beside it (`model.onnx` -> `model.md`; `chexfound.models.card`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import tempfile
 import warnings
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError
+from chexfound.models.card import ModelFile, ResultTable, head_facts, write_card
+from chexfound.models.format import sha256_file
 from chexfound.serve.bundle import Classifier, ModelPair, load_bundle, save_bundle
 from chexfound.serve.predictor import Predictor
 
@@ -78,8 +82,10 @@ def export_onnx(
     attention: bool = True,
     verify: bool = True,
     atol: float = 1e-4,
+    results: Sequence[ResultTable] = (),
 ) -> dict[str, Any]:
-    """Write `path` (.onnx); returns {"path", "opset", "outputs", "max_abs_diff" (when verified)}."""
+    """Write `path` (.onnx) and its model card (`<stem>.md`, with `results` where the caller has measured
+    ones); returns {"path", "opset", "outputs", "max_abs_diff" (when verified), "card"}."""
     import onnx
 
     out = Path(path)
@@ -113,11 +119,24 @@ def export_onnx(
         if verify:  # before the file is put in place: a failed export leaves nothing behind
             result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out)
         # Large models come with external data files: move those first, the .onnx last (its arrival = done).
+        extra_files = []
         for f in Path(tmp).iterdir():
             if f.name != out.name:
                 shutil.move(str(f), out.parent / f.name)
+                extra_files.append(f.name)
         tmp_file.replace(out)
+    result["card"] = str(_card(predictor, ModelFile(out, "onnx", sha256_file(out), tuple(sorted(extra_files))),
+                               results))
     return result
+
+
+def _card(predictor: Predictor, file: ModelFile, results: Sequence[ResultTable]) -> Path:
+    """The model card of an exported backbone + head (`chexfound.models.card`)."""
+    meta = {**predictor.head_info.meta, "head_type": predictor.head_type, "task": predictor.task,
+            "findings": list(predictor.findings), "thresholds": [float(t) for t in predictor.thresholds],
+            "threshold_rules": predictor.threshold_rules or []}
+    n_params = sum(p.numel() for p in predictor.model.head.parameters())
+    return write_card(file, predictor.backbone_info, head=head_facts(meta, n_params), results=results)
 
 
 def _verify_dynamic(path: Path, predictor: Predictor, atol: float, name: Path) -> dict[str, float]:
@@ -170,10 +189,13 @@ def verify_onnx(path: str | PathLike[str], predictor: Predictor, batch: int = 3,
 
 
 # -- safetensors bundle --
-def export_safetensors(predictor: Predictor, path: str | PathLike[str], dtype: str = "fp32") -> str:
-    """One file with backbone + head weights and both identities (`chexfound.serve.bundle`); returns its
-    SHA-256. `Predictor.from_bundle` / `--model` read it back."""
+def export_safetensors(predictor: Predictor, path: str | PathLike[str], dtype: str = "fp32",
+                       results: Sequence[ResultTable] = ()) -> str:
+    """One file with backbone + head weights and both identities (`chexfound.serve.bundle`), and its model
+    card beside it; returns its SHA-256. `Predictor.from_bundle` / `--model` read it back."""
     pair = ModelPair(predictor.model.backbone, predictor.model.head, predictor.backbone_info, predictor.head_info,
                      predictor.transform, predictor.pairing_warning)
-    return save_bundle(pair, path, dtype=dtype)
+    sha = save_bundle(pair, path, dtype=dtype)
+    _card(predictor, ModelFile(Path(path), "classifier", sha), results)
+    return sha
 

@@ -1,4 +1,4 @@
-"""Training checkpoints (atomic, keep-last-k, exact resume), teacher exports, and stage initialisation.
+"""Training checkpoints (atomic, keep-last-k, exact resume) and teacher exports.
 
 Layout of a run folder:
   ckpt/ckpt_<iteration>.pt     {"iteration" (next to run), "model", "optimizer", "scaler", "state"} (torch.save,
@@ -7,28 +7,28 @@ Layout of a run folder:
   teacher_backbone.safetensors our format (chexfound.models.save_backbone): config + input transform in meta
   teacher_checkpoint.pth       the original CheXFound layout {"teacher": {backbone.blocks.<chunk>.<i>...,
                                 dino_head..., ibot_head...}} so the original tools can read it
+  teacher_backbone.md, teacher_checkpoint.md   their model cards (`chexfound.models.card`), with the final
+                                probe comparison (probe_comparison.json) once the run has it
 
-Progressive resolution (`train.init_from`): a stage starts from the previous stage's weights; when the global
-crop size changed, the patch-grid part of `pos_embed` is resized bicubically (our choice; the original
-deleted it and re-initialised, available as `train.pos_embed_on_resize=reinit`).
+Where a run starts from (`train.init_from`: an earlier stage, the release, any backbone) is
+`chexfound.ssl.init_source`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError
 from chexfound.models import VisionTransformer, save_backbone
-from chexfound.models.format import META_KEY
-from chexfound.models.ours import checkpoint_entry
+from chexfound.models.card import ModelFile, ResultTable, write_card
+from chexfound.models.format import META_KEY, sha256_file
+from chexfound.models.ours import checkpoint_entry, saved_info
 from chexfound.runio import atomic_output, atomic_write_bytes
 from chexfound.ssl.config import dump_config
 
@@ -191,7 +191,19 @@ def export_teacher(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config:
     # Self-describing: our config beside {"teacher": ...} (the original tools read only "teacher").
     layout[META_KEY] = checkpoint_entry(vit, extra={"ssl": extra})
     _atomic_torch_save(layout, orig)
+    write_teacher_cards(out, vit, layout[META_KEY])
     return {"ours": ours, "original": orig}
+
+
+def write_teacher_cards(out_dir: str | Path, vit: VisionTransformer, meta: dict[str, Any],
+                        results: Sequence[ResultTable] = ()) -> list[Path]:
+    """The model cards of both teacher exports (`teacher_backbone.md`, `teacher_checkpoint.md`); written again
+    with the final probe comparison once the run has measured it."""
+    out = Path(out_dir)
+    return [write_card(ModelFile(out / name, kind, sha256_file(out / name)), saved_info(vit, meta, out / name),
+                       results=results)
+            for name, kind in (("teacher_backbone.safetensors", "backbone"),
+                               ("teacher_checkpoint.pth", "teacher_checkpoint"))]
 
 
 def export_teacher_shards(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config: Any, max_mib: float,
@@ -220,11 +232,14 @@ def export_teacher_shards(out_dir: str | Path, model_sd: dict[str, Tensor], vit_
     meta = {"kind": "backbone_shard", "config": vit.cfg.to_dict(),
             "transform": InputTransform.for_backbone(vit.cfg).to_dict(), "dtype": str(dtype).replace("torch.", ""),
             "fp32_weights_sha256": state_dict_sha256(vit.state_dict()), "n_shards": len(groups), "ssl": extra}
-    out = []
+    out, shas = [], []
     for i, keys in enumerate(groups):
         path = Path(out_dir) / f"teacher_backbone.{i + 1:02d}-of-{len(groups):02d}.safetensors"
-        save_tensors(path, {k: sd[k] for k in keys}, {**meta, "shard": i + 1})
+        shas.append(save_tensors(path, {k: sd[k] for k in keys}, {**meta, "shard": i + 1}))
         out.append(path)
+    info = saved_info(vit, {**meta, "weights_sha256": meta["fp32_weights_sha256"]}, Path(out_dir))
+    write_card(ModelFile(Path(out_dir), "shards", "", tuple(f"`{p.name}` (SHA-256 `{s}`)" for p, s in zip(out, shas))),
+               info)
     return out
 
 
@@ -250,76 +265,3 @@ def load_backbone_shards(folder: str | Path, prefix: str = "teacher_backbone.") 
     if missing or unexpected:
         raise CheckpointError(folder, f"shards do not match the config: missing {missing}, unexpected {unexpected}")
     return vit.eval(), meta
-
-
-# -- stage initialisation (progressive resolution) --------------------------------------------------
-_CHUNKED = re.compile(r"(^|\.)blocks\.(\d+)\.(\d+)\.")
-
-
-def _unchunk(key: str) -> str:
-    return _CHUNKED.sub(lambda m: f"{m.group(1)}blocks.{m.group(3)}.", key)
-
-
-def resize_pos_embed(pos: Tensor, new_grid: int) -> Tensor:
-    """[1, 1 + g*g, D] -> [1, 1 + new_grid^2, D]: the CLS entry kept, the grid resized bicubically (fp32)."""
-    n = pos.shape[1] - 1
-    g = int(math.isqrt(n))
-    if g * g != n:
-        raise CheckpointError(None, f"pos_embed with {n} patch positions is not a square grid")
-    grid = pos[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)
-    return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
-
-
-def _weights_of(path: Path) -> dict[str, dict[str, Tensor]]:
-    """{"student": sd, "teacher": sd} from our checkpoint, the original model_checkpoint.pth
-    ({"model": {student.*, teacher.*}}) or teacher_checkpoint.pth ({"teacher": ...}, used for both)."""
-    obj = load_checkpoint(path)
-    if "model" in obj and isinstance(obj["model"], dict):
-        sd = obj["model"]
-    elif "teacher" in obj and isinstance(obj["teacher"], dict):
-        sd = {f"teacher.{k}": v for k, v in obj["teacher"].items()}
-    else:
-        raise CheckpointError(path, f"unknown checkpoint layout (top-level keys {sorted(obj)[:6]})")
-    out: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
-    for k, v in sd.items():
-        k = k.replace("module.", "")
-        for side in ("student", "teacher"):
-            if k.startswith(side + "."):
-                out[side][_unchunk(k[len(side) + 1:])] = v
-    if not out["student"]:
-        out["student"] = dict(out["teacher"])
-    if not out["teacher"]:
-        raise CheckpointError(path, "no teacher/student weights found")
-    return out
-
-
-def init_from_checkpoint(student: nn.Module, teacher: nn.Module, path: str | Path, pos_mode: str) -> list[str]:
-    """Load backbone (and, where shapes match, head) weights of an earlier stage; returns notes."""
-    p = Path(path)
-    weights = _weights_of(p)
-    notes: list[str] = []
-    for side, module in (("student", student), ("teacher", teacher)):
-        own = module.state_dict()
-        sd = dict(weights[side])
-        if "backbone.pos_embed" in sd and sd["backbone.pos_embed"].shape != own["backbone.pos_embed"].shape:
-            if pos_mode == "reinit":
-                del sd["backbone.pos_embed"]
-                notes.append(f"{side}: pos_embed re-initialised (resolution changed)")
-            else:
-                new_grid = int(math.isqrt(own["backbone.pos_embed"].shape[1] - 1))
-                sd["backbone.pos_embed"] = resize_pos_embed(sd["backbone.pos_embed"], new_grid)
-                notes.append(f"{side}: pos_embed interpolated to a {new_grid}x{new_grid} grid")
-        for k in [k for k in sd if k in own and sd[k].shape != own[k].shape]:
-            if k.startswith("backbone."):
-                raise CheckpointError(p, f"{side} {k}: shape {tuple(sd[k].shape)} != {tuple(own[k].shape)}")
-            notes.append(f"{side}: {k} not loaded (shape {tuple(sd[k].shape)} != {tuple(own[k].shape)})")
-            del sd[k]
-        missing, unexpected = module.load_state_dict(sd, strict=False)
-        bad = [k for k in missing if k.startswith("backbone.") and not (k == "backbone.pos_embed" and pos_mode == "reinit")]
-        if bad or [k for k in unexpected if k.startswith("backbone.")]:
-            raise CheckpointError(p, f"{side} backbone keys do not match: missing {bad}, unexpected {unexpected}")
-        if missing:
-            notes.append(f"{side}: freshly initialised {len(missing)} head tensor(s)")
-    return notes

@@ -30,11 +30,12 @@ import torch
 from chexfound.errors import ConfigError
 from chexfound.ssl import distributed as D
 from chexfound.ssl.budget import (Clock, Deadline, ProbeCosts, ProbePlan, calibrate_step, fit_budget)
-from chexfound.ssl.checkpoint import init_from_checkpoint, latest_checkpoint, load_checkpoint, measure_save_cost
+from chexfound.ssl.checkpoint import latest_checkpoint, load_checkpoint, measure_save_cost
 from chexfound.ssl.config import diff_configs, dump_config
 from chexfound.ssl.data import Corpus, open_corpus
 from chexfound.ssl.diagnostics import CollapseMonitor
 from chexfound.ssl.heal import Healer
+from chexfound.ssl.init_source import check_source_exists, init_from_checkpoint
 from chexfound.ssl.run_context import MetricsLog, PrintedLog, RunContext, RunSettings
 from chexfound.ssl.train_end import RunResult, finish
 from chexfound.ssl.train_loop import RunLength, TrainLoop, probe_iterations
@@ -61,6 +62,8 @@ def pretrain(
     """Run (or resume) a pretraining run in `out_dir`. `stop_after`: stop (as if killed, after a checkpoint)
     once this many iterations are done (used to test resumption). `clock`: the time source of the budget."""
     ctx, ckpt = _open(cfg, out_dir, device, quiet, echo, clock)
+    if ckpt is None and ctx.settings.init_from:
+        check_source_exists(ctx.settings.init_from)  # before the corpus is read
     corpus = open_corpus(ctx.cfg, ctx.out, ctx.info, ctx.say, quiet)
     trainer, start, resumed = _model(ctx, corpus, ckpt)
     from chexfound.ssl.probe_runner import ProbeRunner
@@ -149,11 +152,9 @@ def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer,
         ctx.say(f"resuming from {ckpt} at iteration {start} of {int(resumed['total_iterations'])}")
         del payload
     elif s.init_from:
-        from chexfound.ssl.config import expand_path
-
-        for n in init_from_checkpoint(trainer.meta.student, trainer.meta.teacher, expand_path(s.init_from),
-                                      s.pos_embed_on_resize):
+        for n in init_from_checkpoint(trainer.meta.student, trainer.meta.teacher, s.init_from, s.pos_embed_on_resize):
             ctx.say(f"init_from: {n}")
+        trainer.meta.forget_ema_pairs()
     ctx.metrics.truncate_after(start)
     return trainer, start, resumed
 

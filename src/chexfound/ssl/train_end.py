@@ -12,9 +12,10 @@ import torch
 
 from chexfound.errors import ChexfoundError
 from chexfound.models import VisionTransformer
-from chexfound.ssl.checkpoint import export_teacher, full_model_state, init_from_checkpoint, latest_checkpoint
+from chexfound.ssl.checkpoint import export_teacher, full_model_state, latest_checkpoint
 from chexfound.runio import read_jsonl
 from chexfound.ssl.diagnostics import plot_report
+from chexfound.ssl.init_source import init_from_checkpoint
 from chexfound.ssl.meta_arch import SSLMetaArch
 from chexfound.ssl.run_context import MetricsLog, RunContext
 from chexfound.ssl.train_loop import LoopOutcome, RunLength, TrainLoop
@@ -48,6 +49,8 @@ def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, out
     margin_s = loop.plot_s + 0.5 * float(s.budget["margin_fraction"]) * (s.time_budget_s or 0.0)
     result.comparison = prober.final(full_sd, ctx.metrics, init_backbone=lambda: initial_teacher(ctx.cfg),
                                      plan=length.plan, deadline=length.deadline, margin_s=margin_s)
+    if ctx.info.is_main and result.comparison:
+        _cards_with_results(ctx, trainer, full_sd, done, n_items, result.comparison)
     if ctx.info.is_main:
         png = plot_report(out / "metrics.jsonl", out / "report.png", title=f"{ctx.cfg.get('_preset')}: {out}")
         if png:
@@ -67,12 +70,34 @@ def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, out
     return result
 
 
-def _export(ctx: RunContext, trainer: Trainer, full_sd: dict[str, torch.Tensor], done: int, n_items: int,
-            result: RunResult) -> None:
-    s, out = ctx.settings, ctx.out
+def _provenance(ctx: RunContext, trainer: Trainer, done: int, n_items: int) -> dict[str, Any]:
+    """What the exported teacher records of this run (its `ssl` provenance)."""
     extra = {"preset": ctx.cfg.get("_preset"), "iterations": done, "images_seen": done * trainer.global_batch,
              "n_images": n_items, "data": [str(x.get("path") if isinstance(x, dict) else x)
                                            for x in ctx.cfg["data"]["sources"]]}
+    if ctx.cfg["train"].get("init_from"):
+        extra["init_from"] = str(ctx.cfg["train"]["init_from"])
+    return extra
+
+
+def _cards_with_results(ctx: RunContext, trainer: Trainer, full_sd: dict[str, torch.Tensor], done: int,
+                        n_items: int, comparison: dict[str, Any]) -> None:
+    """The teacher exports' model cards again, now with the final probe comparison (probe_comparison.json)."""
+    from chexfound.models.card_results import probe_comparison_tables
+    from chexfound.models.ours import checkpoint_entry
+    from chexfound.ssl.checkpoint import teacher_backbone_from_state, write_teacher_cards
+
+    vit = teacher_backbone_from_state(full_sd, trainer.vit_config)
+    extra = _provenance(ctx, trainer, done, n_items)
+    cards = write_teacher_cards(ctx.out, vit, checkpoint_entry(vit, extra={"ssl": extra}),
+                                probe_comparison_tables(comparison, "probe_comparison.json"))
+    ctx.say(f"model cards with the probe comparison: {', '.join(str(c) for c in cards)}")
+
+
+def _export(ctx: RunContext, trainer: Trainer, full_sd: dict[str, torch.Tensor], done: int, n_items: int,
+            result: RunResult) -> None:
+    s, out = ctx.settings, ctx.out
+    extra = _provenance(ctx, trainer, done, n_items)
     result.exports = export_teacher(out, full_sd, trainer.vit_config, s.export_block_chunks, extra)
     ctx.say(f"teacher exported: {result.exports['ours']} (ours), {result.exports['original']} (original layout)")
     if s.export_bf16_shard_mib:
@@ -99,10 +124,7 @@ def initial_teacher(cfg: dict[str, Any]) -> VisionTransformer:
     torch.manual_seed(int(cfg["train"]["seed"]))
     meta = SSLMetaArch(cfg)
     if cfg["train"]["init_from"]:
-        from chexfound.ssl.config import expand_path
-
-        init_from_checkpoint(meta.student, meta.teacher, expand_path(cfg["train"]["init_from"]),
-                             cfg["train"]["pos_embed_on_resize"])
+        init_from_checkpoint(meta.student, meta.teacher, cfg["train"]["init_from"], cfg["train"]["pos_embed_on_resize"])
     return meta.teacher.backbone.eval()
 
 

@@ -18,12 +18,14 @@ Head files (safetensors; `save_head` / `load_our_head`): tensors = the head's st
 from __future__ import annotations
 
 from os import PathLike
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError
+from chexfound.models.card import ModelFile, ResultTable, backbone_of_head, head_facts, write_card
 from chexfound.models.format import load_tensors, save_tensors
 
 Features = Sequence[tuple[Tensor, Tensor]]
@@ -108,7 +110,10 @@ def save_head(
     backbone_config: dict[str, Any] | None = None,
     transform: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    results: Sequence[ResultTable] = (),
 ) -> str:
+    """Write `head` and what it was trained on to `path`, and its model card beside it (with the `results`
+    the caller's run measured); returns the file SHA-256."""
     meta = {
         "kind": "head",
         "head_type": head.head_type,
@@ -123,7 +128,11 @@ def save_head(
         "transform": transform,
         **(extra or {}),
     }
-    return save_tensors(path, head.state_dict(), meta)
+    sha = save_tensors(path, head.state_dict(), meta)
+    n_params = sum(p.numel() for p in head.parameters())
+    write_card(ModelFile(Path(path), "head", sha), backbone_of_head(meta), head=head_facts(meta, n_params),
+               results=results)
+    return sha
 
 
 def head_from_meta(meta: dict[str, Any]) -> Head:

@@ -1,11 +1,13 @@
-"""`chexfound export`: a backbone + head as ONNX (checked against PyTorch) or one safetensors bundle; a backbone
-(+ a linear head, + a LoRA adapter for peft) as a Hugging Face transformers folder."""
+"""`chexfound export`: a backbone + head as ONNX (checked against PyTorch) or one safetensors bundle, each with
+its model card beside it (`--results` adds measured numbers to it); a backbone (+ a linear head, + a LoRA adapter
+for peft) as a Hugging Face transformers folder with its README.md card."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from chexfound.cli.commands.predict import add_model_args, load_predictor
 from chexfound.errors import ConfigError
@@ -31,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--no-attention", action="store_true", help="ONNX: probabilities only")
     p.add_argument("--no-verify", action="store_true", help="ONNX: skip the onnxruntime check")
+    p.add_argument("--results", action="append", default=[], metavar="JSON",
+                   help="measured results for the model card (repeatable): evaluate's metrics.json, adapt's "
+                        "<head>.metrics.json or pretraining's probe_comparison.json; results measured on another "
+                        "backbone are refused")
     p.add_argument("--weights-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="safetensors: store weights in this precision")
     p.set_defaults(func=run)
@@ -46,17 +52,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(None, "--adapter-out and --merge-adapter are for --format hf (onnx and safetensors "
                                 "always merge --adapter)")
     predictor = load_predictor(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": "fp32"}))
+    results = _results(args.results, predictor.backbone_sha256)
     if args.format == "onnx":
         if out.suffix != ".onnx":
             raise ConfigError(out, "ONNX output should end in .onnx")
         result = export_onnx(predictor, out, opset=args.opset or DEFAULT_OPSET, attention=not args.no_attention,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify, results=results)
         print(json.dumps(result))
     else:
         if args.opset is not None:
             raise ConfigError(None, "--opset is for --format onnx")
-        sha = export_safetensors(predictor, out, dtype=args.weights_dtype)
-        print(json.dumps({"path": str(out), "sha256": sha, "weights_dtype": args.weights_dtype}))
+        sha = export_safetensors(predictor, out, dtype=args.weights_dtype, results=results)
+        print(json.dumps({"path": str(out), "sha256": sha, "weights_dtype": args.weights_dtype,
+                          "card": str(out.with_suffix(".md"))}))
     return 0
 
 
@@ -98,3 +106,17 @@ def _run_hf(args: argparse.Namespace, out: Path) -> int:
                                                 verify=not args.no_verify)
     print(json.dumps(result))
     return 0
+
+
+def _results(files: list[str], backbone_sha256: str) -> list[Any]:
+    """The model card's result tables from the given files; numbers measured on another backbone are refused."""
+    from chexfound.models.card_results import results_from_file
+
+    tables: list[Any] = []
+    for f in files:
+        found, sha = results_from_file(f)
+        if sha and sha != backbone_sha256:
+            raise ConfigError(f, f"these results were measured on backbone {sha[:12]}..., not on the exported "
+                                 f"backbone {backbone_sha256[:12]}...")
+        tables += found
+    return tables

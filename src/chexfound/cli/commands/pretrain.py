@@ -4,6 +4,7 @@
   chexfound pretrain --config demo_tiny --data DIR --out runs/demo optim.base_lr=2e-3 train.time_budget_s=600
   torchrun --nproc_per_node=8 -m chexfound pretrain --config chexfound_vitl16_512 --data manifest.csv --out runs/l16
   python -m chexfound pretrain --config proof_vits16_224 --proof-out DIR     # the GPU proof (make gpu-proof OUT=DIR)
+  chexfound pretrain --config continue_vitl16_512 --init-from teacher_checkpoint.pth --data DIR --out runs/cont
 
 A rerun with the same --out resumes from the last checkpoint. See docs/pretraining.md.
 """
@@ -36,6 +37,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="train.seed")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="fit the run to this wall-clock budget (train.time_budget_s)")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="start student and teacher from these weights (train.init_from): the release's "
+                        "teacher_checkpoint.pth (its DINO/iBOT heads too), a backbone file or id create_backbone "
+                        "reads (fresh heads), or one of our run folders / ckpt_*.pt; see the preset "
+                        "continue_vitl16_512")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--proof-out", default=None, metavar="DIR",
                    help="the GPU proof: after the run, gather the bf16 teacher shards, one archive of the run's logs "
@@ -52,7 +58,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_config(args.config, args.overrides)
     for key, val in (("train.batch_size_per_gpu", args.batch_size), ("data.num_workers", args.workers),
-                     ("train.dtype", args.dtype), ("train.seed", args.seed), ("train.time_budget_s", args.time_budget)):
+                     ("train.dtype", args.dtype), ("train.seed", args.seed), ("train.time_budget_s", args.time_budget),
+                     ("train.init_from", getattr(args, "init_from", None))):
         if val is not None:
             set_key(cfg, key, val)
     if args.data:
