@@ -27,7 +27,7 @@ What we found on the project's 2-core AMD EPYC (AVX-512, avx512_bf16; MKL 2024 +
 - Timings on a shared machine are noisy: variants are interleaved and the best of the rounds is kept.
   `--cpu-time` measures instead the CPU time of one thread (time.thread_time, peaks included), which other
   jobs on the machine do not inflate: the figures below were taken that way while the 2 cores ran at load ~12.
-- bf16 (issue 15, item 6), one thread, CPU time. Before: ours packed 0.96x the bf16 reference for ViT-S/16-224
+- bf16, one thread, CPU time. Before: ours packed 0.96x the bf16 reference for ViT-S/16-224
   (57% of the bf16 peak) and 0.91x for ViT-L/16-512; ours eager 0.88x / 0.76x. Why, from torch.profiler:
   PyTorch's CPU flash-attention kernel runs bf16 at ~85 GFLOP/s against a ~470 GFLOP/s bf16 GEMM peak, so
   ViT-L's attention (14% of the FLOPs) took about half the time; GELU ran as a separate pass. The packed path

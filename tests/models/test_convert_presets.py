@@ -1,4 +1,4 @@
-"""Issue 14.1: `chexfound convert RUN/teacher_checkpoint.pth` builds exactly the model that was pretrained, for
+"""`chexfound convert RUN/teacher_checkpoint.pth` builds exactly the model that was pretrained, for
 every pretraining preset's architecture: inside the run folder (our config.yaml), copied elsewhere (the
 architecture travels inside the file), and for older exports without it (config.yaml in the run folder, or
 else the head count must be given - never guessed)."""
