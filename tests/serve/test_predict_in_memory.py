@@ -1,9 +1,9 @@
 """`Predictor.predict` takes images already in memory (CXRImage, arrays, PIL images) as well as files, in any
-mix, and gives the same numbers as for the file they came from; anything else is a clear error."""
+mix, and gives the same numbers as for the file they came from; anything else is a clear error. (Docstrings of
+the public API: tests/test_public_api_docstrings.py.)"""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,6 @@ from PIL import Image
 from chexfound.errors import ConfigError
 from chexfound.io import read_image
 from chexfound.serve import Predictor
-from chexfound.serve.prediction import Prediction
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +49,3 @@ def test_other_objects_are_refused_by_name(predictor: Predictor) -> None:
         predictor.predict([{"pixels": 1}])
     with pytest.raises(ConfigError, match=r"\[H, W\] grayscale array, got shape \(4, 4, 3\)"):
         predictor.predict([np.zeros((4, 4, 3), np.uint8)])
-
-
-def test_public_api_has_docstrings() -> None:
-    for cls in (Predictor, Prediction):
-        for name, member in vars(cls).items():
-            if name.startswith("_"):
-                continue
-            fn = member.fget if isinstance(member, property) else getattr(member, "func", member)
-            fn = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
-            if inspect.isfunction(fn):
-                assert (fn.__doc__ or "").strip(), f"{cls.__name__}.{name} has no docstring"

@@ -54,6 +54,7 @@ class ModelInfo:
 
     @property
     def input_size(self) -> int:
+        """Side in pixels of the model input (the transform's crop)."""
         return self.transform.size
 
     def provenance(self) -> str:

@@ -43,6 +43,7 @@ class Classifier(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Normalised images -> (probabilities [B, C], attention maps [B, C, g, g] or None)."""
         feats = self.backbone.get_intermediate_layers(x, n=self.head.n_blocks, return_class_token=True)
         logits, attention = self.head(feats)
         probs = self.head.probabilities(logits.float())

@@ -39,6 +39,8 @@ def output_dim(task: str, n_findings: int) -> int:
 
 
 class Head(nn.Module):
+    """A head over a frozen backbone's last `n_blocks` blocks: findings, task, decision thresholds (buffer), and
+    `forward(features) -> (logits, attention maps or None)`."""
     head_type: ClassVar[str] = ""
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel") -> None:
@@ -68,10 +70,12 @@ class Head(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Number of findings (classes) the head scores."""
         return len(self.findings)
 
     @property
     def out_dim(self) -> int:
+        """Logits per image the task needs (`output_dim`: one per finding/class/target, one for survival)."""
         return output_dim(self.task, len(self.findings))
 
     @property
@@ -89,9 +93,12 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
+        """Features (per block: patch tokens [B, P, D], CLS [B, D]) -> (logits [B, out_dim], attention maps or
+        None)."""
         raise NotImplementedError
 
     def probabilities(self, logits: Tensor) -> Tensor:
+        """Logits -> the task's outputs: softmax (multiclass), sigmoid (multilabel, binary), as is otherwise."""
         if self.task == "multiclass":
             return logits.softmax(-1)
         if self.task in ("multilabel", "binary"):
@@ -109,6 +116,8 @@ def save_head(
     transform: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
+    """Write `head` to `path` in our format (safetensors + metadata: head type, findings, hparams, thresholds, and
+    the backbone it was trained on, which `load_head` and `Predictor` check); returns the file's SHA-256."""
     meta = {
         "kind": "head",
         "head_type": head.head_type,
