@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _timing import best_seconds, matmul_peak, smoke_mode, sync  # noqa: E402
+from _timing import CPU, Stopwatch, best_seconds, matmul_peak, rate, smoke_mode, sync  # noqa: E402
 from backbone import RefViT, _randomised, vit_flops  # noqa: E402
 
 from chexfound.models.config import ViTConfig  # noqa: E402
@@ -136,11 +136,10 @@ def bench_forward(name: str, size: int, batch: int, sz: Sizes, dev: torch.device
         for backend in ("flash", "cudnn", "efficient"):
             variants[f"ours eager, sdpa={backend}"] = ours(model, backend)
     if sz.compile:
-        t = time.perf_counter()
-        compiled = compile_blocks(model)
-        ours(compiled)()  # the compile itself, timed apart
-        sync(dev)
-        rep.seconds[f"compile {name}"] = round(time.perf_counter() - t, 1)
+        with Stopwatch(dev) as sw:
+            compiled = compile_blocks(model)
+            ours(compiled)()  # the compile itself, timed apart
+        rep.seconds[f"compile {name}"] = round(sw.seconds, 1)
         variants["ours compiled"] = ours(compiled)
         if dev.type == "cuda":
             graph = CudaGraphForward(compiled, n, ctx)
@@ -208,11 +207,9 @@ def bench_decode(root: Path, rep: Report, seconds: float) -> dict[str, float]:
                 continue
             tf.prepare(read_image(files[0]).pixels, torch.uint8)
             # CPU time of this thread: the rate of one core, whatever else the machine is running.
-            k, t0, c0 = 0, time.perf_counter(), time.thread_time()
-            while k < 3 or time.perf_counter() - t0 < seconds:
-                tf.prepare(read_image(files[k % len(files)]).pixels, torch.uint8)
-                k += 1
-            rates[label] = k / (time.thread_time() - c0)
+            nxt = iter(range(1 << 62))
+            rates[label] = rate(lambda files=files: tf.prepare(read_image(files[next(nxt) % len(files)]).pixels,
+                                                               torch.uint8), seconds, min_calls=3, clock=CPU)
             print(f"  {label:32s} {rates[label]:8.1f} img/s per core")
     finally:
         torch.set_num_threads(threads)

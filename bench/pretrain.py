@@ -194,9 +194,9 @@ def bench_config(name: str, a: argparse.Namespace, dev: torch.device, peaks: dic
         mode = True if a.compile == "default" else a.compile
         variants.append(Variant("compiled", {**cfg, "train": {**cfg["train"], "compile": mode}}, dev))
     for v in variants:  # warm-up (the compiled variant compiles here)
-        t0 = time.perf_counter()
-        v.run(images, a.warmup)
-        v.warmup_s = time.perf_counter() - t0
+        with Stopwatch(dev) as sw:
+            v.run(images, a.warmup)
+        v.warmup_s = sw.seconds
     for _ in range(a.rounds):  # interleaved timing rounds
         for v in variants:
             v.times.append(v.run(images, a.steps))
