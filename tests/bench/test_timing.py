@@ -42,6 +42,7 @@ def test_interleaved_rates_count_items_per_function() -> None:
     assert set(r) == {"a", "b"} and r["a"] > 0 and r["b"] > 0
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_smoke_mode_reaches_processes_started_afterwards(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CHEXFOUND_MODEL_MODULES", raising=False)
     _timing.smoke_mode()
