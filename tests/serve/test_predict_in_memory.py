@@ -42,6 +42,8 @@ def test_in_memory_images_match_their_file(predictor: Predictor, png: Path) -> N
         assert p.attention is not None and p.attention.shape == ref.attention.shape
     assert preds[-1].path == str(png)  # a file keeps its path; order is the input's
     assert predictor.predict(read_image(png))[0].ok  # one image, not in a list
+    assert len(predictor.predict(pil)) == 1
+    assert [p.path for p in predictor.predict(x for x in [png, png])] == [str(png)] * 2  # any iterable of files
 
 
 def test_other_objects_are_refused_by_name(predictor: Predictor) -> None:

@@ -296,11 +296,11 @@ class Predictor:
         """Images -> one Prediction each, in order. Each item is a file (read with `read_image`) or an image
         already in memory (a `CXRImage`, a [H, W] array, a PIL image: see `as_image`). Unreadable files do not
         stop the run: their Prediction has `error` set (and no probabilities)."""
-        if isinstance(paths, (str, PathLike)) or not isinstance(paths, Sequence):
-            paths = [paths]  # type: ignore[list-item]
-        paths = list(paths)
+        if isinstance(paths, (str, PathLike, CXRImage, np.ndarray)) or type(paths).__module__.startswith("PIL."):
+            paths = [paths]  # one image
+        paths = list(paths)  # type: ignore[arg-type]
         if not all(isinstance(p, (str, PathLike)) for p in paths):
-            return self._predict_mixed(paths, batch_size, workers)
+            return self._predict_mixed(paths, batch_size, workers, progress)
         results: list[Prediction] = []
         bar = None
         if progress:
@@ -315,12 +315,12 @@ class Predictor:
             bar.close()
         return results
 
-    def _predict_mixed(self, items: list[Any], batch_size: int, workers: int) -> list[Prediction]:
+    def _predict_mixed(self, items: list[Any], batch_size: int, workers: int, progress: bool) -> list[Prediction]:
         """`predict` over files and in-memory images together: files through the loader, images in batches."""
         out: list[Prediction | None] = [None] * len(items)
         files = [i for i, x in enumerate(items) if isinstance(x, (str, PathLike))]
         if files:
-            preds = self.predict([items[i] for i in files], batch_size=batch_size, workers=workers)
+            preds = self.predict([items[i] for i in files], batch_size=batch_size, workers=workers, progress=progress)
             for i, pred in zip(files, preds):
                 out[i] = pred
         in_files = set(files)
