@@ -271,7 +271,7 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, CPU-time clock: figures a loaded shared machine does not distort")
     ap.add_argument("--smoke", action="store_true",
-                    help="seconds: the tiny test backbone at 64 px, fp32, one round (checks the code; timings mean nothing)")
+                    help="seconds: the tiny test backbone at 64 px, fp32, one round (timings mean nothing)")
     args = ap.parse_args()
     global CLOCK
     small, small_size, peak_n = ("vits16_224", 224, 2048)

@@ -97,7 +97,8 @@ def model_rate(full: bool, batch: int, repeats: int, depth: int = 4) -> tuple[fl
     with torch.inference_mode():
         dt = best_seconds(lambda: model(x), iters=repeats, warmup=1)
     per_image_full = dt / batch * (cfg.depth / depth)
-    how = (f"{cfg.depth} blocks measured" if full else f"{depth} of {cfg.depth} blocks measured, scaled x{cfg.depth / depth:g}")
+    how = (f"{cfg.depth} blocks measured" if full
+           else f"{depth} of {cfg.depth} blocks measured, scaled x{cfg.depth / depth:g}")
     return 1.0 / per_image_full, f"batch {batch}, {torch.get_num_threads()} threads, fp32, {how}"
 
 
