@@ -17,7 +17,7 @@ EXPECT = {
     "backbone": ["ours packed (oneDNN, folded)", "matmul peak (256^3 GEMM", "summary (ratio"],
     "curate": ["in-process (reference)", "2 worker process(es)", "cxr-like candidates grow"],
     "evaluate": ["speed-up:", "max |difference| on shared resamples"],
-    "io": ["PNG 8-bit 512 px (NIH)", "DICOM JPEG 2000 lossless", "slowest format"],
+    "io": ["PNG 8-bit 1024 px (NIH)", "DICOM JPEG 2000 lossless", "slowest format"],
     "serve": ["HTTP POST /v1/predict", "onnxruntime vs PyTorch"],
 }
 NEEDS_DATA = {"adapt", "curate", "io", "serve"}
