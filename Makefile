@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # the shared data beside the checkout, or the packed copy a device machine gets (../shared/tools/pack-device-data.sh)
 export CHEXFOUND_DATA ?= $(abspath $(if $(wildcard .device-data),.device-data,../shared/data))
 
-.PHONY: venv demo demo-quick test bench clean gpu-proof
+.PHONY: venv demo demo-quick test test-fast bench clean gpu-proof
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo-quick: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The unit tests alone (under a minute on 2 cores): no test that reads the shared data, none marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not data" tests
+
 # The GPU proof (docs/pretraining.md): runs from this source tree with no install and no venv (torch >= 2.11,
 # numpy, scikit-learn, scipy, pandas, safetensors, pyyaml, Pillow, tqdm); OUT receives <= 8 files of <= 16 MiB.
 #   make gpu-proof OUT=dir [ARGS='--time-budget 420 key=value ...']
@@ -35,8 +39,10 @@ gpu-proof:
 	PYTHONPATH=$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m chexfound pretrain \
 		--config proof_vits16_224 --proof-out $(OUT) $(ARGS)
 
+# Every bench runs, whatever an earlier one did; the failures are listed at the end (and fail the target).
 bench: $(STAMP)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	@failed=""; for b in bench/[!_]*.py; do echo "== $$b"; PYTHONPATH=src $(PY) $$b || failed="$$failed $$b"; done; \
+	if [ -n "$$failed" ]; then echo "benches that failed:$$failed"; exit 1; fi; echo "every bench ran"
 
 clean:
 	rm -rf $(VENV) demo-out demo-out-quick .pytest_cache

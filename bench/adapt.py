@@ -2,6 +2,7 @@
 
     python bench/adapt.py                       # ViT-S/16 224 px (random init), 32 NIH images, CPU
     python bench/adapt.py --backbone chexfound_vitl16_reg4_512 --images 256 --device cuda
+    python bench/adapt.py --smoke               # seconds: the tiny test backbone, 8 images (checks the code)
 
 Prints, all measured in this process:
   - time per epoch of head training from the feature cache vs with the backbone recomputed every epoch
@@ -29,6 +30,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _timing import Stopwatch, smoke_mode  # noqa: E402
 
 from chexfound.adapt import GloriHead, LinearHead  # noqa: E402
 from chexfound.adapt.token_cache import FeatureCache  # noqa: E402
@@ -39,11 +43,6 @@ from chexfound.adapt.fit import DEFAULT_LRS, fit_heads  # noqa: E402
 from chexfound.data.manifest import read_manifest  # noqa: E402
 from chexfound.data.transform import InputTransform  # noqa: E402
 from chexfound.models import create_backbone  # noqa: E402
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _make_head(kind: str, findings: list[str], n_blocks: int, dim: int):
@@ -71,17 +70,15 @@ def epoch_recomputing(make, backbone, paths, y, tf, n_blocks, batch_size, dev, d
                         collate_fn=collate_skip_errors)
     times = []
     for epoch in range(epochs + 1):
-        _sync(dev)
-        t0 = time.perf_counter()
-        for batch in loader:
-            x = batch["image"].to(dev)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                feats = backbone.get_intermediate_layers(x, n=n_blocks, return_class_token=True)
-            feats = tuple((p.float().clone(), c.float().clone()) for p, c in feats)
-            grid.train_step(feats, yt[batch["index"]].to(dev), loss_fn, 1.0)
-        _sync(dev)
+        with Stopwatch(dev) as sw:
+            for batch in loader:
+                x = batch["image"].to(dev)
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                    feats = backbone.get_intermediate_layers(x, n=n_blocks, return_class_token=True)
+                feats = tuple((p.float().clone(), c.float().clone()) for p, c in feats)
+                grid.train_step(feats, yt[batch["index"]].to(dev), loss_fn, 1.0)
         if epoch:
-            times.append(time.perf_counter() - t0)
+            times.append(sw.seconds)
     return float(np.median(times))
 
 
@@ -96,7 +93,11 @@ def main() -> int:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--data", default=os.environ.get("CHEXFOUND_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny_vit, 8 images (timings mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        smoke_mode()
+        args.backbone, args.images, args.batch_size, args.epochs = "tiny_vit", 8, 4, 1
     dev, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     torch.manual_seed(0)
     backbone = create_backbone(args.backbone).to(dev).eval()
@@ -109,12 +110,10 @@ def main() -> int:
     print(f"backbone {args.backbone} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.1f} M params, "
           f"{tf.size}px), {len(m)} images, batch {args.batch_size}, device {dev}, {n_blocks} blocks")
     with tempfile.TemporaryDirectory() as tmp:
-        _sync(dev)
-        t0 = time.perf_counter()
-        cache = FeatureCache.build(backbone, m, Path(tmp) / "cache", n_blocks=n_blocks,
-                                   batch_size=args.batch_size, device=dev, dtype=dtype, workers=args.workers)
-        _sync(dev)
-        print(f"cache build (one-off): {time.perf_counter() - t0:.2f} s")
+        with Stopwatch(dev) as sw:
+            cache = FeatureCache.build(backbone, m, Path(tmp) / "cache", n_blocks=n_blocks,
+                                       batch_size=args.batch_size, device=dev, dtype=dtype, workers=args.workers)
+        print(f"cache build (one-off): {sw.seconds:.2f} s")
         for kind in args.heads.split(","):
             make = _make_head(kind, findings, n_blocks, backbone.embed_dim)
             cached = epoch_from_cache(make, cache, y, [1e-3], args.batch_size, dev, args.epochs)

@@ -10,6 +10,7 @@ bf16 the achieved FLOP rate as a share of this machine's bf16 matmul peak (measu
 
     python bench/backbone.py            # default: a few minutes on 2 cores
     python bench/backbone.py --quick    # ViT-S only
+    python bench/backbone.py --smoke    # seconds: the tiny test backbone (checks the code paths)
 
 What we found on the project's 2-core AMD EPYC (AVX-512, avx512_bf16; MKL 2024 + oneDNN 3.12):
 - ViT-L/16 at 512 is 728 GFLOP per image, 86% of it in the Linear layers; attention is only ~14%, so fused
@@ -26,7 +27,7 @@ What we found on the project's 2-core AMD EPYC (AVX-512, avx512_bf16; MKL 2024 +
 - Timings on a shared machine are noisy: variants are interleaved and the best of the rounds is kept.
   `--cpu-time` measures instead the CPU time of one thread (time.thread_time, peaks included), which other
   jobs on the machine do not inflate: the figures below were taken that way while the 2 cores ran at load ~12.
-- bf16 (issue 15, item 6), one thread, CPU time. Before: ours packed 0.96x the bf16 reference for ViT-S/16-224
+- bf16, one thread, CPU time. Before: ours packed 0.96x the bf16 reference for ViT-S/16-224
   (57% of the bf16 peak) and 0.91x for ViT-L/16-512; ours eager 0.88x / 0.76x. Why, from torch.profiler:
   PyTorch's CPU flash-attention kernel runs bf16 at ~85 GFLOP/s against a ~470 GFLOP/s bf16 GEMM peak, so
   ViT-L's attention (14% of the FLOPs) took about half the time; GELU ran as a separate pass. The packed path
@@ -44,7 +45,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -56,6 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import CPU, WALL, Stopwatch, best_seconds, matmul_peak, smoke_mode  # noqa: E402
 
 from chexfound.models import VisionTransformer, create_backbone  # noqa: E402
 from chexfound.models.config import ViTConfig  # noqa: E402
@@ -155,19 +158,7 @@ class RefViT(nn.Module):
 
 # ---------------------------------------------------------------- timing
 # The clock every figure uses: wall time, or (--cpu-time) the CPU time of this one-thread process.
-CLOCK: Callable[[], float] = time.perf_counter
-
-
-def time_fn(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
-    """Best (least disturbed) seconds per call."""
-    for _ in range(warmup):
-        fn()
-    best = math.inf
-    for _ in range(iters):
-        t = CLOCK()
-        fn()
-        best = min(best, CLOCK() - t)
-    return best
+CLOCK: Callable[[], float] = WALL
 
 
 def vit_flops(cfg: ViTConfig, size: int) -> float:
@@ -178,28 +169,6 @@ def vit_flops(cfg: ViTConfig, size: int) -> float:
     ffn = 3 * d * swiglu_hidden(d, cfg.mlp_ratio) if cfg.ffn_layer == "swiglu" else 2 * d * int(d * cfg.mlp_ratio)
     per_block = n * (4 * d * d + ffn) + 2 * n * n * d
     return 2.0 * (cfg.depth * per_block + g * 3 * p * p * d)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """Best FLOP rate of an n^3 GEMM through torch.matmul and through oneDNN with a pre-packed weight
-    (the faster of the two is this machine's practical peak; for fp32 they differ: MKL vs oneDNN)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    fns: list[Callable[[], object]] = [lambda: a @ b]
-    from chexfound.models.fast import packing_available
-
-    if packing_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
-        bias = torch.zeros(n, dtype=dtype)
-        fns.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, bias, "none", [], ""))
-    best = math.inf
-    for fn in fns:
-        fn()
-        t_end = time.perf_counter() + seconds / len(fns)
-        while time.perf_counter() < t_end:
-            t = CLOCK()
-            fn()
-            best = min(best, CLOCK() - t)
-    return 2 * n**3 / best
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -225,6 +194,7 @@ def bench_model(name: str, size: int, batch: int, iters: int, dtypes: list[str],
     cfg = model.cfg
     ref = RefViT(cfg).eval()
     ref.load_state_dict(model.state_dict())
+    take = min(4, cfg.depth)  # the last four blocks' outputs, as the heads read them
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
         diff = (model.get_intermediate_layers(x[:1], 1, return_class_token=True)[0][1]
@@ -240,15 +210,15 @@ def bench_model(name: str, size: int, batch: int, iters: int, dtypes: list[str],
 
         def run_ref(amp: Callable = amp) -> object:
             with torch.no_grad(), amp():
-                return ref.get_intermediate_layers(x, 4)
+                return ref.get_intermediate_layers(x, take)
 
         def run_ours(amp: Callable = amp) -> object:
             with torch.inference_mode(), amp():
-                return model.get_intermediate_layers(x, 4, return_class_token=True)
+                return model.get_intermediate_layers(x, take, return_class_token=True)
 
         def run_packed(packed: VisionTransformer = packed) -> object:
             with torch.inference_mode():
-                return packed.get_intermediate_layers(x, 4, return_class_token=True)
+                return packed.get_intermediate_layers(x, take, return_class_token=True)
 
         v = {"reference (explicit attention)": run_ref, "ours eager (SDPA)": run_ours,
              "ours packed (oneDNN, folded)": run_packed}
@@ -260,7 +230,7 @@ def bench_model(name: str, size: int, batch: int, iters: int, dtypes: list[str],
 
             def run_compiled(amp: Callable = amp, compiled: Callable = compiled) -> object:
                 with torch.no_grad(), amp():
-                    return compiled.get_intermediate_layers(x, 4, return_class_token=True)
+                    return compiled.get_intermediate_layers(x, take, return_class_token=True)
 
             v["ours torch.compile(freezing)"] = run_compiled
         variants[dt] = v
@@ -268,16 +238,15 @@ def bench_model(name: str, size: int, batch: int, iters: int, dtypes: list[str],
     best: dict[tuple[str, str], float] = {}
     for dt, v in variants.items():  # warm-up: oneDNN primitive creation, compile
         for label, fn in v.items():
-            t = time.perf_counter()
-            fn()
+            with Stopwatch() as sw:
+                fn()
             if "compile" in label:
-                print(f"  ({label}: first call incl. compile {time.perf_counter() - t:.0f} s)", flush=True)
+                print(f"  ({label}: first call incl. compile {sw.seconds:.0f} s)", flush=True)
     for _ in range(iters):  # interleaved, so background load hits every variant alike
         for dt, v in variants.items():
             for label, fn in v.items():
-                t = CLOCK()
-                fn()
-                best[dt, label] = min(best.get((dt, label), math.inf), CLOCK() - t)
+                t = best_seconds(fn, iters=1, warmup=0, clock=CLOCK)
+                best[dt, label] = min(best.get((dt, label), math.inf), t)
     rows = []
     for dt, v in variants.items():
         t_ref = best[dt, "reference (explicit attention)"]
@@ -301,11 +270,18 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compile on 2 cores)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, CPU-time clock: figures a loaded shared machine does not distort")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: the tiny test backbone at 64 px, fp32, one round (timings mean nothing)")
     args = ap.parse_args()
     global CLOCK
+    small, small_size, peak_n = ("vits16_224", 224, 2048)
+    if args.smoke:
+        smoke_mode()
+        small, small_size, peak_n = ("tiny_vit", 64, 256)
+        args.quick, args.iters, args.batch_s, args.dtypes, args.cpu_time = True, 1, 2, "fp32", True
     if args.cpu_time:
         torch.set_num_threads(1)
-        CLOCK = time.thread_time
+        CLOCK = CPU
     elif args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -317,15 +293,16 @@ def main() -> None:
     def measure_peaks() -> None:
         # Background load drifts: measure before, between and after the models and keep the best seen.
         for dt, td in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            peaks[dt] = max(peaks[dt], matmul_peak(td, seconds=1.5))
+            peaks[dt] = max(peaks[dt], matmul_peak(td, "cpu", n=peak_n, seconds=0.2 if args.smoke else 1.5,
+                                                   packed=True, clock=CLOCK))
 
     measure_peaks()
-    rows = bench_model("vits16_224", 224, args.batch_s, args.iters + 1, dtypes, args.compile)
+    rows = bench_model(small, small_size, args.batch_s, args.iters + 1, dtypes, args.compile)
     measure_peaks()
     if not args.quick:
         rows += bench_model("chexfound_vitl16_reg4_512", 512, args.batch_l, args.iters, dtypes, args.compile)
         measure_peaks()
-    print(f"\nmatmul peak (2048^3 GEMM, best seen in this run): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+    print(f"\nmatmul peak ({peak_n}^3 GEMM, best seen in this run): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print("summary (ratio = reference time / ours, same dtype, same run):")
     for r in rows:

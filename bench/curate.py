@@ -3,6 +3,7 @@ as the corpus grows (10^3, 10^4 real-like hashes; a simulated 10^6), against the
 reference measured in the same process. Runs in about 1-2 minutes on 2 CPU cores.
 
     python bench/curate.py [--data ../shared/data] [--images 96] [--no-million]
+    python bench/curate.py --smoke     # seconds: 8 images, 10^2 and 10^3 hashes (checks the code paths)
 
 Real images: nih14 (512 px PNG) and nih14-fullres (1024 px PNG) from the shared data folder.
 """
@@ -14,7 +15,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import Stopwatch  # noqa: E402
 
 from chexfound.curate.image_cache import CacheConfig, WorkItem, chunks, process_chunk  # noqa: E402
 from chexfound.curate.hashing import PHASH_BITS, words_to_bits  # noqa: E402
@@ -42,15 +45,16 @@ def throughput(items: list[WorkItem], workers: int, cfg: CacheConfig) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         if workers == 0:
             process_chunk(items[:2], cfg, tmp, None)  # warm imports and caches
-            t0 = time.perf_counter()
-            for ch in chunks(items, 8):
-                process_chunk(ch, cfg, tmp, None)
-            return len(items) / (time.perf_counter() - t0)
+            with Stopwatch() as sw:
+                for ch in chunks(items, 8):
+                    process_chunk(ch, cfg, tmp, None)
+            return len(items) / sw.seconds
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             list(pool.map(process_chunk, [items[:1]] * workers, [cfg] * workers, [tmp] * workers, [None] * workers))
-            t0 = time.perf_counter()
-            list(pool.map(process_chunk, list(chunks(items, 8)), *zip(*[(cfg, tmp, None)] * math.ceil(len(items) / 8))))
-            return len(items) / (time.perf_counter() - t0)
+            with Stopwatch() as sw:
+                list(pool.map(process_chunk, list(chunks(items, 8)),
+                              *zip(*[(cfg, tmp, None)] * math.ceil(len(items) / 8))))
+            return len(items) / sw.seconds
 
 
 def uniform_hashes(n: int, rng: np.random.Generator, dup_frac: float = 0.01) -> np.ndarray:
@@ -76,16 +80,15 @@ def cxr_like_hashes(n: int, seeds: np.ndarray, rng: np.random.Generator, flips: 
 
 
 def search_cost(w: np.ndarray, brute: bool) -> dict:
-    t0 = time.perf_counter()
     st: dict = {}
-    i, _, _ = near_pairs(w, THRESHOLD, stats=st)
-    t_index = time.perf_counter() - t0
-    out = {"n": len(w), "index_s": t_index, "candidates": st["candidates"], "pairs": len(i),
+    with Stopwatch() as sw:
+        i, _, _ = near_pairs(w, THRESHOLD, stats=st)
+    out = {"n": len(w), "index_s": sw.seconds, "candidates": st["candidates"], "pairs": len(i),
            "plan": st["plan"].describe()}
     if brute:
-        t0 = time.perf_counter()
-        bi, _, _ = brute_pairs(w, THRESHOLD)
-        out["brute_s"] = time.perf_counter() - t0
+        with Stopwatch() as sw:
+            bi, _, _ = brute_pairs(w, THRESHOLD)
+        out["brute_s"] = sw.seconds
         assert len(bi) == len(i), "index and brute force disagree"
     return out
 
@@ -96,7 +99,11 @@ def main() -> int:
                                                      str(Path(__file__).resolve().parents[2] / "shared" / "data")))
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--no-million", action="store_true", help="skip the simulated 10^6 search")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 8 images, 10^2 and 10^3 hashes, no 10^6")
     args = ap.parse_args()
+    sizes = (10**3, 10**4)
+    if args.smoke:
+        args.images, args.no_million, sizes = 8, True, (10**2, 10**3)
     data = Path(args.data)
     rng = np.random.default_rng(0)
 
@@ -116,7 +123,7 @@ def main() -> int:
 
     seeds = hex_to_words([phash(read_image(it.path).pixels) for it in items])
     rows = []
-    for n in (10**3, 10**4):
+    for n in sizes:
         for kind, w in (("uniform", uniform_hashes(n, rng)), ("cxr-like", cxr_like_hashes(n, seeds, rng))):
             r = search_cost(w, brute=True)
             r["kind"] = kind
@@ -131,14 +138,14 @@ def main() -> int:
         print(f"{r['n']:>9} {r['kind']:>20} {r['index_s']:>9.3f} {bs:>12} {r['candidates']:>11} {r['pairs']:>7}  "
               f"{r['plan']}")
     uni = {r["n"]: r for r in rows if r["kind"].startswith("uniform")}
-    b4 = uni[10**4]["brute_s"]
+    b4 = uni[sizes[1]]["brute_s"] * (10**4 / sizes[1]) ** 2  # all-pairs at 10^4 (measured, or scaled as N^2)
     if 10**6 in uni:
         grow = math.log(uni[10**6]["index_s"] / uni[10**3]["index_s"]) / math.log(1000)
         print(f"\nindex time grows as N^{grow:.2f} from 10^3 to 10^6 (all-pairs: N^2); all-pairs at 10^6 "
               f"extrapolated from 10^4: {b4 * 1e4:.0f} s vs index {uni[10**6]['index_s']:.1f} s "
               f"({b4 * 1e4 / uni[10**6]['index_s']:.0f}x)")
     cand = {r["n"]: r["candidates"] for r in rows if r["kind"] == "cxr-like"}
-    print(f"cxr-like candidates grow {cand[10**4] / cand[10**3]:.1f}x for 10x hashes (all-pairs: 100x)")
+    print(f"cxr-like candidates grow {cand[sizes[1]] / max(cand[sizes[0]], 1):.1f}x for 10x hashes (all-pairs: 100x)")
     return 0
 
 

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _timing import CPU, Stopwatch, best_seconds, matmul_peak, rate, smoke_mode, sync  # noqa: E402
 from backbone import RefViT, _randomised, vit_flops  # noqa: E402
 
 from chexfound.models.config import ViTConfig  # noqa: E402
@@ -88,42 +89,6 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- timing
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def best_seconds(fn: Callable[[], object], dev: torch.device, iters: int, warmup: int = 1) -> float:
-    """Least disturbed seconds per call (synchronised)."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    best = math.inf
-    for _ in range(max(1, iters)):
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matmul_peak(dev: torch.device, dtype: torch.dtype, n: int, seconds: float = 2.0) -> float:
-    """Best FLOP/s of an n^3 GEMM in `dtype` on `dev`."""
-    a = torch.randn(n, n, device=dev).to(dtype)
-    b = torch.randn(n, n, device=dev).to(dtype)
-    best, t_end = math.inf, time.perf_counter() + seconds
-    (a @ b)
-    sync(dev)
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        sync(dev)
-        best = min(best, (time.perf_counter() - t) / 10)
-    return 2 * n**3 / best
 
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -171,11 +136,10 @@ def bench_forward(name: str, size: int, batch: int, sz: Sizes, dev: torch.device
         for backend in ("flash", "cudnn", "efficient"):
             variants[f"ours eager, sdpa={backend}"] = ours(model, backend)
     if sz.compile:
-        t = time.perf_counter()
-        compiled = compile_blocks(model)
-        ours(compiled)()  # the compile itself, timed apart
-        sync(dev)
-        rep.seconds[f"compile {name}"] = round(time.perf_counter() - t, 1)
+        with Stopwatch(dev) as sw:
+            compiled = compile_blocks(model)
+            ours(compiled)()  # the compile itself, timed apart
+        rep.seconds[f"compile {name}"] = round(sw.seconds, 1)
         variants["ours compiled"] = ours(compiled)
         if dev.type == "cuda":
             graph = CudaGraphForward(compiled, n, ctx)
@@ -190,7 +154,7 @@ def bench_forward(name: str, size: int, batch: int, sz: Sizes, dev: torch.device
     t_ref = None
     for label, fn in variants.items():
         try:
-            t = best_seconds(fn, dev, sz.iters)
+            t = best_seconds(fn, iters=sz.iters, dev=dev)
         except Exception as e:  # e.g. a backend this GPU or build lacks: say so, keep going
             rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
@@ -243,11 +207,9 @@ def bench_decode(root: Path, rep: Report, seconds: float) -> dict[str, float]:
                 continue
             tf.prepare(read_image(files[0]).pixels, torch.uint8)
             # CPU time of this thread: the rate of one core, whatever else the machine is running.
-            k, t0, c0 = 0, time.perf_counter(), time.thread_time()
-            while k < 3 or time.perf_counter() - t0 < seconds:
-                tf.prepare(read_image(files[k % len(files)]).pixels, torch.uint8)
-                k += 1
-            rates[label] = k / (time.thread_time() - c0)
+            nxt = iter(range(1 << 62))
+            rates[label] = rate(lambda files=files: tf.prepare(read_image(files[next(nxt) % len(files)]).pixels,
+                                                               torch.uint8), seconds, min_calls=3, clock=CPU)
             print(f"  {label:32s} {rates[label]:8.1f} img/s per core")
     finally:
         torch.set_num_threads(threads)
@@ -348,7 +310,7 @@ def bench_serve(sz: Sizes, dev: torch.device, rep: Report) -> None:
             p.predict_tensor(one)
             lat.append(time.perf_counter() - t)
         full = torch.randn(sz.embed_batch, 3, sz.large_size, sz.large_size)
-        t_full = best_seconds(lambda: p.predict_tensor(full), dev, sz.iters)
+        t_full = best_seconds(lambda: p.predict_tensor(full), iters=sz.iters, dev=dev)
         batcher = MicroBatcher(p.predict_tensor, max_batch=16, max_wait_ms=5.0,
                                capacity=4 * sz.serve_clients).start()
         for b in (2, 4, 8, 16):  # every shape the batcher can produce (compiled: padded to powers of two)
@@ -427,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     sz = Sizes.smoke() if args.smoke or dev.type != "cuda" else Sizes()
     if sz.iters == 1:  # smoke: code paths only; one thread avoids OpenMP stalls on a shared CPU
         torch.set_num_threads(1)
+        smoke_mode()  # the tiny test backbones the smoke sizes use
     if args.no_compile:
         sz.compile = False
     if args.workers is not None:
@@ -438,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench/gpu.py on {name}: torch {torch.__version__}, {'smoke sizes' if sz.iters == 1 else 'full sizes'}, "
           f"{sz.dtype}, compile {'on' if sz.compile else 'off'}, {sz.workers} loader workers")
     dt = torch.bfloat16 if sz.dtype == "bf16" else torch.float32
-    peak = section(rep, "peak", lambda: matmul_peak(dev, dt, sz.peak_n)) if "peak" in want else None
+    peak = section(rep, "peak", lambda: matmul_peak(dt, dev, sz.peak_n)) if "peak" in want else None
     peak = peak or float("nan")
     if "peak" in want and math.isfinite(peak):
         rep.figures[f"{sz.dtype} matmul peak TFLOP/s"] = peak / 1e12

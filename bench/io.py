@@ -4,6 +4,7 @@ data-loader workers it takes to keep a ViT-L/16-512 (the CheXFound backbone) fed
     python bench/io.py                      # ~1-2 min on 2 CPU cores
     python bench/io.py --model-img-s 350    # workers needed for a model throughput you measured elsewhere
     python bench/io.py --full-model         # time the real 24-block model instead of extrapolating
+    python bench/io.py --smoke              # seconds: one image per format, a 1-block model (checks the code)
 
 Each loader worker is one process with one torch thread, so the per-format img/s printed here is what one
 `--workers` process delivers. The model's img/s is measured in the same process (default: a 4-block
@@ -19,7 +20,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +29,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _timing import CPU, best_seconds, rate  # noqa: E402
 
 from chexfound.data.transform import InputTransform  # noqa: E402
 from chexfound.io import read_image  # noqa: E402
@@ -76,28 +79,26 @@ def loader_rate(files: list[Path], tf: InputTransform, seconds: float, min_image
     tf.prepare(img.pixels, torch.uint8)
     shape = "x".join(map(str, img.shape))
     # CPU time of this thread: one core's rate, not inflated by other jobs on a shared machine.
-    n, t0, c0 = 0, time.perf_counter(), time.thread_time()
-    while n < min_images or time.perf_counter() - t0 < seconds:
-        x = tf.prepare(read_image(files[n % len(files)]).pixels, torch.uint8)
+    it = iter(range(1 << 62))
+
+    def one() -> None:
+        x = tf.prepare(read_image(files[next(it) % len(files)]).pixels, torch.uint8)
         assert x.shape == (1, SIZE, SIZE)
-        n += 1
-    return n / (time.thread_time() - c0), shape
+
+    return rate(one, seconds, min_calls=min_images, clock=CPU), shape
 
 
-def model_rate(full: bool, batch: int, repeats: int) -> tuple[float, str]:
+def model_rate(full: bool, batch: int, repeats: int, depth: int = 4) -> tuple[float, str]:
     """Forward img/s of ViT-L/16-512 in inference mode (fp32 on CPU), measured or extrapolated by depth."""
     cfg = get_config("chexfound_vitl16_reg4_512")
-    depth = cfg.depth if full else 4
+    depth = cfg.depth if full else depth
     model = VisionTransformer(replace(cfg, depth=depth)).eval()
     x = torch.randn(batch, 3, SIZE, SIZE)
     with torch.inference_mode():
-        model(x)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            model(x)
-        dt = (time.perf_counter() - t0) / repeats
+        dt = best_seconds(lambda: model(x), iters=repeats, warmup=1)
     per_image_full = dt / batch * (cfg.depth / depth)
-    how = (f"{cfg.depth} blocks measured" if full else f"{depth} of {cfg.depth} blocks measured, scaled x{cfg.depth // depth}")
+    how = (f"{cfg.depth} blocks measured" if full
+           else f"{depth} of {cfg.depth} blocks measured, scaled x{cfg.depth / depth:g}")
     return 1.0 / per_image_full, f"batch {batch}, {torch.get_num_threads()} threads, fp32, {how}"
 
 
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-model", action="store_true", help="time all 24 blocks (slow on CPU)")
     ap.add_argument("--batch", type=int, default=1, help="model batch size for the CPU measurement")
     ap.add_argument("--repeats", type=int, default=1, help="timed model forwards after one warm-up")
+    ap.add_argument("--smoke", action="store_true", help="seconds: one image per format, a 1-block model")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.min_images, args.repeats, args.full_model = 0.0, 1, 1, False
 
     root = data_root()
     if not (root / "dicom").is_dir():
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_img_s is not None:
         model_ips, how = args.model_img_s, "given with --model-img-s"
     else:
-        model_ips, how = model_rate(args.full_model, args.batch, args.repeats)
+        model_ips, how = model_rate(args.full_model, args.batch, args.repeats, depth=1 if args.smoke else 4)
     print(f"\nViT-L/16-512 forward: {model_ips:.3f} img/s ({how})")
     print(f"{'format':34s} {'loader/model':>12s} {'workers needed':>15s}")
     for label, r in rates:

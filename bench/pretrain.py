@@ -7,6 +7,7 @@ step to the old (reference) step and to the compiled step, measured in the same 
     python bench/pretrain.py --device cuda --config proof_vits16_224 --config chexfound_vitl16_512 \\
         --reference --compile --json gpu_pretrain.json         # the GPU session's one call (see docs/pretraining.md)
     python bench/pretrain.py --profile runs/prof               # torch.profiler: host overhead of the step
+    python bench/pretrain.py --smoke --json /tmp/p.json         # seconds: a tiny recipe (checks the code paths)
 
 `--config` takes a preset (repeatable: one table per preset), `--arch` any backbone of the registry
 (student.arch), trailing key=value pairs override the recipe. Defaults: batch = the preset's on a GPU, 4 on
@@ -34,6 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _timing import Stopwatch, best_seconds, smoke_mode, sync  # noqa: E402
 
 from chexfound.ssl import distributed as D  # noqa: E402
 from chexfound.ssl.config import load_config  # noqa: E402
@@ -43,27 +47,19 @@ from chexfound.ssl.trainer import Trainer  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def gemm_peak(dev: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a square matmul in `dtype` (the best of a few runs)."""
-    n = 8192 if dev.type == "cuda" else 1024
+def gemm_peak(dev: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """FLOP/s of a square matmul in `dtype` (the best of a few rounds)."""
+    n = n or (8192 if dev.type == "cuda" else 1024)
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    reps = 10 if dev.type == "cuda" else 3
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync(dev)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: a @ b, iters=5, dev=dev, calls=10 if dev.type == "cuda" else 3)
+
+
+# The smoke recipe: the tiny test backbone, small heads and crops (seconds per step on a CPU).
+SMOKE = ["student.arch=tiny_vit", "dino.head_n_prototypes=64", "dino.head_hidden_dim=32",
+         "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=48", "ibot.head_hidden_dim=32",
+         "ibot.head_bottleneck_dim=16", "ibot.separate_head=true", "crops.global_crops_size=32",
+         "crops.local_crops_size=16", "crops.local_crops_number=2"]
 
 
 def tokens(size: int, patch: int, regs: int) -> int:
@@ -85,13 +81,11 @@ class Variant:
     def run(self, images: torch.Tensor, n: int) -> float:
         """Seconds per step over n steps (nothing synchronised inside; one sync at the end)."""
         dev = images.device
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            self.trainer.train_step(self.step, images)
-            self.step += 1
-        sync(dev)
-        return (time.perf_counter() - t0) / n
+        with Stopwatch(dev) as sw:  # nothing synchronised inside; one sync at each end
+            for _ in range(n):
+                self.trainer.train_step(self.step, images)
+                self.step += 1
+        return sw.seconds / n
 
     def sections(self, images: torch.Tensor, n: int) -> tuple[dict[str, float], float]:
         self.timer.reset()
@@ -137,11 +131,9 @@ def profile_host(v: Variant, images: torch.Tensor, out: Path, n: int = 2) -> dic
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if images.device.type == "cuda" else [])
     out.mkdir(parents=True, exist_ok=True)
-    sync(images.device)
-    t0 = time.perf_counter()
-    with profile(activities=acts, record_shapes=False) as prof:
+    with Stopwatch(images.device) as sw, profile(activities=acts, record_shapes=False) as prof:
         v.run(images, n)
-    wall = time.perf_counter() - t0
+    wall = sw.seconds
     ka = prof.key_averages()
     prof.export_chrome_trace(str(out / f"trace_{v.name}.json"))
     table = ka.table(sort_by="self_cpu_time_total", row_limit=25)
@@ -169,19 +161,17 @@ def data_paths(dev: torch.device, size: int, batch: int, workers: int, n_batches
     out = []
     it = LoaderSource(paths, size, sampler, dev, workers, Skipped()).batches(0)
     next(it)  # worker start-up
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        next(it)
-    sync(dev)
-    out.append((f"loader ({workers} workers, decode + resize per step)", n_batches * batch / (time.perf_counter() - t0)))
+    with Stopwatch(dev) as sw:
+        for _ in range(n_batches):
+            next(it)
+    out.append((f"loader ({workers} workers, decode + resize per step)", n_batches * batch / sw.seconds))
     imgs = torch.randint(0, 256, (len(paths), 1, size, size), dtype=torch.uint8)
     it = PreloadedSource(imgs, sampler, dev).batches(0)
     next(it)
-    t0 = time.perf_counter()
-    for _ in range(n_batches * 20):
-        next(it)
-    sync(dev)
-    out.append(("resident (preload: index gather on the device)", n_batches * 20 * batch / (time.perf_counter() - t0)))
+    with Stopwatch(dev) as sw:
+        for _ in range(n_batches * 20):
+            next(it)
+    out.append(("resident (preload: index gather on the device)", n_batches * 20 * batch / sw.seconds))
     return out
 
 
@@ -204,9 +194,9 @@ def bench_config(name: str, a: argparse.Namespace, dev: torch.device, peaks: dic
         mode = True if a.compile == "default" else a.compile
         variants.append(Variant("compiled", {**cfg, "train": {**cfg["train"], "compile": mode}}, dev))
     for v in variants:  # warm-up (the compiled variant compiles here)
-        t0 = time.perf_counter()
-        v.run(images, a.warmup)
-        v.warmup_s = time.perf_counter() - t0
+        with Stopwatch(dev) as sw:
+            v.run(images, a.warmup)
+        v.warmup_s = sw.seconds
     for _ in range(a.rounds):  # interleaved timing rounds
         for v in variants:
             v.times.append(v.run(images, a.steps))
@@ -307,15 +297,24 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="loader workers for --data-paths")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds on a CPU: demo_tiny with the tiny test backbone, batch 4, one step per round, the "
+                         "reference step and a profile (checks every code path; timings mean nothing)")
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     a = ap.parse_args()
+    if a.smoke:
+        smoke_mode()
+        a.config = a.config or ["demo_tiny"]
+        a.batch, a.steps, a.rounds, a.warmup, a.threads = a.batch or 4, 1, 1, 1, a.threads or 1
+        a.reference = True
+        a.overrides = [*SMOKE, *a.overrides]
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = D.resolve_device(a.device)
     gpu = dev.type == "cuda"
     a.steps = a.steps or (10 if gpu else 2)
     configs = a.config or ["proof_vits16_224"]
-    peaks = {k: gemm_peak(dev, t) for k, t in DTYPES.items()}
+    peaks = {k: gemm_peak(dev, t, n=256 if a.smoke else None) for k, t in DTYPES.items()}
     name = torch.cuda.get_device_name(dev) if gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, torch {torch.__version__}")
     print(f"matmul peak measured here: bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s")

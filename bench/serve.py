@@ -6,6 +6,7 @@
 2. Runtime: onnxruntime vs PyTorch CPU throughput for the same model at batch 1 and 8, as ratios.
 
     python bench/serve.py [--seconds 6] [--threads 1] [--backbone vits16_224] [--json out.json]
+    python bench/serve.py --smoke     # seconds: the tiny test backbone, short levels (checks the code paths)
 
 Numbers depend on the machine; the ratios compare runs made in this same process.
 """
@@ -31,6 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _timing import interleaved_rates, smoke_mode  # noqa: E402
 
 from chexfound.adapt import LinearHead, save_head  # noqa: E402
 from chexfound.data.findings import CXRLT24  # noqa: E402
@@ -44,7 +48,7 @@ DATA = Path(os.environ.get("CHEXFOUND_DATA", ROOT.parent / "shared" / "data"))
 def make_model(tmp: Path, config: str) -> tuple[Path, Path]:
     torch.manual_seed(0)
     bb = create_backbone(config).eval()
-    head = LinearHead(CXRLT24, n_blocks=4, embed_dim=bb.embed_dim)
+    head = LinearHead(CXRLT24, n_blocks=min(4, bb.cfg.depth), embed_dim=bb.embed_dim)
     save_backbone(bb, tmp / "backbone.safetensors")
     save_head(head, tmp / "head.safetensors", backbone_sha256=backbone_sha256(bb))
     return tmp / "backbone.safetensors", tmp / "head.safetensors"
@@ -119,23 +123,6 @@ def load_level(url: str, body: bytes, name: str, clients: int, seconds: float) -
             "p50_ms": float(q[0]) * 1e3, "p95_ms": float(q[1]) * 1e3}
 
 
-def compare(fns: dict[str, object], batch: np.ndarray, seconds: float, rounds: int = 3) -> dict[str, float]:
-    """Images/s of each fn, measured in alternating rounds so that load from other processes on the
-    machine hits both alike."""
-    count = {k: 0 for k in fns}
-    spent = {k: 0.0 for k in fns}
-    for fn in fns.values():
-        fn(batch)  # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < seconds / rounds:
-                fn(batch)
-                count[k] += len(batch)
-            spent[k] += time.perf_counter() - t0
-    return {k: count[k] / spent[k] for k in fns}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="vits16_224", help="registry config of the random-weight backbone")
@@ -144,7 +131,12 @@ def main() -> int:
                     help="compute threads for PyTorch and onnxruntime alike (default 1: per-core numbers, "
                          "stable on shared machines)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny_vit, 0.5 s per level (timings mean nothing)")
     args = ap.parse_args()
+    levels_clients = (1, 4, 16)
+    if args.smoke:
+        smoke_mode()
+        args.backbone, args.seconds, levels_clients = "tiny_vit", 0.5, (1, 4)
     threads = args.threads
     torch.set_num_threads(threads)
 
@@ -160,7 +152,7 @@ def main() -> int:
         with serve_process(bb_path, head_path, threads) as url:
             load_level(url, body, image.name, 2, min(2.0, args.seconds))  # warm-up
             levels = []
-            for clients in (1, 4, 16):
+            for clients in levels_clients:
                 before = httpx.get(f"{url}/healthz").json()["batcher"]
                 lv = load_level(url, body, image.name, clients, args.seconds)
                 after = httpx.get(f"{url}/healthz").json()["batcher"]
@@ -185,8 +177,8 @@ def main() -> int:
         print(f"{'batch':>6} {'torch':>8} {'onnxrt':>8} {'ort/torch':>10}")
         for b in (1, 8):
             x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
-            ips = compare({"torch": lambda a: predictor.predict_tensor(torch.from_numpy(a)),
-                           "ort": lambda a: sess.run(None, {"image": a})}, x, args.seconds)
+            ips = interleaved_rates({"torch": lambda x=x: len(predictor.predict_tensor(torch.from_numpy(x))[0]),
+                                     "ort": lambda x=x: len(sess.run(None, {"image": x})[0])}, args.seconds)
             t_torch, t_ort = ips["torch"], ips["ort"]
             runtime.append({"batch": b, "torch_ips": t_torch, "onnxruntime_ips": t_ort, "ratio": t_ort / t_torch})
             print(f"{b:>6} {t_torch:>8.1f} {t_ort:>8.1f} {t_ort / t_torch:>10.2f}")

@@ -50,7 +50,7 @@ def test_glori_then_linear_reuse_the_cache(manifest, tmp_path, monkeypatch):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"start", "cache", "done"} <= {r.get("event") for r in records}
     assert sum("val_macro_ap" in r for r in records) == 2 * 2
-    # How every threshold was chosen: in the head file, the run log and the per-finding table (issue 14).
+    # How every threshold was chosen: in the head file, the run log and the per-finding table.
     (thr,) = [r for r in records if r.get("event") == "thresholds"]
     assert [t["finding"] for t in thr["findings"]] == head.findings == [t["finding"] for t in meta["threshold_rules"]]
     # 10 validation images: too few positives for a validation-optimal threshold anywhere.

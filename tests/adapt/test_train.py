@@ -124,6 +124,7 @@ def test_uncertain_labels_follow_the_policy():
     assert not torch.allclose(w(as_one), w(as_nan))
 
 
+@pytest.mark.slow  # trains 13 heads one by one to compare with the grid
 def test_the_13_lr_grid_is_13_separately_trained_heads():
     """The original's 13-value grid runs as one batched computation (stacked parameters, vmapped forward,
     one AdamW over the stack); every config ends where training it alone ends.

@@ -1,28 +1,21 @@
 """bench/gpu.py runs every section on a CPU with tiny sizes (a smoke test of its code paths: the GPU session
-gets one prepared call). No timing is asserted."""
+gets one prepared call), from a plain source tree as its docstring says (`PYTHONPATH=src python bench/gpu.py
+--smoke --json s.json`, a fresh process without the test suite's imports). No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from _run import run_bench
 
 
 @pytest.mark.slow
-def test_gpu_bench_smoke_writes_every_figure(tmp_path: Path, data_root: Path, monkeypatch) -> None:
-    monkeypatch.setenv("CHEXFOUND_DATA", str(data_root))
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_gpu", mod)
-    spec.loader.exec_module(mod)
+def test_gpu_bench_smoke_writes_every_figure(tmp_path: Path, data_root: Path) -> None:
     out = tmp_path / "gpu.json"
-    assert mod.main(["--smoke", "--json", str(out), "--tmp", str(tmp_path)]) == 0
+    run_bench("gpu", "--smoke", "--json", str(out), "--tmp", str(tmp_path), data=data_root)
     rep = json.loads(out.read_text())
     assert rep["errors"] == {} and rep["skipped"] == {}
     figs = rep["figures"]

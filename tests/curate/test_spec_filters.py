@@ -13,7 +13,7 @@ from chexfound.curate.spec import FilterSpec, load_spec
 from chexfound.curate.views import parse_views, view_category
 from chexfound.errors import ConfigError, ManifestError
 
-ISSUE_YAML = """\
+EXAMPLE_YAML = """\
 sources:
   - {name: nih14, root: ../shared/data/nih14, format: manifest, manifest: labels.csv, patient_column: patient_id}
   - {name: kermany, root: ../shared/data/kermany, format: manifest, manifest: labels.csv, patient_column: patient_key}
@@ -23,7 +23,7 @@ sources:
 
 @pytest.fixture()
 def project(tmp_path, data_root):
-    """A project folder next to ../shared/data, as in the issue's example spec."""
+    """A project folder next to ../shared/data, as in the spec format's documented example."""
     (tmp_path / "shared").mkdir()
     os.symlink(data_root, tmp_path / "shared" / "data")
     proj = tmp_path / "proj"
@@ -32,11 +32,11 @@ def project(tmp_path, data_root):
     (extra / "p1").mkdir(parents=True)
     for name in ("p1/a.png", "p1/b.JPG", "notes.txt"):
         (extra / name).write_bytes(b"x")
-    (proj / "corpus.yaml").write_text(ISSUE_YAML.replace("/some/folder", str(extra)))
+    (proj / "corpus.yaml").write_text(EXAMPLE_YAML.replace("/some/folder", str(extra)))
     return proj
 
 
-def test_issue_spec_form_lists_every_image_with_patients(project, data_root):
+def test_example_spec_form_lists_every_image_with_patients(project, data_root):
     spec = load_spec(project / "corpus.yaml")
     assert spec.sources[0].root == str((project / "../shared/data/nih14").resolve())
     items = list_items(spec)

@@ -29,7 +29,7 @@ def test_roundtrip_keeps_images_and_labels(nih: Manifest, tmp_path: Path, suffix
     out = tmp_path / "sub" / f"m{suffix}"
     nih.save(out)
     back = read_manifest(out)
-    assert back.paths() == [p.resolve() for p in nih.paths()]  # rebased: same files from the new folder
+    assert back.paths() == nih.paths()  # rebased: same files from the new folder
     assert back.label_columns == nih.label_columns
     np.testing.assert_array_equal(back.labels(), nih.labels())
     assert back.df["patient_id"].tolist() == nih.df["patient_id"].astype(str).tolist()
@@ -42,6 +42,25 @@ def test_relative_paths_under_the_manifest_folder(tmp_path: Path) -> None:
     assert pd.read_csv(tmp_path / "m.csv")["path"].tolist() == ["imgs/a.png"]
     m.save(tmp_path / "elsewhere" / "deep" / "m.csv")
     assert pd.read_csv(tmp_path / "elsewhere" / "deep" / "m.csv")["path"].tolist() == [str(tmp_path / "imgs/a.png")]
+
+
+def test_paths_are_never_resolved_through_symlinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data folder reached through a symlink keeps the link's name: relative paths stay relative to the
+    manifest (through the link), absolute ones stay as given; reading finds the same files."""
+    real = tmp_path / "store" / "imgs"
+    real.mkdir(parents=True)
+    (real / "a.png").write_bytes(b"x")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data").symlink_to(tmp_path / "store")
+    monkeypatch.chdir(tmp_path / "work")
+    rel = Manifest(pd.DataFrame({"path": ["imgs/a.png"], "patient_id": ["1"], "X": [1.0]}), Path("data"), ["X"])
+    rel.save("runs/m.csv")
+    assert pd.read_csv("runs/m.csv")["path"].tolist() == ["../data/imgs/a.png"]
+    assert [p.is_file() for p in read_manifest("runs/m.csv").paths()] == [True]
+    absolute = Manifest(rel.df, tmp_path / "work" / "data", ["X"])
+    absolute.save(tmp_path / "other" / "m.csv")
+    assert pd.read_csv(tmp_path / "other" / "m.csv")["path"].tolist() == [f"{tmp_path}/work/data/imgs/a.png"]
+    assert read_manifest(tmp_path / "other" / "m.csv").paths()[0].is_file()
 
 
 def test_uncertain_policies() -> None:

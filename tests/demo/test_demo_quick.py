@@ -17,7 +17,7 @@ def test_demo_quick_runs_resumes_and_reports(data_root, tmp_path, capsys):
             "--n-boot", "100"]
     assert main(args) == 0
     first = capsys.readouterr().out
-    # The report and every model the issue names are there, ready for predict/serve.
+    # The report and every model the README lists are there, ready for predict/serve.
     for f in ("report.html", "report.json", "metrics.json", "figures/label_efficiency.png"):
         assert (out / f).is_file(), f
     for which in ("pretrained", "random"):

@@ -22,9 +22,11 @@ def test_convert_official_keeps_heads_and_records_sha(tmp_path: Path, capsys: py
     assert main(["convert", str(src), "--out", str(out), "--config", "tiny_vit"]) == 0
     printed = capsys.readouterr().out
     sha = sha256_file(out)
-    assert f"sha256  {sha}" in printed and "head    dino_head" in printed
-    assert (tmp_path / "chexfound_tiny.safetensors.sha256").read_text().split()[0] == sha
     meta = read_meta(out)
+    # both hashes, named: the weights hash (what every other command shows) and the file's bytes
+    assert f"weights_sha256  {meta['weights_sha256']}" in printed and f"file_sha256     {sha}" in printed
+    assert "head    dino_head" in printed
+    assert (tmp_path / "chexfound_tiny.safetensors.sha256").read_text().split()[0] == sha
     assert meta["source"]["format"] == "chexfound_official" and meta["source"]["sha256"] == sha256_file(src)
     assert meta["head_names"] == ["dino_head", "ibot_head"]
     loaded = create_backbone(out)

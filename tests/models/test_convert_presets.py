@@ -1,4 +1,4 @@
-"""Issue 14.1: `chexfound convert RUN/teacher_checkpoint.pth` builds exactly the model that was pretrained, for
+"""`chexfound convert RUN/teacher_checkpoint.pth` builds exactly the model that was pretrained, for
 every pretraining preset's architecture: inside the run folder (our config.yaml), copied elsewhere (the
 architecture travels inside the file), and for older exports without it (config.yaml in the run folder, or
 else the head count must be given - never guessed)."""
@@ -55,6 +55,7 @@ def _convert(src: Path, out: Path, *extra: str) -> int:
     return main(["convert", str(src), "--out", str(out), "--quiet", *extra])
 
 
+@pytest.mark.slow  # every preset at full size (ViT-B, ViT-L): minutes on 2 cores
 @pytest.mark.parametrize("preset", list_presets())
 def test_export_convert_gives_the_same_model(preset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, teacher = _run_folder(preset, tmp_path)

@@ -93,6 +93,7 @@ def test_unknown_names_and_missing_files(tmp_path: Path) -> None:
         create_backbone(tmp_path / "b.safetensors", num_heads=4)
 
 
+@pytest.mark.slow  # fresh Python processes
 def test_test_configs_are_not_in_the_production_registry() -> None:
     """A fresh process sees no tiny_vit; with CHEXFOUND_MODEL_MODULES naming the testing module (as the CLI
     processes tests start), it does."""

@@ -169,3 +169,15 @@ def test_manifest_input(models: dict[str, Path], png_paths: list[Path], tmp_path
 def test_needs_inputs(models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert predict(models) == 2
     assert "give image files" in capsys.readouterr().err
+
+
+def test_exit_status_when_no_input_could_be_read(models: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Every input unreadable is a failure (exit 1) even without --strict, and --help says so."""
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image\n")
+    assert predict(models, "--out", str(tmp_path / "p.csv"), str(bad)) == 1
+    assert "no image could be read from 1 input(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "1 when no input at all could be read" in " ".join(capsys.readouterr().out.split())

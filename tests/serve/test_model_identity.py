@@ -1,4 +1,4 @@
-"""Issue 14.7: a model derived from a registry config with overrides carries its own name (the pretraining
+"""A model derived from a registry config with overrides carries its own name (the pretraining
 preset's), and `embed`, `/v1/model`, the page and exports show that name, its size, input resolution and
 where it came from - not the name of the registry entry it was derived from."""
 

@@ -123,7 +123,7 @@ def test_safetensors_bundle_roundtrip(models: dict[str, Path], png_paths: list[P
 
 
 def test_predictions_say_which_rule_chose_each_threshold(models, png_paths, tmp_path):
-    """Issue 14: a threshold's meaning (the rule and its evidence) travels from the head file to every output."""
+    """A threshold's meaning (the rule and its evidence) travels from the head file to every output."""
     from chexfound.adapt.heads.base import save_head
     from chexfound.models.format import read_meta
     from chexfound.stats.thresholds import choose_thresholds

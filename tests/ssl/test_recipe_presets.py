@@ -1,4 +1,4 @@
-"""The ViT-scale recipe presets (issue 13): the proxy is the proof's network and data at CPU size, the ViT-B
+"""The ViT-scale recipe presets: the proxy is the proof's network and data at CPU size, the ViT-B
 proof differs from the ViT-S one only where it says so, and the recipe's rules hold in each."""
 
 import math

@@ -1,4 +1,4 @@
-"""The training step (issue 13 item 4): no host sync, the same model as the old step, non-finite steps skipped
+"""The training step: no host sync, the same model as the old step, non-finite steps skipped
 on the device, padding of the masked-patch buffer invisible, torch.compile equal to eager."""
 
 from __future__ import annotations

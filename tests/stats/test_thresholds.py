@@ -88,7 +88,7 @@ def test_prevalence_sources_and_edge_cases():
 
 
 def test_weak_head_on_nih14_calls_about_as_many_findings_as_the_labels(data_root):
-    """Issue 14: on the shared NIH-14 images a near-random head (the logistic probe on 32x32 pixels) with F1
+    """On the shared NIH-14 images a near-random head (the logistic probe on 32x32 pixels) with F1
     thresholds called about half the findings positive; with the fallback it says about as much as the labels."""
     from chexfound.data.manifest import patient_split
     from chexfound.data.readers import read_nih14_shared

@@ -69,6 +69,8 @@ def paths_and_ids(src: Any) -> tuple[list[str], list[str]]:
 
 
 class FeatureCache:
+    """Frozen-backbone features on disk (patch and CLS tokens of the last blocks, memory-mapped), one row per
+    image, with its index and errors: what heads train on without rerunning the backbone."""
     def __init__(self, root: Path, meta: dict[str, Any], in_memory: bool = False) -> None:
         self.root = root
         self.meta = meta
@@ -85,6 +87,8 @@ class FeatureCache:
     # -- opening / building --
     @classmethod
     def open(cls, root: str | PathLike[str], in_memory: bool = False) -> "FeatureCache":
+        """Open the cache written in folder `root` (ConfigError if it is not one); `in_memory` loads it instead of
+        memory-mapping."""
         r = Path(root)
         if not (r / _META).is_file():
             raise ConfigError(r, "not a feature cache (no cache.json)")
@@ -137,18 +141,22 @@ class FeatureCache:
 
     @property
     def paths(self) -> list[str]:
+        """Image path of each row, in cache order."""
         return self._index["path"].astype(str).tolist()
 
     @property
     def ids(self) -> list[str]:
+        """Id of each row (what resuming and label matching key on)."""
         return self._index["id"].astype(str).tolist()
 
     @property
     def valid(self) -> np.ndarray:
+        """Boolean per row: features were computed (False: the image could not be read)."""
         return self._status == OK
 
     @property
     def has_flip(self) -> bool:
+        """Whether horizontally flipped features were cached too (for flip augmentation)."""
         return self._patch_flip is not None
 
     @property
@@ -160,14 +168,17 @@ class FeatureCache:
 
     @property
     def n_blocks(self) -> int:
+        """How many of the backbone's last blocks were cached."""
         return int(self.meta["n_blocks"])
 
     @property
     def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) of the cached patch tokens."""
         return int(self.meta["grid"][0]), int(self.meta["grid"][1])
 
     @property
     def backbone_sha256(self) -> str:
+        """Weights hash of the backbone the features came from (heads trained on them record it)."""
         return str(self.meta["backbone_sha256"])
 
     def features(self, indices: Sequence[int] | np.ndarray, flip: bool = False) -> Features:

@@ -100,19 +100,20 @@ class Manifest:
         return Manifest(df, self.root, list(self.label_columns), self.source)
 
     def rebased(self, folder: str | PathLike[str]) -> "Manifest":
-        """The same images with `path` relative to `folder` where they lie under it, absolute otherwise."""
-        folder = Path(folder).resolve()
+        """The same images with `path` rewritten for a manifest in `folder`: relative to `folder` where the
+        image lies under it or was given as a relative path, otherwise absolute as given. Paths are normalised
+        lexically (os.path), never resolved through symlinks: a manifest keeps the names the user chose."""
+        base = os.path.abspath(folder)
         out = []
         for p in self.paths():
-            a = p if p.is_absolute() else p.resolve()
-            a = Path(os.path.abspath(a))
-            try:
-                out.append(a.relative_to(folder).as_posix())
-            except ValueError:
-                out.append(a.as_posix())
+            a = os.path.abspath(p)
+            if not p.is_absolute() or a == base or a.startswith(base.rstrip(os.sep) + os.sep):
+                out.append(Path(os.path.relpath(a, base)).as_posix())
+            else:
+                out.append(Path(a).as_posix())
         df = self.df.copy()
         df["path"] = out
-        return Manifest(df, folder, list(self.label_columns), self.source)
+        return Manifest(df, Path(base), list(self.label_columns), self.source)
 
     def ordered_df(self) -> pd.DataFrame:
         """Columns in manifest order: path, ids, other metadata, then the labels."""

@@ -30,6 +30,7 @@ class GroupConfig:
             raise ValueError(f"head threshold {self.head} must be above tail threshold {self.tail}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The grouping as JSON values, with the rule in words."""
         return {"by": self.by, "head": self.head, "tail": self.tail,
                 "rule": f"head: {self.by} > {self.head}; medium: {self.tail} < {self.by} <= {self.head}; "
                         f"tail: {self.by} <= {self.tail} (training set)"}

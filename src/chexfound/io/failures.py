@@ -15,6 +15,7 @@ from chexfound.errors import CXRReadError
 
 
 class ReadFailure(str, Enum):
+    """Why a file could not be read, as a stable machine-readable kind (`ImageReadError.kind`)."""
     EMPTY = "empty"  # zero bytes
     NOT_AN_IMAGE = "not_an_image"  # neither DICOM nor a raster format we recognise
     CORRUPT_HEADER = "corrupt_header"  # a recognised format whose header cannot be parsed

@@ -35,9 +35,11 @@ class CXRImage:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the pixel array."""
         return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
 
     def to_uint8(self) -> np.ndarray:
+        """The image as displayed, 8-bit (0..255, rounded): for previews and PNG exports."""
         return np.clip(np.rint(self.pixels * 255.0), 0, 255).astype(np.uint8)
 
 

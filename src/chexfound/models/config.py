@@ -38,23 +38,28 @@ class ViTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head."""
         return self.embed_dim // self.num_heads
 
     @property
     def grid_size(self) -> int:
+        """Patches per side at `img_size`."""
         return self.img_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per image at `img_size` (registers and CLS not counted)."""
         return self.grid_size**2
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON values (what model files record)."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+        """A config from `to_dict`'s output; unknown keys are refused (a file from a different program)."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -65,6 +65,7 @@ class ModelInfo:
 
     @property
     def input_size(self) -> int:
+        """Side in pixels of the model input (the transform's crop)."""
         return self.transform.size
 
     @property

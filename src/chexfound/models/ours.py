@@ -25,6 +25,7 @@ HEADS_PREFIX = "heads."
 
 
 def backbone_sha256(model: VisionTransformer) -> str:
+    """The weights hash of a backbone (`state_dict_sha256`): its identity, independent of the file it came from."""
     return state_dict_sha256(model.state_dict())
 
 

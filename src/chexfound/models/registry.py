@@ -52,11 +52,15 @@ def _import_modules() -> None:
 
 
 def list_configs() -> list[str]:
+    """Names of the registered backbone configs (the tiny test configs only where `chexfound.models.testing` was
+    imported)."""
     _import_modules()
     return sorted(_REGISTRY)
 
 
 def get_config(name: str, **overrides: Any) -> ViTConfig:
+    """The registered config `name`, with `overrides` applied (ConfigError naming the known configs if there is
+    none)."""
     _import_modules()
     if name not in _REGISTRY:
         hint = (f" (the tiny test configs are registered by importing chexfound.models.testing, e.g. with "

@@ -219,6 +219,8 @@ class VisionTransformer(nn.Module):
 
     # -- init (as the original: trunc-normal 0.02 for pos/linears, 1e-6 normal for tokens) --
     def init_weights(self) -> None:
+        """Initialise as DINOv2 does: truncated-normal position embedding and Linear weights, tiny CLS/register
+        tokens, zero Linear biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
@@ -241,6 +243,8 @@ class VisionTransformer(nn.Module):
         return grid.to(dtype or self.pos_embed.dtype)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Images [B, 3, H, W] -> tokens [B, 1 + registers + patches, D]: patch embedding (masked patches replaced
+        by the mask token), CLS, position embedding interpolated to the input size, registers."""
         b, _, h, w = x.shape
         x = self.patch_embed(x)
         if masks is not None:
@@ -309,4 +313,5 @@ class VisionTransformer(nn.Module):
         return tuple(patches)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Images [B, 3, H, W] -> the normalised CLS token [B, D]."""
         return self.forward_features(x)["x_norm_clstoken"]

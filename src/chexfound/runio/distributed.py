@@ -42,6 +42,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process runs (collectives do something)."""
         return self.world_size > 1
 
 

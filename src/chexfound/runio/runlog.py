@@ -88,6 +88,7 @@ class RunLog:
         return "" if f.read(1) == b"\n" else "\n"
 
     def rows(self) -> list[dict[str, Any]]:
+        """Every row logged so far (a torn last line is skipped)."""
         return read_jsonl(self.path)
 
     def truncate_after(self, iteration: int) -> None:

@@ -18,6 +18,7 @@ def render_api_page(spec: dict[str, Any]) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{escape(info.get('title', 'API'))} API</title>",
+        '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
         '<link rel="stylesheet" href="/static/style.css"></head><body class="api">',
         f"<header><h1>{escape(info.get('title', 'API'))} API</h1>"
         f'<span class="muted">version {escape(str(info.get("version", "")))}</span>'

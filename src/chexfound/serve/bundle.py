@@ -55,6 +55,7 @@ class Classifier(nn.Module):
         self._last_block = LastBlockInput(backbone) if self.heatmap_kind == CLS_ATTENTION else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Normalised images -> (probabilities [B, C], attention maps [B, C, g, g] or None)."""
         feats = self.backbone.get_intermediate_layers(x, n=self.head.n_blocks, return_class_token=True)
         logits, attention = self.head(feats)
         probs = self.head.probabilities(logits.float())

@@ -32,6 +32,7 @@ class Prediction:
 
     @property
     def ok(self) -> bool:
+        """Whether the image was read and scored (False: `error` says why not)."""
         return self.error is None
 
     def positives(self) -> np.ndarray | None:
@@ -41,6 +42,8 @@ class Prediction:
         return self.probabilities >= self.thresholds
 
     def positive_findings(self) -> list[str]:
+        """Names of the findings called positive (probability >= the head's threshold), in the head's finding
+        order; empty for an unreadable image or a regression/survival head."""
         pos = self.positives()
         return [] if pos is None else [n for n, b in zip(self.findings, pos) if b]
 
@@ -71,6 +74,8 @@ class Prediction:
         ]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: {"path", "findings": `findings_list()`, "positive": `positive_findings()`}, or
+        {"path", "error"} for an unreadable image. Attention maps and the view are left out (large arrays)."""
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "findings": self.findings_list(), "positive": self.positive_findings()}

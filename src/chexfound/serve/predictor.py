@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from functools import cached_property
 from os import PathLike
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,13 @@ from chexfound.serve.bundle import Classifier, check_pairing, load_bundle, load_
 from chexfound.serve.overlay import view_from_input
 from chexfound.serve.prediction import CALL_TASKS, Prediction
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 log = logging.getLogger(__name__)
+
+# What `Predictor.predict` takes per item: a file, or an image already in memory.
+ImageInput = Union[str, PathLike, CXRImage, np.ndarray, "PILImage"]
 
 __all__ = ["CALL_TASKS", "Classifier", "Prediction", "Predictor", "check_pairing", "threshold_rules_of"]
 
@@ -132,6 +138,7 @@ class Predictor:
     # -- identity --
     @property
     def grid_size(self) -> int:
+        """Patch tokens per side of the model input (the side of each attention map)."""
         return self.transform.size // self.model.backbone.patch_size
 
     @property
@@ -164,10 +171,12 @@ class Predictor:
 
     @property
     def head_type(self) -> str:
+        """The head's type as recorded in its file (e.g. "glori", "linear"), else the module's."""
         return self.head_meta.get("head_type") or getattr(self.head, "head_type", "") or type(self.head).__name__
 
     @cached_property
     def head_file_sha256(self) -> str | None:
+        """SHA-256 of the head file's bytes (None for an in-memory head)."""
         from chexfound.models.format import sha256_file
 
         return sha256_file(self.head_path) if self.head_path else None
@@ -230,8 +239,39 @@ class Predictor:
         return probs.float().cpu().numpy(), None if maps is None else maps.float().cpu().numpy()
 
     def preprocess(self, image: CXRImage | np.ndarray) -> Tensor:
+        """One image -> the model input: normalised float32 [3, S, S] by the predictor's input transform (resize,
+        crop, min-max, mean/std, as recorded with the head). `image` is a `CXRImage` or its pixels ([H, W]
+        float in [0, 1]); add the batch dimension (`[None]`) for `predict_tensor`."""
         pixels = image.pixels if isinstance(image, CXRImage) else image
         return self.transform(pixels)
+
+    @staticmethod
+    def as_image(item: CXRImage | np.ndarray | "PILImage") -> CXRImage:
+        """An image already in memory as a `CXRImage`: a `CXRImage` as is; a [H, W] array (float in [0, 1];
+        uint8 over 0..255; other integers min-max, like a 16-bit PNG); a grayscale PIL image (decoded as a file
+        of its mode would be). Anything else raises ConfigError naming what is accepted."""
+        from chexfound.io.image import normalise_range
+
+        if isinstance(item, CXRImage):
+            return item
+        if isinstance(item, np.ndarray):
+            if item.ndim != 2:
+                raise ConfigError(None, f"an in-memory image must be a [H, W] grayscale array, got shape {item.shape}")
+            if item.dtype == np.uint8:
+                return CXRImage(normalise_range(item, 0, 255), {"source_format": "array"})
+            if item.dtype.kind in "iu":
+                return CXRImage(normalise_range(item), {"source_format": "array"})
+            return CXRImage(np.clip(item.astype(np.float32), 0.0, 1.0), {"source_format": "array"})
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - Pillow is a core dependency
+            Image = None  # type: ignore[assignment]
+        if Image is not None and isinstance(item, Image.Image):
+            from chexfound.io.raster import decode_raster
+
+            return decode_raster(b"", "<in-memory PIL image>", im=item.copy())  # decode_raster closes its image
+        raise ConfigError(None, f"cannot predict on a {type(item).__name__}: give a file path, a CXRImage "
+                                f"(chexfound.io.read_image), a [H, W] numpy array or a PIL image")
 
     def _prediction(self, path: str | None, probs: np.ndarray | None, maps: np.ndarray | None,
                     error: str | None = None, image_meta: dict[str, Any] | None = None) -> Prediction:
@@ -280,16 +320,19 @@ class Predictor:
 
     def predict(
         self,
-        paths: Sequence[str | PathLike[str]] | str | PathLike[str],
+        paths: Sequence[ImageInput] | ImageInput,
         batch_size: int = 8,
         workers: int = 0,
         progress: bool = False,
     ) -> list[Prediction]:
-        """Files -> one Prediction each, in order. Unreadable files do not stop the run: their Prediction
-        has `error` set (and no probabilities)."""
-        if isinstance(paths, (str, PathLike)):
-            paths = [paths]
-        paths = list(paths)
+        """Images -> one Prediction each, in order. Each item is a file (read with `read_image`) or an image
+        already in memory (a `CXRImage`, a [H, W] array, a PIL image: see `as_image`). Unreadable files do not
+        stop the run: their Prediction has `error` set (and no probabilities)."""
+        if isinstance(paths, (str, PathLike, CXRImage, np.ndarray)) or type(paths).__module__.startswith("PIL."):
+            paths = [paths]  # one image
+        paths = list(paths)  # type: ignore[arg-type]
+        if not all(isinstance(p, (str, PathLike)) for p in paths):
+            return self._predict_mixed(paths, batch_size, workers, progress)
         results: list[Prediction] = []
         bar = None
         if progress:
@@ -303,4 +346,22 @@ class Predictor:
         if bar is not None:
             bar.close()
         return results
+
+    def _predict_mixed(self, items: list[Any], batch_size: int, workers: int, progress: bool) -> list[Prediction]:
+        """`predict` over files and in-memory images together: files through the loader, images in batches."""
+        out: list[Prediction | None] = [None] * len(items)
+        files = [i for i, x in enumerate(items) if isinstance(x, (str, PathLike))]
+        if files:
+            preds = self.predict([items[i] for i in files], batch_size=batch_size, workers=workers, progress=progress)
+            for i, pred in zip(files, preds):
+                out[i] = pred
+        in_files = set(files)
+        memory = [(i, self.as_image(x)) for i, x in enumerate(items) if i not in in_files]
+        for start in range(0, len(memory), max(1, batch_size)):
+            chunk = memory[start:start + batch_size]
+            probs, maps = self.predict_tensor(torch.stack([self.preprocess(im) for _, im in chunk]))
+            for j, (i, im) in enumerate(chunk):
+                out[i] = self._prediction(im.meta.get("path"), probs[j], None if maps is None else maps[j],
+                                          image_meta=im.meta)
+        return [p for p in out if p is not None]
 

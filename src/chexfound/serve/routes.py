@@ -53,11 +53,21 @@ def api_reference(request: Request) -> HTMLResponse:
     return HTMLResponse(render_api_page(request.app.openapi()))
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness and queue state")
+@router.get("/favicon.ico", include_in_schema=False)  # browsers ask for it whatever the page links
+def favicon() -> FileResponse:
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+
+@router.get("/healthz", summary="Liveness and queue state")
 def healthz(state: State) -> dict[str, Any]:
     b = state.batcher
     return {"status": "ok", "in_flight": b.in_flight, "capacity": b.capacity, "batcher": b.stats.to_dict(),
             "cached_predictions": len(state.cache)}
+
+
+# HEAD for uptime checks (curl -I), kept out of the schema: one route for GET and HEAD would give both methods
+# the same OpenAPI operation id.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/v1/model", summary="Backbone and head identity, findings, thresholds, input transform, limits")

@@ -281,7 +281,7 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher_reference(self, momentum: float) -> None:
-        """The EMA as it was before issue 13 (lists rebuilt each step, mul + add): `Trainer(reference=True)`."""
+        """The old EMA update (lists rebuilt each step, mul + add): the reference step, `Trainer(reference=True)`."""
         t_list, s_list = [], []
         for t, s in self._paired_params():
             t_list.append(t.to_local() if hasattr(t, "to_local") else t)

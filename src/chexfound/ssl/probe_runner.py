@@ -45,9 +45,21 @@ def _is_kermany(folder: Path) -> bool:
     return len(head) == 2 and "label" in head[0].split(",") and ("NORMAL" in head[1] or "PNEUMONIA" in head[1])
 
 
+def _probes_off(v: Any) -> bool:
+    return v in (None, False, "none", "off")
+
+
+def probes_off_reason(cfg: dict[str, Any]) -> str:
+    """Why `resolve_kermany` found no probe set: switched off by the setting, or searched for and not found."""
+    v = cfg["probe"]["kermany"]
+    if _probes_off(v):
+        return f"probes are off (probe.kermany={v})"
+    return "no Kermany folder found (data.sources, $CHEXFOUND_DATA/kermany); probes are off"
+
+
 def resolve_kermany(cfg: dict[str, Any]) -> Path | None:
     v = cfg["probe"]["kermany"]
-    if v in (None, False, "none", "off"):
+    if _probes_off(v):
         return None
     if v != "auto":
         p = expand_path(v)
@@ -101,7 +113,7 @@ class ProbeRunner:
         self._sets: dict[str, ProbeTask] = {}  # decoded probe sets by set_key
         self.t_probe: float | None = None
         if is_main and self.kermany is None:
-            say("probe: no Kermany folder found (probe.kermany / $CHEXFOUND_DATA); probes are off")
+            say(f"probe: {probes_off_reason(cfg)}")
 
     @property
     def enabled(self) -> bool:

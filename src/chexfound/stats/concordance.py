@@ -8,6 +8,7 @@ import numpy as np
 
 
 class Concordance(TypedDict):
+    """Harrell's C-index of a risk score against (time, event) and how many pairs and rows it rests on."""
     c_index: float           # NaN when no pair is comparable
     comparable_pairs: float
     n: int                   # rows used (NaN rows dropped)

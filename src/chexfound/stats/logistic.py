@@ -84,6 +84,7 @@ class LogisticProbe:
         return ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale) @ self.coef.T + self.intercept
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Features [N, D] -> probabilities [N, C]."""
         return 1.0 / (1.0 + np.exp(-np.clip(self.decision_function(x), -50, 50)))
 
     def predict(self, source: Any, idx: np.ndarray) -> np.ndarray:
@@ -224,6 +225,8 @@ class LogisticTrainer:
 
     def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
             seed: int = 0, groups: Sequence[Any] | np.ndarray | None = None) -> LogisticProbe:
+        """Fit the probe on rows `train_idx` of the feature matrix `source` (C chosen by patient-grouped cross-
+        validation; thresholds on `val_idx` when given)."""
         probe = fit_probe(np.asarray(source), y, train_idx, val_idx, groups, c_grid=self.c_grid,
                           max_iter=self.max_iter, seed=seed, threshold_method=self.threshold_method,
                           findings=self.findings)

@@ -26,9 +26,11 @@ class EligibilityRule:
     min_neg: int = 1
 
     def ok(self, n_pos: int, n_neg: int) -> bool:
+        """Whether a finding with these label counts is scored."""
         return n_pos >= self.min_pos and n_neg >= self.min_neg
 
     def describe(self) -> str:
+        """The rule in words (what reports print)."""
         return (f"findings with >= {self.min_pos} positive(s) and >= {self.min_neg} negative(s) among labelled "
                 "test images; macro = unweighted mean over them, micro = pooled pairs")
 

@@ -56,6 +56,7 @@ def resample_weights(
 
 
 def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
+    """The central `ci` percentile interval of bootstrap samples (NaN samples ignored; (NaN, NaN) if none)."""
     s = np.asarray(samples, dtype=np.float64)
     s = s[~np.isnan(s)]
     if s.size == 0:

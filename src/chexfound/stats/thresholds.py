@@ -45,6 +45,7 @@ class ThresholdPolicy:
     min_images_to_flag: int = 20  # fewer validation images: call rates are too coarse to flag a threshold
 
     def describe(self) -> str:
+        """The policy in words (what reports print)."""
         return (f"validation-optimal only with >= {self.min_positives} validation positives and negatives and "
                 f"validation AUROC >= {self.min_auroc:.2f}, else the training-prevalence quantile")
 
@@ -67,13 +68,17 @@ class ThresholdChoice:
 
     @property
     def degenerate(self) -> bool:
+        """Whether the choice came with `warnings` (a threshold at the edge of the scores, a call rate far from the
+        prevalence)."""
         return bool(self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
+        """The choice as JSON values (NaN -> None)."""
         d = asdict(self)
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
     def describe(self) -> str:
+        """The rule and why it was taken, in words."""
         return f"{self.rule} ({self.reason})"
 
 

@@ -41,6 +41,8 @@ def output_dim(task: str, n_findings: int) -> int:
 
 
 class Head(nn.Module):
+    """A head over a frozen backbone's last `n_blocks` blocks: findings, task, decision thresholds (buffer), and
+    `forward(features) -> (logits, attention maps or None)`."""
     head_type: ClassVar[str] = ""
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel") -> None:
@@ -70,10 +72,12 @@ class Head(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Number of findings (classes) the head scores."""
         return len(self.findings)
 
     @property
     def out_dim(self) -> int:
+        """Logits per image the task needs (`output_dim`: one per finding/class/target, one for survival)."""
         return output_dim(self.task, len(self.findings))
 
     @property
@@ -91,9 +95,12 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
+        """Features (per block: patch tokens [B, P, D], CLS [B, D]) -> (logits [B, out_dim], attention maps or
+        None)."""
         raise NotImplementedError
 
     def probabilities(self, logits: Tensor) -> Tensor:
+        """Logits -> the task's outputs: softmax (multiclass), sigmoid (multilabel, binary), as is otherwise."""
         if self.task == "multiclass":
             return logits.softmax(-1)
         if self.task in ("multilabel", "binary"):
@@ -112,8 +119,9 @@ def save_head(
     extra: dict[str, Any] | None = None,
     results: Sequence[ResultTable] = (),
 ) -> str:
-    """Write `head` and what it was trained on to `path`, and its model card beside it (with the `results`
-    the caller's run measured); returns the file SHA-256."""
+    """Write `head` to `path` in our format (safetensors + metadata: head type, findings, hparams, thresholds, and
+    the backbone it was trained on, which `load_head` and `Predictor` check) and its model card beside it (with
+    the `results` the caller's run measured); returns the file's SHA-256."""
     meta = {
         "kind": "head",
         "head_type": head.head_type,

@@ -92,6 +92,8 @@ class DecoderLayer(nn.Module):
 
 
 class GloriHead(Head):
+    """GLoRI: one query per finding attending over the patch tokens of the last blocks, joined with the global CLS
+    features (the CheXFound head; loads the released glori.pth)."""
     head_type = "glori"
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel", embed_dim: int = 1024,
@@ -123,9 +125,11 @@ class GloriHead(Head):
 
     @property
     def has_attention(self) -> bool:
+        """GLoRI returns one attention map per finding (what heatmaps show)."""
         return True
 
     def hparams(self) -> dict[str, Any]:
+        """The constructor arguments beyond findings/blocks/task: what a head file records to rebuild it."""
         return {"embed_dim": self.embed_dim, "decoder_dim": self.decoder_dim, "num_heads": self.num_heads,
                 "ffn_dim": self.ffn_dim, "dropout": self.dropout, "cat_cls": self.cat_cls,
                 "learn_queries": self.learn_queries, "coarse_pools": list(self.coarse_pools),
@@ -169,6 +173,8 @@ class GloriHead(Head):
         return fine
 
     def forward(self, features: Features) -> tuple[Tensor, Tensor]:
+        """Features of the last `n_blocks` blocks -> (logits [B, C], attention [B, C, gh, gw]): one query per
+        finding attends over the concatenated patch tokens, joined with the CLS tokens."""
         feats = list(features)[-self.n_blocks :]
         if len(feats) != self.n_blocks:
             raise ValueError(f"GLoRI head needs {self.n_blocks} blocks of features, got {len(feats)}")

@@ -34,6 +34,7 @@ class HeadInfo:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], source: str | None, fmt: str = "chexfound") -> "HeadInfo":
+        """A HeadInfo from a head file's metadata (`source`: the file, `fmt`: its layout)."""
         return cls(source=source, format=fmt, backbone_sha256=meta.get("backbone_sha256") or None,
                    backbone_config=meta.get("backbone_config") or None, transform=meta.get("transform") or None,
                    meta=dict(meta))

@@ -11,6 +11,8 @@ from chexfound.models.pooled import linear_input_from_blocks
 
 
 class MLPHead(Head):
+    """An MLP probe on the same input as `LinearHead`: `num_layers` hidden layers of `hidden_dim` with GELU and
+    dropout."""
     head_type = "mlp"
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel", embed_dim: int = 1024,
@@ -31,9 +33,11 @@ class MLPHead(Head):
         nn.init.zeros_(self.out.bias)
 
     def hparams(self) -> dict[str, Any]:
+        """The constructor arguments beyond findings/blocks/task: what a head file records to rebuild it."""
         return {"embed_dim": self.embed_dim, "avgpool": self.avgpool, "hidden_dim": self.hidden_dim,
                 "num_layers": self.num_layers, "dropout": self.dropout}
 
     def forward(self, features: Features) -> tuple[Tensor, Tensor | None]:
+        """Features -> (logits, None): no attention maps."""
         x = linear_input_from_blocks(features, self.n_blocks, self.avgpool)  # DINOv2's create_linear_input
         return self.out(self.mlp(x.float())), None

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "name) and write it as chexfound safetensors with its name, config, input transform and any "
                     "SSL/classifier heads. The architecture comes from the file or the config beside it; when "
                     "neither records it, --arch, --num-heads or --head-dim must say it (nothing is guessed). "
-                    "The output's SHA-256 is printed and written to OUT.sha256.",
+                    "Two hashes are printed, named: weights_sha256 (the model's identity: what `info`, `predict`, "
+                    "`serve` and heads trained on it show) and file_sha256 (the bytes of OUT, also written to "
+                    "OUT.sha256 for `sha256sum -c`).",
     )
     p.add_argument("input", help="checkpoint file or folder, or a Hugging Face Hub id (hf://OWNER/NAME[@REVISION]"
                                  "[/FILE], chexfound-vitl16)")
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chexfound.models import create_backbone, save_backbone
-    from chexfound.models.format import sha256_file
+    from chexfound.models.format import read_meta, sha256_file
     from chexfound.models.info import format_params
     from chexfound.runio import atomic_write_bytes
 
@@ -52,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         "warnings": info.warnings,
         **({"hub": info.origin["hub"]} if "hub" in info.origin else {}),
     }
-    sha = save_backbone(model, out, transform=info.transform.to_dict(), extra={"source": source}, heads=heads)
-    atomic_write_bytes(out.with_name(out.name + ".sha256"), f"{sha}  {out.name}\n".encode())
+    file_sha = save_backbone(model, out, transform=info.transform.to_dict(), extra={"source": source}, heads=heads)
+    atomic_write_bytes(out.with_name(out.name + ".sha256"), f"{file_sha}  {out.name}\n".encode())
     if not args.quiet:
         cfg = model.cfg
         print(f"read    {src_file} ({info.format}; config: {info.config_source})")
@@ -71,5 +73,7 @@ def run(args: argparse.Namespace) -> int:
         for item in info.ignored:
             print(f"ignored {item}")
         print(f"wrote   {out}")
-    print(f"sha256  {sha}")
+    # The weights hash is the identity every other command shows; the file hash only checks the bytes.
+    print(f"weights_sha256  {read_meta(out)['weights_sha256']}")
+    print(f"file_sha256     {file_sha}  (also in {out.name}.sha256)")
     return 0

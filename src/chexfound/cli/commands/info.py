@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "info", help="read chest X-ray files and report what was read",
         description="Read each FILE (DICOM, PNG, JPEG, ...; folders are scanned for images) and print what "
-                    "was read. Unreadable files are listed at the end; the exit status is non-zero for them "
-                    "only with --strict.")
+                    "was read. Unreadable files are listed at the end. Exit status: 0 when at least one image was "
+                    "read; 1 when none could be (every file unreadable) or, with --strict, when any file could "
+                    "not be read; 2 for a usage error (no image files in the folders given, bad options).")
     p.add_argument("files", nargs="+", metavar="FILE", help="image files or folders")
     p.add_argument("--preview", metavar="DIR", help="write an 8-bit preview PNG of each image (as displayed) here")
     p.add_argument("--preview-size", type=int, default=512, metavar="PX",
@@ -133,4 +134,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{n_ok} of {len(files)} file(s) read" + (f", {len(bad)} could not be read:" if bad else ""))
         for path, reason in bad:
             print(f"  {path}: {reason}")
+    if n_ok == 0:  # nothing to show is a failure a script must see, strict or not
+        print(f"error: no image could be read from {len(files)} file(s)", file=sys.stderr)
+        return 1
     return 1 if bad and args.strict else 0

@@ -78,7 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict", help="findings and heatmaps for chest X-rays (files, folders, a manifest)",
         description="Per-finding probabilities for each image -> CSV (path + one column per finding) or JSON "
                     "(probabilities and positive calls at the head's thresholds). Batched, resumable with the "
-                    "same --out; unreadable files are listed in <out>.skipped.csv and skipped.")
+                    "same --out; unreadable files are listed in <out>.skipped.csv and skipped. Exit status: 0 when "
+                    "--out holds predictions; 1 when no input at all could be read (every file unreadable, or no "
+                    "image in the folders given), or, with --strict, when any was skipped; 2 for a usage or model "
+                    "error.")
     p.add_argument("inputs", nargs="*", help="image files (DICOM, PNG, JPEG) and/or folders (searched recursively)")
     p.add_argument("--manifest", help="a CSV/Parquet manifest whose `path` column lists images")
     add_model_args(p)
@@ -166,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     n_new = len(todo) - len(skipped)
     print(f"{out}: {len(store.rows)} images ({n_new} new, {len(paths) - len(todo)} already done), "
           f"{len(skipped)} skipped" + (f" (listed in {store.skipped_file})" if skipped else ""), file=sys.stderr)
+    if not store.rows:  # not one image read (now or in an earlier run): a failure, strict or not
+        print(f"error: no image could be read from {len(paths)} input(s)", file=sys.stderr)
+        return 1
     return 1 if (skipped and args.strict) else 0
 
 
