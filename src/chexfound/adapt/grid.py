@@ -38,6 +38,8 @@ class HeadGrid:
         self.chunk = chunk or self.g
         self._m = {k: torch.zeros_like(v) for k, v in params.items() if v.requires_grad}
         self._v = {k: torch.zeros_like(v) for k, v in params.items() if v.requires_grad}
+        self._step_tensor = torch.zeros((), dtype=torch.float32, device=dev)
+        self._fused_views: list | None = None
         # A skeleton module on the meta device: functional_call swaps the stacked slices in.
         self._base = copy.deepcopy(head).to("meta")
 
@@ -89,23 +91,45 @@ class HeadGrid:
 
     @torch.no_grad()
     def _adamw(self, lr_scale: float) -> None:
+        """AdamW with one lr and weight decay per config: torch's fused kernel (one pass over each tensor
+        instead of a dozen) on each config's slices of the stacked tensors."""
         self.step_count += 1
+        if self._fused_views is None:
+            self._fused_views = self._config_views()
+        # As the original: NaN / inf gradients are zeroed (in place, one pass).
+        grads = [self.params[k].grad for k in self._m]
+        for g in grads:
+            if g is not None:
+                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        self._step_tensor.fill_(float(self.step_count))
         b1, b2 = self.betas
-        c1, c2 = 1 - b1**self.step_count, 1 - b2**self.step_count
-        lr = self.lr * lr_scale * self.active
+        lrs = (self.lr * lr_scale * self.active).tolist()
+        for c, (lr, wd) in enumerate(zip(lrs, self.wd.tolist())):
+            for decay, views in self._fused_views[c].items():
+                # A parameter without a gradient this step is left alone (its moments too), as torch's AdamW does.
+                have = [i for i, k in enumerate(views[3]) if self.params[k].grad is not None]
+                if not have:
+                    continue
+                params, ms, vs = ([views[j][i] for i in have] for j in range(3))
+                gs = [self.params[views[3][i]].grad[c] for i in have]
+                torch._fused_adamw_(params, gs, ms, vs, [], [self._step_tensor] * len(params), lr=lr, beta1=b1,
+                                    beta2=b2, weight_decay=wd if decay else 0.0, eps=self.eps, amsgrad=False,
+                                    maximize=False)
         for k in self._m:
-            p = self.params[k]
-            if p.grad is None:
-                continue
-            g = torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0)  # as the original: NaN grads zeroed
-            p.grad = None
-            view = (-1,) + (1,) * (p.ndim - 1)
-            m, v = self._m[k], self._v[k]
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if p.ndim > 2:  # weight decay on matrices only (no biases, norms, per-class bias vectors)
-                p.mul_(1 - (lr * self.wd).view(view))
-            p.sub_(lr.view(view) * (m / c1) / ((v / c2).sqrt() + self.eps))
+            self.params[k].grad = None
+
+    def _config_views(self) -> list[dict[bool, tuple[list[Tensor], list[Tensor], list[Tensor], list[str]]]]:
+        """Per config: its slices of the parameters and moments, split by whether weight decay applies
+        (matrices only: no biases, norms or per-class bias vectors)."""
+        out: list[dict[bool, tuple[list[Tensor], list[Tensor], list[Tensor], list[str]]]] = []
+        for c in range(self.g):
+            groups: dict[bool, tuple[list[Tensor], list[Tensor], list[Tensor], list[str]]] = {}
+            for k in self._m:
+                p = self.params[k]
+                ps, ms, vs, names = groups.setdefault(p.ndim > 2, ([], [], [], []))
+                ps.append(p.data[c]), ms.append(self._m[k][c]), vs.append(self._v[k][c]), names.append(k)
+            out.append(groups)
+        return out
 
     # -- snapshots of the best state per config --
     def snapshot(self) -> dict[str, Tensor]:
