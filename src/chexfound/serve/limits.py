@@ -9,8 +9,8 @@ because a header can understate.
 
 Concurrency: every upload being decoded or waiting for the model holds a full-size image, so at most
 `WorkGate.capacity` (default: the CPU cores this process may use) are in that stage at once. The others wait
-up to a few seconds for a slot, in the event loop, so no worker thread is blocked and `/healthz` keeps
-answering; past the wait they get 503 with Retry-After.
+up to `busy_wait_s` (10 s by default) for a slot, in the event loop, so no worker thread is blocked and
+`/healthz` keeps answering; past the wait they get 503 with Retry-After.
 """
 
 from __future__ import annotations

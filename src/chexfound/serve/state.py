@@ -26,7 +26,7 @@ class ServeSettings:
     queue_size: int = 64  # requests admitted at once (decoding + waiting + in the model); more get 503
     # uploads decoded or waiting for the model at once (each holds a full-size image): the cores by default
     decode_workers: int = field(default_factory=available_cores)
-    busy_wait_s: float = 2.0  # how long an upload waits for one of those slots before 503 + Retry-After
+    busy_wait_s: float = 10.0  # how long an upload waits for one of those slots before 503 + Retry-After
     cache_size: int = 32  # recent predictions kept for the page's image/heatmap URLs
     request_timeout_s: float = 120.0
     default_top_k: int = 3

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "at most ~4300x4300)")
     p.add_argument("--decode-workers", type=int, default=None,
                    help="uploads decoded or run at once (default: the CPU cores); the rest wait --busy-wait-s")
-    p.add_argument("--busy-wait-s", type=float, default=2.0,
+    p.add_argument("--busy-wait-s", type=float, default=10.0,
                    help="how long an upload waits for a decode slot before 503 + Retry-After")
     p.add_argument("--cache-size", type=int, default=32, help="recent predictions kept for the page's heatmaps")
     p.add_argument("--threads", type=int, help="PyTorch compute threads (default: PyTorch's choice)")
