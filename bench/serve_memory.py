@@ -70,7 +70,8 @@ def hostile_png(side: int = 8000) -> bytes:
 
 def largest_cxr_png(side: int = 4300) -> bytes:
     """A real NIH radiograph resized to side x side, 16-bit: the largest upload a CXR can honestly be."""
-    src = sorted((DATA / "nih14-fullres" / "images").glob("*.png"))[:1] or sorted((DATA / "nih14" / "images").glob("*.png"))[:1]
+    src = (sorted((DATA / "nih14-fullres" / "images").glob("*.png"))[:1]
+           or sorted((DATA / "nih14" / "images").glob("*.png"))[:1])
     if not src:
         raise SystemExit(f"no NIH PNGs under {DATA}: set CHEXFOUND_DATA")
     im = Image.open(src[0]).convert("F").resize((side, side), Image.BILINEAR)
@@ -220,8 +221,8 @@ def main() -> int:
           f"{'answered throughout' if ok else 'FAILED at times'}")
     if "old_limits" in results:
         o = results["old_limits"]["hostile_8000x8000_16bit.png"]["peak_rss_mb"]
-        print(f"old limits: {o:.0f} MB for the hostile wave, {o / new['hostile_8000x8000_16bit.png']['peak_rss_mb']:.1f}x "
-              "the limited server's")
+        lim = new["hostile_8000x8000_16bit.png"]["peak_rss_mb"]
+        print(f"old limits: {o:.0f} MB for the hostile wave, {o / lim:.1f}x the limited server's")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0 if ok else 1
