@@ -209,3 +209,27 @@ def test_grid_configs_equal_heads_trained_alone_with_torch_adamw():
             if k.endswith("multihead_attn.in_proj_bias"):  # the key bias: zero gradient, see the 13-lr test
                 a, b = torch.cat([a[:16], a[32:]]), torch.cat([b[:16], b[32:]])
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"config {g}: {k}")
+
+
+def test_the_cpu_loop_step_equals_the_vmapped_step():
+    """The per-config loop (the CPU default) and the vmapped step (GPUs) train the same heads."""
+    from chexfound.adapt.grid import HeadGrid
+    from chexfound.adapt.losses import build_loss
+
+    ftr, ytr = _data(64, 0)
+    torch.manual_seed(0)
+    template = _glori(dropout=0.0)
+    loss_fn = build_loss("multilabel", "bce", ytr, 3)
+    grids = [HeadGrid(template, [1e-3, 1e-2], [1e-2, 0.0], loop=loop) for loop in (True, False)]
+    y = torch.as_tensor(ytr)
+    for step in range(3):
+        rows = torch.arange(step * 20, step * 20 + 20)
+        feats = tuple((p[rows], c[rows]) for p, c in ftr)
+        losses = [g.train_step(feats, y[rows], loss_fn, 0.5) for g in grids]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for c in range(2):
+        a, b = grids[0].extract(c).state_dict(), grids[1].extract(c).state_dict()
+        for k in a:
+            if k.endswith("multihead_attn.in_proj_bias"):  # the key bias: zero gradient, see the 13-lr test
+                a[k], b[k] = torch.cat([a[k][:16], a[k][32:]]), torch.cat([b[k][:16], b[k][32:]])
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
