@@ -171,3 +171,66 @@ def test_thresholds_record_their_rule_and_survive_the_head_file(tmp_path):
     save_head(res.head, tmp_path / "h.safetensors")
     head, meta = load_our_head(tmp_path / "h.safetensors")
     assert meta["threshold_rules"] == rules and head.threshold_rules == rules
+
+
+def test_grid_configs_equal_heads_trained_alone_with_torch_adamw():
+    """Independent of the grid's own code path: each config of a HeadGrid step by step equals a plain head
+    trained alone by torch.optim.AdamW (weight decay on matrices only), on the same batches."""
+    from chexfound.adapt.grid import HeadGrid
+    from chexfound.adapt.losses import build_loss
+
+    ftr, ytr = _data(96, 0)
+    torch.manual_seed(0)
+    template = _glori(dropout=0.0)
+    lrs, wds = [1e-3, 3e-3, 1e-2], [1e-2, 0.0, 1e-1]
+    grid = HeadGrid(template, lrs, wds)
+    loss_fn = build_loss("multilabel", "bce", ytr, 3)
+    y = torch.as_tensor(ytr)
+    alone = []
+    for lr, wd in zip(lrs, wds):
+        head = _glori(dropout=0.0)
+        head.load_state_dict(template.state_dict())
+        head.train()
+        params = [p for p in head.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": wd},
+                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=lr)
+        alone.append((head, opt))
+    for step in range(4):
+        rows = torch.arange(step * 24, step * 24 + 24)
+        feats = tuple((p[rows], c[rows]) for p, c in ftr)
+        grid.train_step(feats, y[rows], loss_fn, 1.0)
+        for head, opt in alone:
+            opt.zero_grad()
+            loss_fn(head(feats)[0], y[rows]).backward()
+            opt.step()
+    for g, (head, _) in enumerate(alone):
+        mine, single = grid.extract(g).state_dict(), head.state_dict()
+        for k in single:
+            a, b = mine[k], single[k]
+            if k.endswith("multihead_attn.in_proj_bias"):  # the key bias: zero gradient, see the 13-lr test
+                a, b = torch.cat([a[:16], a[32:]]), torch.cat([b[:16], b[32:]])
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"config {g}: {k}")
+
+
+def test_the_cpu_loop_step_equals_the_vmapped_step():
+    """The per-config loop (the CPU default) and the vmapped step (GPUs) train the same heads."""
+    from chexfound.adapt.grid import HeadGrid
+    from chexfound.adapt.losses import build_loss
+
+    ftr, ytr = _data(64, 0)
+    torch.manual_seed(0)
+    template = _glori(dropout=0.0)
+    loss_fn = build_loss("multilabel", "bce", ytr, 3)
+    grids = [HeadGrid(template, [1e-3, 1e-2], [1e-2, 0.0], loop=loop) for loop in (True, False)]
+    y = torch.as_tensor(ytr)
+    for step in range(3):
+        rows = torch.arange(step * 20, step * 20 + 20)
+        feats = tuple((p[rows], c[rows]) for p, c in ftr)
+        losses = [g.train_step(feats, y[rows], loss_fn, 0.5) for g in grids]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for c in range(2):
+        a, b = grids[0].extract(c).state_dict(), grids[1].extract(c).state_dict()
+        for k in a:
+            if k.endswith("multihead_attn.in_proj_bias"):  # the key bias: zero gradient, see the 13-lr test
+                a[k], b[k] = torch.cat([a[k][:16], a[k][32:]]), torch.cat([b[k][:16], b[k][32:]])
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

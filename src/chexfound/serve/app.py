@@ -1,8 +1,9 @@
 """The HTTP service: FastAPI app around one `Predictor` (`create_app`), with the web page at / and the
 API reference at /docs (routes in `routes`, what they share in `state.ServeState`).
 
-Uploads are bounded (bytes and image sides), decoding runs in a bounded worker pool, the model runs in
-micro-batches shared by concurrent requests, and a full queue answers 503 instead of growing memory.
+Uploads are bounded (bytes, image sides and pixels: `limits`), at most one per core is decoded or run at
+once, the model runs in micro-batches shared by concurrent requests, and a full queue or a long wait for a
+decode slot answers 503 instead of growing memory.
 Every response carries the security headers of `middleware.SECURITY_HEADERS`.
 """
 

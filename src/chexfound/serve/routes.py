@@ -29,6 +29,7 @@ from chexfound.adapt.attribution import KIND_DESCRIPTIONS
 from chexfound.serve import overlay
 from chexfound.serve.api_page import render_api_page
 from chexfound.serve.batching import QueueFull
+from chexfound.serve.limits import GateBusy
 from chexfound.serve.prediction import CALL_TASKS
 from chexfound.serve.prediction_cache import CachedPrediction
 from chexfound.serve.schemas import ErrorOut, PredictionOut
@@ -62,7 +63,7 @@ def favicon() -> FileResponse:
 def healthz(state: State) -> dict[str, Any]:
     b = state.batcher
     return {"status": "ok", "in_flight": b.in_flight, "capacity": b.capacity, "batcher": b.stats.to_dict(),
-            "cached_predictions": len(state.cache)}
+            "decoding": state.work_gate.to_dict(), "cached_predictions": len(state.cache)}
 
 
 # HEAD for uptime checks (curl -I), kept out of the schema: one route for GET and HEAD would give both methods
@@ -82,7 +83,7 @@ def model_info(state: State) -> dict[str, Any]:
              responses={400: {"model": ErrorOut, "description": "unreadable or empty upload (`kind` says why)"},
                         411: {"description": "no Content-Length"},
                         413: {"model": ErrorOut, "description": "upload or image too large"},
-                        503: {"description": "queue full; retry later"},
+                        503: {"description": "queue full or every decode slot busy; retry after Retry-After seconds"},
                         504: {"description": "timed out waiting for the model"}})
 async def predict(
     state: State,
@@ -99,14 +100,22 @@ async def predict(
     except QueueFull as e:
         return JSONResponse({"detail": f"server busy: {e}; retry later"}, 503, headers={"Retry-After": "1"})
     try:
-        decoded = await run_in_threadpool(decode_upload, file, state, heatmaps != "none")
-        t1 = time.perf_counter()
-        fut = slot.submit(decoded.x)
+        # Decoding and the model wait hold a full-size image: only `decode_workers` uploads at once (limits).
         try:
-            probs, maps = await asyncio.wait_for(asyncio.wrap_future(fut), state.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPException(504, "timed out waiting for the model") from None
-        t2 = time.perf_counter()
+            await state.work_gate.enter()
+        except GateBusy as e:
+            return JSONResponse({"detail": f"server busy: {e}; retry later"}, 503, headers={"Retry-After": "1"})
+        try:
+            decoded = await run_in_threadpool(decode_upload, file, state, heatmaps != "none")
+            t1 = time.perf_counter()
+            fut = slot.submit(decoded.x)
+            try:
+                probs, maps = await asyncio.wait_for(asyncio.wrap_future(fut), state.settings.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(504, "timed out waiting for the model") from None
+            t2 = time.perf_counter()
+        finally:
+            state.work_gate.leave()
     finally:
         slot.release()
     k = state.settings.default_top_k if top_k is None else top_k

@@ -11,6 +11,8 @@ from chexfound.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+MAX_IMAGE_PIXELS = 25_000_000  # chexfound.serve.limits.DEFAULT_MAX_IMAGE_PIXELS (not imported: keeps --help fast)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-size", type=int, default=64, help="requests admitted at once; more get 503")
     p.add_argument("--max-upload-mb", type=float, default=64.0)
     p.add_argument("--max-image-side", type=int, default=8192, help="rows/columns limit of uploaded images")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="rows x columns limit, checked from the header before decoding (default 25 M: a CXR is "
+                        "at most ~4300x4300)")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="uploads decoded or run at once (default: the CPU cores); the rest wait --busy-wait-s")
+    p.add_argument("--busy-wait-s", type=float, default=10.0,
+                   help="how long an upload waits for a decode slot before 503 + Retry-After")
     p.add_argument("--cache-size", type=int, default=32, help="recent predictions kept for the page's heatmaps")
     p.add_argument("--threads", type=int, help="PyTorch compute threads (default: PyTorch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -44,9 +53,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from chexfound.serve.app import ServeSettings, create_app
+    from chexfound.serve.limits import available_cores
 
-    if args.max_batch < 1 or args.queue_size < 1:
-        raise ConfigError(None, "--max-batch and --queue-size must be >= 1")
+    if args.max_batch < 1 or args.queue_size < 1 or (args.decode_workers is not None and args.decode_workers < 1):
+        raise ConfigError(None, "--max-batch, --queue-size and --decode-workers must be >= 1")
+    if args.max_image_pixels < 1 or args.busy_wait_s < 0:
+        raise ConfigError(None, "--max-image-pixels must be >= 1 and --busy-wait-s >= 0")
     if args.threads:
         import torch
 
@@ -60,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_side=args.max_image_side,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
-        cache_size=args.cache_size)
+        cache_size=args.cache_size, max_image_pixels=args.max_image_pixels,
+        decode_workers=args.decode_workers or available_cores(), busy_wait_s=args.busy_wait_s)
     app = create_app(predictor, settings)
     if not _is_loopback(args.host):
         log.warning("listening on %s: reachable from other machines, with no authentication or TLS; put it "
