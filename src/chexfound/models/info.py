@@ -70,6 +70,7 @@ class ModelInfo:
 
     @property
     def format_name(self) -> str:
+        """The file layout in words (e.g. "CheXFound (Hugging Face Hub layout)" for `chexfound_hub`)."""
         return FORMAT_NAMES.get(self.format, self.format)
 
     def provenance(self) -> str:
