@@ -4,6 +4,7 @@ A finding is *uninformative* (its probability is still shown, but it is never ca
 when its validation evidence says the head cannot tell images apart:
     - no labelled validation positives or no negatives: nothing shows the head can rank this finding (and no
       threshold can be chosen: its threshold rule is "none");
+    - fewer than `min_positives` (5) validation positives or negatives: an AUROC from so few says nothing;
     - validation AUROC below `min_auroc` (0.60): near-random ranking;
     - outputs that barely vary: the spread between the 95th and 5th percentile of its validation probabilities,
       on the logit scale, is below `min_logit_spread` (0.10), i.e. the head gives its most suspicious 5% of
@@ -26,13 +27,15 @@ from chexfound.stats.ranking import RankedScores
 
 @dataclass(frozen=True)
 class InformativePolicy:
+    min_positives: int = 5          # validation positives (and negatives) below this: too little evidence
     min_auroc: float = 0.60         # validation AUROC below this: near-random
     min_logit_spread: float = 0.10  # logit(p95) - logit(p5) of validation probabilities below this: barely varies
     spread_quantiles: tuple[float, float] = (0.05, 0.95)
 
     def describe(self) -> str:
         lo, hi = self.spread_quantiles
-        return (f"uninformative: no validation positives or negatives, validation AUROC < {self.min_auroc:.2f}, or "
+        return (f"uninformative: < {self.min_positives} validation positives or negatives, validation AUROC < "
+                f"{self.min_auroc:.2f}, or "
                 f"logit(p{int(hi * 100)}) - logit(p{int(lo * 100)}) of validation probabilities < "
                 f"{self.min_logit_spread:g}; a head is uninformative when none of its findings is informative")
 
@@ -75,6 +78,9 @@ def judge_finding(y: np.ndarray, p: np.ndarray, finding: str = "",
     reasons = []
     if n_pos == 0 or n_neg == 0:
         reasons.append(f"no validation {'positives' if n_pos == 0 else 'negatives'}")
+    elif min(n_pos, n_neg) < policy.min_positives:
+        reasons.append(f"{n_pos} validation positives / {n_neg} negatives (< {policy.min_positives}: too little "
+                       "evidence)")
     elif auc < policy.min_auroc:
         reasons.append(f"validation AUROC {auc:.2f} (< {policy.min_auroc:.2f}: near-random)")
     if np.isfinite(spread) and spread < policy.min_logit_spread:

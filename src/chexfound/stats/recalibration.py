@@ -81,9 +81,15 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
 
+def _nll(y: np.ndarray, eta: np.ndarray) -> float:
+    return float(np.sum(np.logaddexp(0, eta) - y * eta))
+
+
 def fit_affine(y: np.ndarray, z: np.ndarray, with_bias: bool, iters: int = 100) -> tuple[float, float]:
-    """Maximum-likelihood (scale, bias) of sigmoid(scale z + bias); bias = 0 without `with_bias` (temperature)."""
+    """Maximum-likelihood (scale, bias) of sigmoid(scale z + bias); bias = 0 without `with_bias` (temperature).
+    Newton steps, halved until the likelihood improves (plain Newton overshoots on saturated logits)."""
     s, b = 1.0, 0.0
+    cur = _nll(y, s * z + b)
     for _ in range(iters):
         mu = _sigmoid(s * z + b)
         r, v = y - mu, np.maximum(mu * (1 - mu), 1e-12)
@@ -94,8 +100,16 @@ def fit_affine(y: np.ndarray, z: np.ndarray, with_bias: bool, iters: int = 100) 
             ds, db = (hbb * gs - hsb * gb) / det, (hss * gb - hsb * gs) / det
         else:
             ds, db = gs / hss, 0.0
-        s, b = s + ds, b + db
-        if abs(ds) < 1e-10 and abs(db) < 1e-10:
+        step = 1.0
+        while step > 1e-6:
+            new = _nll(y, (s + step * ds) * z + b + step * db)
+            if new <= cur:
+                break
+            step /= 2
+        else:
+            break
+        s, b, cur = s + step * ds, b + step * db, new
+        if abs(step * ds) < 1e-10 and abs(step * db) < 1e-10:
             break
     return float(s), float(b)
 
@@ -204,17 +218,27 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fit_temperature_multiclass(t: np.ndarray, p: np.ndarray) -> float:
-    """One temperature T for softmax(log p / T) by maximum likelihood over class indices t (1-D Newton on 1/T)."""
+    """One temperature T for softmax(log p / T) by maximum likelihood over class indices t (damped Newton on 1/T)."""
     z = np.log(np.clip(p, EPS, 1.0))
-    s = 1.0
+    rows = np.arange(len(t))
+
+    def nll(s: float) -> float:
+        q = s * z
+        return float(np.sum(np.log(np.exp(q - q.max(1, keepdims=True)).sum(1)) + q.max(1) - q[rows, t]))
+
+    s, cur = 1.0, nll(1.0)
     for _ in range(100):
         q = _softmax(s * z)
-        zt = z[np.arange(len(t)), t]
         ez = (q * z).sum(1)
-        g = float(np.sum(zt - ez))
+        g = float(np.sum(z[rows, t] - ez))
         h = float(np.sum((q * z * z).sum(1) - ez ** 2)) + 1e-9
-        s += g / h
-        if abs(g / h) < 1e-10:
+        step = 1.0
+        while step > 1e-6 and nll(s + step * g / h) > cur:
+            step /= 2
+        if step <= 1e-6:
+            break
+        s, cur = s + step * g / h, nll(s + step * g / h)
+        if abs(step * g / h) < 1e-10:
             break
     return 1.0 / s if s > 0 and np.isfinite(s) else float("nan")
 
