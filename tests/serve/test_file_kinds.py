@@ -98,7 +98,7 @@ def test_a_safetensors_header_length_that_looks_like_a_pickle_opcode(tmp_path):
 
     from chexfound.models.filekind import sniff
 
-    header = b'{"__metadata__":{"k":"' + b"x" * (640 - 26) + b'"}}'
+    header = b'{"__metadata__":{"k":"' + b"x" * (640 - 25) + b'"}}'
     assert len(header) == 640
     f = tmp_path / "h.safetensors"
     f.write_bytes(struct.pack("<Q", len(header)) + header)
