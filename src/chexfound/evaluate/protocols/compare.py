@@ -53,7 +53,8 @@ def run_compare(
         res["thresholds"] = dict(zip(findings, map(float, head.thresholds)))
         raw = head.predict_uncalibrated(source, splits.test) if hasattr(head, "predict_uncalibrated") else None
         if raw is not None:  # the same test images before the post-hoc calibrator (fitted on val) was applied
-            res["calibration_before"] = _before_after(yt, raw, p, pats[splits.test], findings, cfg, res)
+            res["calibration_before"] = calibration_before_after(yt, raw, p, pats[splits.test], findings, cfg,
+                                                                 res)
             uncal[label] = raw
         results[label] = res
     labels = list(models)
@@ -72,8 +73,8 @@ def run_compare(
                      "uncalibrated": uncal}
 
 
-def _before_after(yt: np.ndarray, raw: np.ndarray, cal: np.ndarray, pats: np.ndarray, findings: Sequence[str],
-                  cfg: EvalConfig, res: dict[str, Any]) -> dict[str, Any]:
+def calibration_before_after(yt: np.ndarray, raw: np.ndarray, cal: np.ndarray, pats: np.ndarray,
+                             findings: Sequence[str], cfg: EvalConfig, res: dict[str, Any]) -> dict[str, Any]:
     """Test calibration of the uncalibrated outputs (with CIs, on the same resamples as the calibrated ones in
     `res`), and the largest AUROC change the calibrator caused (0 for monotone calibrators)."""
     before = calibration_summary(yt, raw, findings, pats, cfg.bootstrap, cfg.rule,
