@@ -67,8 +67,11 @@ def calibrate_head(head: Head, y_val: np.ndarray, p_val: np.ndarray, threshold_m
     log.info("calibration on validation: %s", ", ".join(f"{n} {m}" for m, n in counts.items()))
     bad = [f for f in verdict["findings"] if not f["informative"]]
     if not verdict["informative"]:
+        kinds = {"no validation": "no validation positives", "too little": "too little evidence",
+                 "near-random": "near-random", "barely vary": "outputs barely vary"}
+        counts = {label: sum(any(k in r for r in f["reasons"]) for f in bad) for k, label in kinds.items()}
         log.warning("this head is uninformative: %s (%s); its findings will not be called positive or negative",
-                    verdict["reason"], "; ".join(sorted({r for f in bad for r in f["reasons"]}))[:300])
+                    verdict["reason"], ", ".join(f"{n} {label}" for label, n in counts.items() if n))
     elif bad:
         log.warning("%d of %d findings are uninformative and will not be called: %s", len(bad), len(choices),
                     ", ".join(f"{f['finding']} ({'; '.join(f['reasons'])})" for f in bad))
@@ -87,7 +90,7 @@ def calibration_table(head: Head) -> list[dict[str, Any]]:
     for f in info.get("findings", []):
         b, a = f.get("val_before", {}), f.get("val_after", {})
         e = ev.get(f["finding"], {})
-        rows.append({"finding": f["finding"], "calibration": f["method"],
+        rows.append({"finding": f["finding"], "calibration": f["method"], "calibration_reason": f.get("reason", ""),
                      "val_brier_before": b.get("brier"), "val_brier_after": a.get("brier"),
                      "val_ece_before": b.get("ece"), "val_ece_after": a.get("ece"),
                      "informative": e.get("informative"), "uninformative_reason": "; ".join(e.get("reasons", []))})

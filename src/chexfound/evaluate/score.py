@@ -190,7 +190,7 @@ def read_thresholds(path: str | PathLike[str], findings: Sequence[str]) -> np.nd
     missing = [f for f in findings if f not in m]
     if missing:
         raise ManifestError(p, f"no threshold for finding(s) {missing}")
-    return np.array([float(d[m[f]]) for f in findings])
+    return np.array([float("nan") if d[m[f]] is None else float(d[m[f]]) for f in findings])  # None: no call
 
 
 def recorded_thresholds(predictions: str | PathLike[str], findings: Sequence[str]) -> tuple[np.ndarray, Path] | None:
@@ -221,4 +221,4 @@ def recorded_thresholds(predictions: str | PathLike[str], findings: Sequence[str
     missing = [f for f in findings if f not in m]
     if missing:
         raise ManifestError(run, f"records no threshold for finding(s) {missing}")
-    return np.array([float(d[m[f]]) for f in findings]), run
+    return np.array([float("nan") if d[m[f]] is None else float(d[m[f]]) for f in findings])  # None: no call, run

@@ -134,7 +134,8 @@ def save_head(
         "head_type": head.head_type,
         "task": head.task,
         "findings": head.findings,
-        "thresholds": [float(t) for t in head.thresholds],
+        # None: no threshold (the finding is never called; chexfound.stats.thresholds rule "none")
+        "thresholds": [float(t) if torch.isfinite(t) else None for t in head.thresholds],
         "threshold_rules": list(getattr(head, "threshold_rules", [])),
         "n_blocks": head.n_blocks,
         "config": head.hparams(),
