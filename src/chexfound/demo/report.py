@@ -297,8 +297,9 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
     tables = [("Summary: test sets", summary), ("Paired differences", pairs)]
     cal = calibration_rows(results)
     if len(cal):
-        tables.append(("Calibration on the test sets (ECE: 10 equal-mass bins; patient-level bootstrap 95% CIs)",
-                       cal))
+        tables.append(("Calibration on the test sets (ECE: 10 equal-mass bins; patient-level bootstrap 95% CIs; "
+                       "on test sets this small ECE's bootstrap interval can sit above its point estimate, since "
+                       "resampling adds binning noise)", cal))
     if loc_rows:
         tables.append(("Localisation on NIH test boxes", pd.DataFrame(loc_rows)))
     heat = results.get("heatmaps", {}).get("files", [])
