@@ -103,8 +103,9 @@ def call_notes(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _fmt_ci(v: Any, ci: Any) -> str:
-    return _ci({"x": v, "x_ci": ci}, "x")
+def _number(v: Any) -> float:
+    """A float from a value a reloaded results.json may hold as null."""
+    return float("nan") if v is None else float(v)
 
 
 def _heads(results: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -133,7 +134,7 @@ def calibration_rows(results: dict[str, Any]) -> pd.DataFrame:
                      "test ECE [95% CI]": _ci(mac, "ece"),
                      "test Brier before": _ci(before, "brier") if before else "-",
                      "test Brier [95% CI]": _ci(mac, "brier"),
-                     "calibration slope": f"{mac.get('cal_slope', float('nan')):.2f}"})
+                     "calibration slope [95% CI]": _ci(mac, "cal_slope")})
     return pd.DataFrame(rows)
 
 
@@ -144,9 +145,9 @@ def what_the_numbers_show(results: dict[str, Any]) -> list[str]:
     out = []
     for task, which, head, r in _heads(results):
         mac = r.get("metrics", {}).get("macro", {})
-        lo = (mac.get("auroc_ci") or [None, None])[0]
+        lo = _number((mac.get("auroc_ci") or [None, None])[0])
         name = f"{task} {head} ({which})"
-        if lo is not None and np.isfinite(lo) and lo <= 0.5:
+        if np.isfinite(lo) and lo <= 0.5:
             out.append(f"{name}: test macro AUROC {_ci(mac, 'auroc')}: the CI includes chance (0.5), so this "
                        "head is not shown to rank images better than a coin.")
         inf = r.get("informative") or {}
@@ -162,22 +163,21 @@ def what_the_numbers_show(results: dict[str, Any]) -> list[str]:
         before = (r.get("metrics", {}).get("calibration_before") or {})
         if before:
             b, a = before["macro"], mac
-            b_lo, b_hi = (b.get("ece_ci") or [np.nan, np.nan])
-            a_lo, a_hi = (a.get("ece_ci") or [np.nan, np.nan])
+            b_lo, b_hi = map(_number, b.get("ece_ci") or [None, None])
+            a_lo, a_hi = map(_number, a.get("ece_ci") or [None, None])
             change = ("lower: the calibrator helped" if a_hi < b_lo else "higher: the calibrator made it worse"
                       if a_lo > b_hi else "the CIs overlap: no clear change")
             out.append(f"{name}: test ECE {_ci(b, 'ece')} before the post-hoc calibrator (fitted on validation), "
                        f"{_ci(a, 'ece')} after; {change}. AUROC changed by at most "
-                       f"{before.get('max_abs_auroc_change', float('nan')):.2g} (monotone calibrators keep the "
-                       "ranking).")
+                       f"{_number(before.get('max_abs_auroc_change')):.2g} (monotone calibrators keep the ranking).")
     for which, loc in (results.get("localisation") or {}).items():
         o = loc.get("overall", {})
         n, pt, cp = o.get("n_items"), o.get("pointing"), o.get("centre_pointing")
         if not n or pt is None or cp is None:
             continue
         hits = int(round(pt * n))
-        hi = (o.get("pointing_ci") or [np.nan, np.nan])[1]
-        c_lo = (o.get("centre_pointing_ci") or [np.nan, np.nan])[0]
+        hi = _number((o.get("pointing_ci") or [None, None])[1])
+        c_lo = _number((o.get("centre_pointing_ci") or [None, None])[0])
         verdict = ("worse than a fixed guess at the image centre: this attention does not point at findings"
                    if hi < c_lo else "no clear difference from a fixed guess at the image centre"
                    if pt <= cp else "more often than the centre prior")

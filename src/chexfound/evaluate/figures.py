@@ -214,7 +214,7 @@ def reliability_grid(y: np.ndarray, preds: Mapping[str, np.ndarray], findings: S
             if not b["count"]:
                 continue
             mp, ob = np.array(b["mean_predicted"]), np.array(b["observed"])
-            err = np.stack([ob - np.array(b["observed_lo"]), np.array(b["observed_hi"]) - ob])
+            err = np.maximum(np.stack([ob - np.array(b["observed_lo"]), np.array(b["observed_hi"]) - ob]), 0)
             ax.errorbar(mp, ob, yerr=err, marker="o", ms=3, lw=1, capsize=2,
                         label=label if len(preds) > 1 else None)
             hx.hist(p[m, c], bins=30, range=(0, 1), alpha=0.6)

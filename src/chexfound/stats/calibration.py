@@ -149,8 +149,9 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = ECE_BINS, z: fl
     mp = np.bincount(ids, weights=p, minlength=n_bins)[nz] / n
     centre = (obs + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(obs * (1 - obs) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"mean_predicted": mp.tolist(), "observed": obs.tolist(), "observed_lo": (centre - half).tolist(),
-            "observed_hi": (centre + half).tolist(), "count": n.astype(int).tolist()}
+    lo, hi = np.minimum(np.clip(centre - half, 0, 1), obs), np.maximum(np.clip(centre + half, 0, 1), obs)
+    return {"mean_predicted": mp.tolist(), "observed": obs.tolist(), "observed_lo": lo.tolist(),
+            "observed_hi": hi.tolist(), "count": n.astype(int).tolist()}
 
 
 def calibration_summary(
