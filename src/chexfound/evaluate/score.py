@@ -221,4 +221,4 @@ def recorded_thresholds(predictions: str | PathLike[str], findings: Sequence[str
     missing = [f for f in findings if f not in m]
     if missing:
         raise ManifestError(run, f"records no threshold for finding(s) {missing}")
-    return np.array([float("nan") if d[m[f]] is None else float(d[m[f]]) for f in findings])  # None: no call, run
+    return np.array([float(d[m[f]]) for f in findings]), run
