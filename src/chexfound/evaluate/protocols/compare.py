@@ -65,7 +65,7 @@ def run_compare(
         paired[f"{other} - {ref}"] = paired_bootstrap(yt, preds[other], preds[ref], findings, pats[splits.test],
                                                       cfg.bootstrap, cfg.rule, subsets=groups)
     core = {k: results[ref][k] for k in ("macro", "micro", "per_finding", "eligible", "excluded", "rule")}
-    for k in ("groups", "group_rule", "bootstrap"):
+    for k in ("groups", "group_rule", "bootstrap", "calibration"):
         if k in results[ref]:
             core[k] = results[ref][k]
     metrics = {"protocol": "compare", "reference": ref, **core, "models": results, "paired": paired}
