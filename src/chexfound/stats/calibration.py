@@ -64,12 +64,13 @@ def _ece_sorted(y: np.ndarray, p: np.ndarray, w: np.ndarray, n_bins: int) -> flo
     return float(np.sum(np.abs(s_y[nz] - s_p[nz])) / tot.sum())
 
 
-def _newton(z: np.ndarray, y: np.ndarray, w: np.ndarray, slope: bool, iters: int = 50) -> np.ndarray:
+def _newton(z: np.ndarray, y: np.ndarray, w: np.ndarray, slope: bool, iters: int = 50,
+            start: tuple[float, float] = (0.0, 1.0), tol: float = 1e-9) -> np.ndarray:
     """Weighted logistic fits for many weight rows at once: [R, n] weights -> [R, 2] (a, b) (b = 1 unless slope).
-    Rows that do not converge are NaN."""
+    Rows that do not converge are NaN. Resamples start from the full-data fit (`start`): a few steps each."""
     r = w.shape[0]
-    a = np.zeros(r)
-    b = np.ones(r)
+    a = np.full(r, start[0] if np.isfinite(start[0]) else 0.0)
+    b = np.full(r, start[1] if slope and np.isfinite(start[1]) else 1.0)
     done = np.zeros(r, dtype=bool)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(iters):
@@ -87,7 +88,7 @@ def _newton(z: np.ndarray, y: np.ndarray, w: np.ndarray, slope: bool, iters: int
                 da, db = g0 / h00, np.zeros(r)
             da, db = np.where(done, 0, da), np.where(done, 0, db)
             a, b = a + da, b + db
-            done |= (np.abs(da) < 1e-9) & (np.abs(db) < 1e-9)
+            done |= (np.abs(da) < tol) & (np.abs(db) < tol)
             if done.all():
                 break
     ok = done & np.isfinite(a) & np.isfinite(b) & (np.abs(a) < 1e3) & (np.abs(b) < 1e3)
@@ -105,6 +106,9 @@ class FindingCalibration:
         self.p = p[self.rows]
         self.z = logit(self.p)
         self.n_bins = n_bins
+        ones = np.ones((1, len(self.rows)))
+        self.start_intercept = (float(_newton(self.z, self.y, ones, slope=False)[0, 0]), 1.0)
+        self.start_slope = tuple(float(v) for v in _newton(self.z, self.y, ones, slope=True)[0])
 
     def evaluate(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """w: [R, n_images] resample weights -> {metric: [R]} (NaN where a resample lacks a class)."""
@@ -115,8 +119,10 @@ class FindingCalibration:
         with np.errstate(invalid="ignore", divide="ignore"):
             brier = ws @ ((self.p - self.y) ** 2) / tot
         ece = np.array([_ece_sorted(self.y, self.p, row, self.n_bins) for row in ws])
-        inter = _newton(self.z, self.y, ws, slope=False)[:, 0]
-        slope = _newton(self.z, self.y, ws, slope=True)[:, 1]
+        # Resamples: warm-started, to 1e-7 (far below what a percentile interval resolves).
+        tol = 1e-9 if len(ws) == 1 else 1e-7
+        inter = _newton(self.z, self.y, ws, slope=False, start=self.start_intercept, tol=tol)[:, 0]
+        slope = _newton(self.z, self.y, ws, slope=True, start=self.start_slope, tol=tol)[:, 1]  # type: ignore[arg-type]
         nan = np.full(len(ws), np.nan)
         return {"brier": np.where(tot > 0, brier, nan), "ece": np.where(tot > 0, ece, nan),
                 "cal_intercept": np.where(both, inter, nan), "cal_slope": np.where(both, slope, nan)}
