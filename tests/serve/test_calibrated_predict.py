@@ -30,9 +30,10 @@ def run(tmp_path_factory, data_root):
     from chexfound.models import create_backbone, save_backbone
 
     save_backbone(create_backbone("tiny_vit", seed=0).eval(), d / "backbone.safetensors")
-    # A linear head barely trained (lr 1e-4, one epoch): outputs near 0.5 for every finding, whatever its
-    # prevalence. The calibrator fixes the level; the informative rule sees that nothing separates images.
-    assert main(["adapt", "--backbone", str(d / "backbone.safetensors"), "--train", str(d / "nih.csv"), "--head", "linear", "--avgpool",
+    # A linear head barely trained (lr 1e-4, one epoch) on a random backbone: its probabilities are not at the
+    # findings' prevalences (the calibrator moves them) and most findings rank near-randomly (no call for them).
+    assert main(["adapt", "--backbone", str(d / "backbone.safetensors"), "--train", str(d / "nih.csv"),
+                 "--head", "linear", "--avgpool",
                  "--epochs", "1", "--lrs", "1e-4", "--batch-size", "64", "--quiet", "--out", str(d / "run")]) == 0
     return d
 
@@ -49,7 +50,8 @@ def test_adapt_stores_the_calibrator_and_predict_applies_it(run, caplog):
 
     out = run / "preds.json"
     with caplog.at_level(logging.WARNING):
-        assert main(["predict", "--backbone", str(run / "backbone.safetensors"), "--head", str(head), "--manifest", str(run / "nih.csv"),
+        assert main(["predict", "--backbone", str(run / "backbone.safetensors"), "--head", str(head),
+                     "--manifest", str(run / "nih.csv"),
                      "--split", "test", "--out", str(out), "--quiet"]) == 0
     said = [r.getMessage() for r in caplog.records if "uninformative" in r.getMessage()]
     assert len(said) == 1 and all(f in said[0] for f in off)  # said once, not per image
@@ -81,7 +83,8 @@ def test_adapt_stores_the_calibrator_and_predict_applies_it(run, caplog):
 def test_evaluate_predictions_uses_the_recorded_thresholds(run, capsys):
     head = run / "run" / "linear.safetensors"
     out = run / "preds.csv"
-    assert main(["predict", "--backbone", str(run / "backbone.safetensors"), "--head", str(head), "--manifest", str(run / "nih.csv"),
+    assert main(["predict", "--backbone", str(run / "backbone.safetensors"), "--head", str(head),
+                 "--manifest", str(run / "nih.csv"),
                  "--split", "test", "--out", str(out), "--quiet"]) == 0
     header = out.read_text().splitlines()[0].split(",")
     assert header[-1] == "no_call"  # the findings predict made no call for, named in every row
