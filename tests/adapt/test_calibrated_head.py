@@ -97,6 +97,11 @@ def test_predictor_and_onnx_apply_the_calibrator(tmp_path):
     for c, ch in enumerate(_choices()):
         np.testing.assert_allclose(got[:, c], apply_binary(ch, raw[:, c].astype(np.float64)), atol=1e-5)
     assert pred.info()["calibration"] == FINDINGS
+    from chexfound.serve.export import export_safetensors
+
+    export_safetensors(pred, tmp_path / "bundle.safetensors")  # the one-file bundle keeps the calibrator too
+    np.testing.assert_array_equal(Predictor.from_bundle(tmp_path / "bundle.safetensors", device="cpu")
+                                  .predict_tensor(x)[0], got)
     res = export_onnx(pred, tmp_path / "m.onnx")  # verified against Predictor's (calibrated) outputs
     assert res["max_abs_diff"]["probabilities"] < 1e-4
     meta = read_onnx_metadata(tmp_path / "m.onnx")
