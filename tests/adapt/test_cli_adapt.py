@@ -54,7 +54,14 @@ def test_glori_then_linear_reuse_the_cache(manifest, tmp_path, monkeypatch):
     (thr,) = [r for r in records if r.get("event") == "thresholds"]
     assert [t["finding"] for t in thr["findings"]] == head.findings == [t["finding"] for t in meta["threshold_rules"]]
     # 10 validation images: too few positives for a validation-optimal threshold anywhere.
-    assert set(table["threshold_rule"]) <= {"prevalence", "default"}
+    assert set(table["threshold_rule"]) <= {"prevalence", "default", "none"}
+    # A finding without validation positives gets no threshold (no call), never a degenerate one.
+    nopos = table["n_pos"] == 0
+    assert nopos.any() and (table.loc[nopos, "threshold_rule"] == "none").all()
+    assert table.loc[nopos, "threshold"].isna().all() and table.loc[~nopos, "threshold"].notna().all()
+    # Calibrator and informative verdict per finding: 10 validation images are too few to fit a calibrator.
+    assert set(table["calibration"]) == {"none"} and meta["calibration"]["methods"] == ["none"] * 14
+    assert table.loc[nopos, "informative"].eq(False).all() and "informative" in meta
     summary = json.loads((out / "glori.metrics.json").read_text())
     assert summary["val_images"] + summary["train_images"] == 41
 

@@ -95,6 +95,13 @@ def test_adapt_heads_and_glori_attention_for_localisation(tiny, data_root, tmp_p
     assert m["models"]["tiny/linear"]["head"]["trainer"] == "adapt-linear"
     assert "cross-attention" in m["localisation"]["heatmap_source"]
     assert m["localisation"]["overall"]["n_items"] > 0
+    # Adapt heads carry a calibrator: test calibration before it is reported beside after, AUROC unchanged.
+    for label in ("tiny/glori", "tiny/linear"):
+        before = m["models"][label]["calibration_before"]
+        assert {"brier", "brier_ci", "ece", "ece_ci"} <= set(before["macro"]) and "ece" in m["models"][label]["macro"]
+        assert before["max_abs_auroc_change"] == 0.0 or before["max_abs_auroc_change"] < 1e-6
+    html = (out / "report.html").read_text()
+    assert "before and after the post-hoc calibrator" in html and "reliability.png" in html
 
 
 def test_cli_task_errors(tiny, data_root, tmp_path, capsys):

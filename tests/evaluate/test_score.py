@@ -157,3 +157,37 @@ def test_predict_json_and_cwd_relative_paths(files, monkeypatch):
     assert mt.info["n_matched"] == 60 and mt.info["matched_by"] == "absolute path"
     i = list(man["path"]).index("img/10.png")
     assert mt.p[i, 0] == preds.set_index("path").loc["img/10.png", "Effusion"]
+
+
+def test_cli_leaves_rare_findings_out_of_macro_figures_and_uses_recorded_thresholds(files, capsys):
+    """A finding with fewer test positives than the stated minimum (5) is listed but not in the macro and has no
+    CI; calls are scored at the thresholds `predict` recorded beside the file, and the run says which."""
+    d, man, preds = files
+    lab = man.copy()
+    test = lab.index[lab["split"] == "test"]
+    lab.loc[test, "Pleural_Thickening"] = 0.0
+    lab.loc[test[:2], "Pleural_Thickening"] = 1.0  # 2 test positives
+    lab.to_csv(d / "rare.csv", index=False)
+    run = {"finding_policy": {"findings": [
+        {"name": "Effusion", "threshold": 0.25, "called": True},
+        {"name": "Pleural_Thickening", "threshold": 0.7, "called": False}]}}
+    (d / "preds.run.json").write_text(json.dumps(run))
+    out = d / "rare"
+    assert main(["evaluate", "--predictions", str(d / "preds.csv"), "--labels", str(d / "rare.csv"), "--split",
+                 "test", "--out", str(out), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    pt = m["per_finding"]["Pleural_Thickening"]
+    assert m["excluded"] == ["Pleural_Thickening"] and m["macro"]["n_findings"] == 1
+    assert pt["n_pos"] == 2 and pt["auroc_ci"] == [None, None] and pt["ece_ci"] == [None, None]
+    assert m["macro"]["auroc"] == pytest.approx(m["per_finding"]["Effusion"]["auroc"])
+    assert "not scored (< 5 test positives): Pleural_Thickening" in printed and "preds.run.json" in printed
+    assert m["thresholds_used"]["values"] == {"Effusion": 0.25, "Pleural_Thickening": None}
+    assert m["per_finding"]["Effusion"]["threshold"] == 0.25 and pt["sensitivity"] is None  # predict made no call
+    # --thresholds default scores at 0.5 instead; --min-pos 1 puts the rare finding back.
+    assert main(["evaluate", "--predictions", str(d / "preds.csv"), "--labels", str(d / "rare.csv"), "--split",
+                 "test", "--out", str(out), "--bootstrap", "0", "--thresholds", "default", "--min-pos", "1",
+                 "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["per_finding"]["Effusion"]["threshold"] == 0.5 and m["excluded"] == []
+    assert "0.5 for every finding" in m["thresholds_used"]["source"]

@@ -182,3 +182,55 @@ def test_page_and_docs_run_under_their_content_security_policy(browser, models: 
         assert _csp_violations(browser) == []
         ARTIFACTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "docs.png"))
+
+
+def _uninformative_head(models: dict[str, Path], tmp_path: Path) -> Path:
+    """The serve tests' linear head with thresholds of 0 (every finding would be POSITIVE) and the verdict
+    `adapt` writes for a head whose outputs barely vary (chexfound.stats.informative)."""
+    import torch
+
+    from chexfound.adapt import load_head, save_head
+    from chexfound.models.format import read_meta
+
+    head = load_head(models["linear"])
+    head.thresholds.fill_(0.0)
+    head.informative = {"informative": False, "reason": "none of its 14 findings is informative on validation",
+                        "rule": "test", "findings": [{"finding": f, "informative": False,
+                                                      "reasons": ["outputs barely vary (logit spread 0.002 < 0.1)"]}
+                                                     for f in head.findings]}
+    meta = read_meta(models["linear"])
+    path = tmp_path / "flat.safetensors"
+    with torch.no_grad():
+        save_head(head, path, backbone_sha256=meta["backbone_sha256"], backbone_config=meta["backbone_config"])
+    return path
+
+
+def test_an_uninformative_model_shows_a_banner_and_no_positive_badge(browser, models: dict[str, Path],
+                                                                     data_root: Path, tmp_path: Path) -> None:
+    """The quick demo's near-constant head showed red POSITIVE badges that changed between uploads of similar
+    images; now the page says the model is uninformative and calls nothing. A MONOCHROME1 header over pixels
+    that look inverted is shown with a warning."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    predictor = Predictor(models["backbone"], _uninformative_head(models, tmp_path), device="cpu")
+    wait = WebDriverWait(browser, 30)
+    with BackgroundServer(create_app(predictor)) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: d.find_element(By.ID, "model-banner").is_displayed())
+        assert "uninformative" in browser.find_element(By.ID, "model-banner").text
+        browser.find_element(By.ID, "file").send_keys(str(data_root / "dicom" / "Fake_MONOHR1.dcm"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#findings li")) == len(NIH14))
+        assert browser.find_elements(By.CSS_SELECTOR, "#findings li.positive") == []
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#findings li.nocall")) == len(NIH14)
+        assert "no calls" in browser.find_element(By.ID, "status").text
+        warning = browser.find_element(By.ID, "image-warning")
+        assert warning.is_displayed() and "MONOCHROME1" in warning.text
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "page_uninformative.png"))
+        # A correctly stored MONOCHROME1 file: no warning.
+        browser.find_element(By.ID, "file").send_keys(str(data_root / "dicom" / "CR-MONO1-10-chest.dcm"))
+        wait.until(lambda d: "CR-MONO1" in d.find_element(By.ID, "status").text
+                   and "Analysing" not in d.find_element(By.ID, "status").text)
+        assert not browser.find_element(By.ID, "image-warning").is_displayed()
+        assert _csp_violations(browser) == []

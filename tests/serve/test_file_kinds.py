@@ -90,3 +90,16 @@ def test_head_and_bundle_whose_tensors_disagree_with_their_metadata_name_the_fil
     save_tensors(bad, bt, {**bmeta, "head": {**bmeta["head"], "findings": [*bmeta["head"]["findings"], "Extra"]}})
     with pytest.raises(CheckpointError, match=f"{bad}: head tensors do not match the bundle metadata"):
         load_bundle(bad)
+
+
+def test_a_safetensors_header_length_that_looks_like_a_pickle_opcode(tmp_path):
+    """A 640-byte header length starts with b"\\x80\\x02", a pickle's protocol marker: still safetensors."""
+    import struct
+
+    from chexfound.models.filekind import sniff
+
+    header = b'{"__metadata__":{"k":"' + b"x" * (640 - 25) + b'"}}'
+    assert len(header) == 640
+    f = tmp_path / "h.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert f.read_bytes()[:2] == b"\x80\x02" and sniff(f) == "safetensors"

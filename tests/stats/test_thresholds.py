@@ -114,3 +114,13 @@ def test_weak_head_on_nih14_calls_about_as_many_findings_as_the_labels(data_root
     assert rules.count("prevalence") >= len(findings) // 2
     for c in probe.threshold_choices:  # every threshold carries its evidence
         assert c.finding in findings and c.n_val == len(va) and 0 <= c.prevalence <= 1 and c.reason
+
+
+def test_no_validation_positives_gets_no_threshold_at_all():
+    """NIH Hernia with 0 validation positives used to get a threshold of 1.28e-10 and keep it."""
+    p = np.linspace(1e-10, 2e-10, 100)[:, None]
+    (ch,) = choose_thresholds(np.zeros((100, 1)), p, "f1", prevalence=[0.002], findings=["Hernia"])
+    assert ch.rule == "none" and np.isnan(ch.threshold) and "no validation positives" in ch.reason
+    assert ch.val_call_rate == 0.0 and ch.to_dict()["threshold"] is None
+    (neg,) = choose_thresholds(np.ones((100, 1)), p, "prevalence", prevalence=[0.5])
+    assert neg.rule == "none" and "no validation negatives" in neg.reason

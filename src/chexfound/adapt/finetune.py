@@ -30,7 +30,8 @@ from chexfound.adapt.losses import build_loss
 from chexfound.models.extract import resolve_dtype
 from chexfound.adapt.selection import DEFAULT_METRIC, higher_is_better, task_metrics
 from chexfound.runio import resolve_device
-from chexfound.stats.thresholds import choose_thresholds, label_prevalence
+from chexfound.adapt.calibrate import calibrate_head
+from chexfound.stats.thresholds import label_prevalence
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "lora", "bitfit", "frozen"]
@@ -340,11 +341,13 @@ def _finish(backbone: nn.Module, head: Head, best_state: dict[str, Any] | None, 
     if val_paths is not None and val_labels is not None:
         val_pred, m, ok = _validate(backbone, head, val_paths, val_labels, tf, st, dev, dt)
         config[metric] = m[metric]
-        if head.task in ("multilabel", "binary"):
+        if head.task in ("multilabel", "binary", "multiclass"):
             y_va = np.asarray(val_labels, dtype=np.float32)
-            # Validation-optimal where the evidence is strong, else the training prevalence.
-            head.set_thresholds(choose_thresholds(y_va[ok].reshape(int(ok.sum()), -1), val_pred[ok], st.threshold_method,
-                                                  train_prevalence, head.findings))
+            # Calibrator, thresholds on calibrated scores, informative verdict (adapt/calibrate.py).
+            y_ok = y_va[ok] if head.task == "multiclass" else y_va[ok].reshape(int(ok.sum()), -1)
+            val_pred = val_pred.copy()
+            val_pred[ok] = calibrate_head(head, y_ok, val_pred[ok], st.threshold_method,
+                                          None if head.task == "multiclass" else train_prevalence)
     lora = ({"r": st.lora_r, "alpha": st.lora_alpha, "dropout": st.lora_dropout, "targets": ["proj", "qkv"]}
             if st.mode == "lora" else {})
     return backbone.cpu(), FinetuneResult(head.cpu(), config, history, val_pred, metric, sorted(errors.values()),

@@ -29,7 +29,8 @@ from chexfound.adapt.losses import build_loss
 from chexfound.adapt.selection import DEFAULT_METRIC, check_metric, higher_is_better, task_metrics
 from chexfound.adapt.sources import FeatureSource, as_source
 from chexfound.runio import resolve_device
-from chexfound.stats.thresholds import choose_thresholds, label_prevalence
+from chexfound.adapt.calibrate import calibrate_head
+from chexfound.stats.thresholds import label_prevalence
 
 log = logging.getLogger(__name__)
 
@@ -327,12 +328,15 @@ def _finalise(grid: HeadGrid, template: Head, data: _Data, sel: _Selection, conf
     best = int(np.argmax(sel.score))
     head = grid.extract(best, sel.snapshot)
     val_pred = predict_rows(head, data.val, np.arange(len(data.val)), st.batch_size, dev)
-    if data.task in ("multilabel", "binary"):
+    if data.task in ("multilabel", "binary", "multiclass"):
         rows = data.val_rows
-        # Validation-optimal where the evidence is strong, else the training prevalence (chexfound.stats.thresholds).
-        head.set_thresholds(choose_thresholds(data.val_labels[rows].reshape(len(rows), -1), val_pred[rows],
-                                              st.threshold_method, label_prevalence(data.train_labels[data.train_rows]),
-                                              template.findings))
+        # Calibrator, then thresholds on calibrated scores (validation-optimal where the evidence is strong, else
+        # the training prevalence), then the informative verdict: adapt/calibrate.py.
+        y_rows = data.val_labels[rows]
+        prev = (label_prevalence(data.train_labels[data.train_rows]) if data.task != "multiclass" else None)
+        val_pred = val_pred.copy()
+        val_pred[rows] = calibrate_head(head, y_rows if data.task == "multiclass" else
+                                        y_rows.reshape(len(rows), -1), val_pred[rows], st.threshold_method, prev)
     summary = [{"config": g, "lr": lr, "weight_decay": wd, "best_epoch": int(sel.epoch[g]), metric: sel.best_value(g),
                 **{f"val_{k}": v for k, v in sel.metrics[g].items()}}
                for g, (lr, wd) in enumerate(configs)]

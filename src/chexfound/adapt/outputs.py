@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from chexfound.adapt.calibrate import calibration_table
 from chexfound.adapt.heads import Head, save_head
 from chexfound.adapt.options import AdaptOptions
 from chexfound.adapt.selection import per_finding
@@ -86,13 +87,20 @@ def write_outputs(opts: AdaptOptions, name: str, out: Path, bb: RunBackbone, tr:
             y_table = y_va.reshape(len(y_va), -1) if opts.task != "multiclass" else _onehot(y_va, len(findings))
             rows = per_finding(y_table, tr.val_predictions, findings)
             rules = head.threshold_rules or [{} for _ in rows]
+            cal = {c["finding"]: c for c in calibration_table(head)}
             for r, t, rule in zip(rows, head.thresholds.tolist(), rules):
                 r["threshold"] = t
                 r["threshold_rule"] = rule.get("rule", "")
                 r["threshold_reason"] = rule.get("reason", "")
+                r.update({k: v for k, v in cal.get(r["finding"], {}).items() if k != "finding"})
             table = pd.DataFrame(rows)
             _write_csv(table, files["val_per_finding"])
             summary["per_finding"] = rows
+            if head.informative is not None:
+                summary["informative"] = {k: head.informative[k] for k in ("informative", "reason", "rule")}
+            if head.calibration_info:
+                summary["calibration"] = {"rule": head.calibration_info.get("rule"),
+                                          "methods": head.calibration_info.get("methods")}
             if not opts.quiet:
                 print(_format_table(table))
     # The head file's model card carries the validation numbers above (from the same summary as metrics.json).
@@ -147,10 +155,15 @@ def _short(best: dict[str, Any]) -> str:
 
 
 def _format_table(df: pd.DataFrame) -> str:
-    lines = [f"{'finding':<28} {'n_pos':>6} {'n_neg':>6} {'AUROC':>7} {'AP':>7} {'thr':>6}  threshold rule"]
+    lines = [f"{'finding':<28} {'n_pos':>6} {'n_neg':>6} {'AUROC':>7} {'AP':>7} {'thr':>6}  {'rule':<10} "
+             f"{'calibration':<11} {'ECE val before->after':>21}  call"]
     for r in df.itertuples():
+        eb, ea = getattr(r, "val_ece_before", None), getattr(r, "val_ece_after", None)
+        ece = f"{eb:.3f} -> {ea:.3f}" if isinstance(eb, float) and isinstance(ea, float) else ""
+        call = "no call" if getattr(r, "informative", None) is False else ""
         lines.append(f"{str(r.finding)[:28]:<28} {r.n_pos:>6d} {r.n_neg:>6d} {r.auroc:>7.3f} {r.ap:>7.3f} "
-                     f"{r.threshold:>6.3f}  {getattr(r, 'threshold_rule', '')}")
+                     f"{r.threshold:>6.3f}  {str(getattr(r, 'threshold_rule', '')):<10} "
+                     f"{str(getattr(r, 'calibration', '') or ''):<11} {ece:>21}  {call}")
     macro = df[["auroc", "ap"]].mean(skipna=True)
     lines.append(f"{'macro (scored findings)':<28} {'':>6} {'':>6} {macro['auroc']:>7.3f} {macro['ap']:>7.3f}")
     return "\n".join(lines)

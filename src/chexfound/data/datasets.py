@@ -44,6 +44,8 @@ class ImageDataset(Dataset):
         except (ChexfoundError, ValueError, OSError) as e:
             return {"index": i, "path": str(p), "error": str(e)}
         item: dict[str, Any] = {"index": i, "path": str(p), "image": x}
+        if img.meta.get("warnings"):  # what the reader doubts about the file (e.g. its photometric header)
+            item["warnings"] = list(img.meta["warnings"])
         if self.labels is not None:
             item["label"] = torch.as_tensor(self.labels[i])
         return item
@@ -69,6 +71,7 @@ def collate_skip_errors(items: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": [(it["index"], it["path"], it["error"]) for it in items if "error" in it],
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "path": [it["path"] for it in good],
+        "warnings": {it["index"]: it["warnings"] for it in good if it.get("warnings")},
     }
     if good:
         out["image"] = torch.stack([it["image"] for it in good])

@@ -219,11 +219,16 @@ def linear_head_from_probe(probe: Any, findings: list[str], n_blocks: int, embed
     return head.eval()
 
 
-def call_rates(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
+def call_rates(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray,
+               called: np.ndarray | None = None) -> dict[str, float]:
     """Mean positive calls per test image at the head's thresholds, against the labels' mean (the check a
-    clinician makes first: a weak model should say less, not more)."""
+    clinician makes first: a weak model should say less, not more). Findings without a threshold, or not
+    `called` (uninformative: chexfound.stats.informative), are never called, as in predict and serve."""
     lab = ~np.isnan(y).all(axis=1)
-    return {"calls_per_image": float((p[lab] >= thresholds).sum(axis=1).mean()) if lab.any() else float("nan"),
+    thr = np.where(np.isfinite(thresholds), thresholds, np.inf)
+    if called is not None:
+        thr = np.where(called, thr, np.inf)
+    return {"calls_per_image": float((p[lab] >= thr).sum(axis=1).mean()) if lab.any() else float("nan"),
             "labels_per_image": float(np.nansum(y[lab] == 1, axis=1).mean()) if lab.any() else float("nan"),
             "n_findings": int(y.shape[1])}
 
@@ -232,8 +237,10 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
     """Cache features of one backbone on one task, train its heads, score test with patient-level CIs."""
     from chexfound.adapt.heads.base import save_head
     from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
+    from chexfound.evaluate.protocols.compare import calibration_before_after
     from chexfound.evaluate.trainers import build_cache
     from chexfound.stats import BootstrapConfig, LogisticTrainer
+    from chexfound.stats.informative import judge_head
 
     bb_path = cfg.out / "models" / which / "backbone.safetensors"
     model = create_backbone(bb_path)
@@ -250,31 +257,53 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
     out: dict[str, Any] = {"n_skipped": int((~valid).sum()), "heads": {}}
     pats = m.patients()
     for head_type in task.heads:
+        raw = None
         if head_type == "linear":
             x = probe_inputs(cache, n_blocks)
             fitted = LogisticTrainer(findings=task.findings).fit(x, y, sp["train"], sp["val"], seed=cfg.seed)
             p = fitted.predict(x, sp["test"])
             head = linear_head_from_probe(fitted, task.findings, n_blocks, model.embed_dim)
+            # The probe has no post-hoc calibrator (logistic regression is fitted on log-loss); its verdict is
+            # judged on validation like every adapt head's.
+            head.informative = judge_head(y[sp["val"]], fitted.predict(x, sp["val"]), task.findings)
         else:
             fitted = _glori_trainer(task.findings, model.embed_dim, cfg.quick, n_blocks).fit(
                 cache, y, sp["train"], sp["val"], seed=cfg.seed)
             p = fitted.predict(cache, sp["test"])
+            raw = fitted.predict_uncalibrated(cache, sp["test"])
             head = fitted.head
         res = score_predictions(y[sp["test"]], p, pats[sp["test"]], task.findings, fitted.thresholds,
                                 y[sp["train"]], ecfg)
+        if raw is not None:  # test calibration before the calibrator (fitted on val), same resamples
+            res["calibration_before"] = calibration_before_after(y[sp["test"]], raw, p, pats[sp["test"]],
+                                                                 task.findings, ecfg, res)
+            np.save(cfg.out / "cache" / which / f"{task.name}-{head_type}-test-probs-uncalibrated.npy", raw)
         head_file = cfg.out / "models" / which / f"{task.name}-{head_type}.safetensors"
         save_head(head, head_file, backbone_sha256=model.info.weights_sha256, backbone_config=model.cfg.to_dict(),
                   transform=tf.to_dict(), extra={"task_name": task.name, "trained_on": str(task.manifest)},
                   results=evaluate_tables(res, "report.json (the demo's test split)"))
         np.save(cfg.out / "cache" / which / f"{task.name}-{head_type}-test-probs.npy", p)
-        calls = call_rates(y[sp["test"]], p, np.asarray(fitted.thresholds))
+        verdict = head.informative or {}
+        called = np.array([f.get("informative") is not False for f in verdict.get("findings", [])] or
+                          [True] * len(task.findings)) & (verdict.get("informative") is not False)
+        calls = call_rates(y[sp["test"]], p, np.asarray(fitted.thresholds), called)
         out["heads"][head_type] = {"metrics": res, "fit": fitted.info, "file": str(head_file), "calls": calls,
-                                   "threshold_rules": list(getattr(head, "threshold_rules", []))}
+                                   "threshold_rules": list(getattr(head, "threshold_rules", [])),
+                                   "informative": {k: verdict.get(k) for k in ("informative", "reason")} | {
+                                       "uninformative_findings": [f["finding"] for f in verdict.get("findings", [])
+                                                                  if f.get("informative") is False],
+                                       "mean_logit_spread": _mean_spread(verdict)},
+                                   "calibration": (head.calibration_info or {}).get("methods")}
         ci = res["macro"].get("auroc_ci", [np.nan, np.nan])
         echo(f"  {which:>10} {task.name}-{head_type}: test macro AUROC {res['macro']['auroc']:.3f} "
              f"[{ci[0]:.3f}, {ci[1]:.3f}]; {calls['calls_per_image']:.1f} positive calls per test image "
              f"(labels {calls['labels_per_image']:.1f})")
     return out
+
+
+def _mean_spread(verdict: dict[str, Any]) -> float | None:
+    vals = [f["logit_spread"] for f in verdict.get("findings", []) if f.get("logit_spread") is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def read_pixel_features(paths: list[Path], size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -103,6 +103,89 @@ def call_notes(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _number(v: Any) -> float:
+    """A float from a value a reloaded results.json may hold as null."""
+    return float("nan") if v is None else float(v)
+
+
+def _heads(results: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(task, backbone, head, result) for every trained head (the pixel baseline included)."""
+    out = []
+    for key, res in results["models"].items():
+        which, task = key.split("/")
+        heads = {"logistic (32x32 pixels)": res} if which == "pixels" else res.get("heads", {})
+        out += [(task, which, head, r) for head, r in heads.items()]
+    return out
+
+
+def calibration_rows(results: dict[str, Any]) -> pd.DataFrame:
+    """Per head: test Brier and ECE with CIs, and for heads with a post-hoc calibrator the same before it."""
+    rows = []
+    for task, which, head, r in _heads(results):
+        mac = r.get("metrics", {}).get("macro", {})
+        if "ece" not in mac:
+            continue
+        before = (r["metrics"].get("calibration_before") or {}).get("macro", {})
+        methods = r.get("calibration") or []
+        rows.append({"task": task, "backbone": which, "head": head,
+                     "calibrator (per finding)": ", ".join(f"{methods.count(m)} {m}" for m in dict.fromkeys(methods))
+                     or "none (logistic probe)",
+                     "test ECE before [95% CI]": _ci(before, "ece") if before else "-",
+                     "test ECE [95% CI]": _ci(mac, "ece"),
+                     "test Brier before": _ci(before, "brier") if before else "-",
+                     "test Brier [95% CI]": _ci(mac, "brier"),
+                     "calibration slope [95% CI]": _ci(mac, "cal_slope")})
+    return pd.DataFrame(rows)
+
+
+def what_the_numbers_show(results: dict[str, Any]) -> list[str]:
+    """Plain sentences for the numbers a reader would otherwise have to interpret: chance-level heads, heads
+    that are uninformative (and so call nothing), calibration before/after, and attention that does not
+    point at findings."""
+    out = []
+    for task, which, head, r in _heads(results):
+        mac = r.get("metrics", {}).get("macro", {})
+        lo = _number((mac.get("auroc_ci") or [None, None])[0])
+        name = f"{task} {head} ({which})"
+        if np.isfinite(lo) and lo <= 0.5:
+            out.append(f"{name}: test macro AUROC {_ci(mac, 'auroc')}: the CI includes chance (0.5), so this "
+                       "head is not shown to rank images better than a coin.")
+        inf = r.get("informative") or {}
+        spread = inf.get("mean_logit_spread")
+        spread_txt = f" (mean logit spread of its validation outputs {spread:.3g})" if spread is not None else ""
+        if inf.get("informative") is False:
+            out.append(f"{name} is uninformative: {inf.get('reason')}{spread_txt}. predict, serve and the page "
+                       "show its probabilities but call no finding positive or negative.")
+        elif inf.get("uninformative_findings"):
+            names = inf["uninformative_findings"]
+            out.append(f"{name}: {len(names)} finding(s) get no call (near-random, too little validation evidence "
+                       f"or outputs that barely vary): {', '.join(names)}.")
+        before = (r.get("metrics", {}).get("calibration_before") or {})
+        if before:
+            b, a = before["macro"], mac
+            b_lo, b_hi = map(_number, b.get("ece_ci") or [None, None])
+            a_lo, a_hi = map(_number, a.get("ece_ci") or [None, None])
+            change = ("lower: the calibrator helped" if a_hi < b_lo else "higher: the calibrator made it worse"
+                      if a_lo > b_hi else "the CIs overlap: no clear change")
+            out.append(f"{name}: test ECE {_ci(b, 'ece')} before the post-hoc calibrator (fitted on validation), "
+                       f"{_ci(a, 'ece')} after; {change}. AUROC changed by at most "
+                       f"{_number(before.get('max_abs_auroc_change')):.2g} (monotone calibrators keep the ranking).")
+    for which, loc in (results.get("localisation") or {}).items():
+        o = loc.get("overall", {})
+        n, pt, cp = o.get("n_items"), o.get("pointing"), o.get("centre_pointing")
+        if not n or pt is None or cp is None:
+            continue
+        hits = int(round(pt * n))
+        hi = _number((o.get("pointing_ci") or [None, None])[1])
+        c_lo = _number((o.get("centre_pointing_ci") or [None, None])[0])
+        verdict = ("worse than a fixed guess at the image centre: this attention does not point at findings"
+                   if hi < c_lo else "no clear difference from a fixed guess at the image centre"
+                   if pt <= cp else "more often than the centre prior")
+        out.append(f"GLoRI attention ({which} backbone) points inside an expert box in {hits} of {n} test boxes "
+                   f"(pointing game {_ci(o, 'pointing')}), against {cp:.3f} for a centre prior: {verdict}.")
+    return out
+
+
 def label_efficiency_png(le: dict[str, Any]) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
@@ -152,7 +235,7 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
         "and measured honestly, not CheXFound's performance (ViT-L/16, ~1M images, 8 GPUs).",
         "Data: NIH ChestX-ray14 (Wang et al., CVPR 2017; NIH Clinical Center) and Kermany et al. (Cell 2018, "
         "CC BY 4.0).",
-    ] + verdicts(results)
+    ] + verdicts(results) + what_the_numbers_show(results)
     figures = []
     le = results.get("label_efficiency")
     if le:
@@ -175,6 +258,30 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
             figures.append(Figure("kermany_roc.png", "Kermany test ROC", roc_pr_grid(m.labels()[test], preds, ["PNEUMONIA"], "roc")))
     except Exception as e:  # a figure must never lose the report
         notes.append(f"(ROC figure skipped: {e})")
+    try:  # reliability diagrams: NIH GLoRI before/after its calibrator, and the linear probes
+        from chexfound.data.manifest import read_manifest
+        from chexfound.evaluate.figures import reliability_grid
+
+        nih = results.get("models", {}).get("pretrained/nih14", {})
+        findings = list(results.get("data", {}).get("nih14_findings") or [])
+        if nih and findings:
+            m = read_manifest(out / "data" / "nih14.csv", labels=findings)
+            test = np.flatnonzero(m.df["split"].astype(str).to_numpy() == "test")
+            base = out / "cache" / "pretrained"
+            curves = {label: np.load(base / f) for label, f in (
+                ("GLoRI before calibration", "nih14-glori-test-probs-uncalibrated.npy"),
+                ("GLoRI after", "nih14-glori-test-probs.npy"), ("linear probe", "nih14-linear-test-probs.npy"))
+                if (base / f).is_file()}
+            curves = {k: v for k, v in curves.items() if len(v) == len(test)}
+            if curves:
+                figures.append(Figure("reliability_nih14.png", "Reliability on NIH-14 test (pretrained backbone)",
+                                      reliability_grid(m.labels()[test], curves, findings,
+                                                       nih["heads"].get("glori", {}).get("metrics", {})
+                                                       .get("per_finding")),
+                                      "Observed positive rate against mean prediction in 10 equal-mass bins "
+                                      "(Wilson 95% intervals); dotted: perfect calibration; beneath: histogram."))
+    except Exception as e:  # a figure must never lose the report
+        notes.append(f"(reliability figure skipped: {e})")
     for which in ("pretrained", "random"):
         p = out / "figures" / f"localisation-{which}.png"
         if p.is_file():
@@ -188,6 +295,11 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
                          "mass in boxes (GLoRI)": _ci(o, "mass"), "mass (centre prior)": _ci(o, "centre_mass"),
                          "mass (uniform)": f"{o.get('uniform_mass', float('nan')):.3f}"})
     tables = [("Summary: test sets", summary), ("Paired differences", pairs)]
+    cal = calibration_rows(results)
+    if len(cal):
+        tables.append(("Calibration on the test sets (ECE: 10 equal-mass bins; patient-level bootstrap 95% CIs; "
+                       "on test sets this small ECE's bootstrap interval can sit above its point estimate, since "
+                       "resampling adds binning noise)", cal))
     if loc_rows:
         tables.append(("Localisation on NIH test boxes", pd.DataFrame(loc_rows)))
     heat = results.get("heatmaps", {}).get("files", [])
@@ -207,7 +319,7 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
         echo("")
         echo(pd.DataFrame(loc_rows).to_string(index=False))
     echo("")
-    for v in verdicts(results):
+    for v in verdicts(results) + what_the_numbers_show(results):
         echo("  " + v)
     echo(f"\nreport: {out / 'report.html'}  (numbers: {out / 'report.json'}; models: {out / 'models'})")
     return out

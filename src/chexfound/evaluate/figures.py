@@ -189,3 +189,51 @@ def localisation_bars(per_finding: Mapping[str, Mapping[str, Any]]) -> bytes:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
+
+
+def reliability_grid(y: np.ndarray, preds: Mapping[str, np.ndarray], findings: Sequence[str],
+                     per_finding: Mapping[str, Mapping[str, Any]] | None = None, n_bins: int = 10) -> bytes:
+    """One panel per finding: observed positive rate against mean prediction in equal-mass bins (Wilson 95%
+    intervals, one line per model), the diagonal of perfect calibration, and a histogram of the predictions
+    beneath (chexfound.stats.calibration.reliability_bins)."""
+    from chexfound.stats.calibration import reliability_bins
+
+    y = np.asarray(y, dtype=np.float64)
+    y = y[:, None] if y.ndim == 1 else y
+    rows, cols = _grid(len(findings))
+    fig = plt.figure(figsize=(3.2 * cols, 3.6 * rows))
+    outer = fig.add_gridspec(rows, cols)
+    for c, f in enumerate(findings):
+        inner = outer[c // cols, c % cols].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+        ax, hx = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+        m = ~np.isnan(y[:, c])
+        for label, p in preds.items():
+            p = np.asarray(p, dtype=np.float64)
+            p = p[:, None] if p.ndim == 1 else p
+            b = reliability_bins(y[m, c], p[m, c], n_bins)
+            if not b["count"]:
+                continue
+            mp, ob = np.array(b["mean_predicted"]), np.array(b["observed"])
+            err = np.maximum(np.stack([ob - np.array(b["observed_lo"]), np.array(b["observed_hi"]) - ob]), 0)
+            ax.errorbar(mp, ob, yerr=err, marker="o", ms=3, lw=1, capsize=2,
+                        label=label if len(preds) > 1 else None)
+            hx.hist(p[m, c], bins=30, range=(0, 1), alpha=0.6)
+        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+        title = f
+        if per_finding and f in per_finding:
+            e, br = per_finding[f].get("ece"), per_finding[f].get("brier")
+            if e is not None and not (isinstance(e, float) and math.isnan(e)):
+                title += f"\nECE {e:.3f}, Brier {br:.3f}, n+={per_finding[f].get('n_pos', '?')}"
+        ax.set_title(title, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xticklabels([])
+        ax.tick_params(labelsize=7)
+        ax.set_ylabel("observed rate", fontsize=7)
+        hx.set_xlim(0, 1)
+        hx.tick_params(labelsize=6)
+        hx.set_xlabel("mean predicted probability", fontsize=7)
+        if c == 0 and len(preds) > 1:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _png(fig)

@@ -242,6 +242,16 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
             {"model": k, "macro AUROC": v["macro"]["auroc"], "AUROC 95% CI": v["macro"].get("auroc_ci"),
              "macro AP": v["macro"]["ap"], "AP 95% CI": v["macro"].get("ap_ci"), "micro AUROC": v["micro"]["auroc"]}
             for k, v in metrics["models"].items()])))
+        before_after = calibration_before_after_table(metrics["models"])
+        if before_after is not None:
+            tables.append(("Test calibration before and after the post-hoc calibrator (fitted on val; macro, "
+                           "patient-level bootstrap 95% CIs)", before_after))
+            for label, raw in art["uncalibrated"].items():
+                figs.append(Figure(f"reliability_before_after_{label.replace('/', '_')}.png",
+                                   f"Reliability before and after calibration: {label}",
+                                   figures.reliability_grid(art["y_test"], {"before": raw,
+                                                                            "after": art["predictions"][label]},
+                                                            findings, None)))
         if metrics["paired"]:
             tables.append(("Paired differences (patient-level bootstrap)", pd.DataFrame([
                 {"comparison": k, "Δ macro AUROC": v["macro"]["auroc"]["diff"], "CI": v["macro"]["auroc"]["ci"],
@@ -295,6 +305,24 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
                  notes=td.notes + [f"backbones: {', '.join(backbone_info)}"], files=files)
     write_report(out, rep)
     return metrics
+
+
+def calibration_before_after_table(models: dict[str, Any]) -> Any:
+    """Per model with a calibrator: macro Brier and ECE (with CIs) before and after, and the AUROC change."""
+    import pandas as pd
+
+    rows = []
+    for label, res in models.items():
+        b = res.get("calibration_before")
+        if not b:
+            continue
+        a = res["macro"]
+        rows.append({"model": label, "Brier before": b["macro"].get("brier"), "CI": b["macro"].get("brier_ci"),
+                     "Brier after": a.get("brier"), "CI ": a.get("brier_ci"),
+                     "ECE before": b["macro"].get("ece"), "ECE CI": b["macro"].get("ece_ci"),
+                     "ECE after": a.get("ece"), "ECE CI ": a.get("ece_ci"),
+                     "max |Δ AUROC|": b.get("max_abs_auroc_change")})
+    return pd.DataFrame(rows) if rows else None
 
 
 def _loc_table(loc: dict[str, Any]) -> Any:

@@ -64,8 +64,23 @@ def per_finding_table(m: Mapping[str, Any]) -> pd.DataFrame:
             "AUROC": d.get("auroc"), "AUROC 95% CI": d.get("auroc_ci"), "AP": d.get("ap"),
             "AP 95% CI": d.get("ap_ci"), "threshold": d.get("threshold"), "sens": d.get("sensitivity"),
             "spec": d.get("specificity"), "F1": d.get("f1"),
+            **({"Brier": d.get("brier"), "Brier 95% CI": d.get("brier_ci"), "ECE": d.get("ece"),
+                "ECE 95% CI": d.get("ece_ci"), "cal. slope": d.get("cal_slope"),
+                "cal. intercept": d.get("cal_intercept")} if "brier" in d else {}),
         })
     return pd.DataFrame(rows)
+
+
+def calibration_table(m: Mapping[str, Any]) -> pd.DataFrame | None:
+    """Macro calibration with CIs (chexfound.stats.calibration); None when the metrics hold none."""
+    mac = m.get("macro", {})
+    if "brier" not in mac:
+        return None
+    return pd.DataFrame([{"subset": "macro", "Brier": mac.get("brier"), "Brier 95% CI": mac.get("brier_ci"),
+                          "ECE": mac.get("ece"), "ECE 95% CI": mac.get("ece_ci"),
+                          "cal. intercept": mac.get("cal_intercept"),
+                          "intercept 95% CI": mac.get("cal_intercept_ci"), "cal. slope": mac.get("cal_slope"),
+                          "slope 95% CI": mac.get("cal_slope_ci")}])
 
 
 def summary_table(m: Mapping[str, Any]) -> pd.DataFrame:
@@ -141,6 +156,10 @@ def write_report(out_dir: str | PathLike[str], report: Report) -> Path:
     tables: list[tuple[str, pd.DataFrame]] = []
     if "macro" in m and "per_finding" in m:
         tables += [("Summary", summary_table(m)), ("Per finding", per_finding_table(m))]
+        cal = calibration_table(m)
+        if cal is not None:
+            bins = m.get("calibration", {}).get("ece_bins")
+            tables.append((f"Calibration (ECE over {bins} equal-mass bins; patient-level bootstrap CIs)", cal))
     tables += report.tables
     for title, df in tables:
         md += [f"## {title}", "", _md_table(df), ""]

@@ -25,6 +25,13 @@ def classification_figures(y: np.ndarray, preds: dict[str, np.ndarray], findings
             Figure("pr.png", "Precision-recall curves per finding",
                    figures.roc_pr_grid(y, preds, findings, "pr", metrics.get("per_finding")),
                    "Dotted line: prevalence (the AP of a random ranking).")]
+    if "calibration" in metrics:
+        figs.append(Figure("reliability.png", "Reliability diagrams per finding",
+                           figures.reliability_grid(y, preds, findings, metrics.get("per_finding"),
+                                                    metrics["calibration"].get("ece_bins", 10)),
+                           f"Observed positive rate against mean predicted probability in "
+                           f"{metrics['calibration'].get('ece_bins', 10)} equal-mass bins (whiskers: Wilson 95% "
+                           "intervals per bin); dotted: perfect calibration; beneath: histogram of predictions."))
     gb = groups_by_model if groups_by_model is not None else (
         {"model": metrics["groups"]} if metrics.get("groups") else None)
     if gb:

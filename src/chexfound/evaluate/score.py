@@ -190,4 +190,35 @@ def read_thresholds(path: str | PathLike[str], findings: Sequence[str]) -> np.nd
     missing = [f for f in findings if f not in m]
     if missing:
         raise ManifestError(p, f"no threshold for finding(s) {missing}")
-    return np.array([float(d[m[f]]) for f in findings])
+    return np.array([float("nan") if d[m[f]] is None else float(d[m[f]]) for f in findings])  # None: no call
+
+
+def recorded_thresholds(predictions: str | PathLike[str], findings: Sequence[str]) -> tuple[np.ndarray, Path] | None:
+    """The thresholds `chexfound predict` recorded beside its output (`preds.run.json` next to `preds.csv`), in
+    the order of `findings`; NaN for a finding predict made no call for (no threshold, or uninformative). None
+    when there is no run record (another model's file)."""
+    import json
+
+    p = Path(predictions)
+    run = p.with_name(f"{p.stem}.run.json")
+    if not run.is_file():
+        return None
+    try:
+        doc = json.loads(run.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(run, f"unreadable run record ({e})") from e
+    pol = doc.get("finding_policy")
+    if pol:
+        d = {r["name"]: (r["threshold"] if r.get("called", True) and r["threshold"] is not None else float("nan"))
+             for r in pol["findings"]}
+    else:  # older records: the model's thresholds as predict reported them
+        model = doc.get("model") or {}
+        d = {n: (float("nan") if t is None else t) for n, t in zip(model.get("findings", []),
+                                                                  model.get("thresholds", []))}
+    if not d:
+        return None
+    m = map_findings(findings, list(d))
+    missing = [f for f in findings if f not in m]
+    if missing:
+        raise ManifestError(run, f"records no threshold for finding(s) {missing}")
+    return np.array([float(d[m[f]]) for f in findings]), run

@@ -40,7 +40,7 @@ class ScoreOptions:
 
 def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], out: str | PathLike[str],
                opts: ScoreOptions = ScoreOptions()) -> dict[str, Any]:
-    from chexfound.evaluate.score import match_predictions, read_predictions, read_thresholds
+    from chexfound.evaluate.score import match_predictions, read_predictions, read_thresholds, recorded_thresholds
 
     pred_path = Path(predictions)
     preds = read_predictions(pred_path)
@@ -70,13 +70,18 @@ def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], ou
             raise ManifestError(tm.source, f"training manifest lacks label(s) {miss} (needed for prevalence groups)")
         tm.label_columns = [mp[f] for f in mt.findings]
         train_y = tm.labels(opts.uncertain)
-    thr = read_thresholds(opts.thresholds, mt.findings) if opts.thresholds else None
+    thr, thr_source = _thresholds(opts.thresholds, pred_path, mt.findings, read_thresholds, recorded_thresholds)
+    log.info("calls scored at: %s", thr_source)
     res = score_predictions(mt.y, mt.p, mt.patients, mt.findings, thr, train_y, opts.cfg)
+    res["thresholds_used"] = {"source": thr_source,
+                              "values": {f: (float(t) if np.isfinite(t) else None) for f, t in
+                                         zip(mt.findings, np.full(len(mt.findings), 0.5) if thr is None else thr)}}
+    res["min_positives"] = {"rule": opts.cfg.rule.describe(), "left_out": res.get("excluded", [])}
     prov = provenance({
         "predictions": {"path": str(pred_path.resolve()), "sha256": sha256_file(pred_path)},
         "labels": {"path": str(Path(labels).resolve()), "sha256": sha256_file(labels)},
         "manifest_sha256": sha256_file(labels), "matching": mt.info,
-        "thresholds": opts.thresholds or "0.5 for every finding",
+        "thresholds": thr_source,
     })
     metrics = {"protocol": "score", **res, "provenance": prov,
                "config": {"split": opts.split, "uncertain": opts.uncertain, "findings": mt.findings,
@@ -85,9 +90,30 @@ def score_file(predictions: str | PathLike[str], labels: str | PathLike[str], ou
                  classification_figures(mt.y, {pred_path.stem: mt.p}, mt.findings, res),
                  notes=[f"{mt.info['n_matched']} images matched by {mt.info['id_column']} ({mt.info['matched_by']});"
                         f" {mt.info['n_missing']} without prediction; {mt.info['n_extra_predictions']} extra "
-                        f"prediction rows ignored"])
+                        f"prediction rows ignored",
+                        f"Calls (sensitivity, specificity, F1) at: {thr_source}.",
+                        f"Scored: {opts.cfg.rule.describe()}. Listed but left out of macro figures, without CIs: "
+                        + (", ".join(f"{f} ({res['per_finding'][f]['n_pos']} positives)" for f in res["excluded"])
+                           or "none") + "."])
     write_report(out, rep)
     return metrics
+
+
+def _thresholds(option: str | None, pred_path: Path, findings: list[str], read: Any,
+                recorded: Any) -> tuple[np.ndarray | None, str]:
+    """Which thresholds the calls are scored at, and a sentence saying so: `--thresholds FILE`, `--thresholds 0.5`
+    (or `default`), else those `chexfound predict` recorded beside the file (NaN: predict made no call), else 0.5."""
+    if option and option.strip().lower() in ("0.5", "default"):
+        return None, "0.5 for every finding (--thresholds default)"
+    if option:
+        return read(option, findings), f"the thresholds in {option}"
+    rec = recorded(pred_path, findings)
+    if rec is not None:
+        thr, run = rec
+        nocall = [f for f, t in zip(findings, thr) if not np.isfinite(t)]
+        return thr, (f"the thresholds chexfound predict recorded in {run.name}"
+                     + (f" (no call, so no call metrics, for {', '.join(nocall)})" if nocall else ""))
+    return None, "0.5 for every finding (no thresholds given or recorded beside the predictions)"
 
 
 def _score_other(preds: Any, pred_path: Path, man: Manifest, labels: str | PathLike[str], out: str | PathLike[str],

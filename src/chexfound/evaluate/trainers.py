@@ -79,6 +79,17 @@ class AdaptHead:
 
         return predict(self.head, source, indices=np.asarray(idx), device=self.info.get("device")).numpy()
 
+    def predict_uncalibrated(self, source: Any, idx: np.ndarray) -> np.ndarray | None:
+        """Probabilities without the post-hoc calibrator (None when the head has none): calibration before/after."""
+        cal = getattr(self.head, "calibration", None)
+        if cal is None:
+            return None
+        self.head.calibration = None
+        try:
+            return self.predict(source, idx)
+        finally:
+            self.head.calibration = cal
+
     @property
     def has_attention(self) -> bool:
         return bool(getattr(self.head, "has_attention", False))

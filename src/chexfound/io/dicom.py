@@ -18,6 +18,7 @@ from chexfound.errors import CXRReadError
 from chexfound.io.decoder_logs import decoder_messages
 from chexfound.io.failures import ImageReadError, ReadFailure, clean_message
 from chexfound.io.image import MAX_PIXELS, CXRImage, normalise_range
+from chexfound.io.photometric import looks_inverted
 from chexfound.io.voi import apply_voi_lut_item, apply_window, window_params
 
 _MONO = ("MONOCHROME1", "MONOCHROME2")
@@ -382,6 +383,12 @@ def _dataset_to_image(ds: Any, path: str, *, apply_voi: bool, color: str, raw: b
     ):
         pixels = 1.0 - pixels  # minimum value is white: invert so air is dark as displayed
         meta["inverted"] = True
+        if looks_inverted(pixels):  # read as the header says, but say that it looks wrong (io/photometric.py)
+            meta.setdefault("warnings", []).append(
+                f"the header says {photometric}"
+                + (" with an INVERSE presentation LUT" if photometric == "MONOCHROME2" else " (minimum = white)")
+                + ", but the pixels look like the opposite: read as the header says, the image looks like a "
+                "negative (mediastinum darker than the lungs); check the file before trusting the findings")
     else:
         meta["inverted"] = False
     if not np.isfinite(pixels).all():

@@ -41,12 +41,13 @@ def sniff(path: Path) -> str:
             return what
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _sniff_zip(path)
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] in (2, 3, 4, 5):
-        return "torch-legacy"  # a raw pickle stream (torch.save with _use_new_zipfile_serialization=False)
+    # safetensors first: its 8-byte header length can itself start with a pickle's b"\x80\x02" (640 bytes).
     if len(head) >= 10:
         (n,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < n < 100_000_000:
             return "safetensors"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in (2, 3, 4, 5):
+        return "torch-legacy"  # a raw pickle stream (torch.save with _use_new_zipfile_serialization=False)
     text = head.lstrip()
     if text[:1] in (b"{", b"["):
         return "a JSON text file"

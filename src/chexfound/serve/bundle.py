@@ -163,7 +163,7 @@ def save_bundle(pair: ModelPair, path: str | PathLike[str], dtype: str = "fp32")
             "head_type": head.head_type,
             "task": head.task,
             "findings": list(head.findings),
-            "thresholds": [float(t) for t in head.thresholds],
+            "thresholds": [float(t) if torch.isfinite(t) else None for t in head.thresholds],
             "n_blocks": head.n_blocks,
             "config": head.hparams(),
             "backbone_sha256": pair.head_info.backbone_sha256 or bi.weights_sha256,

@@ -6,6 +6,12 @@ outputs `probabilities` [batch, C] and, for heads with attention, `attention` [b
 carry `chexfound` = JSON with findings, thresholds (and the rule behind each), task, input transform and
 backbone identity, so a deployment can preprocess and threshold without this package.
 
+Calibration: a head's post-hoc calibrator is part of the graph (`Head.probabilities` applies it), so
+`probabilities` are the calibrated ones the thresholds were chosen on. The metadata also carries it
+(`calibration`: per finding the method and its parameters, `calibration_applied_in_graph`: true) and the
+informative verdicts (`informative`); a finding with `informative: false`, or with a null threshold, gets no
+call.
+
 safetensors bundle: tensors `backbone.*` and `head.*` with kind='classifier' metadata holding both
 files' metadata (`chexfound.serve.bundle`); `Predictor.from_bundle` reads it back.
 
@@ -56,7 +62,7 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
     info = predictor.info()
     return {
         "findings": predictor.findings,
-        "thresholds": [float(t) for t in predictor.thresholds],
+        "thresholds": [float(t) if np.isfinite(t) else None for t in predictor.thresholds],  # None: no call
         # per finding, the rule that chose its threshold and the evidence (a deployment shows them too)
         "threshold_rules": predictor.threshold_rules,
         "task": predictor.task,
@@ -70,9 +76,31 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
         "has_attention": predictor.has_attention,
         # what predict and serve draw for this head; the ONNX `attention` output is there for GLoRI heads only
         "heatmap_kind": predictor.heatmap_kind,
+        "calibration": calibration_parameters(predictor),
+        "calibration_applied_in_graph": predictor.head.calibration is not None,
+        "informative": info["informative"],
         "input": "image: float32 [batch, 3, S, S], normalised by `transform`",
         "outputs": ["probabilities"] + (["attention"] if predictor.has_attention else []),
     }
+
+
+def calibration_parameters(predictor: Predictor) -> list[dict[str, Any]] | None:
+    """Per finding the calibrator the graph applies: {"method", "scale", "bias"} (p = sigmoid(scale z + bias) on
+    the logit z; multiclass: softmax(scale z)) or {"method": "isotonic", "knots_x", "knots_y"} (p = piecewise-
+    linear interpolation of sigmoid(z) through the knots). None when the head has no calibrator."""
+    cal = getattr(predictor.head, "calibration", None)
+    if cal is None:
+        return None
+    methods = list((getattr(predictor.head, "calibration_info", None) or {}).get("methods") or [])
+    out = []
+    for i in range(len(predictor.findings)):
+        m = methods[i] if i < len(methods) else None
+        if bool(cal.isotonic[i] > 0.5):
+            xs, ys = cal.knots_x[i].tolist(), cal.knots_y[i].tolist()
+            out.append({"method": m or "isotonic", "knots_x": xs, "knots_y": ys})
+        else:
+            out.append({"method": m, "scale": float(cal.scale[i]), "bias": float(cal.bias[i])})
+    return out
 
 
 def export_onnx(

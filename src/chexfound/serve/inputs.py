@@ -40,27 +40,34 @@ def walk_images(folder: Path) -> list[Path]:
     return found
 
 
-def manifest_paths(path: str | PathLike[str]) -> list[Path]:
+def manifest_paths(path: str | PathLike[str], split: str | None = None) -> list[Path]:
     """The `path` column of a manifest (CSV or Parquet), relative paths resolved against its folder.
-    Prediction needs no labels or patient ids, so only `path` is required here."""
+    Prediction needs no labels or patient ids, so only `path` is required here; with `split`, only the rows
+    whose `split` column equals it (as `evaluate --split` scores them)."""
     import pandas as pd
 
     p = Path(path)
     if not p.is_file():
         raise ManifestError(p, "manifest file not found")
     try:
-        df = pd.read_parquet(p, columns=["path"]) if p.suffix == ".parquet" else pd.read_csv(p, usecols=["path"])
+        cols = ["path"] + (["split"] if split is not None else [])
+        df = pd.read_parquet(p, columns=cols) if p.suffix == ".parquet" else pd.read_csv(p, usecols=cols)
     except ValueError as e:
-        raise ManifestError(p, f"missing required column 'path' ({e})") from e
+        raise ManifestError(p, f"missing required column(s) {cols} ({e})") from e
     except Exception as e:
         raise ManifestError(p, f"cannot parse manifest ({e})") from e
+    if split is not None:
+        df = df[df["split"].astype(str) == split]
+        if df.empty:
+            raise ManifestError(p, f"no rows with split == {split!r}")
     out = []
     for q in map(Path, df["path"].dropna().astype(str)):
         out.append(q if q.is_absolute() else p.parent / q)
     return out
 
 
-def collect_inputs(inputs: Sequence[str | PathLike[str]], manifest: str | PathLike[str] | None = None) -> list[Path]:
+def collect_inputs(inputs: Sequence[str | PathLike[str]], manifest: str | PathLike[str] | None = None,
+                   split: str | None = None) -> list[Path]:
     """Files as given (a missing or unreadable one is kept, so the run lists it as skipped), folders
     expanded recursively, manifest rows appended; duplicates dropped, first occurrence kept."""
     found: list[Path] = []
@@ -68,7 +75,7 @@ def collect_inputs(inputs: Sequence[str | PathLike[str]], manifest: str | PathLi
         p = Path(item)
         found.extend(walk_images(p) if p.is_dir() else [p])
     if manifest is not None:
-        found.extend(manifest_paths(manifest))
+        found.extend(manifest_paths(manifest, split))
     return _unique(found)
 
 

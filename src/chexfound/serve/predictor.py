@@ -28,7 +28,7 @@ from chexfound.models.hub import is_hub_id, record, resolve_weights
 from chexfound.runio import resolve_device
 from chexfound.serve.bundle import Classifier, check_pairing, load_bundle, load_pair
 from chexfound.serve.overlay import view_from_input
-from chexfound.serve.prediction import CALL_TASKS, Prediction
+from chexfound.serve.prediction import CALL_TASKS, HeadReliability, Prediction
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -115,6 +115,11 @@ class Predictor:
         self.thresholds: np.ndarray = pair.head.thresholds.detach().cpu().float().numpy().copy()
         self.threshold_rules = threshold_rules_of(pair.head_info.meta, pair.head)
         self.task: str = pair.head.task
+        # Calibrator per finding and the informative verdicts the head file records (None: not judged).
+        meta = dict(pair.head_info.meta or {})
+        meta.setdefault("calibration", getattr(pair.head, "calibration_info", None))
+        meta.setdefault("informative", getattr(pair.head, "informative", None))
+        self.reliability = HeadReliability.from_head_meta(meta, self.findings)
         self._has_attention: bool | None = None
 
     @classmethod
@@ -214,8 +219,13 @@ class Predictor:
                 "heatmap_kind": self.heatmap_kind,
             },
             "findings": self.findings,
-            "thresholds": [float(t) for t in self.thresholds],
+            "thresholds": [float(t) if np.isfinite(t) else None for t in self.thresholds],  # None: no call
             "threshold_rules": self.threshold_rules,
+            # post-hoc calibrator per finding (none | temperature | platt | isotonic; null: not recorded)
+            "calibration": list(self.reliability.calibration),
+            # chexfound.stats.informative: whether the head can tell images apart, per finding and as a whole
+            "informative": {**self.reliability.to_dict(self.findings),
+                            "findings": list(self.reliability.informative)},
             "transform": self.transform.to_dict(),
             "device": str(self.device),
             "dtype": self.dtype,
@@ -277,7 +287,7 @@ class Predictor:
                     error: str | None = None, image_meta: dict[str, Any] | None = None) -> Prediction:
         return Prediction(path=path, findings=self.findings, thresholds=self.thresholds, task=self.task,
                           probabilities=probs, attention=maps, error=error, image_meta=image_meta or {},
-                          threshold_rules=self.threshold_rules)
+                          threshold_rules=self.threshold_rules, reliability=self.reliability)
 
     def predict_image(self, image: CXRImage | np.ndarray | str | PathLike[str]) -> Prediction:
         """One image (a file, a `CXRImage`, or a [H, W] array in [0, 1]) -> Prediction (raises CXRReadError)."""
@@ -311,9 +321,11 @@ class Predictor:
                 out[int(index)] = self._prediction(str(path), None, None, error=reason)
             if "image" in batch:
                 probs, maps = self.predict_tensor(batch["image"])
+                warned = batch.get("warnings", {})
                 for j, (index, path) in enumerate(zip(batch["index"].tolist(), batch["path"])):
                     m = maps[j] if (maps is not None and keep_attention) else None
-                    out[int(index)] = self._prediction(str(path), probs[j], m)
+                    meta = {"warnings": warned[index]} if index in warned else None
+                    out[int(index)] = self._prediction(str(path), probs[j], m, image_meta=meta)
                     if keep_view:
                         out[int(index)].view = view_from_input(batch["image"][j], self.transform)
             yield [out[i] for i in sorted(out)]

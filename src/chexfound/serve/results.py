@@ -2,7 +2,9 @@
 
 Files next to `--out preds.csv` (or `preds.json`):
     .preds.csv.partial   rows appended batch by batch while running (path + one probability per finding)
-    preds.run.json       the model identity, settings and counts (checked on resume: same model or refuse)
+    preds.run.json       the model identity, settings and counts (checked on resume: same model or refuse), and
+                         per finding the threshold, its rule, the calibrator and the informative verdict
+                         (`finding_policy`: what `evaluate --predictions` scores calls with)
     preds.skipped.csv    files that could not be read, and why (only when there are any)
 A rerun with the same --out skips every path already in the partial or final file and appends new ones.
 """
@@ -23,7 +25,7 @@ import numpy as np
 from chexfound.errors import ChexfoundError
 from chexfound.runio import atomic_write_bytes
 from chexfound.serve.overlay import read_overlay_index
-from chexfound.serve.prediction import CALL_TASKS, Prediction
+from chexfound.serve.prediction import HeadReliability, Prediction, finding_records
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -45,9 +47,11 @@ def _fmt(v: float) -> str:
 class PredictionStore:
     def __init__(self, out: Path, findings: Sequence[str], thresholds: np.ndarray, task: str,
                  identity: dict[str, Any], heatmap_dir: Path | None = None,
-                 threshold_rules: Sequence[dict[str, str]] | None = None, heatmap_kind: str | None = None) -> None:
+                 threshold_rules: Sequence[dict[str, str]] | None = None,
+                 reliability: HeadReliability | None = None, heatmap_kind: str | None = None) -> None:
         self.out = out
         self.heatmap_kind = heatmap_kind  # what the heatmaps show (chexfound.adapt.attribution)
+        self.reliability = reliability or HeadReliability.unknown(len(findings))
         self.threshold_rules = list(threshold_rules or [{} for _ in findings])
         self.fmt = "json" if out.suffix.lower() == ".json" else "csv"
         self.findings = list(findings)
@@ -59,6 +63,12 @@ class PredictionStore:
         self.run_file = out.with_name(f"{out.stem}.run.json")
         self.skipped_file = out.with_name(f"{out.stem}.skipped.csv")
         self.rows: dict[str, tuple[str, np.ndarray]] = {}  # abspath -> (path as given, probabilities)
+        # Findings that get no call (no threshold, or uninformative): a trailing CSV column names them per row.
+        probe = finding_records(self.findings, np.zeros(len(self.findings)), self.thresholds, task,
+                                self.threshold_rules, self.reliability)
+        self.no_call = [r["name"] for r in probe if r["positive"] is None] if task in ("multilabel", "binary",
+                                                                                      "multiclass") else []
+        self.columns = ["path", *self.findings] + (["no_call"] if self.no_call else [])
         self.resumed = 0
 
     # -- resume --
@@ -82,7 +92,7 @@ class PredictionStore:
         return self.resumed
 
     def _check_header(self, header: list[str], source: Path) -> None:
-        if header != ["path", *self.findings]:
+        if header not in (["path", *self.findings], ["path", *self.findings, "no_call"]):
             raise ChexfoundError(f"{source}: its columns {header[:4]}... are not path + this head's findings; "
                                  "choose another --out or delete it")
 
@@ -97,7 +107,7 @@ class PredictionStore:
                 if len(row) != len(header):  # a row cut short by an interruption: redo that image
                     continue
                 try:
-                    probs = np.array([float(v) for v in row[1:]], dtype=np.float32)
+                    probs = np.array([float(v) for v in row[1 : 1 + len(self.findings)]], dtype=np.float32)
                 except ValueError:
                     continue
                 self.rows[os.path.abspath(row[0])] = (row[0], probs)
@@ -122,7 +132,8 @@ class PredictionStore:
 
     # -- while running --
     def start(self, settings: dict[str, Any]) -> None:
-        self._write_run({"status": "running", "identity": self.identity, "settings": settings})
+        self._write_run({"status": "running", "identity": self.identity, "settings": settings,
+                         "finding_policy": self.finding_policy()})
 
     def append(self, preds: Sequence[Prediction]) -> None:
         good = [p for p in preds if p.ok and p.path is not None]
@@ -132,10 +143,10 @@ class PredictionStore:
         w = csv.writer(buf)
         new = not self.partial.exists() or self.partial.stat().st_size == 0
         if new:
-            w.writerow(["path", *self.findings])
+            w.writerow(self.columns)
         for p in good:
             assert p.probabilities is not None and p.path is not None
-            w.writerow([p.path, *map(_fmt, p.probabilities)])
+            w.writerow([p.path, *map(_fmt, p.probabilities)] + self._no_call_cell())
             self.rows[os.path.abspath(p.path)] = (p.path, p.probabilities.astype(np.float32))
         with open(self.partial, "a", newline="") as f:
             f.write(buf.getvalue())
@@ -148,19 +159,16 @@ class PredictionStore:
             return {}
         return read_overlay_index(self.heatmap_dir / heatmap_folder(path))
 
+    def _no_call_cell(self) -> list[str]:
+        return [";".join(self.no_call)] if self.no_call else []
+
     def records(self) -> list[dict[str, Any]]:
         out = []
         for shown, probs in self.rows.values():
-            calls = probs >= self.thresholds if self.task in CALL_TASKS else None
-            rec: dict[str, Any] = {
-                "path": shown,
-                "findings": [{"name": n, "probability": float(probs[i]), "threshold": float(self.thresholds[i]),
-                              "positive": None if calls is None else bool(calls[i]),
-                              "threshold_rule": self.threshold_rules[i].get("rule"),
-                              "threshold_reason": self.threshold_rules[i].get("reason")}
-                             for i, n in enumerate(self.findings)],
-                "positive": [] if calls is None else [n for n, c in zip(self.findings, calls) if c],
-            }
+            recs = finding_records(self.findings, probs, self.thresholds, self.task, self.threshold_rules,
+                                   self.reliability)
+            rec: dict[str, Any] = {"path": shown, "findings": recs,
+                                   "positive": [r["name"] for r in recs if r["positive"] is True]}
             maps = self._heatmaps_of(shown)
             if maps:
                 rec["heatmaps"] = maps
@@ -168,13 +176,23 @@ class PredictionStore:
             out.append(rec)
         return out
 
+    def finding_policy(self) -> dict[str, Any]:
+        """What turns this file's probabilities into calls: per finding the threshold (None: no call), its rule,
+        the calibrator and the informative verdict, and the verdict on the head as a whole."""
+        recs = finding_records(self.findings, np.zeros(len(self.findings)), self.thresholds, self.task,
+                               self.threshold_rules, self.reliability)
+        return {"findings": [{k: v for k, v in r.items() if k not in ("probability", "positive")}
+                             | {"called": r["name"] not in self.no_call} for r in recs],
+                "thresholds": {r["name"]: r["threshold"] for r in recs},
+                "head": self.reliability.to_dict(self.findings)}
+
     def finish(self, skipped: Sequence[tuple[str, str]], model: dict[str, Any], settings: dict[str, Any]) -> None:
         if self.fmt == "csv":
             buf = io.StringIO()
             w = csv.writer(buf)
-            w.writerow(["path", *self.findings])
+            w.writerow(self.columns)
             for shown, probs in self.rows.values():
-                w.writerow([shown, *map(_fmt, probs)])
+                w.writerow([shown, *map(_fmt, probs)] + self._no_call_cell())
             atomic_write_bytes(self.out, buf.getvalue().encode())
         else:
             doc = {"model": model, "predictions": self.records(),
@@ -190,7 +208,7 @@ class PredictionStore:
             self.skipped_file.unlink(missing_ok=True)
         self._write_run({"status": "complete", "identity": self.identity, "settings": settings,
                          "predicted": len(self.rows), "resumed": self.resumed, "skipped": len(skipped),
-                         "model": model})
+                         "finding_policy": self.finding_policy(), "model": model})
         self.partial.unlink(missing_ok=True)
 
     def _write_run(self, doc: dict[str, Any]) -> None:

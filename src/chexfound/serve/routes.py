@@ -30,7 +30,7 @@ from chexfound.serve import overlay
 from chexfound.serve.api_page import render_api_page
 from chexfound.serve.batching import QueueFull
 from chexfound.serve.limits import GateBusy
-from chexfound.serve.prediction import CALL_TASKS
+from chexfound.serve.prediction import finding_records
 from chexfound.serve.prediction_cache import CachedPrediction
 from chexfound.serve.schemas import ErrorOut, PredictionOut
 from chexfound.serve.state import ServeState, serve_state
@@ -179,7 +179,7 @@ def _sr_bytes(state: ServeState, source: Any, filename: str | None, probs: np.nd
 
     p = state.predictor
     pred = Prediction(path=filename, findings=p.findings, thresholds=p.thresholds, task=p.task,
-                      probabilities=probs, threshold_rules=p.threshold_rules)
+                      probabilities=probs, threshold_rules=p.threshold_rules, reliability=p.reliability)
     return dataset_bytes(build_sr(source, pred.findings_list(), AlgorithmIdentity.of(p)))
 
 
@@ -187,14 +187,8 @@ def prediction_body(state: ServeState, filename: str | None, decoded: DecodedUpl
                     maps: np.ndarray | None, heatmaps: str, top_k: int, timing: dict[str, float]) -> dict[str, Any]:
     """The /v1/predict JSON (a PredictionOut): findings in the head's order, calls, image facts, heatmaps."""
     predictor = state.predictor
-    calls = probs >= predictor.thresholds if predictor.task in CALL_TASKS else None
-    findings = [
-        {"name": n, "probability": float(probs[i]), "threshold": float(predictor.thresholds[i]),
-         "positive": None if calls is None else bool(calls[i]),
-         "threshold_rule": predictor.threshold_rules[i]["rule"],
-         "threshold_reason": predictor.threshold_rules[i]["reason"]}
-        for i, n in enumerate(predictor.findings)
-    ]
+    findings = finding_records(predictor.findings, probs, predictor.thresholds, predictor.task,
+                               predictor.threshold_rules, predictor.reliability)
     pid = None
     image_url = None
     if heatmaps == "url" and decoded.view is not None:
@@ -222,7 +216,10 @@ def prediction_body(state: ServeState, filename: str | None, decoded: DecodedUpl
             "photometric_interpretation": m.get("photometric_interpretation"),
             "view_position": m.get("view_position"),
             "image_url": image_url,
+            "warnings": list(m.get("warnings") or []) or None,
         },
+        "uninformative": (predictor.reliability.head_reason or "uninformative head")
+        if predictor.reliability.head_informative is False else None,
         "heatmaps": {"available": state.no_heatmap_reason is None, "reason": state.no_heatmap_reason,
                      "kind": predictor.heatmap_kind, "description": KIND_DESCRIPTIONS[predictor.heatmap_kind]},
         "timing_ms": {k: round(v, 2) for k, v in timing.items()},

@@ -10,11 +10,17 @@ from pydantic import BaseModel, Field
 class FindingOut(BaseModel):
     name: str
     probability: float
-    threshold: float
-    positive: bool | None = Field(None, description="probability >= threshold (absent for regression/survival)")
+    calibration: str | None = Field(None, description="the post-hoc calibrator behind the probability: none | "
+                                                       "temperature | platt | isotonic (absent: not recorded)")
+    threshold: float | None = Field(None, description="absent when the finding has no threshold (no call)")
+    positive: bool | None = Field(None, description="probability >= threshold; absent when no call is made "
+                                                    "(uninformative finding or head, no threshold, regression)")
     threshold_rule: str | None = Field(None, description="how the threshold was chosen: f1 | youden | prevalence "
-                                                         "| default | unrecorded")
+                                                         "| none | default | unrecorded")
     threshold_reason: str | None = Field(None, description="why that rule (validation evidence)")
+    informative: bool | None = Field(None, description="false: the head cannot tell images apart for this "
+                                                       "finding (chexfound.stats.informative); absent: not judged")
+    uninformative_reason: str | None = None
     heatmap_url: str | None = None
     heatmap_png: str | None = Field(None, description="base64 PNG overlay (heatmaps=base64, top-k findings)")
 
@@ -35,12 +41,16 @@ class ImageOut(BaseModel):
     photometric_interpretation: str | None = None
     view_position: str | None = None
     image_url: str | None = None
+    warnings: list[str] | None = Field(None, description="what the reader doubts about the file (e.g. a "
+                                                         "MONOCHROME1 header over pixels that look inverted)")
 
 
 class PredictionOut(BaseModel):
     id: str | None = Field(None, description="key of the cached image/heatmaps (heatmaps=url)")
     findings: list[FindingOut] = Field(description="one entry per finding, in the head's order")
     positive: list[str]
+    uninformative: str | None = Field(None, description="set when the head as a whole is uninformative: why "
+                                                        "(no finding is called)")
     model: dict[str, Any]
     image: ImageOut
     heatmaps: HeatmapInfo

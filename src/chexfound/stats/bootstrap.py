@@ -31,6 +31,8 @@ class FindingResampler:
         pred = p[self.rows] >= thr
         # Confusion cells as 0/1 vectors, so weighted counts are matrix-vector products.
         self.cells = np.stack([yy & pred, yy & ~pred, ~yy & ~pred, ~yy & pred], axis=1).astype(np.float64)
+        if not np.isfinite(thr):  # no threshold (no call): call metrics are undefined
+            self.cells[:] = np.nan
 
     def evaluate(self, w: np.ndarray) -> dict[str, np.ndarray]:
         ws = w[:, self.rows]

@@ -47,6 +47,10 @@ def threshold_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[st
     """
     y, s = np.asarray(y, dtype=np.float64).ravel(), np.asarray(s, dtype=np.float64).ravel()
     m = ~np.isnan(y)
+    if not np.isfinite(threshold):  # no threshold: the finding is never called, so calls have no metrics
+        nan = float("nan")
+        return {"threshold": nan, "sensitivity": nan, "specificity": nan, "precision": nan, "npv": nan, "f1": nan,
+                "accuracy": nan, "tp": nan, "fp": nan, "fn": nan, "tn": nan}
     y, pred = y[m] == 1, s[m] >= threshold
     tp = float(np.sum(y & pred))
     fp = float(np.sum(~y & pred))

@@ -7,6 +7,8 @@ The rules (per finding; a call is `p >= threshold`):
                   images positive as the training set has positives (prevalence from the training labels
                   when given, else from the validation labels)
     "default"     0.5, only when there are no validation scores at all
+    "none"        no threshold (NaN: the finding is never called) when the labelled validation images include no
+                  positive or no negative
 
 `choose_thresholds(method="f1" | "youden")` uses the validation-optimal rule only where the validation
 evidence is strong: at least `min_positives` (10) labelled validation positives and as many negatives, and a
@@ -190,6 +192,10 @@ def choose_thresholds(
         rule, reason = method, ""
         if scores.size == 0:
             thr, rule, reason = 0.5, "default", "no validation scores"
+        elif lab.any() and (n_pos == 0 or n_neg == 0):
+            # Nothing shows the head can separate this finding: no threshold, no call (never a degenerate one).
+            thr, rule = float("nan"), "none"
+            reason = f"no validation {'positives' if n_pos == 0 else 'negatives'}: no call"
         elif optimal is None:
             thr, reason = prevalence_threshold(scores, prev if np.isfinite(prev) else 0.5), "requested"
         else:

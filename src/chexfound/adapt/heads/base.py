@@ -12,7 +12,9 @@ Head files (safetensors; `save_head` / `load_our_head`): tensors = the head's st
     absent in older files), n_blocks, config (constructor hyper-parameters), backbone_sha256 (state-dict hash of the
     backbone the features came from), backbone_config (ViTConfig dict), transform (InputTransform dict),
     plus extras written by `chexfound adapt`: selection (metric, lr, weight decay, epoch, val metrics),
-    label_columns, uncertain, train_manifest, finetune.
+    label_columns, uncertain, train_manifest, finetune;
+    calibration (when a post-hoc calibrator was fitted: adapt/heads/calibration.py, its tensors `calibration.*`),
+    informative (the validation evidence and the uninformative verdict, chexfound.stats.informative).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
+from chexfound.adapt.heads.calibration import Calibrator, calibrator_from_meta
 from chexfound.errors import CheckpointError
 from chexfound.models.card import ModelFile, ResultTable, backbone_of_head, head_facts, write_card
 from chexfound.models.format import load_tensors, save_tensors
@@ -60,6 +63,10 @@ class Head(nn.Module):
         self.register_buffer("thresholds", torch.full((len(self.findings),), 0.5))
         # How each threshold was chosen (rule, reason, validation evidence): see chexfound.stats.thresholds.
         self.threshold_rules: list[dict[str, Any]] = []
+        # Post-hoc calibration (None: probabilities as trained) and what chose it; the uninformative verdict.
+        self.calibration: Calibrator | None = None
+        self.calibration_info: dict[str, Any] | None = None
+        self.informative: dict[str, Any] | None = None
         if task == "regression":
             # Heads regress standardised targets; predictions are mapped back with the training mean/std.
             self.register_buffer("target_mean", torch.zeros(len(self.findings)))
@@ -99,8 +106,20 @@ class Head(nn.Module):
         None)."""
         raise NotImplementedError
 
+    def set_calibration(self, calibrator: Calibrator | None, info: dict[str, Any] | None = None) -> None:
+        """Install a fitted calibrator (applied by `probabilities` from now on) and the record of its choice."""
+        self.calibration = calibrator
+        self.calibration_info = None if calibrator is None else {
+            **(info or {}), "task": calibrator.task, "n_knots": int(calibrator.knots_x.shape[1])}
+
     def probabilities(self, logits: Tensor) -> Tensor:
-        """Logits -> the task's outputs: softmax (multiclass), sigmoid (multilabel, binary), as is otherwise."""
+        """Calibrated when a calibrator is installed (multilabel, binary, multiclass), else as trained."""
+        if self.calibration is not None and self.task in ("multilabel", "binary", "multiclass"):
+            return self.calibration(logits)
+        return self.raw_probabilities(logits)
+
+    def raw_probabilities(self, logits: Tensor) -> Tensor:
+        """The head's probabilities as trained, without post-hoc calibration."""
         if self.task == "multiclass":
             return logits.softmax(-1)
         if self.task in ("multilabel", "binary"):
@@ -127,13 +146,16 @@ def save_head(
         "head_type": head.head_type,
         "task": head.task,
         "findings": head.findings,
-        "thresholds": [float(t) for t in head.thresholds],
+        # None: no threshold (the finding is never called; chexfound.stats.thresholds rule "none")
+        "thresholds": [float(t) if torch.isfinite(t) else None for t in head.thresholds],
         "threshold_rules": list(getattr(head, "threshold_rules", [])),
         "n_blocks": head.n_blocks,
         "config": head.hparams(),
         "backbone_sha256": backbone_sha256,
         "backbone_config": backbone_config,
         "transform": transform,
+        **({"calibration": head.calibration_info} if getattr(head, "calibration", None) is not None else {}),
+        **({"informative": head.informative} if getattr(head, "informative", None) else {}),
         **(extra or {}),
     }
     sha = save_tensors(path, head.state_dict(), meta)
@@ -147,8 +169,13 @@ def head_from_meta(meta: dict[str, Any]) -> Head:
     cls = _HEAD_TYPES.get(meta.get("head_type", ""))
     if cls is None:
         raise CheckpointError(None, f"unknown head type {meta.get('head_type')!r}; known: {sorted(_HEAD_TYPES)}")
-    return cls(findings=meta["findings"], n_blocks=meta["n_blocks"], task=meta.get("task", "multilabel"),
+    head = cls(findings=meta["findings"], n_blocks=meta["n_blocks"], task=meta.get("task", "multilabel"),
                **meta.get("config", {}))
+    if meta.get("calibration"):  # its tensors are loaded with the head's state dict
+        head.calibration = calibrator_from_meta(meta["calibration"], len(head.findings))
+        head.calibration_info = dict(meta["calibration"])
+    head.informative = meta.get("informative") or None
+    return head
 
 
 def load_our_head(path: str | PathLike[str]) -> tuple[Head, dict[str, Any]]:

@@ -37,7 +37,8 @@ def register(sub: Any) -> None:
                      "image_id when both files have it, else path)")
     src.add_argument("--split", help="score only manifest rows of this split (e.g. test)")
     src.add_argument("--findings", help="comma-separated findings to score (default: all matching columns)")
-    src.add_argument("--thresholds", help="JSON {finding: threshold} or a head .safetensors (default 0.5)")
+    src.add_argument("--thresholds", help="JSON {finding: threshold}, a head .safetensors, or 'default' (0.5); by "
+                     "default the thresholds `chexfound predict` recorded beside the file (preds.run.json), else 0.5")
     src.add_argument("--train-labels", help="training manifest, for prevalence groups (head/medium/tail)")
     src.add_argument("--allow-missing", action="store_true", help="score manifest rows that have predictions only")
     src.add_argument("--kind", choices=["multilabel", "multiclass", "regression", "survival"], default="multilabel",
@@ -79,7 +80,9 @@ def register(sub: Any) -> None:
     st.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0 = no CIs; default 1000)")
     st.add_argument("--ci", type=float, default=0.95)
     st.add_argument("--bootstrap-level", choices=["patient", "image"], default="patient")
-    st.add_argument("--min-pos", type=int, default=1, help="findings need >= this many test positives (default 1)")
+    st.add_argument("--min-pos", type=int, default=None,
+                    help="findings need >= this many test positives to enter macro figures and get CIs (default: "
+                         f"{MIN_SCORED_POSITIVES} for --predictions, 1 for --task); fewer are listed, not scored")
     st.add_argument("--min-neg", type=int, default=1, help="... and negatives to enter macro/micro means")
     st.add_argument("--groups-by", choices=["frequency", "count"], default="frequency")
     st.add_argument("--head-threshold", type=float, help="head group: training frequency/count above this "
@@ -96,6 +99,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+# Scoring a predictions file: a finding with fewer test positives than this is listed but left out of macro
+# figures and gets no CI (an AUROC from one or two positives has a meaningless interval).
+MIN_SCORED_POSITIVES = 5
+
+
 def _cfg(args: argparse.Namespace) -> Any:
     from chexfound.stats import BootstrapConfig, EligibilityRule
     from chexfound.evaluate.groups import GroupConfig
@@ -108,7 +116,13 @@ def _cfg(args: argparse.Namespace) -> Any:
     except ValueError as e:
         raise ChexfoundError(str(e)) from e
     return EvalConfig(BootstrapConfig(n_boot=args.bootstrap, ci=args.ci, seed=args.seed, level=args.bootstrap_level),
-                      EligibilityRule(args.min_pos, args.min_neg), groups)
+                      EligibilityRule(_min_pos(args), args.min_neg), groups)
+
+
+def _min_pos(args: argparse.Namespace) -> int:
+    if args.min_pos is not None:
+        return int(args.min_pos)
+    return MIN_SCORED_POSITIVES if args.predictions else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,4 +162,11 @@ def run(args: argparse.Namespace) -> int:
         ci = mac.get("auroc_ci") or [float("nan")] * 2
         print(f"macro AUROC {mac['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  macro AP {mac['ap']:.4f}  "
               f"({mac.get('n_findings')} findings)  -> {args.out}/report.html")
+        if "brier" in mac:
+            print(f"macro Brier {mac['brier']:.4f}  macro ECE {mac['ece']:.4f} "
+                  f"({m.get('calibration', {}).get('ece_bins')} equal-mass bins)")
+        if m.get("thresholds_used"):
+            print(f"calls at {m['thresholds_used']['source']}")
+        if m.get("excluded"):
+            print(f"not scored (< {_min_pos(args)} test positives): {', '.join(m['excluded'])}")
     return 0

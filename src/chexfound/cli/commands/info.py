@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         records.append(rec)
         if not args.json and not args.quiet:
             print(f"{f}: {_fmt(img)}" + (f"  -> {rec['preview']}" if "preview" in rec else ""))
+        for w in img.meta.get("warnings", []):  # e.g. a MONOCHROME1 header over MONOCHROME2-looking pixels
+            print(f"warning: {f}: {w}", file=sys.stderr)
     n_ok = len(files) - len(bad)
     if preview_dir and bad:  # the run folder keeps the skipped list, like every batch command
         import csv

@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "error.")
     p.add_argument("inputs", nargs="*", help="image files (DICOM, PNG, JPEG) and/or folders (searched recursively)")
     p.add_argument("--manifest", help="a CSV/Parquet manifest whose `path` column lists images")
+    p.add_argument("--split", help="with --manifest: only its rows of this split (e.g. test), as `evaluate --split`")
     add_model_args(p)
     p.add_argument("--out", default="predictions.csv",
                    help="preds.csv or preds.json (default predictions.csv); a folder gets predictions.csv inside")
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.inputs and not args.manifest:
         raise ConfigError(None, "give image files, folders or --manifest")
+    if args.split and not args.manifest:
+        raise ConfigError(None, "--split selects rows of --manifest: give --manifest too")
     if args.batch_size < 1:
         raise ConfigError(None, "--batch-size must be >= 1")
     if args.top_k is not None and args.top_k < 1:
@@ -135,13 +138,14 @@ def run(args: argparse.Namespace) -> int:
     if heat_dir is not None and not predictor.has_heatmaps:
         raise ChexfoundError(f"--heatmaps: the head ({predictor.head_type}) has no heatmaps")
 
-    paths = collect_inputs(args.inputs, args.manifest)
+    paths = collect_inputs(args.inputs, args.manifest, args.split)
     info = predictor.info()
     identity = {"backbone_sha256": predictor.backbone_sha256, "head_sha256": info["head"]["file_sha256"],
                 "findings": predictor.findings, "transform": info["transform"]}
     store = PredictionStore(out, predictor.findings, predictor.thresholds, predictor.task, identity, heat_dir,
-                            predictor.threshold_rules, heatmap_kind=predictor.heatmap_kind)
+                            predictor.threshold_rules, predictor.reliability, heatmap_kind=predictor.heatmap_kind)
     store.load()
+    _say_uninformative(predictor, store)
     if not args.quiet and predictor.task in ("multilabel", "binary"):
         # What a positive call means: the rule behind each threshold (per finding in the JSON and run.json).
         rules = [r["rule"] for r in predictor.threshold_rules]
@@ -175,6 +179,20 @@ def run(args: argparse.Namespace) -> int:
     return 1 if (skipped and args.strict) else 0
 
 
+def _say_uninformative(predictor: Any, store: Any) -> None:
+    """Once per run: a head (or findings) that cannot tell images apart gets no calls (chexfound.stats.informative)."""
+    rel = predictor.reliability
+    if rel.head_informative is False:
+        log.warning("this head is uninformative (%s): its probabilities are written, but no finding is called "
+                    "positive or negative", rel.head_reason)
+    elif rel.uninformative_findings:
+        names = [predictor.findings[i] for i in rel.uninformative_findings]
+        log.warning("%d finding(s) are uninformative for this head and get no call: %s", len(names), ", ".join(names))
+    if store.no_call:
+        log.info("no call for: %s (the no_call column; per finding in %s)", ", ".join(store.no_call),
+                 store.run_file.name)
+
+
 def _heatmap_choice(pred: Any, top_k: int | None) -> list[int]:
     """The findings that get heatmaps: the K most probable with --top-k, else those called positive."""
     import numpy as np
@@ -199,6 +217,8 @@ def _loop(predictor: Any, todo: list[Path], store: Any, bar: Any, skipped: list[
                 skipped.append((str(pred.path), reason))
                 log.warning("skipped %s: %s", pred.path, reason)
                 continue
+            for w in pred.image_meta.get("warnings", []):  # e.g. a photometric header the pixels contradict
+                log.warning("%s: %s", pred.path, w)
             which = _heatmap_choice(pred, args.top_k)
             if heat_dir is not None and pred.attention is not None and pred.view is not None and which:
                 save_overlay_files(pred.view, pred.attention, pred.probabilities, pred.findings, which,

@@ -1,9 +1,12 @@
 """What every protocol shares: split indices, the evaluation settings and one scoring function.
 
 `score_predictions` produces the core of every metrics.json:
-{"macro": {"auroc", "ap", ..., "auroc_ci", "ap_ci"}, "micro": {...},
+{"macro": {"auroc", "ap", ..., "auroc_ci", "ap_ci", "brier", "brier_ci", "ece", "ece_ci", "cal_intercept",
+           "cal_intercept_ci", "cal_slope", "cal_slope_ci"}, "micro": {...},
  "per_finding": {NAME: {"auroc", "ap", "auroc_ci", "ap_ci", "n_pos", "n_neg", "threshold", "sensitivity",
-                        "specificity", "f1", ..., "train_frequency", "group"}},
+                        "specificity", "f1", ..., "brier", "brier_ci", "ece", "ece_ci", "cal_intercept",
+                        "cal_intercept_ci", "cal_slope", "cal_slope_ci", "train_frequency", "group"}},
+ "calibration": {"ece_bins", "definitions"},
  "groups": {"head"|"medium"|"tail": {"findings", "auroc", "ap", "auroc_ci", "ap_ci"}},
  "rule": ..., "eligible": [...], "excluded": [...], "bootstrap": {...}}
 """
@@ -16,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from chexfound.stats.bootstrap import bootstrap_multilabel
+from chexfound.stats.calibration import KEYS as CALIBRATION_KEYS
+from chexfound.stats.calibration import calibration_summary
 from chexfound.stats.resample import BootstrapConfig
 from chexfound.evaluate.groups import GroupConfig, group_means, prevalence_groups, training_frequencies
 from chexfound.stats.multilabel import EligibilityRule, multilabel_metrics
@@ -84,6 +89,14 @@ def score_predictions(
         for g, d in bs["subsets"].items():
             out["groups"][g].update(d)
         out["bootstrap"] = bs["config"]
+    if np.all((p_test[~np.isnan(p_test)] >= 0) & (p_test[~np.isnan(p_test)] <= 1)):  # probabilities only
+        cal = calibration_summary(y_test, p_test, findings, patients_test, cfg.bootstrap, cfg.rule,
+                                  with_ci=with_ci and cfg.bootstrap.n_boot > 0)
+        for f, d in cal["per_finding"].items():
+            out["per_finding"][f].update(d)
+        out["macro"].update({k: v for k, v in cal["macro"].items() if k != "n_findings"})
+        out["calibration"] = {"ece_bins": cal["ece_bins"], "definitions": cal["definitions"],
+                              "keys": list(CALIBRATION_KEYS)}
     for f in findings:  # CI keys exist for every finding (null when not eligible) so readers need no checks
         for k in ("auroc_ci", "ap_ci"):
             out["per_finding"][f].setdefault(k, [float("nan"), float("nan")])

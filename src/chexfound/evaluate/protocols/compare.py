@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from chexfound.stats.bootstrap import paired_bootstrap
+from chexfound.stats.calibration import calibration_summary
+from chexfound.stats.multilabel import multilabel_metrics
 from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
 from chexfound.evaluate.trainers import HeadTrainer, train_and_predict
 
@@ -40,6 +42,7 @@ def run_compare(
     results: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
     heads: dict[str, Any] = {}
+    uncal: dict[str, np.ndarray] = {}
     for label, (trainer, source) in models.items():
         log.info("compare: training %s", label)
         p, head = train_and_predict(trainer, source, y, splits.train, splits.test, splits.val, seed)
@@ -48,6 +51,11 @@ def run_compare(
         res = score_predictions(yt, p, pats[splits.test], findings, head.thresholds, y[splits.train], cfg)
         res["head"] = head.info
         res["thresholds"] = dict(zip(findings, map(float, head.thresholds)))
+        raw = head.predict_uncalibrated(source, splits.test) if hasattr(head, "predict_uncalibrated") else None
+        if raw is not None:  # the same test images before the post-hoc calibrator (fitted on val) was applied
+            res["calibration_before"] = calibration_before_after(yt, raw, p, pats[splits.test], findings, cfg,
+                                                                 res)
+            uncal[label] = raw
         results[label] = res
     labels = list(models)
     ref = labels[0]
@@ -57,8 +65,23 @@ def run_compare(
         paired[f"{other} - {ref}"] = paired_bootstrap(yt, preds[other], preds[ref], findings, pats[splits.test],
                                                       cfg.bootstrap, cfg.rule, subsets=groups)
     core = {k: results[ref][k] for k in ("macro", "micro", "per_finding", "eligible", "excluded", "rule")}
-    for k in ("groups", "group_rule", "bootstrap"):
+    for k in ("groups", "group_rule", "bootstrap", "calibration"):
         if k in results[ref]:
             core[k] = results[ref][k]
     metrics = {"protocol": "compare", "reference": ref, **core, "models": results, "paired": paired}
-    return metrics, {"predictions": preds, "heads": heads, "y_test": yt, "test_idx": splits.test}
+    return metrics, {"predictions": preds, "heads": heads, "y_test": yt, "test_idx": splits.test,
+                     "uncalibrated": uncal}
+
+
+def calibration_before_after(yt: np.ndarray, raw: np.ndarray, cal: np.ndarray, pats: np.ndarray,
+                             findings: Sequence[str], cfg: EvalConfig, res: dict[str, Any]) -> dict[str, Any]:
+    """Test calibration of the uncalibrated outputs (with CIs, on the same resamples as the calibrated ones in
+    `res`), and the largest AUROC change the calibrator caused (0 for monotone calibrators)."""
+    before = calibration_summary(yt, raw, findings, pats, cfg.bootstrap, cfg.rule,
+                                 with_ci=cfg.bootstrap.n_boot > 0)
+    auc_raw = multilabel_metrics(yt, raw, findings, rule=cfg.rule)["per_finding"]
+    diffs = [abs(auc_raw[f]["auroc"] - res["per_finding"][f]["auroc"]) for f in findings
+             if np.isfinite(auc_raw[f]["auroc"])]
+    return {"macro": before["macro"], "per_finding": before["per_finding"],
+            "max_abs_auroc_change": float(max(diffs)) if diffs else float("nan"),
+            "note": "the same test images scored with the head's probabilities before its post-hoc calibrator"}

@@ -48,8 +48,27 @@ async function showModel() {
       `(${size} params, ${b.input_size} px, ${b.provenance || "unknown origin"}) ${sha}` +
       ` · heatmaps: ${(m.head.heatmap_kind || "none").replace(/_/g, " ")}`;
     $("model-summary").title = `backbone weights sha256 ${b.weights_sha256 || "?"}`;
+    showModelBanner(m);
   } catch (e) {
     $("model-summary").textContent = "model info unavailable";
+  }
+}
+
+// A head that cannot tell images apart (chexfound.stats.informative) says so above everything, and the page
+// shows no POSITIVE badge for it: its probabilities are listed, not called.
+function showModelBanner(m) {
+  const inf = m.informative || {};
+  const banner = $("model-banner");
+  if (inf.informative === false) {
+    banner.textContent = "This model is uninformative: " + (inf.reason || "its validation evidence is near-random") +
+      ". Its outputs are shown but no finding is called positive or negative.";
+    banner.hidden = false;
+  } else if ((inf.uninformative_findings || []).length) {
+    banner.textContent = `No calls for ${inf.uninformative_findings.length} finding(s) this model cannot tell ` +
+      `apart on validation: ${inf.uninformative_findings.join(", ")}.`;
+    banner.hidden = false;
+  } else {
+    banner.hidden = true;
   }
 }
 
@@ -103,7 +122,8 @@ function showFindings(result) {
     li.tabIndex = 0;
     li.dataset.name = f.name;
     li.dataset.probability = String(f.probability);
-    if (f.positive) li.classList.add("positive");
+    if (f.positive === true) li.classList.add("positive");
+    if (f.positive === undefined || f.positive === null) li.classList.add("nocall");
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = f.name;
@@ -111,7 +131,15 @@ function showFindings(result) {
     prob.className = "prob";
     prob.textContent = (100 * f.probability).toFixed(1) + " %";
     const rule = f.threshold_rule ? `, ${f.threshold_rule} rule${f.threshold_reason ? ": " + f.threshold_reason : ""}` : "";
-    prob.title = `threshold ${(100 * f.threshold).toFixed(1)} %${rule}`;
+    const thr = (f.threshold === undefined || f.threshold === null) ? "no threshold" : `threshold ${(100 * f.threshold).toFixed(1)} %`;
+    const cal = f.calibration ? `, calibration: ${f.calibration}` : "";
+    prob.title = `${thr}${rule}${cal}` + (f.informative === false ? ` (no call: ${f.uninformative_reason || "uninformative"})` : "");
+    if (f.informative === false) {
+      const tag = document.createElement("span");
+      tag.className = "nocall-tag";
+      tag.textContent = "no call";
+      name.append(tag);
+    }
     li.title = prob.title;
     const bar = document.createElement("span");
     bar.className = "bar";
@@ -147,6 +175,8 @@ function clearResult() {
   $("right").hidden = true;
   $("image-info").replaceChildren();
   $("image-info").hidden = true;
+  $("image-warning").replaceChildren();
+  $("image-warning").hidden = true;
 }
 
 async function analyse(file) {
@@ -190,9 +220,13 @@ async function analyse(file) {
   $("caption").textContent = body.heatmaps.available ? "click a finding to overlay its heatmap" : "";
   showImageInfo(body.image);
   showFindings(body);
+  const warn = $("image-warning");
+  warn.textContent = (body.image.warnings || []).map((w) => "Warning: " + w).join(" ");
+  warn.hidden = !(body.image.warnings || []).length;
   const n = body.positive.length;
   const shown = body.positive.slice(0, 4).join(", ") + (n > 4 ? ", …" : "");
-  const pos = n ? `${n} positive: ${shown}` : "no finding above its threshold";
+  const pos = body.uninformative ? "no calls (uninformative model)"
+    : (n ? `${n} positive: ${shown}` : "no finding above its threshold");
   setStatus(`${file.name}: ${pos} (${Math.round(body.timing_ms.decode + body.timing_ms.model)} ms)`);
 }
 
