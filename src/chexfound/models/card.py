@@ -83,7 +83,9 @@ def head_facts(meta: Mapping[str, Any], n_params: int = 0) -> HeadFacts:
     rules = [r.get("rule", "") if isinstance(r, dict) else str(r) for r in meta.get("threshold_rules") or []]
     return HeadFacts(head_type=str(meta.get("head_type", "?")), task=str(meta.get("task", "multilabel")),
                      findings=tuple(meta.get("findings") or ()),
-                     thresholds=tuple(float(t) for t in meta.get("thresholds") or ()), threshold_rules=tuple(rules),
+                     # a finding with no call (rule "none") has no threshold: NaN, shown as "none"
+                     thresholds=tuple(math.nan if t is None else float(t) for t in meta.get("thresholds") or ()),
+                     threshold_rules=tuple(rules),
                      n_params=n_params, trained_on=str(meta.get("train_manifest") or meta.get("trained_on") or ""))
 
 
@@ -190,7 +192,7 @@ def _identity(file: ModelFile, info: ModelInfo | None, head: HeadFacts | None) -
         md += ["Decision thresholds (probability at or above which a finding is called) and the rule that chose "
                "each:", "", "| output | threshold | rule |", "|---|---|---|"]
         rules = list(head.threshold_rules) + [""] * len(head.thresholds)
-        md += [f"| {f} | {_cell(t)} | {r or 'not recorded'} |"
+        md += [f"| {f} | {'none (no call)' if math.isnan(t) else _cell(t)} | {r or 'not recorded'} |"
                for f, t, r in zip(head.findings, head.thresholds, rules)]
         md.append("")
     return md
