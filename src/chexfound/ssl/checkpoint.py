@@ -9,8 +9,10 @@ Layout of a run folder:
                                 dino_head..., ibot_head...}} so the original tools can read it
 
 Progressive resolution (`train.init_from`): a stage starts from the previous stage's weights; when the global
-crop size changed, the patch-grid part of `pos_embed` is resized bicubically (our choice; the original
-deleted it and re-initialised, available as `train.pos_embed_on_resize=reinit`).
+crop size changed, the patch-grid part of `pos_embed` is resized as the backbone resizes it at run time
+(`chexfound.models.vit.resize_pos_embed`: bicubic with the DINO offset; our choice, the original deleted it and
+re-initialised, available as `train.pos_embed_on_resize=reinit`). Checkpoint layouts are read by
+`chexfound.models.loaders.keys.training_state_sides`; teacher shards are `chexfound.models.shards`.
 """
 
 from __future__ import annotations
@@ -22,15 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError
 from chexfound.models import VisionTransformer, save_backbone
+from chexfound.models.config import ViTConfig
 from chexfound.models.format import META_KEY
+from chexfound.models.loaders.keys import training_state_sides
 from chexfound.models.ours import checkpoint_entry
+from chexfound.models.shards import load_backbone_shards, save_backbone_shards
+from chexfound.models.vit import resize_pos_embed
 from chexfound.runio import atomic_output, atomic_write_bytes
 from chexfound.ssl.config import dump_config
+
+__all__ = ["CKPT_DIR", "export_teacher", "export_teacher_shards", "full_model_state", "full_optimizer_state",
+           "init_from_checkpoint", "latest_checkpoint", "list_checkpoints", "load_backbone_shards", "load_checkpoint",
+           "load_full_state", "measure_save_cost", "original_teacher_layout", "save_checkpoint",
+           "teacher_backbone_from_state"]
 
 log = logging.getLogger(__name__)
 
@@ -197,102 +207,26 @@ def export_teacher(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config:
 def export_teacher_shards(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config: Any, max_mib: float,
                           extra: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> list[Path]:
     """The teacher backbone as `teacher_backbone.<i>-of-<n>.safetensors` files of at most `max_mib` MiB each
-    (bf16 by default): small enough to travel where file sizes are capped. Every shard carries the full
-    metadata (config, transform, shard index, the sha256 of the whole fp32 state), and
-    `load_backbone_shards(folder)` reassembles and checks them."""
-    from chexfound.data.transform import InputTransform
-    from chexfound.models.format import save_tensors, state_dict_sha256
-
+    (bf16 by default; `chexfound.models.shards`): `create_backbone(out_dir)` or `load_backbone_shards(out_dir)`
+    reassembles them."""
     vit = teacher_backbone_from_state(model_sd, vit_config)
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in vit.state_dict().items()}
-    limit = int(max_mib * 2**20) - 64 * 1024  # room for the header
-    groups: list[list[str]] = [[]]
-    size = 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if n > limit:
-            raise CheckpointError(None, f"{k} alone ({n / 2**20:.1f} MiB) exceeds the {max_mib} MiB shard size")
-        if size + n > limit and groups[-1]:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
-    meta = {"kind": "backbone_shard", "config": vit.cfg.to_dict(),
-            "transform": InputTransform.for_backbone(vit.cfg).to_dict(), "dtype": str(dtype).replace("torch.", ""),
-            "fp32_weights_sha256": state_dict_sha256(vit.state_dict()), "n_shards": len(groups), "ssl": extra}
-    out = []
-    for i, keys in enumerate(groups):
-        path = Path(out_dir) / f"teacher_backbone.{i + 1:02d}-of-{len(groups):02d}.safetensors"
-        save_tensors(path, {k: sd[k] for k in keys}, {**meta, "shard": i + 1})
-        out.append(path)
-    return out
-
-
-def load_backbone_shards(folder: str | Path, prefix: str = "teacher_backbone.") -> tuple[VisionTransformer, dict]:
-    """Reassemble `export_teacher_shards` output -> (fp32 model in eval mode, metadata)."""
-    from chexfound.models.config import ViTConfig
-    from chexfound.models.format import load_tensors
-
-    files = sorted(Path(folder).glob(f"{prefix}*-of-*.safetensors"))
-    if not files:
-        raise CheckpointError(folder, "no backbone shards here")
-    sd: dict[str, Tensor] = {}
-    meta: dict[str, Any] = {}
-    for f in files:
-        t, meta = load_tensors(f)
-        if meta.get("kind") != "backbone_shard":
-            raise CheckpointError(f, f"not a backbone shard (kind={meta.get('kind')!r})")
-        sd.update(t)
-    if len(files) != int(meta["n_shards"]):
-        raise CheckpointError(folder, f"{len(files)} shard files, expected {meta['n_shards']}")
-    vit = VisionTransformer(ViTConfig.from_dict(meta["config"]))
-    missing, unexpected = vit.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(folder, f"shards do not match the config: missing {missing}, unexpected {unexpected}")
-    return vit.eval(), meta
+    return save_backbone_shards(vit, out_dir, max_mib, {"ssl": extra}, dtype=dtype)
 
 
 # -- stage initialisation (progressive resolution) --------------------------------------------------
-_CHUNKED = re.compile(r"(^|\.)blocks\.(\d+)\.(\d+)\.")
-
-
-def _unchunk(key: str) -> str:
-    return _CHUNKED.sub(lambda m: f"{m.group(1)}blocks.{m.group(3)}.", key)
-
-
-def resize_pos_embed(pos: Tensor, new_grid: int) -> Tensor:
-    """[1, 1 + g*g, D] -> [1, 1 + new_grid^2, D]: the CLS entry kept, the grid resized bicubically (fp32)."""
-    n = pos.shape[1] - 1
-    g = int(math.isqrt(n))
-    if g * g != n:
-        raise CheckpointError(None, f"pos_embed with {n} patch positions is not a square grid")
-    grid = pos[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)
-    return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
-
-
 def _weights_of(path: Path) -> dict[str, dict[str, Tensor]]:
-    """{"student": sd, "teacher": sd} from our checkpoint, the original model_checkpoint.pth
-    ({"model": {student.*, teacher.*}}) or teacher_checkpoint.pth ({"teacher": ...}, used for both)."""
-    obj = load_checkpoint(path)
-    if "model" in obj and isinstance(obj["model"], dict):
-        sd = obj["model"]
-    elif "teacher" in obj and isinstance(obj["teacher"], dict):
-        sd = {f"teacher.{k}": v for k, v in obj["teacher"].items()}
-    else:
-        raise CheckpointError(path, f"unknown checkpoint layout (top-level keys {sorted(obj)[:6]})")
-    out: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
-    for k, v in sd.items():
-        k = k.replace("module.", "")
-        for side in ("student", "teacher"):
-            if k.startswith(side + "."):
-                out[side][_unchunk(k[len(side) + 1:])] = v
-    if not out["student"]:
-        out["student"] = dict(out["teacher"])
-    if not out["teacher"]:
-        raise CheckpointError(path, "no teacher/student weights found")
-    return out
+    """{"student": sd, "teacher": sd} of a training checkpoint (`chexfound.models.loaders.keys`)."""
+    return training_state_sides(load_checkpoint(path), path)
+
+
+def _resize_pos(module: nn.Module, pos: Tensor, new_grid: int) -> Tensor:
+    """The one position-embedding resize (`chexfound.models.vit.resize_pos_embed`), with the DINO offset and
+    antialias setting of the backbone it goes into; in the checkpoint's dtype."""
+    cfg = getattr(getattr(module, "backbone", None), "cfg", None) or ViTConfig()
+    n = pos.shape[1] - 1
+    if math.isqrt(n) ** 2 != n:
+        raise CheckpointError(None, f"pos_embed with {n} patch positions is not a square grid")
+    return resize_pos_embed(pos, (new_grid, new_grid), cfg.interpolate_offset, cfg.interpolate_antialias).to(pos.dtype)
 
 
 def init_from_checkpoint(student: nn.Module, teacher: nn.Module, path: str | Path, pos_mode: str) -> list[str]:
@@ -309,7 +243,7 @@ def init_from_checkpoint(student: nn.Module, teacher: nn.Module, path: str | Pat
                 notes.append(f"{side}: pos_embed re-initialised (resolution changed)")
             else:
                 new_grid = int(math.isqrt(own["backbone.pos_embed"].shape[1] - 1))
-                sd["backbone.pos_embed"] = resize_pos_embed(sd["backbone.pos_embed"], new_grid)
+                sd["backbone.pos_embed"] = _resize_pos(module, sd["backbone.pos_embed"], new_grid)
                 notes.append(f"{side}: pos_embed interpolated to a {new_grid}x{new_grid} grid")
         for k in [k for k in sd if k in own and sd[k].shape != own[k].shape]:
             if k.startswith("backbone."):

@@ -27,7 +27,9 @@ from chexfound.errors import CheckpointError
 from chexfound.models.format import load_tensors, save_tensors
 
 Features = Sequence[tuple[Tensor, Tensor]]
-_HEAD_TYPES: dict[str, type["Head"]] = {}
+# The one registry of head types (name -> class), filled as each head class is defined (`Head.head_type`):
+# the CLI's choices, the evaluate trainers, option checks and head files all read it.
+HEAD_TYPES: dict[str, type["Head"]] = {}
 TASKS = ("multilabel", "binary", "multiclass", "regression", "survival")
 
 
@@ -40,6 +42,7 @@ def output_dim(task: str, n_findings: int) -> int:
 
 class Head(nn.Module):
     head_type: ClassVar[str] = ""
+    needs_tokens: ClassVar[bool] = False  # attends over patch tokens (pooled features are not enough)
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel") -> None:
         super().__init__()
@@ -64,7 +67,7 @@ class Head(nn.Module):
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         if cls.head_type:
-            _HEAD_TYPES[cls.head_type] = cls
+            HEAD_TYPES[cls.head_type] = cls
 
     @property
     def num_classes(self) -> int:
@@ -126,10 +129,17 @@ def save_head(
     return save_tensors(path, head.state_dict(), meta)
 
 
+def head_class(name: str) -> type[Head]:
+    """The head class registered as `name`; ValueError listing the known types for anything else."""
+    if name not in HEAD_TYPES:
+        raise ValueError(f"unknown head type {name!r}; known: {', '.join(HEAD_TYPES)}")
+    return HEAD_TYPES[name]
+
+
 def head_from_meta(meta: dict[str, Any]) -> Head:
-    cls = _HEAD_TYPES.get(meta.get("head_type", ""))
+    cls = HEAD_TYPES.get(meta.get("head_type", ""))
     if cls is None:
-        raise CheckpointError(None, f"unknown head type {meta.get('head_type')!r}; known: {sorted(_HEAD_TYPES)}")
+        raise CheckpointError(None, f"unknown head type {meta.get('head_type')!r}; known: {sorted(HEAD_TYPES)}")
     return cls(findings=meta["findings"], n_blocks=meta["n_blocks"], task=meta.get("task", "multilabel"),
                **meta.get("config", {}))
 

@@ -93,6 +93,7 @@ class DecoderLayer(nn.Module):
 
 class GloriHead(Head):
     head_type = "glori"
+    needs_tokens = True
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel", embed_dim: int = 1024,
                  decoder_dim: int = 768, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1,
