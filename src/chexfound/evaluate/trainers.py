@@ -104,7 +104,8 @@ class AdaptTrainer:
         self.name = self.name or f"adapt-{self.head_type}"
 
     def _make(self) -> Any:
-        return head_class(self.head_type)(list(self.findings), self.n_blocks, task=self.task, embed_dim=self.embed_dim, **self.head_kwargs)
+        return head_class(self.head_type)(list(self.findings), self.n_blocks, task=self.task,
+                                          embed_dim=self.embed_dim, **self.head_kwargs)
 
     def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
             seed: int = 0) -> AdaptHead:

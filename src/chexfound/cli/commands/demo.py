@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from chexfound.demo.pipeline import DemoConfig, run_demo
     from chexfound.runio import data_root
 
-    cfg = DemoConfig(data=(args.data or data_root()).resolve(), out=args.out, quick=args.quick, seed=args.seed, device=args.device,
+    data = args.data or data_root()
+    cfg = DemoConfig(data=data.resolve(), out=args.out, quick=args.quick, seed=args.seed, device=args.device,
                      preset=args.preset, pretrain_budget_s=args.pretrain_budget, weights=args.weights,
                      use_shipped=not args.no_shipped, n_boot=args.n_boot)
     run_demo(cfg)
