@@ -42,3 +42,18 @@ def test_demo_data_default_is_the_one_data_root(monkeypatch: pytest.MonkeyPatch,
     assert data_root() == empty
     assert main(["demo", "--out", str(tmp_path / "o")]) == 2  # the demo looked where data_root() points
     assert f"{empty}: expected the shared data folder" in capsys.readouterr().err
+
+
+def test_pretraining_lists_skipped_images_in_skipped_csv(tmp_path: Path) -> None:
+    from chexfound.runio import read_skipped
+    from chexfound.ssl.data import Skipped
+
+    s = Skipped()
+    s.add([(3, "/a.png", "empty file")])
+    run = tmp_path / "run.v2"
+    run.mkdir()
+    assert s.write(run) == run / "skipped.csv"
+    assert s.write(run / "skipped.txt") == run / "skipped.csv"  # an older caller's file name: the same list
+    assert not (run / "skipped.txt").exists()
+    assert [(r.stage, r.path, r.reason) for r in read_skipped(run / "skipped.csv")] == [
+        ("pretrain", "/a.png", "empty file")]

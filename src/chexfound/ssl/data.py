@@ -115,7 +115,8 @@ class Skipped:
         folder; a file path inside it (what older callers pass) means its folder. Returns the file."""
         from chexfound.runio import skipped_rows, write_skipped
 
-        target = (where if where.is_dir() else where.parent) / SKIPPED_FILE
+        folder = where if where.is_dir() or not where.suffix else where.parent
+        target = folder / SKIPPED_FILE
         write_skipped(target, skipped_rows("pretrain", self.items))
         return target
 
