@@ -12,6 +12,7 @@ from PIL import Image
 
 from chexfound.cli.main import main
 from chexfound.data.findings import NIH14
+from chexfound.runio import read_skipped
 from chexfound.serve import Predictor
 from chexfound.serve.results import heatmap_folder
 
@@ -99,7 +100,7 @@ def test_bad_files_listed_and_skipped(models: dict[str, Path], png_paths: list[P
     assert predict(models, *args) == 0
     _, rows = read_csv(out)
     assert [r[0] for r in rows] == [str(png_paths[0])]
-    _, skipped = read_csv(out.with_name("preds.skipped.csv"))
+    skipped = [(s.path, s.reason) for s in read_skipped(out.with_name("preds.skipped.csv"))]
     assert [r[0] for r in skipped] == [str(not_an_image), str(tmp_path / "gone.png")]
     assert "not a recognised image format" in skipped[0][1] and "no such file" in skipped[1][1]
     assert predict(models, "--strict", *args) == 1  # --strict: skipped files make the run fail

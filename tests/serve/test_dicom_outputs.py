@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from chexfound.runio import read_skipped
 from chexfound.serve.dicom_out import SR_FILE
 from chexfound.serve.dicom_sr import read_sr_findings
 from chexfound.serve.results import heatmap_folder
@@ -190,7 +191,7 @@ def test_dicom_without_uids_is_a_named_skip(models: dict[str, Path], shared_dico
     assert predict(models, "--out", str(tmp_path / "p.csv"), "--dicom-out", str(dcm), str(bad)) == 0
     _, rows = read_csv(tmp_path / "p.csv")
     assert [r[0] for r in rows] == [str(bad)]  # the prediction itself is kept
-    _, skipped = read_csv(dcm / "skipped.csv")
+    skipped = [[s.path, s.reason] for s in read_skipped(dcm / "skipped.csv")]
     assert skipped == [[str(bad), "no DICOM SR can reference this image: no StudyInstanceUID"]]
     assert not (dcm / heatmap_folder(str(bad))).exists()  # never a half-written folder
     assert "1 DICOMs skipped" in capsys.readouterr().err

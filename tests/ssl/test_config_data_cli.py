@@ -74,7 +74,7 @@ def test_a_corpus_of_unreadable_images_names_the_list_it_wrote(tmp_path, tiny_co
     out.mkdir()
     with pytest.raises(ConfigError, match="none of the 1 images could be read") as e:
         open_corpus(cfg, out, D.DistInfo(), lambda s: None, quiet=True)
-    listed = out / "skipped.txt"
+    listed = out / "skipped.csv"
     assert str(listed) in str(e.value) and "corrupt.png" in listed.read_text()
 
 

@@ -31,9 +31,9 @@ def test_run_writes_log_config_exports_and_skips_corrupt(full_run):
     out, res, _ = full_run
     assert res.iterations == 6
     for name in ("metrics.jsonl", "config.yaml", "teacher_backbone.safetensors", "teacher_checkpoint.pth",
-                 "report.png", "skipped.txt"):
+                 "report.png", "skipped.csv"):
         assert (out / name).is_file(), name
-    assert "corrupt.png" in (out / "skipped.txt").read_text()
+    assert "corrupt.png" in (out / "skipped.csv").read_text()
     rows = _train_rows(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "dino_local_loss", "ibot_loss", "koleo_loss", "lr", "wd", "momentum", "teacher_temp",

@@ -28,6 +28,7 @@ from chexfound.adapt.heads.base import Features, Head
 from chexfound.adapt.losses import build_loss
 from chexfound.adapt.selection import DEFAULT_METRIC, check_metric, higher_is_better, task_metrics
 from chexfound.adapt.sources import FeatureSource, as_source
+from chexfound.data.uncertain import resolve_uncertain
 from chexfound.runio import resolve_device
 from chexfound.adapt.calibrate import calibrate_head
 from chexfound.stats.thresholds import label_prevalence
@@ -57,12 +58,9 @@ def _labelled_rows(task: str, y: np.ndarray) -> np.ndarray:
 
 
 def _resolve_uncertain(task: str, labels: np.ndarray, policy: str) -> np.ndarray:
-    y = np.array(labels, dtype=np.float32, copy=True)
     if task in ("multilabel", "binary"):
-        if policy not in ("nan", "zero", "one"):
-            raise ValueError(f"unknown uncertain-label policy {policy!r}; use nan, zero or one")
-        y[y == -1] = {"nan": np.nan, "zero": 0.0, "one": 1.0}[policy]
-    return y
+        return resolve_uncertain(labels, policy)
+    return np.array(labels, dtype=np.float32, copy=True)
 
 
 def _to_device(feats: Features, device: torch.device) -> Features:

@@ -74,14 +74,15 @@ class AdaptOptions:
 
 def validate(opts: AdaptOptions) -> None:
     """Reject inconsistent options before any work (as ConfigError: the CLI prints them, exit 2)."""
-    from chexfound.adapt.heads.base import TASKS
+    from chexfound.adapt.heads.base import HEAD_TYPES, TASKS
+    from chexfound.data.uncertain import UNCERTAIN_POLICIES
     from chexfound.adapt.losses import LOSSES
     from chexfound.adapt.selection import TASK_METRICS
 
     if opts.task not in TASKS:
         raise ConfigError(None, f"unknown task {opts.task!r}; use one of {TASKS}")
-    if opts.head not in ("glori", "linear", "mlp"):
-        raise ConfigError(None, f"unknown head {opts.head!r}; use glori, linear or mlp")
+    if opts.head not in HEAD_TYPES:
+        raise ConfigError(None, f"unknown head {opts.head!r}; use one of {', '.join(HEAD_TYPES)}")
     if opts.loss and opts.loss not in LOSSES[opts.task]:
         raise ConfigError(None, f"--loss {opts.loss} does not fit a {opts.task} task; use {LOSSES[opts.task]}")
     if opts.metric and opts.metric not in TASK_METRICS[opts.task]:
@@ -98,8 +99,8 @@ def validate(opts: AdaptOptions) -> None:
         raise ConfigError(None, "--flip-augment applies to cached features; end-to-end runs augment images")
     if opts.flip_augment and not opts.flip_tta and not opts.features:
         raise ConfigError(None, "--flip-augment needs --flip-tta (features of flipped images in the cache)")
-    if opts.uncertain not in ("nan", "zero", "one"):
-        raise ConfigError(None, f"--uncertain {opts.uncertain}: use nan, zero or one")
+    if opts.uncertain not in UNCERTAIN_POLICIES:
+        raise ConfigError(None, f"--uncertain {opts.uncertain}: use {', '.join(UNCERTAIN_POLICIES)}")
     if opts.features:
         # options of the backbone run that --features replaces: said, not silently dropped
         unused = [flag for flag, on in (("--dtype bf16", opts.dtype != "fp32"), ("--flip-tta", opts.flip_tta),

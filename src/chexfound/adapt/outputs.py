@@ -17,7 +17,7 @@ from chexfound.adapt.heads import Head, save_head
 from chexfound.adapt.options import AdaptOptions
 from chexfound.adapt.selection import per_finding
 from chexfound.models.card_results import adapt_tables
-from chexfound.runio import atomic_write_bytes, atomic_write_json
+from chexfound.runio import SKIPPED_FILE, SkippedInput, atomic_write_bytes, atomic_write_json, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def write_outputs(opts: AdaptOptions, name: str, out: Path, bb: RunBackbone, tr:
     save_head(head, head_path, backbone_sha256=bb.sha256, backbone_config=bb.config, transform=bb.transform.to_dict(),
               extra=extra, results=adapt_tables(summary, files["summary"].name))
     if tr.skipped:
-        _write_csv(pd.DataFrame(tr.skipped, columns=["split", "path", "reason"]), out / "skipped.csv")
+        write_skipped(out / SKIPPED_FILE, [SkippedInput(split, None, p, r) for split, p, r in tr.skipped])
         log.warning("%d unreadable image(s) skipped; listed in %s", len(tr.skipped), out / "skipped.csv")
 
     if opts.heatmaps and tr.val_source is not None and getattr(tr.val_source, "has_tokens", True):

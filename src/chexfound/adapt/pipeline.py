@@ -27,14 +27,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
-from chexfound.adapt.heads import Head
+from chexfound.adapt.heads import Head, head_class
 from chexfound.adapt.labels import split_manifests, task_labels
 from chexfound.adapt.options import AdaptOptions, head_factory, validate
 from chexfound.adapt.outputs import RunBackbone, TrainedHead, write_outputs
 from chexfound.errors import ConfigError, ManifestError
-from chexfound.runio import RunLog, atomic_write_bytes, resolve_device
+from chexfound.runio import RunLog, resolve_device, write_run_config
 
 __all__ = ["AdaptOptions", "load_backbone_for", "run_adapt", "split_manifests", "task_labels", "validate"]
 
@@ -104,7 +103,7 @@ def _feature_sources(opts: AdaptOptions, bb: RunBackbone, splits: dict[str, Any]
     sources: dict[str, Any] = {}
     if opts.features:
         whole = open_features(opts.features)
-        if opts.head == "glori" and not getattr(whole, "has_tokens", True):
+        if head_class(opts.head).needs_tokens and not getattr(whole, "has_tokens", True):
             raise ConfigError(Path(opts.features), "a GLoRI head attends over patch tokens, and this file holds "
                                                    "pooled features: embed with --tokens DIR and pass that folder")
         if opts.flip_augment and not whole.has_flip:
@@ -206,7 +205,7 @@ def run_adapt(opts: AdaptOptions) -> dict[str, Any]:
     torch.manual_seed(opts.seed)
     # Several heads may share one folder (and its cache): per-head files are prefixed by the head's name.
     name = opts.name or opts.head
-    atomic_write_bytes(out / f"{name}.config.yaml", yaml.safe_dump(asdict(opts), sort_keys=False).encode())
+    write_run_config(out / f"{name}.config.yaml", asdict(opts))
     run_log = RunLog(out / "metrics.jsonl")
 
     def runlog(rec: dict[str, Any]) -> None:

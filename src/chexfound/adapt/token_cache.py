@@ -13,7 +13,8 @@ Folder layout:
     patch_mean.npy      float32 [N, D]                mean of the last block's patch tokens, from the float tokens
     patch_flip.npy, cls_flip.npy   the same tokens for the horizontally flipped image (flip_tta=True)
     status.npy          uint8 [N]: 0 pending, 1 ok, 2 unreadable
-    errors.jsonl, metrics.jsonl    unreadable images as they happen; throughput per chunk
+    skipped.csv, metrics.jsonl     unreadable images as they happen (stage, index = row, path, reason);
+                                   throughput per chunk (caches built before skipped.csv have errors.jsonl)
 
 Building is resumable: rows are written chunk by chunk and `status.npy` only after their data, so an
 interrupted build restarts where it stopped. Under torchrun each rank writes its own rows and its own
@@ -39,7 +40,8 @@ import torch
 
 from chexfound.adapt.heads.base import Features
 from chexfound.models.extract import resolve_dtype
-from chexfound.runio import atomic_output, atomic_write_bytes, resolve_device
+from chexfound.runio import (SKIPPED_FILE, append_skipped, atomic_output, atomic_write_bytes, read_skipped,
+                             resolve_device, skipped_rows)
 from chexfound.errors import ConfigError
 from chexfound.models.pooled import PooledFeatures
 
@@ -313,11 +315,11 @@ class TokenCacheWriter:
 
     def add_errors(self, chunk: int, errors: list[tuple[int, str, str]]) -> None:
         st = self._status()
-        with open(self.root / "errors.jsonl", "a") as f:
-            for row, path, reason in errors:
-                st[row] = FAILED
-                f.write(json.dumps({"row": int(row), "path": path, "error": reason}) + "\n")
-                log.warning("skipping %s: %s", path, reason)
+        for row, path, reason in errors:
+            st[row] = FAILED
+            log.warning("skipping %s: %s", path, reason)
+        if errors:  # appended as they happen, so an interrupted build keeps them
+            append_skipped(self.root / SKIPPED_FILE, skipped_rows("features", errors))
 
     def commit(self, chunk: int) -> None:
         # Data first, then status: an interruption never marks unwritten rows as done.
@@ -365,14 +367,12 @@ def _fold_rank_status(root: Path) -> None:
 
 
 def _read_errors(root: Path) -> dict[int, str]:
-    """Unreadable images, logged to errors.jsonl as they happen (so an interrupted build keeps them)."""
+    """Row -> reason of the unreadable images, from skipped.csv (and errors.jsonl of caches built before it)."""
     out: dict[int, str] = {}
-    f = root / "errors.jsonl"
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                out[int(rec["row"])] = str(rec["error"])
+    for name in ("errors.jsonl", SKIPPED_FILE):
+        for s in read_skipped(root / name):
+            if s.index is not None:
+                out[s.index] = s.reason
     return out
 
 

@@ -40,3 +40,40 @@ def add_arch_options(p: argparse.ArgumentParser | Any, old_spelling: str | None 
                    help="attention heads, for a checkpoint that records no architecture (tensors cannot show it)")
     p.add_argument("--head-dim", type=int, default=None,
                    help="or the attention head width (64 in every DINOv2/CheXFound ViT)")
+
+
+class _LazyChoices(Sequence[str]):
+    """argparse `choices` read on first use (a value checked, --help printed), so building the parser does not
+    import the stage (and torch) that owns them."""
+
+    def __init__(self, load: Any, extra: Sequence[str] = ()) -> None:
+        self._load, self._extra = load, tuple(extra)
+        self._names: tuple[str, ...] | None = None
+
+    def _all(self) -> tuple[str, ...]:
+        if self._names is None:
+            self._names = (*self._load(), *self._extra)
+        return self._names
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+    def __repr__(self) -> str:
+        return repr(list(self._all()))
+
+
+def _head_types() -> tuple[str, ...]:
+    from chexfound.adapt.heads import HEAD_TYPES
+
+    return tuple(HEAD_TYPES)
+
+
+def head_type_choices(*extra: str) -> Sequence[str]:
+    """The head types of the registry in `chexfound.adapt.heads` (plus `extra`), as argparse choices."""
+    return _LazyChoices(_head_types, extra)

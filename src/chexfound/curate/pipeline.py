@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from chexfound.curate import dedup as dd
 from chexfound.curate.image_cache import (RECORDS, CacheConfig, RecordLog, WorkItem, chunks, is_reusable,
@@ -36,7 +35,7 @@ from chexfound.curate.keep import keep_rank
 from chexfound.curate.sources import list_items
 from chexfound.curate.spec import CorpusSpec
 from chexfound.errors import ChexfoundError, ConfigError, ManifestError
-from chexfound.runio import RunLog, atomic_output, atomic_write_json, atomic_write_text, resolve_device
+from chexfound.runio import RunLog, atomic_output, atomic_write_json, resolve_device, write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +220,7 @@ def run_curation(
     state = _check_state(out, cfg)
     resolved = {"spec": spec.to_dict(), "spec_path": str(spec.path) if spec.path else None,
                 "exclude": str(Path(exclude).resolve()) if exclude else None, "workers": workers}
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_run_config(out / "config.yaml", resolved)
     metrics = RunLog(out / "metrics.jsonl")
 
     note("listing sources")

@@ -28,6 +28,7 @@ import yaml
 
 from chexfound.curate.keep import KEEP_RULES
 from chexfound.errors import ConfigError
+from chexfound.runio import apply_overrides as _apply_overrides
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -153,7 +154,8 @@ def spec_from_dict(d: dict[str, Any], spec_path: Path | None = None) -> CorpusSp
         raise ConfigError(spec_path, "corpus spec needs a non-empty 'sources' list")
     unknown = set(d) - {"sources", "filters", "dedup", "cache", "report"}
     if unknown:
-        raise ConfigError(spec_path, f"unknown top-level key(s) {sorted(unknown)}")
+        raise ConfigError(spec_path, f"unknown top-level key(s) {sorted(unknown)}; allowed: "
+                                     "['cache', 'dedup', 'filters', 'report', 'sources']")
     spec_dir = spec_path.parent if spec_path else None
     sources = []
     for k, s in enumerate(d["sources"]):
@@ -213,21 +215,9 @@ def _validate(spec: CorpusSpec) -> None:
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str] | None, spec_path: Path | None = None) -> dict[str, Any]:
-    """`key.sub=value` overrides (values parsed as YAML), e.g. cache.size=256 dedup.phash_threshold=16."""
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ConfigError(spec_path, f"override {ov!r} must look like key.sub=value")
-        key, val = ov.split("=", 1)
-        node = d
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(spec_path, f"override {ov!r}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(val)
-    return d
+    """`key.sub=value` overrides (`chexfound.runio.apply_overrides`: values are YAML, `1e-3` a float), e.g.
+    cache.size=256 dedup.phash_threshold=16; unknown keys are refused when the spec is built."""
+    return _apply_overrides(d, overrides or [], source=spec_path)
 
 
 def load_spec(path: str | PathLike[str], overrides: list[str] | None = None) -> CorpusSpec:

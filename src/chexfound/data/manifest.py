@@ -13,11 +13,12 @@ import os
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Literal, Mapping, Sequence, Union
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
 
+from chexfound.data.uncertain import UncertainSpec, resolve_uncertain
 from chexfound.errors import ManifestError
 
 # Columns that are never labels (also when a manifest is read back and its labels are inferred).
@@ -26,9 +27,6 @@ META_COLUMNS = frozenset(
      "finding_labels", "folder_class", "subtype", "label", "dicom_id", "fpath", "source", "width", "height",
      "frontal_lateral", "label_method", "rad_count", "pixel_spacing", "projection"}
 )
-UncertainPolicy = Literal["nan", "zero", "one"]
-UncertainSpec = Union[UncertainPolicy, Mapping[str, UncertainPolicy]]
-_FILL = {"nan": np.nan, "zero": 0.0, "one": 1.0}
 _ALLOWED_LABEL_VALUES = {-1.0, 0.0, 1.0}
 
 
@@ -60,10 +58,7 @@ class Manifest:
                 raise ValueError(f"uncertain policy names unknown finding(s) {sorted(unknown)}")
             policies = [uncertain.get(c, "nan") for c in self.label_columns]
         for j, pol in enumerate(policies):
-            if pol not in _FILL:
-                raise ValueError(f"uncertain policy must be one of {sorted(_FILL)}, not {pol!r}")
-            col = y[:, j]
-            col[col == -1] = _FILL[pol]
+            y[:, j] = resolve_uncertain(y[:, j], pol)
         return y
 
     def subset(self, mask: np.ndarray | Sequence[bool]) -> "Manifest":

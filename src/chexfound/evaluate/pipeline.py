@@ -23,7 +23,7 @@ from chexfound.evaluate.run_common import classification_figures, provenance
 from chexfound.evaluate.tasks import TaskData, load_task
 from chexfound.evaluate.trainers import LogisticTrainer
 from chexfound.models.format import sha256_file
-from chexfound.runio import RunLog, atomic_write_bytes, resolve_device
+from chexfound.runio import RunLog, resolve_device, skipped_rows, write_run_config, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,17 @@ def _trainer(head: str, bb: _Backbone, findings: Sequence[str], kind: str, opts:
     fast on a CPU); 'linear', 'mlp' and 'glori' are the adapt stage's heads, trained by `fit_heads` on the
     feature cache.
     """
-    from chexfound.evaluate.trainers import ADAPT_HEADS, AdaptTrainer
+    from chexfound.adapt.heads import HEAD_TYPES, head_class
+    from chexfound.evaluate.trainers import AdaptTrainer
 
     if head == "logistic":
         return LogisticTrainer(findings=findings), bb.features.vectors(bb.n_blocks, opts.avgpool)
-    if head not in ADAPT_HEADS:
-        raise ChexfoundError(f"unknown head {head!r}; choose from logistic, {', '.join(ADAPT_HEADS)}")
+    if head not in HEAD_TYPES:
+        raise ChexfoundError(f"unknown head {head!r}; choose from logistic, {', '.join(HEAD_TYPES)}")
     fit_kwargs: dict[str, Any] = {"epochs": opts.epochs, "device": opts.device, "batch_size": opts.batch_size}
     if opts.lrs:
         fit_kwargs["lrs"] = list(opts.lrs)
-    head_kwargs: dict[str, Any] = {"avgpool": opts.avgpool} if head in ("linear", "mlp") else {}
+    head_kwargs: dict[str, Any] = {} if head_class(head).needs_tokens else {"avgpool": opts.avgpool}
     if head == "glori" and opts.decoder_dim:
         head_kwargs["decoder_dim"] = opts.decoder_dim
     return AdaptTrainer(head, findings, bb.n_blocks, int(bb.model.embed_dim), kind, head_kwargs, fit_kwargs), bb.cache
@@ -180,8 +181,7 @@ def _log_jsonl(out: Path, rec: dict[str, Any]) -> None:
 
 def _skipped(out: Path, errors: list[tuple[int, str, str]]) -> None:
     if errors:
-        lines = "index,path,reason\n" + "".join(f"{i},\"{p}\",\"{r}\"\n" for i, p, r in errors)
-        atomic_write_bytes(out / "skipped.csv", lines.encode())
+        write_skipped(out / "skipped.csv", skipped_rows("evaluate", errors))
         log.warning("%d image(s) could not be read; listed in %s", len(errors), out / "skipped.csv")
 
 
@@ -190,10 +190,8 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     td = limit_task(load_task(task, root, seed=opts.seed, image_root=opts.image_root), opts.limit, opts.seed)
-    import yaml
-
-    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(
-        {"task": task, "root": str(root), "backbones": list(backbones), **opts.to_dict()}, sort_keys=False).encode())
+    write_run_config(out / "config.yaml", {"task": task, "root": str(root), "backbones": list(backbones),
+                                           **opts.to_dict()})
     y = td.labels()
     pats = td.manifest.patients()
     findings = td.findings

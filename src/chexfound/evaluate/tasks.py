@@ -29,6 +29,7 @@ import pandas as pd
 from chexfound.data import findings as F
 from chexfound.data import readers as R
 from chexfound.data.manifest import Manifest, patient_split
+from chexfound.data.uncertain import resolve_uncertain
 from chexfound.errors import ManifestError
 from chexfound.evaluate.box_scores import read_boxes
 from chexfound.models.format import sha256_file
@@ -135,11 +136,9 @@ def _carve_val(df: pd.DataFrame, frac: float, seed: int, from_split: str = "trai
 
 def _resolve(df: pd.DataFrame, names: Sequence[str], blank: float, uncertain: str) -> None:
     """In place: blank (NaN) -> `blank`, -1 -> the uncertain policy ("zero", "one" or "nan" = ignore)."""
-    fill = {"zero": 0.0, "one": 1.0, "nan": np.nan}[uncertain]
     for n in names:
         v = pd.to_numeric(df[n], errors="coerce").to_numpy(dtype=np.float64)
-        v = np.where(np.isnan(v), blank, v)
-        df[n] = np.where(v == -1, fill, v).astype(np.float32)
+        df[n] = resolve_uncertain(np.where(np.isnan(v), blank, v), uncertain)
 
 
 def _task(name: str, m: Manifest, findings: Sequence[str], kind: str = "multilabel",

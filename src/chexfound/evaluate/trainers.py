@@ -24,6 +24,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from chexfound.adapt.heads import HEAD_TYPES, head_class
 from chexfound.stats.logistic import LogisticTrainer
 
 __all__ = ["ADAPT_HEADS", "AdaptHead", "AdaptTrainer", "FittedHead", "HeadTrainer", "LogisticTrainer",
@@ -54,7 +55,7 @@ def train_and_predict(trainer: HeadTrainer, source: Any, y: np.ndarray, train_id
 
 # --- the adapt stage's heads on a feature cache ------------------------------------------------------------
 
-ADAPT_HEADS = ("linear", "mlp", "glori")
+ADAPT_HEADS = tuple(HEAD_TYPES)  # the adapt stage's registry (chexfound.adapt.heads)
 
 
 def build_cache(backbone: torch.nn.Module, paths: Sequence[str | PathLike[str]], transform: Any, n_blocks: int,
@@ -109,15 +110,13 @@ class AdaptTrainer:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.head_type not in ADAPT_HEADS:
-            raise ValueError(f"head type {self.head_type!r} is not one of {ADAPT_HEADS}")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head type {self.head_type!r} is not one of {tuple(HEAD_TYPES)}")
         self.name = self.name or f"adapt-{self.head_type}"
 
     def _make(self) -> Any:
-        from chexfound.adapt import GloriHead, LinearHead, MLPHead
-
-        cls = {"linear": LinearHead, "mlp": MLPHead, "glori": GloriHead}[self.head_type]
-        return cls(list(self.findings), self.n_blocks, task=self.task, embed_dim=self.embed_dim, **self.head_kwargs)
+        return head_class(self.head_type)(list(self.findings), self.n_blocks, task=self.task,
+                                          embed_dim=self.embed_dim, **self.head_kwargs)
 
     def fit(self, source: Any, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None,
             seed: int = 0) -> AdaptHead:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 FORMAT_NAMES = {
     "chexfound": "chexfound safetensors",
     "chexfound_hub": "CheXFound (Hugging Face Hub layout)",
+    "chexfound_shards": "chexfound backbone shards (safetensors)",
     "chexfound_official": "CheXFound teacher_checkpoint.pth (Google Drive release)",
     "dinov2": "DINOv2 .pth state dict",
     "hf_dinov2": "Hugging Face Dinov2Model / Dinov2WithRegistersModel",

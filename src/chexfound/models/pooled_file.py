@@ -20,9 +20,7 @@ mixing features.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from chexfound.errors import CheckpointError, ChexfoundError
 from chexfound.models.format import load_tensors, save_tensors
 from chexfound.models.pooled import PooledFeatures, linear_input as _linear_input
-from chexfound.runio import atomic_output, atomic_write_bytes
+from chexfound.runio import atomic_output, atomic_write_bytes, skipped_rows, write_skipped
 
 FEATURE_SUFFIXES = (".safetensors", ".npz")
 
@@ -275,15 +273,7 @@ class PooledFileWriter:
                      "backbone_sha256": fp["backbone_sha256"], "skipped": [list(e) for e in errors],
                      "settings": self.settings}
         write_features(self.out, arrays, [self.ids[i] for i in index], [self.paths[i] for i in index], file_meta)
-        skipped_csv = self.out.with_name(self.out.stem + ".skipped.csv")
-        if errors:
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(["index", "path", "reason"])
-            w.writerows(errors)
-            atomic_write_bytes(skipped_csv, buf.getvalue().encode())
-        else:
-            skipped_csv.unlink(missing_ok=True)
+        write_skipped(self.out.with_name(self.out.stem + ".skipped.csv"), skipped_rows("embed", errors))
         if self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, self.out.with_name(self.out.stem + ".metrics.jsonl"))
         if not self.keep_parts:

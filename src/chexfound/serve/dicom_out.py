@@ -13,7 +13,6 @@ watching the folder, never sees half an object.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import os
@@ -26,7 +25,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from chexfound.adapt.attribution import KIND_DESCRIPTIONS
-from chexfound.runio import atomic_write_bytes
+from chexfound.runio import SKIPPED_FILE, atomic_write_bytes, skipped_rows, write_skipped
 from chexfound.serve.algorithm_id import AlgorithmIdentity
 from chexfound.serve.dicom_heatmap import build_heatmap_sc
 from chexfound.serve.dicom_source import MissingUIDs, NotDicom, SourceReference, read_header, source_reference
@@ -122,12 +121,4 @@ class DicomOutputs:
 
     def write_skips(self) -> Path | None:
         """DIR/skipped.csv listing the DICOM inputs without SR (removed when there are none)."""
-        target = self.root / "skipped.csv"
-        if not self.skipped:
-            target.unlink(missing_ok=True)
-            return None
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["path", "reason"])
-        w.writerows(self.skipped)
-        return atomic_write_bytes(target, buf.getvalue().encode())
+        return write_skipped(self.root / SKIPPED_FILE, skipped_rows("dicom-out", self.skipped))

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chexfound.errors import ChexfoundError
-from chexfound.runio import atomic_write_bytes
+from chexfound.runio import atomic_write_bytes, skipped_rows, write_skipped
 from chexfound.serve.overlay import read_overlay_index
 from chexfound.serve.prediction import HeadReliability, Prediction, finding_records
 
@@ -198,14 +198,7 @@ class PredictionStore:
             doc = {"model": model, "predictions": self.records(),
                    "skipped": [{"path": p, "reason": r} for p, r in skipped]}
             atomic_write_bytes(self.out, json.dumps(doc, indent=1).encode())
-        if skipped:
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(["path", "reason"])
-            w.writerows(skipped)
-            atomic_write_bytes(self.skipped_file, buf.getvalue().encode())
-        else:
-            self.skipped_file.unlink(missing_ok=True)
+        write_skipped(self.skipped_file, skipped_rows("predict", skipped))  # removed when nothing was skipped
         self._write_run({"status": "complete", "identity": self.identity, "settings": settings,
                          "predicted": len(self.rows), "resumed": self.resumed, "skipped": len(skipped),
                          "finding_policy": self.finding_policy(), "model": model})

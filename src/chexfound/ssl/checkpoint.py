@@ -12,6 +12,8 @@ Layout of a run folder:
 
 Where a run starts from (`train.init_from`: an earlier stage, the release, any backbone) is
 `chexfound.ssl.init_source`.
+Checkpoint layouts are read by `chexfound.models.loaders.keys.training_state_sides`; teacher shards are
+`chexfound.models.shards`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ from chexfound.models import VisionTransformer, save_backbone
 from chexfound.models.card import ModelFile, ResultTable, write_card
 from chexfound.models.format import META_KEY, sha256_file
 from chexfound.models.ours import checkpoint_entry, saved_info
+from chexfound.models.shards import load_backbone_shards, save_backbone_shards
 from chexfound.runio import atomic_output, atomic_write_bytes
 from chexfound.ssl.config import dump_config
+
+__all__ = ["CKPT_DIR", "export_teacher", "export_teacher_shards", "full_model_state", "full_optimizer_state",
+           "init_from_checkpoint", "latest_checkpoint", "list_checkpoints", "load_backbone_shards", "load_checkpoint",
+           "load_full_state", "measure_save_cost", "original_teacher_layout", "save_checkpoint",
+           "teacher_backbone_from_state"]
 
 log = logging.getLogger(__name__)
 
@@ -209,59 +217,12 @@ def write_teacher_cards(out_dir: str | Path, vit: VisionTransformer, meta: dict[
 def export_teacher_shards(out_dir: str | Path, model_sd: dict[str, Tensor], vit_config: Any, max_mib: float,
                           extra: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> list[Path]:
     """The teacher backbone as `teacher_backbone.<i>-of-<n>.safetensors` files of at most `max_mib` MiB each
-    (bf16 by default): small enough to travel where file sizes are capped. Every shard carries the full
-    metadata (config, transform, shard index, the sha256 of the whole fp32 state), and
-    `load_backbone_shards(folder)` reassembles and checks them."""
-    from chexfound.data.transform import InputTransform
-    from chexfound.models.format import save_tensors, state_dict_sha256
-
+    (bf16 by default; `chexfound.models.shards`): `create_backbone(out_dir)` or `load_backbone_shards(out_dir)`
+    reassembles them."""
     vit = teacher_backbone_from_state(model_sd, vit_config)
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in vit.state_dict().items()}
-    limit = int(max_mib * 2**20) - 64 * 1024  # room for the header
-    groups: list[list[str]] = [[]]
-    size = 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if n > limit:
-            raise CheckpointError(None, f"{k} alone ({n / 2**20:.1f} MiB) exceeds the {max_mib} MiB shard size")
-        if size + n > limit and groups[-1]:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
-    meta = {"kind": "backbone_shard", "config": vit.cfg.to_dict(),
-            "transform": InputTransform.for_backbone(vit.cfg).to_dict(), "dtype": str(dtype).replace("torch.", ""),
-            "fp32_weights_sha256": state_dict_sha256(vit.state_dict()), "n_shards": len(groups), "ssl": extra}
-    out, shas = [], []
-    for i, keys in enumerate(groups):
-        path = Path(out_dir) / f"teacher_backbone.{i + 1:02d}-of-{len(groups):02d}.safetensors"
-        shas.append(save_tensors(path, {k: sd[k] for k in keys}, {**meta, "shard": i + 1}))
-        out.append(path)
+    out = save_backbone_shards(vit, out_dir, max_mib, {"ssl": extra}, dtype=dtype)
+    meta = read_meta(out[0])
     info = saved_info(vit, {**meta, "weights_sha256": meta["fp32_weights_sha256"]}, Path(out_dir))
-    write_card(ModelFile(Path(out_dir), "shards", "", tuple(f"`{p.name}` (SHA-256 `{s}`)" for p, s in zip(out, shas))),
+    write_card(ModelFile(Path(out_dir), "shards", "", tuple(f"`{p.name}` (SHA-256 `{sha256_file(p)}`)" for p in out)),
                info)
     return out
-
-
-def load_backbone_shards(folder: str | Path, prefix: str = "teacher_backbone.") -> tuple[VisionTransformer, dict]:
-    """Reassemble `export_teacher_shards` output -> (fp32 model in eval mode, metadata)."""
-    from chexfound.models.config import ViTConfig
-    from chexfound.models.format import load_tensors
-
-    files = sorted(Path(folder).glob(f"{prefix}*-of-*.safetensors"))
-    if not files:
-        raise CheckpointError(folder, "no backbone shards here")
-    sd: dict[str, Tensor] = {}
-    meta: dict[str, Any] = {}
-    for f in files:
-        t, meta = load_tensors(f)
-        if meta.get("kind") != "backbone_shard":
-            raise CheckpointError(f, f"not a backbone shard (kind={meta.get('kind')!r})")
-        sd.update(t)
-    if len(files) != int(meta["n_shards"]):
-        raise CheckpointError(folder, f"{len(files)} shard files, expected {meta['n_shards']}")
-    vit = VisionTransformer(ViTConfig.from_dict(meta["config"]))
-    missing, unexpected = vit.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(folder, f"shards do not match the config: missing {missing}, unexpected {unexpected}")
-    return vit.eval(), meta

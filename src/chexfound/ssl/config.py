@@ -13,9 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 
 from chexfound.errors import ConfigError
+from chexfound.runio import DATA_ENV, config_differences, data_root, dump_run_config, read_run_config, set_dotted
+from chexfound.runio import parse_overrides as _parse_overrides
 
 CONFIG_PACKAGE_DIR = "configs"
 DEFAULT_NAME = "ssl_default"
@@ -30,15 +31,7 @@ def list_presets() -> list[str]:
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(path, f"cannot read YAML ({e})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(path, "a config file must hold a mapping at the top level")
-    return data
+    return read_run_config(path)
 
 
 def default_config() -> dict[str, Any]:
@@ -73,51 +66,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any], where: str, source: Path 
 
 
 def set_key(cfg: dict[str, Any], dotted: str, value: Any, source: Path | None = None) -> None:
-    """Set `a.b.c` in cfg; only existing keys (or keys under an open `{}` dict) may be set."""
-    parts = dotted.split(".")
-    node = cfg
-    default = default_config()
-    dnode: Any = default
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(source, f"unknown config key {'.'.join(parts[: i + 1])!r}")
-        open_dict = isinstance(dnode, dict) and dnode.get(part) == {}
-        node = node[part]
-        dnode = dnode.get(part) if isinstance(dnode, dict) else None
-        if open_dict:
-            # Everything below an open dict is free-form.
-            for sub in parts[i + 1 : -1]:
-                node = node.setdefault(sub, {})
-            node[parts[-1]] = value
-            return
-    last = parts[-1]
-    if not isinstance(node, dict) or last not in node:
-        raise ConfigError(source, f"unknown config key {dotted!r}")
-    node[last] = value
+    """Set `a.b.c` in cfg; only keys of the default config (or keys under an open `{}` dict) may be set, and an
+    unknown one is refused with the known keys listed."""
+    set_dotted(cfg, dotted, value, schema=default_config(), source=source)
 
 
 def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(None, f"override {item!r} is not of the form key.sub=value")
-        k, v = item.split("=", 1)
-        try:
-            val = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise ConfigError(None, f"override {item!r}: value is not valid YAML ({e})") from e
-        out.append((k.strip(), _float_if_numeric(val)))
-    return out
-
-
-def _float_if_numeric(val: Any) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as a string; on the command line it means a number."""
-    if isinstance(val, str):
-        try:
-            return float(val)
-        except ValueError:
-            return val
-    return val
+    """`key.sub=value` items -> (key, value) pairs (the one parser: `chexfound.runio.parse_overrides`)."""
+    return _parse_overrides(items)
 
 
 def load_config(preset: str | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -136,13 +92,9 @@ def load_config(preset: str | None, overrides: Iterable[str] = ()) -> dict[str, 
 
 
 def expand_path(p: str | os.PathLike[str]) -> Path:
-    """`${CHEXFOUND_DATA}` and `~` in config paths; CHEXFOUND_DATA defaults to ../shared/data of the repo."""
-    env = dict(os.environ)
-    if "CHEXFOUND_DATA" not in env:
-        env["CHEXFOUND_DATA"] = str(Path(__file__).resolve().parents[3].parent / "shared" / "data")
-    s = str(p)
-    for k in ("CHEXFOUND_DATA",):
-        s = s.replace("${" + k + "}", env[k]).replace("$" + k, env[k])
+    """`${CHEXFOUND_DATA}` and `~` in config paths; CHEXFOUND_DATA defaults to `chexfound.runio.data_root()`."""
+    data = str(data_root())
+    s = str(p).replace("${" + DATA_ENV + "}", data).replace("$" + DATA_ENV, data)
     return Path(os.path.expanduser(os.path.expandvars(s)))
 
 
@@ -176,17 +128,10 @@ def validate(cfg: dict[str, Any]) -> None:
 
 
 def dump_config(cfg: dict[str, Any]) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    """The YAML of a config as run folders and checkpoints store it (`chexfound.runio.dump_run_config`)."""
+    return dump_run_config(cfg)
 
 
-def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (used to refuse resuming a run with a different recipe)."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        key = f"{prefix}{k}"
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_configs(va, vb, f"{key}.")
-        elif va != vb:
-            out.append(key)
-    return out
+def diff_configs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ (`chexfound.runio.config_differences` gives the values too)."""
+    return sorted(k for k, _, _ in config_differences(a, b))

@@ -9,7 +9,7 @@ batched on the training device (chexfound.ssl.augment).
            on CPU) and cached in the run folder; a step is an index gather. For corpora that fit.
   loader   a DataLoader whose workers decode each step's images; for corpora that do not fit.
 
-Unreadable files never stop a run: they are skipped, counted and listed in <out>/skipped.txt.
+Unreadable files never stop a run: they are skipped, counted and listed in <out>/skipped.csv.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from chexfound.data.datasets import ImageDataset, collate_skip_errors
 from chexfound.data.manifest import Manifest, patient_split, read_manifest
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ConfigError, ManifestError
+from chexfound.runio import SKIPPED_FILE
 from chexfound.ssl import distributed as D
 from chexfound.ssl.config import expand_path
 from chexfound.ssl.sampler import ShardedStreamSampler
@@ -109,10 +110,15 @@ class Skipped:
     def add(self, errors: Sequence[tuple[int, str, str]]) -> None:
         self.items += [(p, r) for _, p, r in errors]
 
-    def write(self, path: Path) -> None:
-        from chexfound.runio import atomic_write_bytes
+    def write(self, where: Path) -> Path:
+        """`<run folder>/skipped.csv` (the run-folder contract, `chexfound.runio.write_skipped`). `where` is the run
+        folder; a file path inside it (what older callers pass) means its folder. Returns the file."""
+        from chexfound.runio import skipped_rows, write_skipped
 
-        atomic_write_bytes(path, "".join(f"{p}\t{r}\n" for p, r in self.items).encode())
+        folder = where if where.is_dir() or not where.suffix else where.parent
+        target = folder / SKIPPED_FILE
+        write_skipped(target, skipped_rows("pretrain", self.items))
+        return target
 
 
 def _loader(paths: Sequence[Path], size: int, workers: int, batch: int = 64) -> DataLoader:
@@ -263,8 +269,8 @@ def open_corpus(cfg: dict[str, Any], out: Path, info: D.DistInfo, say: Any, quie
         n_items = images.shape[0]
         if n_items == 0:
             if info.is_main:
-                skipped.write(out / "skipped.txt")  # the file the message points to
-            raise ConfigError(None, f"none of the {len(paths)} images could be read (see {out / 'skipped.txt'})")
+                skipped.write(out)  # the file the message points to
+            raise ConfigError(None, f"none of the {len(paths)} images could be read (see {out / SKIPPED_FILE})")
         sampler = ShardedStreamSampler(n_items, b, info.world_size, info.rank, seed)
         source = PreloadedSource(images, sampler, info.device)
         del images
@@ -273,6 +279,5 @@ def open_corpus(cfg: dict[str, Any], out: Path, info: D.DistInfo, say: Any, quie
         sampler = ShardedStreamSampler(n_items, b, info.world_size, info.rank, seed)
         source = LoaderSource(paths, size, sampler, info.device, int(d["num_workers"]), skipped)
     if info.is_main and skipped.items:
-        skipped.write(out / "skipped.txt")
-        say(f"skipped {len(skipped.items)} unreadable image(s); listed in {out / 'skipped.txt'}")
+        say(f"skipped {len(skipped.items)} unreadable image(s); listed in {skipped.write(out)}")
     return Corpus(source, sampler, n_items, pipeline, skipped)

@@ -9,8 +9,10 @@ SOURCE is one of:
 - a backbone any loader reads (`chexfound.models.create_backbone`: our safetensors, a DINOv2 `.pth`, a Hugging
   Face folder, a hub id): student and teacher backbones start from it, the heads are freshly initialised.
 
-When the global crop size differs from the source's, the patch-grid part of `pos_embed` is resized
-bicubically (our choice; the original deleted it and re-initialised: `train.pos_embed_on_resize=reinit`).
+When the global crop size differs from the source's, the patch-grid part of `pos_embed` is resized as the
+backbone resizes it at run time (`chexfound.models.vit.resize_pos_embed`: bicubic with the DINO offset; our
+choice, the original deleted it and re-initialised: `train.pos_embed_on_resize=reinit`). Checkpoint layouts are
+read by `chexfound.models.loaders.keys.training_state_sides`.
 The source's architecture must be the run's (`student.arch` + `student.overrides`): a mismatch is an error
 that names both.
 """
@@ -24,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError, ConfigError
 from chexfound.models.config import ViTConfig
 from chexfound.models.filekind import sniff
 from chexfound.models.format import META_KEY
+from chexfound.models.loaders.keys import training_state_sides
+from chexfound.models.vit import resize_pos_embed
 from chexfound.ssl.checkpoint import latest_checkpoint, load_checkpoint
 
-_CHUNKED = re.compile(r"(^|\.)blocks\.(\d+)\.(\d+)\.")
 # ViTConfig fields that make two backbones different models (img_size is not: pos_embed is resized).
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_register_tokens",
                 "ffn_layer", "qkv_bias", "proj_bias", "ffn_bias", "norm_eps", "interpolate_offset",
@@ -54,10 +56,6 @@ class InitSource:
     def describe(self) -> str:
         heads = "with its DINO/iBOT heads" if self.has_heads else "backbone only: DINO/iBOT heads freshly initialised"
         return f"starting from {self.source} ({self.kind}; {heads})"
-
-
-def _unchunk(key: str) -> str:
-    return _CHUNKED.sub(lambda m: f"{m.group(1)}blocks.{m.group(3)}.", key)
 
 
 def _local(source: str | Path) -> Path | None:
@@ -105,22 +103,8 @@ def check_source_exists(source: str | Path) -> None:
 
 def _from_checkpoint(path: Path, source: str, obj: dict[str, Any] | None = None) -> InitSource:
     obj = obj if obj is not None else load_checkpoint(path)
-    if isinstance(obj.get("model"), dict):
-        sd, kind = obj["model"], "run checkpoint"
-    else:
-        sd, kind = {f"teacher.{k}": v for k, v in obj["teacher"].items()}, "original layout"
-    weights: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
-    for k, v in sd.items():
-        if not isinstance(v, Tensor):
-            continue
-        k = k.replace("module.", "")
-        for side in ("student", "teacher"):
-            if k.startswith(side + "."):
-                weights[side][_unchunk(k[len(side) + 1:])] = v
-    if not weights["teacher"]:
-        raise CheckpointError(path, "no teacher/student weights found")
-    if not weights["student"]:  # a teacher-only file: the student starts as the teacher
-        weights["student"] = dict(weights["teacher"])
+    kind = "run checkpoint" if isinstance(obj.get("model"), dict) else "original layout"
+    weights = training_state_sides(obj, path)
     if not any(k.startswith("backbone.") for k in weights["teacher"]):
         raise CheckpointError(path, "the checkpoint holds no backbone.* weights")
     has_heads = any(k.startswith(("dino_head.", "ibot_head.")) for k in weights["teacher"])
@@ -203,16 +187,15 @@ def check_architecture(src: InitSource, run: ViTConfig) -> list[str]:
 
 
 # -- stage initialisation (progressive resolution, continued pretraining) ---------------------------
-def resize_pos_embed(pos: Tensor, new_grid: int) -> Tensor:
-    """[1, 1 + g*g, D] -> [1, 1 + new_grid^2, D]: the CLS entry kept, the grid resized bicubically (fp32)."""
+def _resize_pos(module: nn.Module, pos: Tensor, new_grid: int) -> Tensor:
+    """The one position-embedding resize (`chexfound.models.vit.resize_pos_embed`), with the DINO offset and
+    antialias setting of the backbone it goes into; in the checkpoint's dtype."""
+    cfg = getattr(getattr(module, "backbone", None), "cfg", None) or ViTConfig()
     n = pos.shape[1] - 1
-    g = int(math.isqrt(n))
-    if g * g != n:
+    if math.isqrt(n) ** 2 != n:
         raise CheckpointError(None, f"pos_embed with {n} patch positions is not a square grid")
-    grid = pos[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)
-    return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
+    return resize_pos_embed(pos, (new_grid, new_grid), cfg.interpolate_offset,
+                            cfg.interpolate_antialias).to(pos.dtype)
 
 
 def _load(module: nn.Module, sd: dict[str, Tensor]) -> None:
@@ -246,7 +229,7 @@ def init_from_checkpoint(student: nn.Module, teacher: nn.Module, path: str | Pat
                 notes.append(f"{side}: pos_embed re-initialised (resolution changed)")
             else:
                 new_grid = int(math.isqrt(own["backbone.pos_embed"].shape[1] - 1))
-                sd["backbone.pos_embed"] = resize_pos_embed(sd["backbone.pos_embed"], new_grid)
+                sd["backbone.pos_embed"] = _resize_pos(module, sd["backbone.pos_embed"], new_grid)
                 notes.append(f"{side}: pos_embed interpolated to a {new_grid}x{new_grid} grid")
         for k in [k for k in sd if k in own and sd[k].shape != own[k].shape]:
             if k.startswith("backbone."):

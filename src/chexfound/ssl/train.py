@@ -27,11 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from chexfound.errors import ConfigError
+from chexfound.runio import check_run_config, write_run_config
 from chexfound.ssl import distributed as D
 from chexfound.ssl.budget import (Clock, Deadline, ProbeCosts, ProbePlan, calibrate_step, fit_budget)
 from chexfound.ssl.checkpoint import latest_checkpoint, load_checkpoint, measure_save_cost
-from chexfound.ssl.config import diff_configs, dump_config
 from chexfound.ssl.data import Corpus, open_corpus
 from chexfound.ssl.diagnostics import CollapseMonitor
 from chexfound.ssl.heal import Healer
@@ -90,19 +89,6 @@ def pretrain(
 
 
 # -- open --------------------------------------------------------------------------------------------------
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    def strip(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if any(key == v_.rstrip(".") or (v_.endswith(".") and key.startswith(v_)) for v_ in VOLATILE_KEYS):
-                continue
-            out[k] = strip(v, key + ".") if isinstance(v, dict) else v
-        return out
-
-    return strip(cfg)
-
-
 def _open(cfg: dict[str, Any], out_dir: str | Path, device: str | None, quiet: bool,
           echo: Callable[[str], None] | None, clock: Clock) -> tuple[RunContext, Path | None]:
     t_start = clock()
@@ -118,15 +104,8 @@ def _open(cfg: dict[str, Any], out_dir: str | Path, device: str | None, quiet: b
     cfg = dict(cfg)
     cfg.pop("resolved", None)
     ckpt = latest_checkpoint(out)
-    saved_cfg_path = out / "config.yaml"
-    if ckpt is not None and saved_cfg_path.is_file():
-        import yaml
-
-        saved = yaml.safe_load(saved_cfg_path.read_text()) or {}
-        diff = diff_configs(_comparable(saved), _comparable(cfg))
-        if diff:
-            raise ConfigError(saved_cfg_path, f"{out} holds a run with a different recipe (keys {diff}); "
-                              "resume with the same options or use another --out")
+    if ckpt is not None:  # resuming: the recipe must be the one the folder was started with
+        check_run_config(out / "config.yaml", cfg, ignore=VOLATILE_KEYS, what="run")
     metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
     if ckpt is None:
         metrics.clear()  # a fresh run in a folder without checkpoints
@@ -240,6 +219,4 @@ def _write_config(ctx: RunContext, trainer: Trainer, corpus: Corpus, length: Run
                 "pipeline": corpus.pipeline, "n_skipped": len(corpus.skipped.items)}
     ctx.cfg["resolved"] = resolved  # (checkpoints carry it too)
     if ctx.info.is_main:
-        from chexfound.runio import atomic_write_text
-
-        atomic_write_text(ctx.out / "config.yaml", dump_config(ctx.cfg))
+        write_run_config(ctx.out / "config.yaml", ctx.cfg)

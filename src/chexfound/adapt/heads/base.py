@@ -32,7 +32,9 @@ from chexfound.models.card import ModelFile, ResultTable, backbone_of_head, head
 from chexfound.models.format import load_tensors, save_tensors
 
 Features = Sequence[tuple[Tensor, Tensor]]
-_HEAD_TYPES: dict[str, type["Head"]] = {}
+# The one registry of head types (name -> class), filled as each head class is defined (`Head.head_type`):
+# the CLI's choices, the evaluate trainers, option checks and head files all read it.
+HEAD_TYPES: dict[str, type["Head"]] = {}
 TASKS = ("multilabel", "binary", "multiclass", "regression", "survival")
 
 
@@ -47,6 +49,7 @@ class Head(nn.Module):
     """A head over a frozen backbone's last `n_blocks` blocks: findings, task, decision thresholds (buffer), and
     `forward(features) -> (logits, attention maps or None)`."""
     head_type: ClassVar[str] = ""
+    needs_tokens: ClassVar[bool] = False  # attends over patch tokens (pooled features are not enough)
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel") -> None:
         super().__init__()
@@ -75,7 +78,7 @@ class Head(nn.Module):
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         if cls.head_type:
-            _HEAD_TYPES[cls.head_type] = cls
+            HEAD_TYPES[cls.head_type] = cls
 
     @property
     def num_classes(self) -> int:
@@ -165,10 +168,17 @@ def save_head(
     return sha
 
 
+def head_class(name: str) -> type[Head]:
+    """The head class registered as `name`; ValueError listing the known types for anything else."""
+    if name not in HEAD_TYPES:
+        raise ValueError(f"unknown head type {name!r}; known: {', '.join(HEAD_TYPES)}")
+    return HEAD_TYPES[name]
+
+
 def head_from_meta(meta: dict[str, Any]) -> Head:
-    cls = _HEAD_TYPES.get(meta.get("head_type", ""))
+    cls = HEAD_TYPES.get(meta.get("head_type", ""))
     if cls is None:
-        raise CheckpointError(None, f"unknown head type {meta.get('head_type')!r}; known: {sorted(_HEAD_TYPES)}")
+        raise CheckpointError(None, f"unknown head type {meta.get('head_type')!r}; known: {sorted(HEAD_TYPES)}")
     head = cls(findings=meta["findings"], n_blocks=meta["n_blocks"], task=meta.get("task", "multilabel"),
                **meta.get("config", {}))
     if meta.get("calibration"):  # its tensors are loaded with the head's state dict

@@ -95,6 +95,7 @@ class GloriHead(Head):
     """GLoRI: one query per finding attending over the patch tokens of the last blocks, joined with the global CLS
     features (the CheXFound head; loads the released glori.pth)."""
     head_type = "glori"
+    needs_tokens = True
 
     def __init__(self, findings: Sequence[str], n_blocks: int, task: str = "multilabel", embed_dim: int = 1024,
                  decoder_dim: int = 768, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from chexfound.cli.options import DeprecatedOption
+from chexfound.cli.options import DeprecatedOption, head_type_choices
+from chexfound.data.uncertain import UNCERTAIN_POLICIES
 
 EPILOG = """\
 examples:
@@ -63,7 +64,7 @@ def register(subparsers: Any) -> None:
     src.add_argument("--task", default="multilabel",
                      choices=["multilabel", "binary", "multiclass", "regression", "survival"],
                      help="survival takes two columns: time,event")
-    src.add_argument("--uncertain", default="nan", choices=["nan", "zero", "one"],
+    src.add_argument("--uncertain", default="nan", choices=UNCERTAIN_POLICIES,
                      help="uncertain (-1) labels: ignore (nan), negative or positive")
     src.add_argument("--n-blocks", type=int, help="last n blocks of features (default min(4, depth))")
     src.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
@@ -76,7 +77,8 @@ def register(subparsers: Any) -> None:
     src.add_argument("--flip-augment", action="store_true", help="train on random flipped features (needs --flip-tta)")
 
     head = p.add_argument_group("head")
-    head.add_argument("--head", default="glori", choices=["glori", "linear", "mlp"])
+    head.add_argument("--head", default="glori", choices=head_type_choices(), metavar="HEAD",
+                      help="head type: glori (attends over patch tokens), linear or mlp (pooled features)")
     head.add_argument("--name", help="head file name in --out (default: the head type)")
     head.add_argument("--decoder-dim", type=int, default=768)
     head.add_argument("--num-heads", type=int, default=8, help="GLoRI attention heads")

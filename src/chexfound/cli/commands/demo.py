@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+
 from pathlib import Path
 
 
@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Kermany, compares with a random-init backbone and a raw-pixel baseline with patient-level CIs, draws a "
         "label-efficiency curve and scores GLoRI attention against NIH boxes. Rerun to resume.",
     )
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("CHEXFOUND_DATA", "../shared/data")),
-                   help="the shared data folder with kermany/ and nih14/ (default: $CHEXFOUND_DATA or ../shared/data)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the shared data folder with kermany/ and nih14/ (default: $CHEXFOUND_DATA, else "
+                        "../shared/data beside the checkout)")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--quick", action="store_true", help="smoke-test mode (~3 min): subsets, short pretraining")
     p.add_argument("--seed", type=int, default=0)
@@ -33,8 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chexfound.demo.pipeline import DemoConfig, run_demo
+    from chexfound.runio import data_root
 
-    cfg = DemoConfig(data=args.data.resolve(), out=args.out, quick=args.quick, seed=args.seed, device=args.device,
+    data = args.data or data_root()
+    cfg = DemoConfig(data=data.resolve(), out=args.out, quick=args.quick, seed=args.seed, device=args.device,
                      preset=args.preset, pretrain_budget_s=args.pretrain_budget, weights=args.weights,
                      use_shipped=not args.no_shipped, n_boot=args.n_boot)
     run_demo(cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from chexfound.cli.options import DeprecatedOption, add_arch_options
 from chexfound.errors import ChexfoundError
+from chexfound.runio import SKIPPED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if not run.results:
         return 0
     skipped = run.results[0].skipped if out is not None else _cache_errors(run.results[-1])
-    where = out.with_name(out.stem + ".skipped.csv") if out is not None else Path(args.tokens) / "index.csv"
+    where = out.with_name(out.stem + ".skipped.csv") if out is not None else Path(args.tokens) / SKIPPED_FILE
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) (listed in {where}):", file=sys.stderr)
         for i, p, reason in skipped[:20]:

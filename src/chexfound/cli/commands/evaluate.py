@@ -11,6 +11,8 @@ import argparse
 import logging
 from typing import Any
 
+from chexfound.cli.options import head_type_choices
+from chexfound.data.uncertain import UNCERTAIN_POLICIES
 from chexfound.errors import ChexfoundError
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def register(sub: Any) -> None:
                           "and a risk column")
     src.add_argument("--targets", help="comma-separated manifest columns (regression targets / survival time,event)")
     src.add_argument("--risk-column", default="risk", help="survival: prediction column with the risk score")
-    src.add_argument("--uncertain", choices=["nan", "zero", "one"], default="nan",
+    src.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="nan",
                      help="how to treat -1 (uncertain) labels (default: ignore)")
     tk = p.add_argument_group("run a protocol on a dataset task")
     tk.add_argument("--task", help="nih14 | chexpert | cxrlt24 | mimic | vindr | kermany")
@@ -55,7 +57,7 @@ def register(sub: Any) -> None:
                     "(nih14, cxrlt24, mimic)")
     tk.add_argument("--backbone", action="append", default=[],
                     help="backbone file, hf:// id or registry name (random weights); repeat to compare")
-    tk.add_argument("--head", action="append", default=[], choices=["linear", "glori", "mlp", "logistic"],
+    tk.add_argument("--head", action="append", default=[], choices=head_type_choices("logistic"), metavar="HEAD",
                     help="head type (repeat to compare; default linear). linear/mlp/glori train the adapt stage's "
                          "heads (learning-rate grid, selection and thresholds on val) on the feature cache; "
                          "logistic is a deterministic L2 logistic-regression probe on pooled features (fast on CPU)")

@@ -14,7 +14,7 @@ from PIL import Image
 from chexfound.errors import ChexfoundError, CXRReadError
 from chexfound.io import MIN_SIZE, CXRImage, read_image
 from chexfound.io.read import DICOM_SUFFIXES
-from chexfound.runio import atomic_output, atomic_write_text
+from chexfound.runio import atomic_output
 
 _SCAN_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
 
@@ -121,14 +121,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {f}: {w}", file=sys.stderr)
     n_ok = len(files) - len(bad)
     if preview_dir and bad:  # the run folder keeps the skipped list, like every batch command
-        import csv
-        import io
+        from chexfound.runio import SKIPPED_FILE, skipped_rows, write_skipped
 
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["path", "reason"])
-        w.writerows(bad)
-        atomic_write_text(preview_dir / "skipped.csv", buf.getvalue())
+        write_skipped(preview_dir / SKIPPED_FILE, skipped_rows("info", bad))
     if args.json:
         json.dump({"files": records, "read": n_ok, "failed": len(bad)}, sys.stdout, indent=2, default=str)
         print()

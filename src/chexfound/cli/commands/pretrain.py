@@ -1,7 +1,7 @@
 """`chexfound pretrain`: DINO + iBOT + KoLeo self-supervised pretraining (one process or under torchrun).
 
   chexfound pretrain --config vits16_cpu_smoke --data ../shared/data/kermany --out runs/smoke
-  chexfound pretrain --config demo_tiny --data DIR --out runs/demo optim.base_lr=2e-3 train.time_budget_s=600
+  chexfound pretrain --config demo_tiny --data DIR --out runs/demo --set optim.base_lr=2e-3 --set train.seed=1
   torchrun --nproc_per_node=8 -m chexfound pretrain --config chexfound_vitl16_512 --data manifest.csv --out runs/l16
   python -m chexfound pretrain --config proof_vits16_224 --proof-out DIR     # the GPU proof (make gpu-proof OUT=DIR)
   chexfound pretrain --config continue_vitl16_512 --init-from teacher_checkpoint.pth --data DIR --out runs/cont
@@ -49,14 +49,17 @@ def register(subparsers: Any) -> None:
                         "defaults to a temporary folder")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.base_lr=1e-3 (repeatable; values are YAML)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the same overrides without --set (kept for older scripts)")
     p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
     from chexfound.ssl.config import load_config, set_key, validate
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *getattr(args, "set", [])])
     for key, val in (("train.batch_size_per_gpu", args.batch_size), ("data.num_workers", args.workers),
                      ("train.dtype", args.dtype), ("train.seed", args.seed), ("train.time_budget_s", args.time_budget),
                      ("train.init_from", getattr(args, "init_from", None))):

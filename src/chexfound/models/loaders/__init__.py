@@ -281,9 +281,15 @@ def load_file(
     """
     from chexfound.data.transform import InputTransform
     from chexfound.models.ours import load_ours
+    from chexfound.models.shards import find_shards, load_shards_as_backbone
 
-    p = _resolve_path(Path(path))
     explicit, explicit_src = resolve_config(config)
+    shards = find_shards(path)
+    if shards:  # a folder of `<prefix>.NN-of-NN.safetensors` (or one of them): the set, reassembled
+        model = load_shards_as_backbone(Path(path), shards, explicit)
+        _check_given_heads(model.cfg, "its metadata", num_heads, head_dim, Path(path))
+        return model
+    p = _resolve_path(Path(path))
     raw, kind = _read_raw(p)
     mismatch = suffix_mismatch(p, kind)
     if mismatch:

@@ -155,3 +155,33 @@ def summarise_keys(keys: Iterable[str], limit: int = 12) -> str:
 
 def tensor_dtypes(sd: Mapping[str, Tensor]) -> list[str]:
     return sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+
+
+def training_state_sides(obj: Any, path: Path) -> dict[str, dict[str, Tensor]]:
+    """{"student": sd, "teacher": sd} of a self-distillation training checkpoint, keys below the side kept
+    (`backbone.*`, `dino_head.*`, `ibot_head.*`) with FSDP block chunks and `module.` wrappers removed. Reads our
+    training checkpoints and the original's `model_checkpoint.pth` ({"model": {student.*, teacher.*}}), and
+    `teacher_checkpoint.pth` ({"teacher": ...}), whose teacher is then the student too."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        sd = dict(obj["model"])
+    elif isinstance(obj, Mapping) and isinstance(obj.get("teacher"), Mapping):
+        sd = {f"teacher.{k}": v for k, v in obj["teacher"].items()}
+    else:
+        top = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(path, f"unknown checkpoint layout (top-level keys {top})")
+    out: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
+    for k, v in sd.items():
+        k = ".".join(part for part in str(k).split(".") if part != "module")
+        side, _, rest = k.partition(".")
+        if side in out and rest:
+            out[side][rest] = v
+    for side, tensors in out.items():
+        backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        flat, _ = unchunk_blocks(backbone, path)
+        out[side] = {**{k: v for k, v in tensors.items() if not k.startswith("backbone.")},
+                     **{f"backbone.{k}": v for k, v in flat.items()}}
+    if not out["student"]:
+        out["student"] = dict(out["teacher"])
+    if not out["teacher"]:
+        raise CheckpointError(path, "no teacher/student weights found")
+    return out

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import Tensor
 
 from chexfound.errors import ConfigError
 from chexfound.models.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from chexfound.models.loaders.keys import SSL_HEADS, Filtered, split_heads, strip_prefixes, unchunk_blocks
+from chexfound.runio import read_run_config
 
 # DINOv2 `vision_transformer.vit_*` builders: (embed_dim, depth, num_heads); all use mlp_ratio 4.
 DINOV2_ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_giant2": (1536, 40, 24)}
@@ -95,12 +95,10 @@ def config_from_dinov2_yaml(d: dict[str, Any], source: str | Path) -> ViTConfig:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        d = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(path, f"could not read YAML ({e})") from e
-    if not isinstance(d, dict):
-        raise ConfigError(path, "expected a YAML mapping")
+    """A config file's mapping (`chexfound.runio.read_run_config`); an empty file is an error here."""
+    d = read_run_config(path)
+    if not d:
+        raise ConfigError(path, "expected a YAML mapping, the file is empty")
     return d
 
 
