@@ -20,12 +20,10 @@ that names both.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from chexfound.errors import CheckpointError, ConfigError
