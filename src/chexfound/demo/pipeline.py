@@ -439,6 +439,7 @@ def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -
 def heatmap_overlays(cfg: DemoConfig, task: TaskSpec, n_images: int = 4) -> dict[str, Any]:
     """Per-finding GLoRI overlays (top 3 findings) for a few NIH test images, pretrained backbone."""
     from chexfound.adapt import load_head
+    from chexfound.adapt.forward import head_forward
     from chexfound.adapt.heatmap import save_heatmaps
     from chexfound.io import read_image
 
@@ -452,8 +453,7 @@ def heatmap_overlays(cfg: DemoConfig, task: TaskSpec, n_images: int = 4) -> dict
         p = m.paths()[i]
         img = read_image(p)
         with torch.no_grad():
-            feats = model.get_intermediate_layers(tf(img.pixels)[None], head.n_blocks, return_class_token=True)
-            logits, attn = head(feats)
+            _, logits, attn = head_forward(model, head, tf(img.pixels)[None])
         probs = head.probabilities(logits)[0].numpy()
         files += [str(f) for f in save_heatmaps(attn[0], probs, head.findings, img.pixels, tf,
                                                 cfg.out / "heatmaps", Path(p).stem, top_k=3, original_space=True)]
