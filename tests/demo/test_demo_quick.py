@@ -37,8 +37,9 @@ def test_demo_quick_runs_resumes_and_reports(data_root, tmp_path, capsys):
     assert f"| macro | {auc:.4f} | [{lo:.4f}, {hi:.4f}] |" in card
     # The baselines are always reported next to the pretrained model.
     assert {"random/kermany", "pixels/kermany", "pixels/nih14"} <= set(rep["models"])
-    assert "kermany: pretrained - random (linear)" in rep["paired"]
-    assert "pretrained - random" in first
+    comp = rep["comparison"]["kermany"]
+    assert comp["difference"] == "model - reference" and "pretrained (linear) - random (linear)" in comp["paired"]
+    assert "pretrained (linear) - random (linear)" in first
     # No evaluation image was used for pretraining.
     import pandas as pd
 

@@ -229,7 +229,7 @@ def test_budgeted_run_ends_inside_its_budget_and_trains_most_of_it(tmp_path, tin
     # the step-0 probe and three periodic ones; the final comparison with every configured baseline
     assert [r["iteration"] for r in _rows(tmp_path, "probe")][0] == 0 and len(_rows(tmp_path, "probe")) == 4
     comp = json.loads((tmp_path / "probe_comparison.json").read_text())["kermany"]
-    assert comp["n_train"] == 60 and len([k for k in comp["auroc"] if k.startswith("random")]) == 3
+    assert comp["n_train"] == 60 and len([k for k in comp["models"] if k.startswith("random")]) == 3
     # the calibration iterations are the run's first (at learning rate 0), and logged
     train = _rows(tmp_path, "train")
     assert train[0]["iteration"] == 1 and train[0]["lr"] == 0.0

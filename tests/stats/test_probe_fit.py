@@ -67,14 +67,16 @@ def test_compare_scores_is_the_patient_bootstrap_of_every_model():
     good = y + rng.normal(scale=0.5, size=y.shape)
     noise = rng.normal(size=y.shape)
     cfg = BootstrapConfig(n_boot=200, seed=3)
-    t = compare_scores(y, {"good": good, "noise": noise, "same": good}, ["A", "B"], pats, "good", cfg)
-    assert t["bootstrap"]["unit"] == "patients" and t["bootstrap"]["n_clusters"] == 80
-    lo, hi = t["auroc"]["good"]["ci95"]
-    assert lo <= t["auroc"]["good"]["auroc"] <= hi
-    assert t["paired"]["good_minus_noise"]["ci95"][0] > 0 and t["paired"]["good_minus_noise"]["p_value"] < 0.05
-    assert t["paired"]["good_minus_same"]["diff"] == 0 and t["paired"]["good_minus_same"]["ci95"] == [0.0, 0.0]
+    t = compare_scores(y, {"good": good, "noise": noise, "same": good}, ["A", "B"], pats, "noise", cfg)
+    assert t.bootstrap["unit"] == "patients" and t.bootstrap["n_clusters"] == 80
+    lo, hi = t.models["good"].auroc_ci
+    assert lo <= t.models["good"].auroc <= hi
+    # model - reference: good - noise is positive
+    assert t.paired["good - noise"].auroc.ci[0] > 0 and t.paired["good - noise"].auroc.p_value < 0.05
+    same = compare_scores(y, {"good": good, "same": good}, ["A", "B"], pats, "good", cfg).paired["same - good"]
+    assert same.auroc.diff == 0 and list(same.auroc.ci) == [0.0, 0.0]
     img = compare_scores(y, {"good": good}, ["A", "B"], None, "good", cfg)
-    assert img["bootstrap"]["unit"] == "images" and img["bootstrap"]["n_clusters"] == 160
+    assert img.bootstrap["unit"] == "images" and img.bootstrap["n_clusters"] == 160
     with pytest.raises(ValueError, match="reference"):
         compare_scores(y, {"good": good}, ["A", "B"], pats, "other", cfg)
 

@@ -356,17 +356,54 @@ def pixel_source(cfg: DemoConfig, task: TaskSpec) -> tuple[np.ndarray, np.ndarra
     return x, np.asarray(ok, dtype=bool)
 
 
-def paired(cfg: DemoConfig, task: TaskSpec, a: str, b: str) -> dict[str, Any]:
-    """Paired patient-level bootstrap of test macro AUROC/AP: model a minus model b (same test images)."""
-    from chexfound.stats import BootstrapConfig, paired_bootstrap
+# The demo's models per task, by display name: (test-probability file under cache/, where results keep its
+# metrics: (results["models"] key, head or None for the pixel baseline)).
+def demo_models(task: str) -> dict[str, tuple[str, tuple[str, str | None]]]:
+    out = {"pretrained (linear)": (f"pretrained/{task}-linear", (f"pretrained/{task}", "linear")),
+           "random (linear)": (f"random/{task}-linear", (f"random/{task}", "linear")),
+           "pixels (logistic)": (f"pixels-{task}", (f"pixels/{task}", None))}
+    if task == "nih14":
+        out.update({"pretrained (GLoRI)": ("pretrained/nih14-glori", ("pretrained/nih14", "glori")),
+                    "random (GLoRI)": ("random/nih14-glori", ("random/nih14", "glori"))})
+    return out
+
+
+# The paired differences the report shows, model - reference, per task.
+DEMO_PAIRS: dict[str, list[tuple[str, str]]] = {
+    "kermany": [("pretrained (linear)", "random (linear)"), ("pretrained (linear)", "pixels (logistic)")],
+    "nih14": [("pretrained (linear)", "random (linear)"), ("pretrained (GLoRI)", "random (GLoRI)"),
+              ("pretrained (GLoRI)", "pretrained (linear)"), ("pretrained (linear)", "pixels (logistic)")],
+}
+
+
+def compare_task(cfg: DemoConfig, task: TaskSpec, models: dict[str, Any],
+                 pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """One task's `chexfound.stats.Comparison`: each model's test macro AUROC with its CI (from `models`, the
+    results of `fit_and_score` / `pixel_baseline`), and the paired patient-level bootstrap of test macro
+    AUROC/AP, model - reference, on the same test images."""
+    from chexfound.stats import BootstrapConfig, Comparison, ModelResult, PairedDifference, paired_difference
 
     m = _manifest(task.manifest, task.findings)
     test = _splits(m)["test"]
-    pa, pb = np.load(cfg.out / "cache" / f"{a}-test-probs.npy"), np.load(cfg.out / "cache" / f"{b}-test-probs.npy")
-    if len(pa) != len(test) or len(pb) != len(test):
-        return {"error": "some test images were unreadable for one model; no paired comparison"}
-    return paired_bootstrap(m.labels()[test], pa, pb, task.findings, m.patients()[test],
-                            BootstrapConfig(n_boot=cfg.n_boot, seed=cfg.seed))
+    y, pats = m.labels()[test], m.patients()[test]
+    bcfg = BootstrapConfig(n_boot=cfg.n_boot, seed=cfg.seed)
+    named = demo_models(task.name)
+    used = list(dict.fromkeys(n for pair in pairs for n in pair))
+    results: dict[str, ModelResult] = {}
+    for name in used:
+        key, head = named[name][1]
+        res = models[key] if head is None else models[key]["heads"][head]
+        results[name] = ModelResult.from_metrics({"macro": res["metrics"]["macro"]})
+    comp = Comparison(list(task.findings), results, bootstrap={"n_boot": bcfg.n_boot, "ci": bcfg.ci,
+                                                               "seed": bcfg.seed, "level": bcfg.level})
+    for a, b in pairs:
+        pa, pb = (np.load(cfg.out / "cache" / f"{named[n][0]}-test-probs.npy") for n in (a, b))
+        if len(pa) != len(test) or len(pb) != len(test):
+            comp.add(PairedDifference(a, b, error="some test images were unreadable for one model; "
+                                                  "no paired comparison"))
+            continue
+        comp.add(paired_difference(y, (a, pa), (b, pb), task.findings, pats, bcfg))
+    return comp.to_dict()
 
 
 def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
@@ -433,6 +470,7 @@ def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -
 def heatmap_overlays(cfg: DemoConfig, task: TaskSpec, n_images: int = 4) -> dict[str, Any]:
     """Per-finding GLoRI overlays (top 3 findings) for a few NIH test images, pretrained backbone."""
     from chexfound.adapt import load_head
+    from chexfound.adapt.forward import head_forward
     from chexfound.adapt.heatmap import save_heatmaps
     from chexfound.io import read_image
 
@@ -446,8 +484,7 @@ def heatmap_overlays(cfg: DemoConfig, task: TaskSpec, n_images: int = 4) -> dict
         p = m.paths()[i]
         img = read_image(p)
         with torch.no_grad():
-            feats = model.get_intermediate_layers(tf(img.pixels)[None], head.n_blocks, return_class_token=True)
-            logits, attn = head(feats)
+            _, logits, attn = head_forward(model, head, tf(img.pixels)[None])
         probs = head.probabilities(logits)[0].numpy()
         files += [str(f) for f in save_heatmaps(attn[0], probs, head.findings, img.pixels, tf,
                                                 cfg.out / "heatmaps", Path(p).stem, top_k=3, original_space=True)]
@@ -496,16 +533,9 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
         results["models"][f"pixels/{task.name}"] = st.run(
             f"pixels-{task.name}", f"raw-pixel baseline (logistic regression on 32x32), {task.name}",
             lambda task=task: pixel_baseline(cfg, task, echo))
-    comparisons = {
-        "kermany: pretrained - random (linear)": ("pretrained/kermany-linear", "random/kermany-linear", ker),
-        "kermany: pretrained - pixels": ("pretrained/kermany-linear", "pixels-kermany", ker),
-        "nih14: pretrained - random (linear)": ("pretrained/nih14-linear", "random/nih14-linear", nih),
-        "nih14: pretrained - random (GLoRI)": ("pretrained/nih14-glori", "random/nih14-glori", nih),
-        "nih14: GLoRI - linear (pretrained)": ("pretrained/nih14-glori", "pretrained/nih14-linear", nih),
-        "nih14: pretrained - pixels (linear)": ("pretrained/nih14-linear", "pixels-nih14", nih),
-    }
-    results["paired"] = st.run("paired", "paired patient-level bootstrap of the differences",
-                               lambda: {k: paired(cfg, t, a, b) for k, (a, b, t) in comparisons.items()})
+    results["comparison"] = st.run(
+        "comparison", "paired patient-level bootstrap of the differences (model - reference)",
+        lambda: {t.name: compare_task(cfg, t, results["models"], DEMO_PAIRS[t.name]) for t in (ker, nih)})
     results["label_efficiency"] = st.run("label-efficiency", "label-efficiency curve on Kermany",
                                          lambda: label_efficiency(cfg, ker, echo))
     results["localisation"] = st.run("localisation", "GLoRI attention vs NIH expert boxes (test split)",

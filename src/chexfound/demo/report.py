@@ -12,6 +12,7 @@ import pandas as pd
 
 from chexfound.evaluate.report import Figure, Report, write_report
 from chexfound.runio import atomic_write_json, json_safe
+from chexfound.stats import DIFFERENCE, PairedDifference, read_comparisons
 
 
 def _ci(m: dict[str, Any], k: str) -> str:
@@ -39,44 +40,38 @@ def summary_rows(results: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["task", "head", "backbone"]).reset_index(drop=True)
 
 
-def _pairs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(k, v) for k, v in results["paired"].items() if not k.startswith("_")]
-
-
-def _numbers(a: dict[str, Any]) -> dict[str, Any]:
-    """A paired result with NaN where a saved results.json holds null (JSON has no NaN: a rerun reloads it)."""
-    def f(v: Any) -> float:
-        return float("nan") if v is None else float(v)
-
-    ci = a.get("ci") or [None, None]
-    return {"diff": f(a.get("diff")), "ci": [f(v) for v in ci], "p_value": f(a.get("p_value"))}
+def _pairs(results: dict[str, Any]) -> list[tuple[str, PairedDifference]]:
+    """("<task>: <model> - <reference>", pair) for every paired difference, read through the one reader of
+    comparisons (a results.json reloaded on a rerun holds null where a number was NaN)."""
+    return [(f"{task}: {name}", p) for task, c in read_comparisons(results.get("comparison", {})).items()
+            for name, p in c.paired.items()]
 
 
 def paired_rows(results: dict[str, Any]) -> pd.DataFrame:
     rows = []
-    for name, d in _pairs(results):
-        if "error" in d:
-            rows.append({"comparison": name, "AUROC difference [95% CI]": d["error"], "p": ""})
+    for name, p in _pairs(results):
+        if p.error is not None:
+            rows.append({"comparison": name, "AUROC difference [95% CI]": p.error, "p": ""})
             continue
-        a = _numbers(d["macro"]["auroc"])
-        lo, hi = a["ci"]
-        excl = not (lo <= 0 <= hi) if not np.isnan(lo) else False
-        rows.append({"comparison": name, "AUROC difference [95% CI]": f"{a['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]",
-                     "CI excludes 0": "yes" if excl else "no", "p": f"{a['p_value']:.3f}"})
+        a = p.auroc
+        lo, hi = a.ci
+        rows.append({"comparison": name, "AUROC difference [95% CI]": f"{a.diff:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+                     "CI excludes 0": "yes" if a.excludes_zero else "no", "p": f"{a.p_value:.3f}"})
     return pd.DataFrame(rows)
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
-    """Plain sentences that say exactly what the paired CIs show."""
+    """Plain sentences that say exactly what the paired CIs show (model - reference: the first named is the
+    model)."""
     out = []
-    for name, d in _pairs(results):
-        if "error" in d:
+    for name, p in _pairs(results):
+        if p.error is not None:
             continue
-        a = _numbers(d["macro"]["auroc"])
-        lo, hi = a["ci"]
-        if np.isnan(lo):
+        a = p.auroc
+        lo, hi = a.ci
+        if np.isnan(lo) or np.isnan(hi):
             continue
-        diff = f"{a['diff']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})"
+        diff = f"{a.diff:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})"
         if lo > 0:
             out.append(f"{name}: {diff} on test macro AUROC: the first is better.")
         elif hi < 0:
@@ -294,7 +289,7 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
                          "pointing (GLoRI)": _ci(o, "pointing"), "pointing (centre prior)": _ci(o, "centre_pointing"),
                          "mass in boxes (GLoRI)": _ci(o, "mass"), "mass (centre prior)": _ci(o, "centre_mass"),
                          "mass (uniform)": f"{o.get('uniform_mass', float('nan')):.3f}"})
-    tables = [("Summary: test sets", summary), ("Paired differences", pairs)]
+    tables = [("Summary: test sets", summary), (f"Paired differences ({DIFFERENCE})", pairs)]
     cal = calibration_rows(results)
     if len(cal):
         tables.append(("Calibration on the test sets (ECE: 10 equal-mass bins; patient-level bootstrap 95% CIs; "

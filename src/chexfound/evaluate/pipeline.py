@@ -250,11 +250,15 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
                                    figures.reliability_grid(art["y_test"], {"before": raw,
                                                                             "after": art["predictions"][label]},
                                                             findings, None)))
-        if metrics["paired"]:
-            tables.append(("Paired differences (patient-level bootstrap)", pd.DataFrame([
-                {"comparison": k, "Δ macro AUROC": v["macro"]["auroc"]["diff"], "CI": v["macro"]["auroc"]["ci"],
-                 "p": v["macro"]["auroc"]["p_value"], "Δ macro AP": v["macro"]["ap"]["diff"],
-                 "AP CI": v["macro"]["ap"]["ci"]} for k, v in metrics["paired"].items()])))
+        from chexfound.stats import DIFFERENCE
+
+        comparison = art["comparison"]
+        if comparison.paired:
+            tables.append((f"Paired differences ({DIFFERENCE}, patient-level bootstrap)",
+                           pd.DataFrame([
+                {"comparison": k, "Δ macro AUROC": v.auroc.diff, "CI": list(v.auroc.ci), "p": v.auroc.p_value,
+                 "Δ macro AP": v.macro["ap"].diff, "AP CI": list(v.macro["ap"].ci)}
+                for k, v in comparison.paired.items()])))
         for label, p in art["predictions"].items():
             files[f"predictions_{label.replace('/', '_')}.csv"] = predictions_csv(
                 [ids[i] for i in art["test_idx"]], id_col, p, findings)

@@ -25,6 +25,7 @@ from chexfound.adapt.attribution import (
     heatmap_kind,
     patch_contributions,
 )
+from chexfound.adapt.forward import head_forward
 from chexfound.adapt.heads.base import Head
 from chexfound.adapt.heads.loading import HeadInfo, head_info, load_head
 from chexfound.data.transform import InputTransform
@@ -55,9 +56,7 @@ class Classifier(nn.Module):
         self._last_block = LastBlockInput(backbone) if self.heatmap_kind == CLS_ATTENTION else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Normalised images -> (probabilities [B, C], attention maps [B, C, g, g] or None)."""
-        feats = self.backbone.get_intermediate_layers(x, n=self.head.n_blocks, return_class_token=True)
-        logits, attention = self.head(feats)
+        feats, logits, attention = head_forward(self.backbone, self.head, x)
         probs = self.head.probabilities(logits.float())
         p = self.backbone.patch_size
         gh, gw = x.shape[-2] // p, x.shape[-1] // p

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from chexfound import __version__
+from chexfound.adapt.forward import head_forward
 from chexfound.adapt.heads import Head, LinearHead
 from chexfound.data.transform import InputTransform
 from chexfound.errors import CheckpointError, ConfigError
@@ -235,8 +236,7 @@ def verify_hf(folder: str | PathLike[str], backbone: nn.Module, head: Head | Non
         if head is not None:
             out = hf(pixel_values=x)
             hidden = hf.get_submodule(hf_base_prefix(cfg))(pixel_values=x).last_hidden_state
-            feats = model.get_intermediate_layers(x, n=head.n_blocks, return_class_token=True)
-            logits, _ = head.float().eval()(feats)
+            logits = head_forward(model, head.float().eval(), x).logits
         else:
             hidden = hf(pixel_values=x).last_hidden_state
     diffs = {"cls": float((hidden[:, 0] - ours["x_norm_clstoken"]).abs().max()),

@@ -57,17 +57,30 @@ def check_environment() -> list[str]:
 TASK_NAMES = {"kermany": "Kermany test", "nih14": "NIH-14 test patients"}
 
 
+def _short(baseline: str) -> str:
+    """The verdict's name of a baseline: init, random_seedK, pixels."""
+    return {"init (iteration 0)": "init", "pixels_32x32": "pixels"}.get(
+        baseline, baseline.replace("random_init_seed", "random_seed"))
+
+
 def verdict(comparison: dict[str, Any], random_seeds: int) -> dict[str, Any]:
-    """Per task and baseline: 'beats' (CI above 0), 'loses' (CI below 0) or 'ties'; `passed` when the teacher
-    beats every baseline on every task and all `random_seeds` random inits were compared."""
+    """Per task and baseline: 'beats' (CI of teacher - baseline above 0), 'loses' (below 0) or 'ties';
+    `passed` when the teacher beats every baseline on every task and all `random_seeds` random inits were
+    compared. `comparison`: probe_comparison.json's content (any version `read_comparisons` reads)."""
+    from chexfound.stats import read_comparisons
+
     out: dict[str, Any] = {"tasks": {}, "notes": []}
     passed = bool(comparison)
-    for task, r in comparison.items():
+    comps = read_comparisons(comparison)
+    for task, c in comps.items():
         rows = {}
-        for key, v in r["paired"].items():
-            lo, hi = v["ci95"]
-            rows[key.replace("teacher_minus_", "")] = {
-                "diff": v["diff"], "ci95": [lo, hi],
+        for p in c.paired.values():
+            if p.model != "teacher" or p.error is not None:
+                continue
+            d = p.auroc
+            lo, hi = d.ci
+            rows[_short(p.reference)] = {
+                "diff": d.diff, "ci95": [lo, hi],
                 "result": "beats" if lo > 0 else ("loses" if hi < 0 else "ties")}
         n_random = sum(k.startswith("random") for k in rows)
         if n_random < random_seeds:
@@ -78,9 +91,9 @@ def verdict(comparison: dict[str, Any], random_seeds: int) -> dict[str, Any]:
                 out["notes"].append(f"{task}: no {need} baseline")
                 passed = False
         passed &= all(v["result"] == "beats" for v in rows.values())
-        out["tasks"][task] = {"auroc": r["auroc"]["teacher"]["auroc"], "vs": rows}
+        out["tasks"][task] = {"auroc": c.models["teacher"].auroc, "vs": rows}
     for t in TASK_NAMES:
-        if t not in comparison:
+        if t not in comps:
             out["notes"].append(f"no {TASK_NAMES[t]} comparison")
             passed = False
     out["passed"] = passed

@@ -3,9 +3,10 @@
 periodic: teacher features on the small probe set (k-NN + linear AUROC) -> metrics.jsonl rows kind=probe.
 final:    linear probes of the teacher vs its own iteration-0 weights vs the same architecture at random init
           (`final_random_seeds` seeds) vs raw 32x32 pixels, on each configured task: the statistics layer's
-          logistic probe and its comparison table (`chexfound.stats.compare_scores`): macro AUROC with 95% CIs
-          from a bootstrap over test *patients* and the paired differences teacher - baseline on the same
-          resamples; printed as a table and written to probe_comparison.json.
+          logistic probe and its comparison (`chexfound.stats.compare_scores`): macro AUROC with 95% CIs
+          from a bootstrap over test *patients* and the paired differences model - reference = teacher -
+          baseline on the same resamples; printed as a table and written to probe_comparison.json
+          ({task: `chexfound.stats.Comparison`}, read back with `chexfound.stats.read_comparisons`).
 
 Every probe set is decoded once, when first needed (a set a time budget turns down is never decoded). The
 runner measures what probes cost (`measure_costs`: decoding and features per image after a warm-up batch, the
@@ -32,7 +33,7 @@ from chexfound.ssl.budget import (PERIODIC, Clock, Deadline, FinalSet, ProbeCost
 from chexfound.ssl.config import expand_path
 from chexfound.ssl.probe import (NIH_EXCLUDE, ProbeTask, backbone_features, evaluate_features, kermany_task,
                                  linear_probe_scores, nih14_task, task_columns)
-from chexfound.stats import BootstrapConfig, compare_scores, pixel_features
+from chexfound.stats import DIFFERENCE, BootstrapConfig, Comparison, compare_scores, pixel_features
 
 log = logging.getLogger(__name__)
 
@@ -318,18 +319,19 @@ class ProbeRunner:
             metrics.write_row({"kind": "budget", "event": "final_skipped", "skipped": skipped})
         report: dict[str, Any] = {}
         for task in tasks:
-            report[task.name] = self._compare(task, scores[task.name])
-            self._print(task.name, report[task.name])
+            comp = self._compare(task, scores[task.name])
+            self._print(task.name, comp)
             metrics.write_row({"kind": "final_probe", "task": task.name, "seconds": seconds[task.name],
-                           **{f"{k}_auroc": v["auroc"] for k, v in report[task.name]["auroc"].items()}})
+                           **{f"{k}_auroc": v.auroc for k, v in comp.models.items()}})
+            report[task.name] = comp.to_dict()
         from chexfound.runio import atomic_write_json
 
         atomic_write_json(self.out / "probe_comparison.json", report)
         return report
 
-    def _compare(self, task: ProbeTask, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _compare(self, task: ProbeTask, scores: dict[str, np.ndarray]) -> Comparison:
         """The statistics layer's comparison: AUROC with a patient-bootstrap CI per model, and the paired
-        differences teacher - each baseline on the same resamples."""
+        differences teacher - each baseline (model - reference) on the same resamples."""
         cols = task_columns(task)
         names = [task.label_names[c] for c in cols]
         order = (["teacher", "init (iteration 0)"] + sorted((k for k in scores if k.startswith("random_init")),
@@ -337,22 +339,22 @@ class ProbeRunner:
                  + ["pixels_32x32"])
         ordered = {k: scores[k][:, cols] for k in order if k in scores}
         y = task.test_labels[:, cols]
-        table = compare_scores(y, ordered, names, task.test_groups, "teacher", BootstrapConfig(seed=self.seed))
-        short = {"init (iteration 0)": "init", "pixels_32x32": "pixels"}
-        diffs = {f"teacher_minus_{short.get(k, k.replace('random_init_seed', 'random_seed'))}":
-                 table["paired"][f"teacher_minus_{k}"] for k in ordered if k != "teacher"}
-        return {"n_train": int(len(task.train_labels)), "n_test": int(len(y)), "findings": names,
-                "auroc": table["auroc"], "paired": diffs, "bootstrap": table["bootstrap"],
-                "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
+        comp = compare_scores(y, ordered, names, task.test_groups, cfg=BootstrapConfig(seed=self.seed),
+                              pairs=[("teacher", k) for k in ordered if k != "teacher"])
+        comp.extra = {"n_train": int(len(task.train_labels)), "n_test": int(len(y)),
+                      "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
+        return comp
 
-    def _print(self, name: str, r: dict[str, Any]) -> None:
-        self.say(f"\nlinear probe on held-out images: {name} (train {r['n_train']}, test {r['n_test']}, "
-                 f"{'mean AUROC over ' + str(len(r['findings'])) + ' findings' if len(r['findings']) > 1 else 'AUROC'})")
+    def _print(self, name: str, c: Comparison) -> None:
+        n_train, n_test = c.extra["n_train"], c.extra["n_test"]
+        self.say(f"\nlinear probe on held-out images: {name} (train {n_train}, test {n_test}, "
+                 f"{'mean AUROC over ' + str(len(c.findings)) + ' findings' if len(c.findings) > 1 else 'AUROC'})")
         self.say(f"  {'features':<22} {'AUROC':>7}   95% CI")
-        for k, v in r["auroc"].items():
-            self.say(f"  {k:<22} {v['auroc']:7.3f}   [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
-        unit = r.get("bootstrap", {}).get("unit", "images")
-        self.say(f"  paired difference (same test images, 95% CI from a bootstrap over {unit}):")
-        for k, v in r["paired"].items():
-            sig = "  *" if v["ci95"][0] > 0 or v["ci95"][1] < 0 else ""
-            self.say(f"  {k:<28} {v['diff']:+.3f}   [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]{sig}")
+        for k, v in c.models.items():
+            self.say(f"  {k:<22} {v.auroc:7.3f}   [{v.auroc_ci[0]:.3f}, {v.auroc_ci[1]:.3f}]")
+        unit = c.bootstrap.get("unit", "images")
+        self.say(f"  paired difference ({DIFFERENCE}, same test images, 95% CI from a bootstrap over {unit}):")
+        for k, p in c.paired.items():
+            d = p.auroc
+            sig = "  *" if d.excludes_zero else ""
+            self.say(f"  {k:<34} {d.diff:+.3f}   [{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]{sig}")

@@ -9,7 +9,9 @@ computation.
     multiclass, regression, concordance   the other task types (one C-index, one return type)
     resample     the patient-level (cluster) bootstrap resampler, percentile CIs
     bootstrap    multi-label CIs and paired differences on the same patient resamples
-    compare      the "A vs B vs C" table: macro AUROC + CIs + paired differences to a reference
+    comparison   the one comparison result (Comparison: models, paired differences model - reference) and
+                 its reader (read_comparisons, old probe_comparison.json files included)
+    compare      computing one: macro AUROC + CIs per model, paired differences model - reference
     logistic     the logistic probe (one fitter, one documented regularisation search)
     thresholds   decision thresholds, with a prevalence fallback when validation evidence is weak
     knn          DINO's weighted k-NN scores
@@ -17,7 +19,9 @@ computation.
 """
 
 from chexfound.stats.bootstrap import bootstrap_multilabel, paired_bootstrap
-from chexfound.stats.compare import compare_scores
+from chexfound.stats.compare import compare_scores, paired_difference
+from chexfound.stats.comparison import (DIFFERENCE, Comparison, Difference, ModelResult, PairedDifference,
+                                        pair_name, read_comparisons)
 from chexfound.stats.concordance import Concordance, concordance_index
 from chexfound.stats.knn import knn_scores
 from chexfound.stats.logistic import C_GRID, LogisticProbe, LogisticTrainer, fit_logistic, fit_probe
@@ -30,7 +34,8 @@ from chexfound.stats.resample import BootstrapConfig, bootstrap_statistic, perce
 from chexfound.stats.thresholds import ThresholdChoice, ThresholdPolicy, choose_thresholds, label_prevalence
 
 __all__ = [
-    "BootstrapConfig", "C_GRID", "Concordance", "EligibilityRule", "LogisticProbe", "LogisticTrainer",
+    "BootstrapConfig", "C_GRID", "Comparison", "Concordance", "DIFFERENCE", "Difference", "EligibilityRule",
+    "ModelResult", "PairedDifference", "pair_name", "paired_difference", "read_comparisons", "LogisticProbe", "LogisticTrainer",
     "RankedScores", "ThresholdChoice", "ThresholdPolicy", "average_precision", "binary_auroc",
     "bootstrap_multilabel", "bootstrap_statistic", "choose_thresholds", "compare_scores", "concordance_index",
     "fit_logistic", "fit_probe", "knn_scores", "label_prevalence", "multiclass_metrics", "multilabel_metrics",

@@ -2,7 +2,8 @@
 
 Each model is a (trainer, feature source) pair under a label such as "tiny_vit/linear". All models are
 trained on the same train rows, select on the same val rows and are scored on the same test rows; the first
-model is the reference, and every other model gets a paired patient-level bootstrap of its difference to it.
+model is the reference, and every other model gets a paired patient-level bootstrap of its difference to it
+(model - reference, keyed "<model> - <reference>": a `chexfound.stats.Comparison`).
 The top-level "macro"/"per_finding" of the result are the reference model's.
 """
 
@@ -13,8 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chexfound.stats.bootstrap import paired_bootstrap
 from chexfound.stats.calibration import calibration_summary
+from chexfound.stats.compare import paired_difference
+from chexfound.stats.comparison import Comparison, ModelResult
 from chexfound.stats.multilabel import multilabel_metrics
 from chexfound.evaluate.protocols.common import EvalConfig, Splits, score_predictions
 from chexfound.evaluate.trainers import HeadTrainer, train_and_predict
@@ -60,17 +62,20 @@ def run_compare(
     labels = list(models)
     ref = labels[0]
     groups = {g: v["findings"] for g, v in results[ref].get("groups", {}).items()}
-    paired = {}
+    comparison = Comparison(list(findings), {k: ModelResult.from_metrics(v) for k, v in results.items()},
+                            bootstrap=dict(results[ref].get("bootstrap", {})), reference=ref)
     for other in labels[1:]:
-        paired[f"{other} - {ref}"] = paired_bootstrap(yt, preds[other], preds[ref], findings, pats[splits.test],
-                                                      cfg.bootstrap, cfg.rule, subsets=groups)
+        comparison.add(paired_difference(yt, (other, preds[other]), (ref, preds[ref]), findings, pats[splits.test],
+                                         cfg.bootstrap, cfg.rule, subsets=groups))
     core = {k: results[ref][k] for k in ("macro", "micro", "per_finding", "eligible", "excluded", "rule")}
     for k in ("groups", "group_rule", "bootstrap", "calibration"):
         if k in results[ref]:
             core[k] = results[ref][k]
-    metrics = {"protocol": "compare", "reference": ref, **core, "models": results, "paired": paired}
+    # The comparison's keys (schema, difference, findings, reference, models, paired) beside the reference
+    # model's core metrics: `chexfound.stats.read_comparisons` reads the file back.
+    metrics = {"protocol": "compare", **comparison.to_dict(), **core}
     return metrics, {"predictions": preds, "heads": heads, "y_test": yt, "test_idx": splits.test,
-                     "uncalibrated": uncal}
+                     "comparison": comparison, "uncalibrated": uncal}
 
 
 def calibration_before_after(yt: np.ndarray, raw: np.ndarray, cal: np.ndarray, pats: np.ndarray,

@@ -20,6 +20,7 @@ import torch
 
 from chexfound.data.transform import InputTransform
 from chexfound.errors import ChexfoundError
+from chexfound.adapt.forward import head_forward
 from chexfound.adapt.heatmap import attention_map
 from chexfound.evaluate.box_scores import LocalisationItem, map_boxes, pointing_hit, score_items, summarise
 from chexfound.io import read_image
@@ -60,8 +61,7 @@ def head_attention_heatmaps(backbone: torch.nn.Module, head: Any, gamma: float |
     @torch.no_grad()
     def fn(x: torch.Tensor) -> np.ndarray:
         dev = next(backbone.parameters()).device
-        feats = backbone.get_intermediate_layers(x.to(dev), head.n_blocks, return_class_token=True)
-        _, attn = head(feats)
+        attn = head_forward(backbone, head, x.to(dev)).attention
         if attn is None:
             raise ChexfoundError(f"head {type(head).__name__} returns no attention maps")
         s = x.shape[-1]
