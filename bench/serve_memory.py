@@ -13,6 +13,7 @@ measured in the same run, the answers by status code, and /healthz's worst laten
 pixel limit) as the reference: expect several GB there.
 
     python bench/serve_memory.py [--uploads 40] [--decode-workers N] [--old-limits] [--json out.json]
+    PYTHONPATH=src python bench/serve_memory.py --smoke      # seconds: 3 uploads a wave (figures mean nothing)
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ import numpy as np
 import psutil
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Stopwatch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -161,13 +165,13 @@ def wave(url: str, proc: psutil.Process, body: bytes, name: str, n: int, timeout
     watchers = [threading.Thread(target=sample), threading.Thread(target=poll)]
     for th in watchers:
         th.start()
-    t0 = time.monotonic()
     clients = [threading.Thread(target=upload) for _ in range(n)]
-    for th in clients:
-        th.start()
-    for th in clients:
-        th.join(timeout_s + 10)
-    wall = time.monotonic() - t0
+    with Stopwatch() as sw:
+        for th in clients:
+            th.start()
+        for th in clients:
+            th.join(timeout_s + 10)
+    wall = sw.seconds
     time.sleep(0.3)  # a last sample after the answers
     done.set()
     for th in watchers:
@@ -201,7 +205,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="per-upload client timeout, seconds")
     ap.add_argument("--old-limits", action="store_true", help="also run the old limits first, as the reference")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="seconds: 3 uploads a wave, every code path once")
     args = ap.parse_args()
+    if args.smoke:
+        args.uploads = 3
     n = min(max(1, args.uploads), 64)
     print(f"load: {os.getloadavg()[0]:.1f} (1-min average, {os.cpu_count()} CPUs)", flush=True)
     bodies = {"hostile_8000x8000_16bit.png": hostile_png(), "cxr_4300x4300_16bit.png": largest_cxr_png()}

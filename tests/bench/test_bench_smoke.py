@@ -19,8 +19,9 @@ EXPECT = {
     "evaluate": ["speed-up:", "max |difference| on shared resamples"],
     "io": ["PNG 8-bit 1024 px (NIH)", "DICOM JPEG 2000 lossless", "slowest format"],
     "serve": ["HTTP POST /v1/predict", "onnxruntime vs PyTorch"],
+    "serve_memory": ["server idle RSS", "peak RSS with the limits"],
 }
-NEEDS_DATA = {"adapt", "curate", "io", "serve"}
+NEEDS_DATA = {"adapt", "curate", "io", "serve", "serve_memory"}
 OWN_TEST = {"gpu": "tests/bench/test_gpu_smoke.py", "pretrain": "tests/ssl/test_bench_pretrain.py"}
 
 

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from chexfound.stats import read_comparisons
 from chexfound.models import create_backbone
 from chexfound.models.format import sha256_file
 from chexfound.ssl.train import pretrain
@@ -58,11 +59,13 @@ def test_cards_carry_the_final_probe_comparison(tmp_path, tiny_corpus, tiny_conf
         _check_identity(tmp_path, card, file)
         results = card.split("## Results", 1)[1].split("\n## ", 1)[0]
         assert "From `probe_comparison.json`" in results
-        for task, r in comparison.items():
+        for task, c in read_comparisons(comparison).items():  # the one schema (chexfound.stats.comparison)
             assert f"### Linear probe: {task}" in results
-            for v in r["auroc"].values():
-                assert f"| AUROC | {v['auroc']:.4f} | [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |" in results
-            for v in r["paired"].values():
-                assert f"| {v['diff']:.4f} | [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |" in results
-            n_rows = len(r["auroc"]) + len(r["paired"])
+            for m in c.models.values():
+                assert f"| AUROC | {m.auroc:.4f} | [{m.auroc_ci[0]:.4f}, {m.auroc_ci[1]:.4f}] |" in results
+            pairs = [p for p in c.paired.values() if p.error is None]
+            for p in pairs:
+                d = p.auroc
+                assert f"| {d.diff:.4f} | [{d.ci[0]:.4f}, {d.ci[1]:.4f}] |" in results
+            n_rows = len(c.models) + len(pairs)
             assert results.count("| AUROC |") + results.count("| paired AUROC difference |") == n_rows

@@ -24,27 +24,21 @@ def _label(key: str) -> str:
     return _BASELINES.get(key, key)
 
 
-def _paired_label(key: str) -> str:
-    """`teacher_minus_random_seed0` -> 'random initialisation, seed 0' (the comparison's short names)."""
-    k = key.removeprefix("teacher_minus_")
-    if k.startswith("random_seed"):
-        return f"random initialisation, seed {k.removeprefix('random_seed')}"
-    return {"init": "its initialisation", "pixels": "32x32 raw pixels"}.get(k, k)
-
-
 def probe_comparison_tables(report: Mapping[str, Any], source: str) -> list[ResultTable]:
     """One table per probe task: AUROC with 95% CI of this model and each baseline, then the paired
-    differences (this model minus each baseline, on the same test images)."""
+    differences (this model minus each baseline, on the same test images). Read through
+    `chexfound.stats.read_comparisons`, so older probe_comparison.json files give the same table."""
+    from chexfound.stats import read_comparisons
+
     out = []
-    for task, r in report.items():
-        rows: list[tuple[Any, ...]] = [(_label(k), "AUROC", v["auroc"], tuple(v["ci95"]))
-                                       for k, v in r.get("auroc", {}).items()]
-        rows += [(f"this model minus {_paired_label(k)}", "paired AUROC difference", v["diff"], tuple(v["ci95"]))
-                 for k, v in r.get("paired", {}).items()]
-        boot = r.get("bootstrap") or {}
-        notes = [f"{r.get('probe', 'linear probe')} on frozen features: {r.get('n_train')} training and "
-                 f"{r.get('n_test')} held-out test images"
-                 + (f", mean over {len(r['findings'])} findings" if len(r.get("findings", [])) > 1 else "") + ".",
+    for task, c in read_comparisons(report).items():
+        rows: list[tuple[Any, ...]] = [(_label(k), "AUROC", m.auroc, tuple(m.auroc_ci)) for k, m in c.models.items()]
+        rows += [(f"{_label(p.model)} minus {_label(p.reference)}", "paired AUROC difference", p.auroc.diff,
+                  tuple(p.auroc.ci)) for p in c.paired.values() if p.error is None and "auroc" in p.macro]
+        boot, extra = c.bootstrap or {}, c.extra or {}
+        notes = [f"{extra.get('probe', 'linear probe')} on frozen features: {extra.get('n_train')} training and "
+                 f"{extra.get('n_test')} held-out test images"
+                 + (f", mean over {len(c.findings)} findings" if len(c.findings) > 1 else "") + ".",
                  f"95% CIs from a bootstrap over {boot.get('unit', 'images')}"
                  + (f" ({boot['n_boot']} resamples)" if boot.get("n_boot") else "") + "; a paired difference whose "
                  "CI excludes 0 is a difference the test set shows."]

@@ -42,6 +42,7 @@ class SkippedInput:
     reason: str
 
     def row(self) -> list[str]:
+        """The CSV row: stage, index, path, reason."""
         return [self.stage, "" if self.index is None else str(int(self.index)), self.path, self.reason]
 
 

@@ -56,6 +56,7 @@ class Classifier(nn.Module):
         self._last_block = LastBlockInput(backbone) if self.heatmap_kind == CLS_ATTENTION else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Normalised images -> (probabilities [B, C], attention maps [B, C, g, g] or None)."""
         feats, logits, attention = head_forward(self.backbone, self.head, x)
         probs = self.head.probabilities(logits.float())
         p = self.backbone.patch_size

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from chexfound.errors import CheckpointError
 from chexfound.models import VisionTransformer, save_backbone
 from chexfound.models.card import ModelFile, ResultTable, write_card
-from chexfound.models.format import META_KEY, sha256_file
+from chexfound.models.format import META_KEY, read_meta, sha256_file
 from chexfound.models.ours import checkpoint_entry, saved_info
 from chexfound.models.shards import load_backbone_shards, save_backbone_shards
 from chexfound.runio import atomic_output, atomic_write_bytes

@@ -73,11 +73,13 @@ class Difference:
         return not (math.isnan(lo) or math.isnan(hi)) and (lo > 0 or hi < 0)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: model_value, reference_value, diff, ci, p_value."""
         return {"model_value": self.model_value, "reference_value": self.reference_value, "diff": self.diff,
                 "ci": list(self.ci), "p_value": self.p_value}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Difference":
+        """Back from `to_dict` (also the old files' "ci95" key)."""
         # "a"/"b": `paired_bootstrap`'s own names (A - B)
         return cls(_f(d.get("model_value", d.get("a"))), _f(d.get("reference_value", d.get("b"))),
                    _f(d.get("diff")), _ci(d.get("ci")), _f(d.get("p_value")))
@@ -103,6 +105,7 @@ class PairedDifference:
 
     @property
     def name(self) -> str:
+        """"<model> - <reference>": the key of this pair in a Comparison."""
         return pair_name(self.model, self.reference)
 
     @property
@@ -118,6 +121,7 @@ class PairedDifference:
                    {s: _differences(v) for s, v in result.get("subsets", {}).items()}, dict(result.get("config", {})))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: model, reference, macro / per_finding / subsets differences (or the error)."""
         if self.error is not None:
             return {"model": self.model, "reference": self.reference, "error": self.error}
         return {"model": self.model, "reference": self.reference,
@@ -128,6 +132,7 @@ class PairedDifference:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PairedDifference":
+        """Back from `to_dict`."""
         if d.get("error") is not None:
             return cls(str(d["model"]), str(d["reference"]), error=str(d["error"]))
         return cls.from_bootstrap(str(d["model"]), str(d["reference"]), d)
@@ -144,10 +149,12 @@ class ModelResult:
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any]) -> "ModelResult":
+        """From a model's metrics dict (`score_predictions`' shape); kept whole."""
         macro = metrics.get("macro", {})
         return cls(_f(macro.get("auroc")), _ci(macro.get("auroc_ci")), dict(metrics))
 
     def to_dict(self) -> dict[str, Any]:
+        """The metrics as given, or just the macro AUROC and its CI."""
         if self.metrics:  # the caller's metrics, as given (from_metrics read auroc and its CI from them)
             return dict(self.metrics)
         return {"macro": {"auroc": self.auroc, "auroc_ci": list(self.auroc_ci)}}
@@ -165,15 +172,18 @@ class Comparison:
     extra: dict[str, Any] = field(default_factory=dict)  # n_train, n_test, probe, ...
 
     def add(self, pair: PairedDifference) -> None:
+        """Add (or replace) one paired difference, under its name."""
         self.paired[pair.name] = pair
 
     def difference(self, model: str, reference: str) -> PairedDifference:
+        """The pair model - reference (KeyError naming the pairs there are)."""
         try:
             return self.paired[pair_name(model, reference)]
         except KeyError:
             raise KeyError(f"no paired difference {pair_name(model, reference)!r}; have {list(self.paired)}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the schema and the sign convention stated in the file."""
         return {"schema": SCHEMA, "difference": DIFFERENCE, "findings": list(self.findings),
                 "reference": self.reference, "models": {k: v.to_dict() for k, v in self.models.items()},
                 "paired": {k: v.to_dict() for k, v in self.paired.items()}, "bootstrap": dict(self.bootstrap),
