@@ -17,7 +17,7 @@ from chexfound.runio import read_jsonl
 from chexfound.ssl.diagnostics import plot_report
 from chexfound.ssl.meta_arch import SSLMetaArch
 from chexfound.ssl.run_context import MetricsLog, RunContext
-from chexfound.ssl.train_loop import LoopOutcome, RunLength, TrainLoop
+from chexfound.ssl.train_loop import LoopOutcome, TrainLoop
 from chexfound.ssl.trainer import Trainer
 from chexfound.ssl import distributed as D
 
@@ -31,8 +31,7 @@ class RunResult:
     exports: dict[str, Path] = field(default_factory=dict)
 
 
-def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, outcome: LoopOutcome,
-           n_items: int) -> RunResult:
+def finish(ctx: RunContext, loop: TrainLoop, prober: Any, outcome: LoopOutcome, n_items: int) -> RunResult:
     trainer, s, out = loop.trainer, ctx.settings, ctx.out
     done = outcome.done
     final_ckpt = latest_checkpoint(out)
@@ -45,16 +44,18 @@ def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, out
         _export(ctx, trainer, full_sd, done, n_items, result)
         _say_loss(ctx)
     _check_replicas(trainer, ctx.metrics)
-    margin_s = loop.plot_s + 0.5 * float(s.budget["margin_fraction"]) * (s.time_budget_s or 0.0)
+    budget, plan = loop.budget, loop.budget.plan
+    if ctx.info.is_main and prober.enabled:  # the final probes re-planned against the time left
+        plan = budget.final_plan(prober.final_cost, loop.plot_s)
     result.comparison = prober.final(full_sd, ctx.metrics, init_backbone=lambda: initial_teacher(ctx.cfg),
-                                     plan=length.plan, deadline=length.deadline, margin_s=margin_s)
+                                     plan=plan, fits=lambda seconds: budget.final_fits(seconds, loop.plot_s))
     if ctx.info.is_main:
         png = plot_report(out / "metrics.jsonl", out / "report.png", title=f"{ctx.cfg.get('_preset')}: {out}")
         if png:
             ctx.say(f"run report: {png}")
         took = ctx.elapsed()
         train_s = outcome.train_s
-        row = {"kind": "budget", "event": "end", "iterations": done, "planned_iterations": length.total,
+        row = {"kind": "budget", "event": "end", "iterations": done, "planned_iterations": loop.total,
                "elapsed_s": took, "training_s": train_s, "training_fraction": train_s / max(took, 1e-9)}
         if s.time_budget_s:
             row.update(budget_s=s.time_budget_s, budget_used=took / s.time_budget_s)
