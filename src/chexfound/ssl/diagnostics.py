@@ -19,6 +19,17 @@ log = logging.getLogger(__name__)
 
 
 # -- report ----------------------------------------------------------------------------------------
+def loss_trend(rows: list[dict[str, Any]]) -> str | None:
+    """Did the loss fall? The mean of the first and of the last tenth of the train rows (at least 4 rows)."""
+    losses = [float(r["loss"]) for r in rows if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
+    if len(losses) < 4:
+        return None
+    k = max(1, len(losses) // 10)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return (f"loss: {first:.4f} (first {k} log rows) -> {last:.4f} (last {k}); "
+            f"{'fell' if last < first else 'did NOT fall'}")
+
+
 def rollback_marks(rows: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
     """(iteration detected, iteration rolled back to, reason) of every `kind: rollback` row."""
     return [(int(r["detected_at"]), int(r["iteration"]), str(r.get("reason", "")))

@@ -124,10 +124,10 @@ class TrainLoop:
         except NonFiniteLossError as e:  # a trainer that checks every step raises at once
             return {}, Divergence("nonfinite", it + 1, it, str(e))
 
-    def _go_to(self, it: int, bar_total: int | None = None) -> None:
+    def _go_to(self, it: int, new_total: int | None = None) -> None:
         """After a rollback (the rerun starts at `it`) or a re-plan (a new total): the bar and the counters."""
-        if bar_total is not None:
-            self.state.total_iterations = bar_total
+        if new_total is not None:
+            self.state.total_iterations = new_total
             self.apply_schedules()
         else:
             self.budget.restart(it)
