@@ -210,17 +210,17 @@ def test_a_rollback_leaves_no_checkpoint_of_the_diverged_stretch(tmp_path, tiny_
     rollback): a resume right after the rollback must not continue from it, nor is it the last good one."""
     from chexfound.ssl.checkpoint import list_checkpoints
     from chexfound.ssl.train import pretrain
-    from chexfound.ssl.train_loop import TrainLoop
+    from chexfound.ssl.heal import HealPolicy
 
     seen = []
-    real = TrainLoop.roll_back
+    real = HealPolicy.roll_back
 
     def roll_back(self, div):
         target = real(self, div)
         seen.append((target, [it for it, _ in list_checkpoints(tmp_path)], self.last_good))
         return target
 
-    monkeypatch.setattr(TrainLoop, "roll_back", roll_back)
+    monkeypatch.setattr(HealPolicy, "roll_back", roll_back)
     # the spike at iteration 8 is detected at the log row of 10; ckpt_00000009 is written in between
     pretrain(_cfg(tiny_config, tiny_corpus, "checkpoint.every=9"), tmp_path, device="cpu", quiet=True,
              echo=lambda s: None)
@@ -236,18 +236,18 @@ def test_a_memory_snapshot_is_not_changed_by_the_training_after_its_rollback(tmp
 
     from chexfound.ssl.heal import cpu_copy
     from chexfound.ssl.train import pretrain
-    from chexfound.ssl.train_loop import TrainLoop
+    from chexfound.ssl.heal import HealPolicy
 
     seen = []
-    real = TrainLoop.roll_back
+    real = HealPolicy.roll_back
 
     def roll_back(self, div):
         target = real(self, div)
-        snap = self.healer.snapshot_at(target)
+        snap = self.snapshot_at(target)
         seen.append((snap, cpu_copy(snap.payload["optimizer"]["state"])))
         return target
 
-    monkeypatch.setattr(TrainLoop, "roll_back", roll_back)
+    monkeypatch.setattr(HealPolicy, "roll_back", roll_back)
     pretrain(_cfg(tiny_config, tiny_corpus), tmp_path, device="cpu", quiet=True, echo=lambda s: None)
     ((snap, at_rollback),) = seen
     now = snap.payload["optimizer"]["state"]

@@ -79,6 +79,26 @@ def test_resume_repeats_the_uninterrupted_run(full_run, tmp_path, tiny_corpus, t
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-7)
 
 
+def test_a_checkpoint_of_the_earlier_state_form_still_resumes(full_run, tmp_path, tiny_corpus, tiny_config):
+    """Checkpoints written before the typed run state (no version, the collapse warning's counts under a
+    separate "monitor" key) resume as before: the run ends where the uninterrupted one does."""
+    ref_out, _, _ = full_run
+    cfg = tiny_config()
+    cfg["data"]["sources"] = [{"path": str(tiny_corpus)}]
+    pretrain(cfg, tmp_path, device="cpu", quiet=True, stop_after=3)
+    (_, path), = list_checkpoints(tmp_path)
+    ck = load_checkpoint(path)
+    st = ck["state"]
+    assert st.pop("version") == 2
+    st["monitor"] = st["heal"].pop("collapse")
+    torch.save(ck, path)
+    pretrain(cfg, tmp_path, device="cpu", quiet=True)
+    a, b = _train_rows(ref_out), _train_rows(tmp_path)
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-6, abs=1e-7)
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1][1])["state"]["version"] == 2
+
+
 def test_resume_refuses_a_different_recipe(tmp_path, tiny_corpus, tiny_config):
     from chexfound.errors import ConfigError
 

@@ -30,7 +30,8 @@ While the run goes, the plan is corrected and `Deadline` keeps it honest: in the
 (`budget.replan_until` of the planned iterations) the total is refitted to the pace measured so far whenever
 it would change by more than `budget.replan_threshold` (`replan_total`); after that, training stops early (and
 says so) if it falls behind, a periodic probe that no longer fits is skipped, and the final probes are
-re-planned against the time actually left.
+re-planned against the time actually left. `BudgetPolicy` takes these decisions for the training loop and the
+end; `calibrate_and_fit` measures and fits before the loop; `BudgetState` is what a resume keeps.
 """
 
 from __future__ import annotations
@@ -323,3 +324,237 @@ def plan_from_config(pcfg: dict[str, Any], finals: list[FinalSet], periodic_on: 
                      periodic_train=int(pcfg["n_train"]) if periodic_on else 0,
                      periodic_test=int(pcfg["n_test"]) if periodic_on else 0,
                      finals=finals, random_seeds=int(pcfg["final_random_seeds"]) if finals else 0)
+@dataclass
+class BudgetState:
+    """What a time-budgeted run keeps across a resume: its probe plan, the measured costs, the time kept for
+    the end, the step time it plans with, and the totals it planned."""
+
+    plan: ProbePlan
+    costs: ProbeCosts
+    end_reserve_s: float
+    step_s: float
+    budget_s: float
+    planned_total: int
+    replanned_total: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["plan"] = self.plan.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BudgetState | None:
+        """None for a run without a budget (an empty dict in form 1)."""
+        if not d or "end_reserve_s" not in d:
+            return None
+        rt = d.get("replanned_total")
+        return cls(plan=ProbePlan.from_dict(d["plan"]), costs=ProbeCosts(**d.get("costs", {})),
+                   end_reserve_s=float(d["end_reserve_s"]), step_s=float(d["step_s"]),
+                   budget_s=float(d.get("budget_s", 0.0)), planned_total=int(d.get("planned_total", 0)),
+                   replanned_total=None if rt is None else int(rt))
+
+
+def probe_iterations(total: int, n_evals: int, done: int = 0) -> set[int]:
+    """Iterations of `n_evals` periodic probes spread evenly over (done, total) (neither end)."""
+    rest = total - done
+    return {done + int(round(rest * (k + 1) / (n_evals + 1))) for k in range(max(0, n_evals))} - {done, total}
+
+
+Calibration = list[tuple[int, dict[str, Any], int, float]]  # (iterations done, stats, images, seconds)
+
+
+def calibrate_and_fit(ctx: Any, trainer: Any, corpus: Any, prober: Any,
+                      plan: ProbePlan) -> tuple[BudgetState, BudgetFit, Calibration, float]:
+    """Measure (probe costs, checkpoint writes, the step on the run's first iterations at learning rate 0),
+    then fit: (the budget's state, the fit, the calibration iterations, their seconds)."""
+    import torch
+
+    from chexfound.ssl import distributed as D
+    from chexfound.ssl.checkpoint import measure_save_cost
+
+    s, budget = ctx.settings, float(ctx.settings.time_budget_s or 0.0)
+    gen = corpus.source.batches(0)
+    sample = next(gen)[1]  # the first batch (resident, or decoded for it): what feature timing runs on
+    gen.close()
+    min_images, cap = int(s.budget["min_final_images"]), float(s.budget["max_probe_fraction"]) * budget
+
+    def worth(c: ProbeCosts) -> bool:  # timing decoding and fits is wasted when no probe could fit anyway
+        lower = turn_down(plan, c.reserve_s, cap, min_images)
+        return bool(lower.finals or lower.periodic)
+
+    costs = prober.measure_costs(plan, min_images, sample, worth)
+    ckpt_s, end_s = measure_save_cost(trainer, ctx.out, ctx.clock, shards=bool(s.export_bf16_shard_mib))
+    costs.ckpt_s, costs.end_s = D.broadcast_object((ckpt_s, end_s))  # type: ignore[misc]
+    trainer.set_schedules(10**9, 10**9)  # the warm-up starts from 0: lr 0 costs the run nothing
+    gen = corpus.source.batches(0)
+    steps: Calibration = []
+
+    def run_step(k: int) -> None:
+        _, images, _ = next(gen)
+        t0 = ctx.clock()
+        st = trainer.train_step(k, images, lr_scale=0.0)
+        steps.append((k + 1, st, images.shape[0] * ctx.info.world_size, ctx.clock() - t0))
+
+    def sync() -> None:
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+
+    t0 = ctx.clock()
+    warmup_free = trainer.device.type == "cpu" and not ctx.cfg["train"]["compile"]
+    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock, warmup_free=warmup_free,
+                                  agree=lambda flag: bool(D.broadcast_object(bool(flag))))
+    calibration_s = ctx.clock() - t0
+    gen.close()
+    step_t = torch.tensor([step_s], device=trainer.device)
+    D.all_reduce_max(step_t)
+    step_s = float(step_t.item())
+    done_sizes, decoded = D.broadcast_object(({k: v[0] for k, v in prober.pixel_scores.items()}, prober.decoded))
+    fit = fit_budget(budget, ctx.elapsed(), step_s, done, costs, plan, s.budget, s.epochs, s.ckpt_every, done_sizes,
+                     decoded)  # type: ignore[arg-type]
+    fit = D.broadcast_object(fit)  # type: ignore[assignment]
+    ctx.say(fit.message())
+    ctx.metrics.write_row({**fit.row(), "costs": asdict(costs)})
+    end_reserve = costs.final_probes_s(fit.plan, done_sizes, decoded) + costs.end_s + fit.margin_s  # type: ignore[arg-type]
+    state = BudgetState(fit.plan, costs, end_reserve, step_s, budget, fit.total)
+    return state, fit, steps, calibration_s
+
+
+class BudgetPolicy:
+    """The time budget's decisions while a run goes, and the probe plan (with or without a budget): which
+    periodic probes run and whether one still fits, the pace and its re-plans, the deadline, and the final
+    probes' plan and margin. It owns the run's clock accounting (training time vs pauses). `ctx`: the
+    RunContext; `state`: the budget's state (None without a budget); `probe_s`: one periodic probe's cost."""
+
+    def __init__(self, ctx: Any, plan: ProbePlan, state: BudgetState | None, probe_s: Callable[[ProbePlan], float],
+                 calibration_s: float = 0.0) -> None:
+        from chexfound.ssl import distributed as D
+
+        self.ctx, self.plan, self.state, self.probe_s, self.calibration_s = ctx, plan, state, probe_s, calibration_s
+        s = ctx.settings
+        self.deadline: Deadline | None = None
+        if state is not None and s.time_budget_s:
+            self.deadline = Deadline(ctx.t_start - ctx.elapsed_before, s.time_budget_s, state.end_reserve_s,
+                                     state.step_s, ctx.clock,
+                                     tolerance_s=float(s.budget["tolerance_fraction"]) * s.time_budget_s)
+        self._agree: Callable[[Any], Any] = D.broadcast_object if ctx.info.enabled else (lambda x: x)
+        self.probe_at: set[int] = set()
+        self.probes_left = 0
+        self.pause_s = 0.0  # probes and checkpoints: not training
+        self.t_loop = self.t_prev = self.t_pause = 0.0
+        self.step_est = 0.0  # seconds per iteration, as seen
+        # the pace window: (clock, iteration, pauses so far) where it opened (the loop's start, or a rollback's
+        # rerun); the pace is measured over all of it, so a short burst of other jobs does not swing the plan
+        self.pace_from = (0.0, 0, 0.0)
+        self.replanned_at = -1  # iteration of the last re-plan that changed the total
+
+    def _event(self, row: dict[str, Any], line: str | None = None) -> None:
+        self.ctx.metrics.write_row({"kind": "budget", **row})
+        if line:
+            self.ctx.say(line)
+
+    # -- the loop's clock ------------------------------------------------------------------------------
+    def start(self, it: int, total: int) -> None:
+        self.probe_at = probe_iterations(total, self.plan.periodic - 1)
+        self.probes_left = len({p for p in self.probe_at if p > it})
+        self.t_loop = self.t_prev = self.ctx.clock()
+        self.pace_from = (self.t_loop, it, 0.0)
+        self.step_est = self.deadline.step_s if self.deadline is not None else 0.0
+
+    def restart(self, it: int) -> None:
+        """A rollback reruns from `it`: the pace window opens again there."""
+        self.t_prev = self.ctx.clock()
+        self.pace_from = (self.t_prev, it, self.pause_s)
+
+    def pause(self) -> None:
+        """Training stops for this iteration (probes and checkpoints follow)."""
+        self.t_pause = self.ctx.clock()
+
+    def resume(self) -> None:
+        now = self.ctx.clock()
+        self.pause_s += now - self.t_pause
+        # this iteration's time (a GPU step's host time is short until a log step waits: averaged out)
+        step = self.t_pause - self.t_prev
+        self.step_est = 0.7 * self.step_est + 0.3 * step if self.step_est else step
+        self.t_prev = now
+
+    def train_s(self) -> float:
+        """Seconds of training steps so far in this process (calibration included)."""
+        return self.calibration_s + self.ctx.clock() - self.t_loop - self.pause_s
+
+    # -- probe? ----------------------------------------------------------------------------------------
+    def probe_now(self, done: int, total: int) -> bool:
+        """Whether the periodic probe planned at `done` (if any) runs: it is skipped when training is behind."""
+        if done not in self.probe_at:
+            return False
+        self.probes_left -= 1
+        d = self.deadline
+        if self._agree(d is None or d.fits(self.probe_s(self.plan), total - done)):
+            return True
+        self._event({"event": "probe_skipped", "iteration": done},
+                    f"budget: periodic probe at iteration {done} skipped (training is behind its plan)")
+        return False
+
+    # -- budget? ---------------------------------------------------------------------------------------
+    def replan(self, done: int, total: int, log_now: bool) -> int | None:
+        """At a log step: refit the total to the pace measured since the window opened (budget.replan_until /
+        replan_threshold), at least 10 iterations (and 5% of the run) after the window opened and after the
+        last change; the new total, or None when the plan holds. Rank 0 decides for every rank."""
+        d, b, s = self.deadline, self.ctx.settings.budget, self.ctx.settings
+        if d is None or self.state is None or not log_now or done >= total:
+            return None
+        t0, it0, p0 = self.pace_from
+        n, gap = done - it0, max(10.0, 0.05 * total)
+        if done > float(b.get("replan_until", 0.0)) * total or n < gap or done - self.replanned_at < gap:
+            return None
+        now = self.ctx.clock()
+        pace = (now - t0 - (self.pause_s - p0)) / n + (self.state.costs.ckpt_s / s.ckpt_every if s.ckpt_every else 0.0)
+        left = d.training_left_s() - self.probes_left * self.probe_s(self.plan)
+        new = self._agree(replan_total(done, total, pace, left, d.tolerance_s, float(b.get("replan_threshold", 0.05))))
+        if new is None:
+            return None
+        d.step_s = self.state.step_s = pace  # what the deadline and a resume expect from now on
+        self.state.replanned_total = int(new)
+        self.replanned_at = done
+        self.probe_at = probe_iterations(int(new), self.probes_left, done)
+        self._event({"event": "replan", "iteration": done, "planned_iterations": total, "total": int(new),
+                     "step_s": pace, "training_left_s": left, "elapsed_s": self.ctx.elapsed()},
+                    f"budget: re-planned at iteration {done}: {total} -> {int(new)} iterations "
+                    f"({pace * 1000:.0f} ms/iteration measured, {left:.0f}s of training left)")
+        return int(new)
+
+    def cut_short(self, done: int, total: int, log_now: bool) -> str | None:
+        """Why training stops at `done` before `total` (it fell behind its plan), or None to go on."""
+        d = self.deadline
+        if d is None or done >= total or (self.ctx.info.enabled and not log_now):
+            return None
+        if not self._agree(d.behind(next_step_s=max(self.step_est, d.step_s))):
+            return None
+        msg = (f"budget: training stopped at iteration {done} of {total}: it fell behind its plan (slower "
+               "steps or longer probes than measured); the end keeps its time")
+        self._event({"event": "cut_short", "iteration": done, "planned_iterations": total,
+                     "elapsed_s": self.ctx.elapsed()}, msg)
+        return msg
+
+    # -- the end ---------------------------------------------------------------------------------------
+    def final_plan(self, cost: Callable[[ProbePlan], float], plot_s: float) -> ProbePlan:
+        """The final probes re-planned against the time actually left (a margin for the report kept)."""
+        d = self.deadline
+        if d is None:
+            return self.plan
+        fitted = turn_down(self.plan, cost, d.left_s() - self.end_margin_s(plot_s),
+                           int(self.ctx.settings.budget["min_final_images"]),
+                           stages=("final_sets", "random_seeds", "final_tasks"))
+        new = fitted.turned_down[len(self.plan.turned_down):]
+        if new:
+            self._event({"event": "final_turned_down", "turned_down": new, "left_s": d.left_s()},
+                        "final probes turned down to fit the time left: " + "; ".join(new))
+        return fitted
+
+    def end_margin_s(self, plot_s: float) -> float:
+        """Kept after the final probes: the report's drawing and half the budget's margin."""
+        s = self.ctx.settings
+        return plot_s + 0.5 * float(s.budget["margin_fraction"]) * (s.time_budget_s or 0.0)
+
+    def final_fits(self, seconds: float, plot_s: float) -> bool:
+        """Whether an optional final probe of `seconds` still fits."""
+        return self.deadline is None or self.deadline.left_s() - self.end_margin_s(plot_s) >= seconds

@@ -1,16 +1,10 @@
-"""Is it learning? Collapse detection while the run goes, and the run report (PNG of the curves).
+"""Is it learning? The run report (PNG of the curves) from metrics.jsonl.
 
 Teacher-side statistics logged every `log_every` iterations (see meta_arch): `teacher_entropy` (mean entropy of
 the per-image targets), `teacher_mean_entropy` (entropy of the batch-mean target), `prototypes_in_use`
-(distinct argmax prototypes in the batch), plus the losses and, periodically, probe AUROCs.
-
-The two DINO failure modes:
-  uniform  targets flat over all K prototypes: teacher_entropy ~ ln K and the loss stuck at ~ln K; nothing
-           is being distilled.
-  one-hot  every image sent to the same prototype(s): prototypes_in_use ~ 1 and teacher_mean_entropy ~ 0.
-Early on targets are close to uniform by construction (random heads), so the monitor only judges after a
-grace period, and needs `patience` consecutive bad log rows before it warns.
-"""
+(distinct argmax prototypes in the batch), plus the losses and, periodically, probe AUROCs. The collapse
+warnings read the same statistics while the run goes: they are a signal of the health detector
+(chexfound.ssl.heal.CollapseSignal)."""
 
 from __future__ import annotations
 
@@ -24,51 +18,18 @@ from chexfound.runio import atomic_output, read_jsonl
 log = logging.getLogger(__name__)
 
 
-class CollapseMonitor:
-    def __init__(self, total_iterations: int, grace_fraction: float = 0.15, patience: int = 3,
-                 uniform_fraction: float = 0.97, onehot_max_prototypes: int = 2) -> None:
-        self.grace = int(total_iterations * grace_fraction)
-        self.patience = patience
-        self.uniform_fraction = uniform_fraction
-        self.onehot_max = onehot_max_prototypes
-        self.counts = {"uniform": 0, "one-hot": 0}
-        self.warned: set[str] = set()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "warned": sorted(self.warned)}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.counts.update(d.get("counts", {}))
-        self.warned = set(d.get("warned", []))
-
-    def check(self, it: int, stats: dict[str, float], n_rows: int) -> str | None:
-        """A warning message the first time a collapse persists, else None."""
-        if it < self.grace:
-            return None
-        log_k = stats["log_n_prototypes"]
-        flags = {
-            "uniform": stats["teacher_entropy"] > self.uniform_fraction * log_k,
-            "one-hot": n_rows >= 8 and stats["prototypes_in_use"] <= self.onehot_max,
-        }
-        msg = None
-        for kind, bad in flags.items():
-            self.counts[kind] = self.counts[kind] + 1 if bad else 0
-            if self.counts[kind] >= self.patience and kind not in self.warned:
-                self.warned.add(kind)
-                if kind == "uniform":
-                    msg = (f"collapse warning at iteration {it}: teacher targets are near-uniform "
-                           f"(entropy {stats['teacher_entropy']:.2f} of ln K = {log_k:.2f}); the model distils "
-                           "nothing. Try fewer prototypes (dino.head_n_prototypes), a lower teacher "
-                           "temperature, or a faster teacher (teacher.momentum_teacher).")
-                else:
-                    msg = (f"collapse warning at iteration {it}: the teacher sends the whole batch to "
-                           f"{int(stats['prototypes_in_use'])} prototype(s) (entropy of the mean target "
-                           f"{stats['teacher_mean_entropy']:.2f}). Use centering=sinkhorn_knopp, or a larger "
-                           "center_momentum / lower lr.")
-        return msg
-
-
 # -- report ----------------------------------------------------------------------------------------
+def loss_trend(rows: list[dict[str, Any]]) -> str | None:
+    """Did the loss fall? The mean of the first and of the last tenth of the train rows (at least 4 rows)."""
+    losses = [float(r["loss"]) for r in rows if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
+    if len(losses) < 4:
+        return None
+    k = max(1, len(losses) // 10)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return (f"loss: {first:.4f} (first {k} log rows) -> {last:.4f} (last {k}); "
+            f"{'fell' if last < first else 'did NOT fall'}")
+
+
 def rollback_marks(rows: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
     """(iteration detected, iteration rolled back to, reason) of every `kind: rollback` row."""
     return [(int(r["detected_at"]), int(r["iteration"]), str(r.get("reason", "")))

@@ -28,6 +28,7 @@ from chexfound.data.readers import read_kermany
 from chexfound.data.transform import InputTransform
 from chexfound.models.extract import extract_features
 from chexfound.models.vit import VisionTransformer
+from chexfound.ssl.config import expand_path
 from chexfound.ssl.data import Skipped, decode_all
 from chexfound.stats import fit_probe, knn_scores
 from chexfound.stats.ranking import macro_auroc
@@ -149,3 +150,62 @@ def probe_backbone(model: VisionTransformer, task: ProbeTask, device: torch.devi
 
 def task_columns(task: ProbeTask) -> list[int]:
     return _columns(task.train_labels, task.test_labels)
+
+
+# -- where the probe sets are, and their sizes (from the labels alone) --------------------------------
+def _is_kermany(folder: Path) -> bool:
+    f = folder / "labels.csv"
+    if not f.is_file():
+        return False
+    head = f.read_text().splitlines()[:2]
+    return len(head) == 2 and "label" in head[0].split(",") and ("NORMAL" in head[1] or "PNEUMONIA" in head[1])
+
+
+def _probes_off(v: Any) -> bool:
+    return v in (None, False, "none", "off")
+
+
+def probes_off_reason(cfg: dict[str, Any]) -> str:
+    """Why `resolve_kermany` found no probe set: switched off by the setting, or searched for and not found."""
+    v = cfg["probe"]["kermany"]
+    if _probes_off(v):
+        return f"probes are off (probe.kermany={v})"
+    return "no Kermany folder found (data.sources, $CHEXFOUND_DATA/kermany); probes are off"
+
+
+def resolve_kermany(cfg: dict[str, Any]) -> Path | None:
+    """The Kermany folder the probes use: `probe.kermany` as given, or ("auto") the first data source or
+    $CHEXFOUND_DATA/kermany that is one; None when probes are off or none is found (`probes_off_reason`)."""
+    v = cfg["probe"]["kermany"]
+    if _probes_off(v):
+        return None
+    if v != "auto":
+        p = expand_path(v)
+        if not _is_kermany(p):
+            raise FileNotFoundError(f"probe.kermany: {p} is not a Kermany folder (labels.csv with label column)")
+        return p
+    for s in cfg["data"]["sources"]:
+        p = expand_path(s["path"] if isinstance(s, dict) else s)
+        if p.is_dir() and _is_kermany(p):
+            return p
+    p = expand_path("${CHEXFOUND_DATA}/kermany")
+    return p if _is_kermany(p) else None
+
+
+def split_sizes(kind: str, root: Path) -> tuple[int, int, int]:
+    """(train images, test images, findings with both classes in each) of a probe task, from its labels alone
+    (no image is decoded): the splits `kermany_task` / `nih14_task` draw from."""
+    if kind == "kermany":
+        m = read_kermany(root)
+        return len(m.split("train")), len(m.split("test")), 1
+    m = read_manifest(Path(root) / "labels.csv")
+    m.label_columns = [c for c in m.label_columns if c not in NIH_EXCLUDE and c != "no_finding"]
+    split = patient_split(m.patients(), [0.7, 0.3], ["dev", "test"], 0)
+    y = m.labels()
+
+    def both(rows: np.ndarray, c: int) -> bool:
+        v = y[rows, c]
+        return len(np.unique(v[~np.isnan(v)])) == 2
+
+    n_f = sum(both(split == "dev", c) and both(split == "test", c) for c in range(y.shape[1]))
+    return int((split == "dev").sum()), int((split == "test").sum()), int(n_f)

@@ -28,73 +28,14 @@ import torch
 
 from chexfound.models import VisionTransformer
 from chexfound.ssl import distributed as D
-from chexfound.ssl.budget import (PERIODIC, Clock, Deadline, FinalSet, ProbeCosts, ProbePlan, plan_from_config,
-                                  set_key, turn_down)
+from chexfound.ssl.budget import PERIODIC, Clock, FinalSet, ProbeCosts, ProbePlan, plan_from_config, set_key
 from chexfound.ssl.config import expand_path
-from chexfound.ssl.probe import (NIH_EXCLUDE, ProbeTask, backbone_features, evaluate_features, kermany_task,
-                                 linear_probe_scores, nih14_task, task_columns)
+from chexfound.ssl.probe import (ProbeTask, backbone_features, evaluate_features, kermany_task, linear_probe_scores,
+                                 nih14_task, probes_off_reason, resolve_kermany, split_sizes,
+                                 task_columns)
 from chexfound.stats import DIFFERENCE, BootstrapConfig, Comparison, compare_scores, pixel_features
 
 log = logging.getLogger(__name__)
-
-
-def _is_kermany(folder: Path) -> bool:
-    f = folder / "labels.csv"
-    if not f.is_file():
-        return False
-    head = f.read_text().splitlines()[:2]
-    return len(head) == 2 and "label" in head[0].split(",") and ("NORMAL" in head[1] or "PNEUMONIA" in head[1])
-
-
-def _probes_off(v: Any) -> bool:
-    return v in (None, False, "none", "off")
-
-
-def probes_off_reason(cfg: dict[str, Any]) -> str:
-    """Why `resolve_kermany` found no probe set: switched off by the setting, or searched for and not found."""
-    v = cfg["probe"]["kermany"]
-    if _probes_off(v):
-        return f"probes are off (probe.kermany={v})"
-    return "no Kermany folder found (data.sources, $CHEXFOUND_DATA/kermany); probes are off"
-
-
-def resolve_kermany(cfg: dict[str, Any]) -> Path | None:
-    v = cfg["probe"]["kermany"]
-    if _probes_off(v):
-        return None
-    if v != "auto":
-        p = expand_path(v)
-        if not _is_kermany(p):
-            raise FileNotFoundError(f"probe.kermany: {p} is not a Kermany folder (labels.csv with label column)")
-        return p
-    for s in cfg["data"]["sources"]:
-        p = expand_path(s["path"] if isinstance(s, dict) else s)
-        if p.is_dir() and _is_kermany(p):
-            return p
-    p = expand_path("${CHEXFOUND_DATA}/kermany")
-    return p if _is_kermany(p) else None
-
-
-def split_sizes(kind: str, root: Path) -> tuple[int, int, int]:
-    """(train images, test images, findings with both classes in each) of a probe task, from its labels alone
-    (no image is decoded): the splits `kermany_task` / `nih14_task` draw from."""
-    from chexfound.data.manifest import patient_split, read_manifest
-    from chexfound.data.readers import read_kermany
-
-    if kind == "kermany":
-        m = read_kermany(root)
-        return len(m.split("train")), len(m.split("test")), 1
-    m = read_manifest(Path(root) / "labels.csv")
-    m.label_columns = [c for c in m.label_columns if c not in NIH_EXCLUDE and c != "no_finding"]
-    split = patient_split(m.patients(), [0.7, 0.3], ["dev", "test"], 0)
-    y = m.labels()
-
-    def both(rows: np.ndarray, c: int) -> bool:
-        v = y[rows, c]
-        return len(np.unique(v[~np.isnan(v)])) == 2
-
-    n_f = sum(both(split == "dev", c) and both(split == "test", c) for c in range(y.shape[1]))
-    return int((split == "dev").sum()), int((split == "test").sum()), int(n_f)
 
 
 class ProbeRunner:
@@ -181,11 +122,11 @@ class ProbeRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def measure_costs(self, plan: ProbePlan, min_images: int, limit_s: float, sample: torch.Tensor) -> ProbeCosts:
+    def measure_costs(self, plan: ProbePlan, min_images: int, sample: torch.Tensor,
+                      worth: Callable[[ProbeCosts], bool]) -> ProbeCosts:
         """Features per image, timed on `sample` (uint8 images already at hand, e.g. a training batch: an
-        untimed warm-up batch, then timed batches of growing size); then, unless no probe could fit in
-        `limit_s` even with free decoding and fits (slow features on a small budget: the time would be
-        wasted), decoding per image and the logistic fit per unit, on the smallest final Kermany set a plan can
+        untimed warm-up batch, then timed batches of growing size); then, when `worth(costs so far)` (the
+        budget's answer: could any probe fit, even with free decoding and fits?), decoding per image and the logistic fit per unit, on the smallest final Kermany set a plan can
         use (`min_images` train and test images, decoded here; its pixel-baseline scores are kept)."""
         backbone = self.trainer.teacher_backbone()  # collective under FSDP
         kermany = next((f for f in plan.finals if f.task == "kermany"), None)
@@ -204,8 +145,7 @@ class ProbeRunner:
                     break
                 n = min(2 * n, bs, len(images))
             self.costs.feature_s = dt / n
-            lower = turn_down(plan, lambda p: self.costs.reserve_s(p), limit_s, min_images)
-            if kermany is not None and (lower.finals or lower.periodic):
+            if kermany is not None and worth(self.costs):
                 m_tr, m_te = min(min_images, kermany.n_train), min(min_images, kermany.n_test)
                 t0 = self.clock()
                 task = self._set("kermany", m_tr, m_te)
@@ -251,23 +191,19 @@ class ProbeRunner:
         return self.costs.periodic_probe_s(plan)
 
     # -- final comparison ------------------------------------------------------------------------------
+    def final_cost(self, plan: ProbePlan) -> float:
+        """Seconds the final probes of `plan` would take, with what is decoded and fitted already."""
+        done = {k: v[0] for k, v in self.pixel_scores.items()}
+        return self.costs.final_probes_s(plan, done, self.decoded)
+
     def final(self, model_sd: dict[str, torch.Tensor], metrics: Any,
               init_backbone: Callable[[], VisionTransformer] | None = None, plan: ProbePlan | None = None,
-              deadline: Deadline | None = None, margin_s: float = 0.0) -> dict[str, Any]:
+              fits: Callable[[float], bool] = lambda seconds: True) -> dict[str, Any]:
+        """The final comparison of `plan`; `fits(seconds)`: whether an optional random init still fits (the
+        time budget's answer)."""
         if not self.is_main or self.kermany is None:
             return {}
         plan = plan or self.configured_plan()
-        if deadline is not None:
-            done = {k: v[0] for k, v in self.pixel_scores.items()}
-            fitted = turn_down(plan, lambda p: self.costs.final_probes_s(p, done, self.decoded),
-                               deadline.left_s() - margin_s, int(self.cfg["budget"]["min_final_images"]),
-                               stages=("final_sets", "random_seeds", "final_tasks"))
-            new = fitted.turned_down[len(plan.turned_down):]
-            if new:
-                self.say("final probes turned down to fit the time left: " + "; ".join(new))
-                metrics.write_row({"kind": "budget", "event": "final_turned_down", "turned_down": new,
-                               "left_s": deadline.left_s()})
-            plan = fitted
         from chexfound.ssl.checkpoint import teacher_backbone_from_state
 
         if not plan.finals:
@@ -308,7 +244,7 @@ class ProbeRunner:
         skipped = []
         for k in range(1, plan.random_seeds):
             for task in tasks:
-                if deadline is not None and deadline.left_s() - margin_s < random_s.get(task.name, 0.0):
+                if not fits(random_s.get(task.name, 0.0)):
                     skipped.append(f"{task.name} random_init_seed{k}")
                     continue
                 t0 = self.clock()

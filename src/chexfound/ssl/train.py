@@ -6,7 +6,8 @@ A run goes through six stages, each a function here or a module of its own:
   model   the trainer: from scratch, from `train.init_from`, or resumed from the folder's last checkpoint
   length  how many iterations and which probes: fixed by the config, or fitted to the time budget
           (chexfound.ssl.budget: measured costs, the first iterations timed, probes turned down to fit)
-  loop    steps, log rows, checkpoints, periodic probes, rollbacks, the deadline (chexfound.ssl.train_loop)
+  loop    step -> log -> heal? -> probe? -> checkpoint? -> budget? (chexfound.ssl.train_loop), the questions
+          answered by the health and budget policies (chexfound.ssl.heal, chexfound.ssl.budget)
   end     final checkpoint, teacher exports, final probes, report (chexfound.ssl.train_end)
 
 One iteration (chexfound.ssl.trainer): gather this rank's uint8 images -> multi-crop on the device -> block
@@ -19,7 +20,6 @@ run repeats the uninterrupted one exactly. A diverging run rolls back and goes o
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -29,15 +29,14 @@ import torch
 
 from chexfound.runio import check_run_config, write_run_config
 from chexfound.ssl import distributed as D
-from chexfound.ssl.budget import (Clock, Deadline, ProbeCosts, ProbePlan, calibrate_step, fit_budget)
-from chexfound.ssl.checkpoint import latest_checkpoint, load_checkpoint, measure_save_cost
+from chexfound.ssl.budget import BudgetPolicy, Calibration, Clock, calibrate_and_fit, probe_iterations
+from chexfound.ssl.checkpoint import latest_checkpoint, load_checkpoint
 from chexfound.ssl.data import Corpus, open_corpus
-from chexfound.ssl.diagnostics import CollapseMonitor
-from chexfound.ssl.heal import Healer
 from chexfound.ssl.init_source import check_source_exists, init_from_checkpoint
 from chexfound.ssl.run_context import MetricsLog, PrintedLog, RunContext, RunSettings
+from chexfound.ssl.run_state import RunState
 from chexfound.ssl.train_end import RunResult, finish
-from chexfound.ssl.train_loop import RunLength, TrainLoop, probe_iterations
+from chexfound.ssl.train_loop import TrainLoop
 from chexfound.ssl.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger(__name__)
@@ -68,24 +67,19 @@ def pretrain(
     from chexfound.ssl.probe_runner import ProbeRunner
 
     prober = ProbeRunner(ctx.cfg, trainer, ctx.out, ctx.say, ctx.info.is_main, clock=clock)
-    healer = Healer(ctx.settings.heal, trainer.sharded)
-    if resumed is not None:
-        healer.load_state_dict(resumed.get("heal", {}))
-    length, calibration = _length(ctx, trainer, corpus, prober, resumed)
-    _write_config(ctx, trainer, corpus, length)
-    monitor = CollapseMonitor(length.total)
-    monitor.load_state_dict((resumed or {}).get("monitor", {}))
-    loop = TrainLoop(ctx, trainer, corpus, prober, length, monitor, healer)
+    state, budget, calibration = _length(ctx, trainer, corpus, prober, resumed)
+    _write_config(ctx, trainer, corpus, state)
+    loop = TrainLoop(ctx, trainer, corpus, prober, state, budget)
     loop.apply_schedules()
     if calibration:
         loop.log_calibration(calibration)
         start = calibration[-1][0]
-    if resumed is None and length.plan.periodic >= 1:
+    if resumed is None and budget.plan.periodic >= 1:
         prober.periodic(0, ctx.metrics)  # the teacher as initialised (calibration runs at learning rate 0)
     outcome = loop.run(start, stop_after)
     if outcome.stopped_early:
         return RunResult(ctx.out, outcome.done, stopped_early=True)
-    return finish(ctx, loop, prober, length, outcome, corpus.n_items)
+    return finish(ctx, loop, prober, outcome, corpus.n_items)
 
 
 # -- open --------------------------------------------------------------------------------------------------
@@ -113,8 +107,8 @@ def _open(cfg: dict[str, Any], out_dir: str | Path, device: str | None, quiet: b
 
 
 # -- model -------------------------------------------------------------------------------------------------
-def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer, int, dict[str, Any] | None]:
-    """The trainer, and where it starts: (trainer, first iteration, the checkpoint's loop state or None)."""
+def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer, int, RunState | None]:
+    """The trainer, and where it starts: (trainer, first iteration, the checkpoint's run state or None)."""
     trainer = Trainer(ctx.cfg, ctx.info)
     s = ctx.settings
     n_params = sum(p.numel() for p in trainer.meta.student.backbone.parameters())
@@ -125,10 +119,10 @@ def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer,
     if ckpt is not None:
         payload = load_checkpoint(ckpt)
         trainer.load_state(payload)
-        resumed = payload.get("state", {})
+        resumed = RunState.from_dict(payload.get("state", {}))
         start = int(payload["iteration"])
-        ctx.elapsed_before = float(resumed.get("elapsed_s", 0.0))
-        ctx.say(f"resuming from {ckpt} at iteration {start} of {int(resumed['total_iterations'])}")
+        ctx.elapsed_before = resumed.elapsed_s
+        ctx.say(f"resuming from {ckpt} at iteration {start} of {resumed.total_iterations}")
         del payload
     elif s.init_from:
         for n in init_from_checkpoint(trainer.meta.student, trainer.meta.teacher, s.init_from, s.pos_embed_on_resize):
@@ -139,83 +133,28 @@ def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer,
 
 
 # -- length ------------------------------------------------------------------------------------------------
-Calibration = list[tuple[int, dict[str, torch.Tensor], int, float]]  # (iterations done, stats, images, seconds)
-
-
 def _length(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: Any,
-            resumed: dict[str, Any] | None) -> tuple[RunLength, Calibration]:
+            resumed: RunState | None) -> tuple[RunState, BudgetPolicy, Calibration]:
+    """How long the run trains and which probes it runs: a resumed run keeps its length, plan and deadline;
+    a new one takes them from the config, or from the budget's fit (chexfound.ssl.budget)."""
     s = ctx.settings
-    if resumed is not None:  # a resumed run keeps its length, its probe plan and its deadline
-        b = resumed.get("budget") or {}
-        plan = ProbePlan.from_dict(b["plan"]) if b.get("plan") else prober.configured_plan()
-        deadline = None
-        if b.get("costs"):
-            prober.costs = ProbeCosts(**b["costs"])
-        if s.time_budget_s and "end_reserve_s" in b:
-            deadline = Deadline(ctx.t_start - ctx.elapsed_before, s.time_budget_s, float(b["end_reserve_s"]),
-                                float(b["step_s"]), ctx.clock,
-                                tolerance_s=float(s.budget["tolerance_fraction"]) * s.time_budget_s)
-        return RunLength(int(resumed["total_iterations"]), float(resumed["epoch_length"]), plan, deadline, b), []
+    if resumed is not None:
+        if resumed.budget is not None:
+            prober.costs = resumed.budget.costs
+        return resumed, BudgetPolicy(ctx, resumed.plan or prober.configured_plan(), resumed.budget,
+                                     prober.probe_s), []
     plan = prober.configured_plan()
-    if s.time_budget_s:
-        return _fit_to_budget(ctx, trainer, corpus, prober, plan)
-    return RunLength(int(round(s.epochs * s.epoch_length)), s.epoch_length, plan), []
+    if not s.time_budget_s:
+        return (RunState(int(round(s.epochs * s.epoch_length)), s.epoch_length),
+                BudgetPolicy(ctx, plan, None, prober.probe_s), [])
+    bstate, fit, steps, calibration_s = calibrate_and_fit(ctx, trainer, corpus, prober, plan)
+    return (RunState(fit.total, fit.epoch_length, budget=bstate),
+            BudgetPolicy(ctx, fit.plan, bstate, prober.probe_s, calibration_s), steps)
 
 
-def _fit_to_budget(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: Any,
-                   plan: ProbePlan) -> tuple[RunLength, Calibration]:
-    """Measure (probe costs, checkpoint writes, the step), then fit (chexfound.ssl.budget)."""
-    s, budget = ctx.settings, float(ctx.settings.time_budget_s or 0.0)
-    gen = corpus.source.batches(0)
-    sample = next(gen)[1]  # the first batch (resident, or decoded for it): what feature timing runs on
-    gen.close()
-    costs = prober.measure_costs(plan, int(s.budget["min_final_images"]),
-                                 float(s.budget["max_probe_fraction"]) * budget, sample)
-    ckpt_s, end_s = measure_save_cost(trainer, ctx.out, ctx.clock, shards=bool(s.export_bf16_shard_mib))
-    costs.ckpt_s, costs.end_s = D.broadcast_object((ckpt_s, end_s))  # type: ignore[misc]
-    # The calibration iterations are the run's first ones, at learning rate 0 (the warm-up starts from 0).
-    trainer.set_schedules(10**9, 10**9)
-    gen = corpus.source.batches(0)
-    steps: Calibration = []
-
-    def run_step(k: int) -> None:
-        _, images, _ = next(gen)
-        t0 = ctx.clock()
-        st = trainer.train_step(k, images, lr_scale=0.0)
-        steps.append((k + 1, st, images.shape[0] * ctx.info.world_size, ctx.clock() - t0))
-
-    def sync() -> None:
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
-
-    t0 = ctx.clock()
-    warmup_free = trainer.device.type == "cpu" and not ctx.cfg["train"]["compile"]
-    def agree(flag: bool) -> bool:  # rank 0's decision on every rank
-        return bool(D.broadcast_object(bool(flag)))
-
-    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock, warmup_free=warmup_free, agree=agree)
-    calibration_s = ctx.clock() - t0
-    gen.close()
-    step_t = torch.tensor([step_s], device=trainer.device)
-    D.all_reduce_max(step_t)
-    step_s = float(step_t.item())
-    done_sizes, decoded = D.broadcast_object(({k: v[0] for k, v in prober.pixel_scores.items()}, prober.decoded))
-    fit = fit_budget(budget, ctx.elapsed(), step_s, done, costs, plan, s.budget, s.epochs, s.ckpt_every, done_sizes,
-                     decoded)  # type: ignore[arg-type]
-    fit = D.broadcast_object(fit)  # type: ignore[assignment]
-    ctx.say(fit.message())
-    ctx.metrics.write_row({**fit.row(), "costs": dataclasses.asdict(costs)})
-    end_reserve = costs.final_probes_s(fit.plan, done_sizes, decoded) + costs.end_s + fit.margin_s  # type: ignore[arg-type]
-    deadline = Deadline(ctx.t_start, budget, end_reserve, step_s, ctx.clock,
-                        tolerance_s=float(s.budget["tolerance_fraction"]) * budget)
-    state = {"plan": fit.plan.to_dict(), "costs": dataclasses.asdict(costs), "end_reserve_s": end_reserve,
-             "step_s": step_s, "budget_s": budget, "planned_total": fit.total}
-    return RunLength(fit.total, fit.epoch_length, fit.plan, deadline, state, calibration_s), steps
-
-
-def _write_config(ctx: RunContext, trainer: Trainer, corpus: Corpus, length: RunLength) -> None:
+def _write_config(ctx: RunContext, trainer: Trainer, corpus: Corpus, length: RunState) -> None:
     resolved = {"world_size": ctx.info.world_size, "global_batch": trainer.global_batch, "lr": trainer.base_lr(),
-                "total_iterations": length.total, "epoch_length": length.epoch_length, "n_images": corpus.n_items,
+                "total_iterations": length.total_iterations, "epoch_length": length.epoch_length, "n_images": corpus.n_items,
                 "pipeline": corpus.pipeline, "n_skipped": len(corpus.skipped.items)}
     ctx.cfg["resolved"] = resolved  # (checkpoints carry it too)
     if ctx.info.is_main:

@@ -7,20 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from chexfound.errors import ChexfoundError
 from chexfound.models import VisionTransformer
-from chexfound.ssl.checkpoint import export_teacher, full_model_state, latest_checkpoint
 from chexfound.runio import read_jsonl
-from chexfound.ssl.diagnostics import plot_report
+from chexfound.ssl import distributed as D
+from chexfound.ssl.checkpoint import export_teacher, export_teacher_shards, full_model_state, latest_checkpoint
+from chexfound.ssl.diagnostics import loss_trend, plot_report
 from chexfound.ssl.init_source import init_from_checkpoint
 from chexfound.ssl.meta_arch import SSLMetaArch
-from chexfound.ssl.run_context import MetricsLog, RunContext
-from chexfound.ssl.train_loop import LoopOutcome, RunLength, TrainLoop
-from chexfound.ssl.trainer import Trainer
-from chexfound.ssl import distributed as D
+from chexfound.ssl.run_context import RunContext
+from chexfound.ssl.train_loop import LoopOutcome, TrainLoop
 
 
 @dataclass
@@ -32,8 +29,7 @@ class RunResult:
     exports: dict[str, Path] = field(default_factory=dict)
 
 
-def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, outcome: LoopOutcome,
-           n_items: int) -> RunResult:
+def finish(ctx: RunContext, loop: TrainLoop, prober: Any, outcome: LoopOutcome, n_items: int) -> RunResult:
     trainer, s, out = loop.trainer, ctx.settings, ctx.out
     done = outcome.done
     final_ckpt = latest_checkpoint(out)
@@ -43,12 +39,22 @@ def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, out
     result = RunResult(out, done)
     full_sd = full_model_state(trainer.meta, trainer.sharded)
     if ctx.info.is_main:
-        _export(ctx, trainer, full_sd, done, n_items, result)
-        _say_loss(ctx)
-    _check_replicas(trainer, ctx.metrics)
-    margin_s = loop.plot_s + 0.5 * float(s.budget["margin_fraction"]) * (s.time_budget_s or 0.0)
+        extra = _provenance(ctx, trainer, done, n_items)
+        result.exports = export_teacher(out, full_sd, trainer.vit_config, s.export_block_chunks, extra)
+        ctx.say(f"teacher exported: {result.exports['ours']} (ours), {result.exports['original']} (original layout)")
+        if s.export_bf16_shard_mib:
+            shards = export_teacher_shards(out / "teacher_bf16", full_sd, trainer.vit_config,
+                                           float(s.export_bf16_shard_mib), extra)
+            ctx.say(f"teacher as {len(shards)} bf16 shard(s) of <= {s.export_bf16_shard_mib} MiB in "
+                    f"{out / 'teacher_bf16'}")
+        if trend := loss_trend(read_jsonl(out / "metrics.jsonl")):
+            ctx.say(trend)
+    trainer.check_replicas(ctx.metrics)
+    budget, plan = loop.budget, loop.budget.plan
+    if ctx.info.is_main and prober.enabled:  # the final probes re-planned against the time left
+        plan = budget.final_plan(prober.final_cost, loop.plot_s)
     result.comparison = prober.final(full_sd, ctx.metrics, init_backbone=lambda: initial_teacher(ctx.cfg),
-                                     plan=length.plan, deadline=length.deadline, margin_s=margin_s)
+                                     plan=plan, fits=lambda seconds: budget.final_fits(seconds, loop.plot_s))
     if ctx.info.is_main and result.comparison:
         _cards_with_results(ctx, trainer, full_sd, done, n_items, result.comparison)
     if ctx.info.is_main:
@@ -57,20 +63,20 @@ def finish(ctx: RunContext, loop: TrainLoop, prober: Any, length: RunLength, out
             ctx.say(f"run report: {png}")
         took = ctx.elapsed()
         train_s = outcome.train_s
-        row = {"kind": "budget", "event": "end", "iterations": done, "planned_iterations": length.total,
+        row = {"kind": "budget", "event": "end", "iterations": done, "planned_iterations": loop.total,
                "elapsed_s": took, "training_s": train_s, "training_fraction": train_s / max(took, 1e-9)}
         if s.time_budget_s:
             row.update(budget_s=s.time_budget_s, budget_used=took / s.time_budget_s)
         ctx.metrics.write_row(row)
-        budget = (f" (budget {s.time_budget_s:.0f}s: {100 * took / s.time_budget_s:.0f}% used)"
-                  if s.time_budget_s else "")
-        ctx.say(f"done in {took:.0f}s{budget}, {train_s:.0f}s of it training ({100 * train_s / max(took, 1e-9):.0f}%); "
+        used = (f" (budget {s.time_budget_s:.0f}s: {100 * took / s.time_budget_s:.0f}% used)"
+                if s.time_budget_s else "")
+        ctx.say(f"done in {took:.0f}s{used}, {train_s:.0f}s of it training ({100 * train_s / max(took, 1e-9):.0f}%); "
                 f"run folder {out}")
     D.barrier()
     return result
 
 
-def _provenance(ctx: RunContext, trainer: Trainer, done: int, n_items: int) -> dict[str, Any]:
+def _provenance(ctx: RunContext, trainer: Any, done: int, n_items: int) -> dict[str, Any]:
     """What the exported teacher records of this run (its `ssl` provenance)."""
     extra = {"preset": ctx.cfg.get("_preset"), "iterations": done, "images_seen": done * trainer.global_batch,
              "n_images": n_items, "data": [str(x.get("path") if isinstance(x, dict) else x)
@@ -80,7 +86,7 @@ def _provenance(ctx: RunContext, trainer: Trainer, done: int, n_items: int) -> d
     return extra
 
 
-def _cards_with_results(ctx: RunContext, trainer: Trainer, full_sd: dict[str, torch.Tensor], done: int,
+def _cards_with_results(ctx: RunContext, trainer: Any, full_sd: dict[str, torch.Tensor], done: int,
                         n_items: int, comparison: dict[str, Any]) -> None:
     """The teacher exports' model cards again, now with the final probe comparison (probe_comparison.json)."""
     from chexfound.models.card_results import probe_comparison_tables
@@ -94,31 +100,6 @@ def _cards_with_results(ctx: RunContext, trainer: Trainer, full_sd: dict[str, to
     ctx.say(f"model cards with the probe comparison: {', '.join(str(c) for c in cards)}")
 
 
-def _export(ctx: RunContext, trainer: Trainer, full_sd: dict[str, torch.Tensor], done: int, n_items: int,
-            result: RunResult) -> None:
-    s, out = ctx.settings, ctx.out
-    extra = _provenance(ctx, trainer, done, n_items)
-    result.exports = export_teacher(out, full_sd, trainer.vit_config, s.export_block_chunks, extra)
-    ctx.say(f"teacher exported: {result.exports['ours']} (ours), {result.exports['original']} (original layout)")
-    if s.export_bf16_shard_mib:
-        from chexfound.ssl.checkpoint import export_teacher_shards
-
-        shards = export_teacher_shards(out / "teacher_bf16", full_sd, trainer.vit_config,
-                                       float(s.export_bf16_shard_mib), extra)
-        ctx.say(f"teacher as {len(shards)} bf16 shard(s) of <= {s.export_bf16_shard_mib} MiB in {out / 'teacher_bf16'}")
-
-
-def _say_loss(ctx: RunContext) -> None:
-    rows = [r for r in read_jsonl(ctx.out / "metrics.jsonl")
-            if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
-    if len(rows) >= 4:
-        k = max(1, len(rows) // 10)
-        first = float(np.mean([r["loss"] for r in rows[:k]]))
-        last = float(np.mean([r["loss"] for r in rows[-k:]]))
-        ctx.say(f"loss: {first:.4f} (first {k} log rows) -> {last:.4f} (last {k}); "
-                f"{'fell' if last < first else 'did NOT fall'}")
-
-
 def initial_teacher(cfg: dict[str, Any]) -> VisionTransformer:
     """The teacher backbone as it was at iteration 0 (same seed, same init_from): the fairest baseline."""
     torch.manual_seed(int(cfg["train"]["seed"]))
@@ -126,20 +107,3 @@ def initial_teacher(cfg: dict[str, Any]) -> VisionTransformer:
     if cfg["train"]["init_from"]:
         init_from_checkpoint(meta.student, meta.teacher, cfg["train"]["init_from"], cfg["train"]["pos_embed_on_resize"])
     return meta.teacher.backbone.eval()
-
-
-def _check_replicas(trainer: Trainer, metrics: MetricsLog) -> None:
-    """Under DDP every rank holds a full teacher: they must be bit-identical (logged; an error if not)."""
-    if not trainer.info.enabled or trainer.sharded:
-        return
-    import torch.distributed as dist
-
-    from chexfound.models.format import state_dict_sha256
-
-    sha = state_dict_sha256(trainer.meta.teacher.state_dict())
-    shas: list[Any] = [None] * trainer.info.world_size
-    dist.all_gather_object(shas, sha)
-    metrics.write_row({"kind": "ranks", "teacher_sha256": shas, "agree": len(set(shas)) == 1})
-    if len(set(shas)) != 1:
-        raise ChexfoundError(f"the teacher differs between ranks after training ({shas}); "
-                             "this is a bug in the distributed setup")

@@ -306,6 +306,22 @@ class Trainer:
             raise NonFiniteLossError(f"the loss became non-finite at iteration {step} ({parts})")
 
     # -- state ---------------------------------------------------------------------------------------
+    def check_replicas(self, metrics: Any) -> None:
+        """Under DDP every rank holds a full teacher: they must be bit-identical (a `kind: ranks` row; an error
+        if not). A collective: every rank calls it."""
+        if not self.info.enabled or self.sharded:
+            return
+        import torch.distributed as dist
+
+        from chexfound.models.format import state_dict_sha256
+
+        shas: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(shas, state_dict_sha256(self.meta.teacher.state_dict()))
+        metrics.write_row({"kind": "ranks", "teacher_sha256": shas, "agree": len(set(shas)) == 1})
+        if len(set(shas)) != 1:
+            raise ChexfoundError(f"the teacher differs between ranks after training ({shas}); "
+                                 "this is a bug in the distributed setup")
+
     def state(self) -> dict[str, Any]:
         return {"model": full_model_state(self.meta, self.sharded),
                 "optimizer": full_optimizer_state(self.meta, self.optimizer, self.sharded),
