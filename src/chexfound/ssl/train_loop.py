@@ -89,7 +89,7 @@ class TrainLoop:
             st = self.state.to_dict() | ({"total_iterations": total} if total is not None else {})
             path = save_checkpoint(ctx.out, done, {**payload, "state": st}, ctx.cfg, ctx.settings.keep_last)
             if self.corpus.skipped.items:
-                self.corpus.skipped.write(ctx.out / "skipped.txt")
+                self.corpus.skipped.write(ctx.out)  # skipped.csv (chexfound.runio)
             if ctx.clock() - self.last_plot > 120:  # the report is refreshed at most every 2 min
                 t0 = ctx.clock()
                 plot_report(ctx.out / "metrics.jsonl", ctx.out / "report.png", title=str(ctx.out))
