@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chexfound.stats.multilabel import EligibilityRule
+from chexfound.stats.ranking import label_score_columns
 from chexfound.stats.resample import BootstrapConfig, percentile_ci, resample_weights
 
 ECE_BINS = 10
@@ -171,12 +172,7 @@ def calibration_summary(
 
     Returns {"per_finding": {name: {"brier", "brier_ci", "ece", ...}}, "macro": {...}, "ece_bins": n_bins,
     "definitions": ...}."""
-    y = np.asarray(y, dtype=np.float64)
-    p = np.asarray(p, dtype=np.float64)
-    y = y[:, None] if y.ndim == 1 else y
-    p = p[:, None] if p.ndim == 1 else p
-    if y.shape != p.shape:
-        raise ValueError(f"labels {y.shape} and predictions {p.shape} differ in shape")
+    y, p = label_score_columns(y, p)
     nan2 = [float("nan"), float("nan")]
     per: dict[str, dict[str, Any]] = {}
     eligible: list[int] = []

@@ -110,3 +110,16 @@ def macro_auroc(y: np.ndarray, s: np.ndarray) -> float:
     y, s = (y[:, None], s[:, None]) if y.ndim == 1 else (y, s)
     aucs = [a for a in (auroc_ap_masked(y[:, k], s[:, k])[0] for k in range(y.shape[1])) if not np.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def label_score_columns(y: object, p: object, labels: str = "labels",
+                        scores: str = "predictions") -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores as float64 [N, C] (a 1-D input is one column); ValueError naming both shapes when
+    they differ."""
+    ya = np.asarray(y, dtype=np.float64)
+    pa = np.asarray(p, dtype=np.float64)
+    ya = ya[:, None] if ya.ndim == 1 else ya
+    pa = pa[:, None] if pa.ndim == 1 else pa
+    if ya.shape != pa.shape:
+        raise ValueError(f"{labels} {ya.shape} and {scores} {pa.shape} differ in shape")
+    return ya, pa

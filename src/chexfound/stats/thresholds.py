@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from chexfound.stats.ranking import RankedScores
+from chexfound.stats.ranking import RankedScores, label_score_columns
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,7 @@ def choose_thresholds(
     p_val [N, C]. `prevalence` [C]: the training prevalence (NaN entries fall back to validation labels)."""
     if method not in METHODS:
         raise ValueError(f"unknown threshold method {method!r}; use one of {METHODS}")
-    y = np.asarray(y_val, dtype=np.float64)
-    p = np.asarray(p_val, dtype=np.float64)
-    y = y[:, None] if y.ndim == 1 else y
-    p = p[:, None] if p.ndim == 1 else p
-    if y.shape != p.shape:
-        raise ValueError(f"validation labels {y.shape} and scores {p.shape} differ in shape")
+    y, p = label_score_columns(y_val, p_val, "validation labels", "scores")
     n_cols = y.shape[1]
     names = list(findings) if findings is not None else [str(c) for c in range(n_cols)]
     if len(names) != n_cols:
