@@ -40,3 +40,29 @@ def add_arch_options(p: argparse.ArgumentParser | Any, old_spelling: str | None 
                    help="attention heads, for a checkpoint that records no architecture (tensors cannot show it)")
     p.add_argument("--head-dim", type=int, default=None,
                    help="or the attention head width (64 in every DINOv2/CheXFound ViT)")
+
+
+class RenamedOption(argparse.Action):
+    """An old name of an option: stores into the new option's `dest` and says on stderr which name to use."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
+        self.replacement = replacement
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_precision_options(p: argparse.ArgumentParser | Any) -> None:
+    """--precision fp32|bf16|int8 (+ --allow-slow-precision); the old --dtype fp32|bf16 still works, with a notice."""
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference precision: fp32; bf16 (GEMMs and attention in bfloat16); int8 (CPU: int8 "
+                        "Linears, activations quantized per token at run time). bf16/int8 are refused where "
+                        "the CPU lacks the instructions that make them faster than fp32")
+    p.add_argument("--dtype", dest="precision", choices=["fp32", "bf16"], action=RenamedOption,
+                   replacement="--precision")
+    p.add_argument("--allow-slow-precision", action="store_true",
+                   help="run --precision bf16/int8 even where this CPU lacks the instructions that make it fast")

@@ -75,9 +75,15 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     attention: bool = True,
     verify: bool = True,
-    atol: float = 1e-4,
+    atol: float | None = None,
+    quantize: str | None = None,
+    quantize_mode: str = "dynamic",
+    calibration: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write `path` (.onnx); returns {"path", "opset", "outputs", "max_abs_diff" (when verified)}."""
+    """Write `path` (.onnx); returns {"path", "opset", "outputs", "precision", "max_abs_diff" (when verified)}.
+    `quantize="int8"`: int8 MatMuls through onnxruntime's quantization (`chexfound.serve.onnx_quant`;
+    `quantize_mode` "dynamic", or "static" calibrated on the `calibration` images). The check against PyTorch
+    then uses the int8 tolerance, 0.05 on probabilities and attention (fp32: 1e-4)."""
     import onnx
 
     out = Path(path)
@@ -100,14 +106,32 @@ def export_onnx(
                 dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
                 do_constant_folding=True,
             )
-        proto = onnx.load(str(tmp_file), load_external_data=False)
         meta = export_metadata(predictor)
         meta["outputs"] = names
+        meta["precision"] = "fp32"
+        if quantize is not None:
+            from chexfound.serve.onnx_quant import quantize_onnx
+
+            if quantize != "int8":
+                raise CheckpointError(out, f"--quantize {quantize!r}: only int8 is supported")
+            qdir = Path(tmp) / "q"
+            qdir.mkdir()
+            meta.update(quantize_onnx(tmp_file, qdir / out.name, quantize_mode, calibration or [],
+                                      prepare=predictor.preprocess))
+            for f in list(Path(tmp).iterdir()):  # the fp32 model is replaced by the int8 one
+                if f.is_file():
+                    f.unlink()
+            for f in qdir.iterdir():
+                shutil.move(str(f), Path(tmp) / f.name)
+            qdir.rmdir()
+        proto = onnx.load(str(tmp_file), load_external_data=False)
         proto.metadata_props.add(key=ONNX_META_KEY, value=json.dumps(meta))
         proto.producer_name = "chexfound"
         onnx.save(proto, str(tmp_file))
         onnx.checker.check_model(str(tmp_file))
-        result: dict[str, Any] = {"path": str(out), "opset": opset, "outputs": names}
+        result: dict[str, Any] = {"path": str(out), "opset": opset, "outputs": names, "precision": meta["precision"]}
+        if atol is None:
+            atol = 1e-4 if quantize is None else 5e-2
         if verify:  # before the file is put in place: a failed export leaves nothing behind
             result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out)
         # Large models come with external data files: move those first, the .onnx last (its arrival = done).

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chexfound.cli.options import add_arch_options
+from chexfound.cli.options import add_arch_options, add_precision_options
 from chexfound.errors import ChexfoundError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser, compile_option: bool = True) -> N
                                    "safetensors`")
     add_arch_options(g)
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_precision_options(g)
     if compile_option:
         g.add_argument("--compile", action="store_true",
                        help="torch.compile each backbone block (pays on a GPU after a one-off compile; off on CPU)")
@@ -47,7 +47,8 @@ def load_predictor(args: argparse.Namespace) -> Any:
         if args.arch or args.num_heads or args.head_dim:
             raise ConfigError(None, "--arch/--num-heads/--head-dim describe a --backbone file; a --model bundle "
                                     "records its architecture")
-        return Predictor.from_bundle(args.model, device=args.device, dtype=args.dtype, strict=args.strict,
+        return Predictor.from_bundle(args.model, device=args.device, precision=args.precision, strict=args.strict,
+                                     allow_slow_precision=args.allow_slow_precision,
                                      allow_backbone_mismatch=args.allow_backbone_mismatch,
                                      compile=getattr(args, "compile", False))
     if not (args.backbone and args.head):
@@ -57,7 +58,8 @@ def load_predictor(args: argparse.Namespace) -> Any:
         from chexfound.models import create_backbone
 
         backbone = create_backbone(args.backbone, config=args.arch, num_heads=args.num_heads, head_dim=args.head_dim)
-    p = Predictor(backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
+    p = Predictor(backbone, args.head, device=args.device, precision=args.precision, strict=args.strict,
+                  allow_slow_precision=args.allow_slow_precision,
                   allow_backbone_mismatch=args.allow_backbone_mismatch, compile=getattr(args, "compile", False))
     p.backbone_path = str(args.backbone)
     return p
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [p for p in paths if not store.done(p)]
     settings = {"inputs": [str(i) for i in args.inputs], "manifest": args.manifest, "out": str(out),
                 "heatmaps": args.heatmaps, "top_k": args.top_k, "batch_size": args.batch_size,
-                "device": str(predictor.device), "dtype": predictor.dtype, "started": time.strftime("%FT%T%z")}
+                "device": str(predictor.device), "precision": predictor.precision, "started": time.strftime("%FT%T%z")}
     store.start(settings)
     if store.resumed:
         log.info("%s: %d images already done, %d to go", out, len(paths) - len(todo), len(todo))
