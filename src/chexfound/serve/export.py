@@ -133,7 +133,12 @@ def export_onnx(
         if atol is None:
             atol = 1e-4 if quantize is None else 5e-2
         if verify:  # before the file is put in place: a failed export leaves nothing behind
-            result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out)
+            real = None
+            if calibration:  # static int8 is calibrated for real images: check it on them, not on noise
+                from chexfound.serve.onnx_quant import calibration_batches
+
+                real = next(calibration_batches(calibration[:3], predictor.preprocess, batch=3))
+            result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out, real)
         # Large models come with external data files: move those first, the .onnx last (its arrival = done).
         for f in Path(tmp).iterdir():
             if f.name != out.name:
@@ -142,12 +147,14 @@ def export_onnx(
     return result
 
 
-def _verify_dynamic(path: Path, predictor: Predictor, atol: float, name: Path) -> dict[str, float]:
+def _verify_dynamic(path: Path, predictor: Predictor, atol: float, name: Path,
+                    images: np.ndarray | None = None) -> dict[str, float]:
     diffs: dict[str, float] = {}
     # Batch sizes other than the traced one (2): a shape baked in by tracing shows up here.
     for batch in (1, 3):
         try:
-            got = verify_onnx(path, predictor, batch=batch)
+            x = None if images is None else torch.from_numpy(images[:batch])
+            got = verify_onnx(path, predictor, batch=batch, x=x)
         except Exception as e:  # onnxruntime's errors have no common base class
             raise CheckpointError(name, f"the exported model fails at batch size {batch} in onnxruntime "
                                         f"(an op whose shape tracing fixed?): {e}") from e
@@ -178,11 +185,13 @@ def read_onnx_metadata(path: str | PathLike[str]) -> dict[str, Any]:
     raise CheckpointError(path, "ONNX file has no chexfound metadata (not exported by chexfound)")
 
 
-def verify_onnx(path: str | PathLike[str], predictor: Predictor, batch: int = 3, seed: int = 0) -> dict[str, float]:
+def verify_onnx(path: str | PathLike[str], predictor: Predictor, batch: int = 3, seed: int = 0,
+                x: Tensor | None = None) -> dict[str, float]:
     """Max |onnxruntime - PyTorch| per output on a random batch (a batch size other than the traced one,
-    so the dynamic batch axis is exercised too)."""
+    so the dynamic batch axis is exercised too), or on the given normalised images `x`."""
     size = predictor.transform.size
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    if x is None:
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     sess = onnx_session(path)
     got = sess.run(None, {"image": x.numpy()})
     probs, maps = predictor.predict_tensor(x)
