@@ -67,3 +67,16 @@ def test_refused_without_the_instructions(monkeypatch: pytest.MonkeyPatch) -> No
     assert P.check_precision("int8", "cpu") == "int8"
     with pytest.raises(ConfigError, match="one of"):
         P.check_precision("fp16", "cpu")
+
+
+def test_int8_linear_leaves_its_input_alone() -> None:
+    from chexfound.models.fast import _Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48)
+    x = torch.randn(5, 7, 32)
+    before = x.clone()
+    y = _Int8Linear(lin)(x)
+    assert torch.equal(x, before)  # only consume=True may quantize in place
+    ref = lin(x)
+    assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()) < 0.02
