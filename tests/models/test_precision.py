@@ -3,6 +3,8 @@ lacks the instructions that make them fast."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,3 +82,27 @@ def test_int8_linear_leaves_its_input_alone() -> None:
     assert torch.equal(x, before)  # only consume=True may quantize in place
     ref = lin(x)
     assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()) < 0.02
+
+
+def test_embed_cli_int8_on_real_images(data_root: Path, tmp_path: Path) -> None:
+    """`embed --precision int8` on shared NIH images: pooled features within a stated tolerance of fp32."""
+    import numpy as np
+
+    from chexfound.cli.main import main
+    from chexfound.models import save_backbone
+    from chexfound.models.pooled_file import read_features
+
+    images = [str(p) for p in sorted((data_root / "nih14-fullres" / "images").glob("*.png"))[:4]]
+    assert len(images) == 4
+    bb = tmp_path / "bb.safetensors"
+    save_backbone(_model("tiny_vit"), bb)  # LayerScale 1: the blocks matter
+    feats = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.npz"
+        assert main(["embed", *images, "--backbone", str(bb), "--precision", precision, "--out", str(out),
+                     "--quiet"]) == 0
+        feats[precision] = read_features(out)
+    assert feats["int8"]["meta"]["autocast"] == "int8"
+    a, b = feats["fp32"]["cls"].reshape(4, -1), feats["int8"]["cls"].reshape(4, -1)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.995 and not np.array_equal(a, b)
