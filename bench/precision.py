@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="ViT-L/16-512 only (< 10 min on the project's CPU)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model, seconds (for the test suite)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--models", help="comma-separated subset of vitl16_512,vits16_224 (default: both; --quick: ViT-L)")
+    ap.add_argument("--no-auroc", action="store_true", help="skip the Kermany AUROC comparison")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (after one warm-up)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time is then exact)")
     args = ap.parse_args(argv)
@@ -325,12 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = [("vitl16_512", "chexfound_vitl16_reg4_512", 4 if args.quick else 8, args.rounds or 2, TARGETS["int8"])]
         if not args.quick:
             plan.append(("vits16_224", "vits16_224", 32, args.rounds or 3, 2.0))
+        if args.models:
+            plan = [p for p in plan if p[0] in args.models.split(",")]
     for key, arch, n_img, rounds, int8_target in plan:
         log(f"{key} ({arch}): {rounds} timed rounds, accuracy on {n_img} real images")
         res = measure_model(key, arch, n_img, rounds, data, batch=1 if key == "vitl16_512" else 4, log=log)
         report[key] = res
         lines += explain(key, res, int8_target)
-    if not args.quick:
+    if not args.quick and not args.no_auroc:
         arch, n = ("tiny_vit_mlp", 24) if args.smoke else ("vits16_224", 300)
         log(f"Kermany AUROC at each precision ({arch} probe)")
         report["kermany"] = {"arch": arch, **kermany_auroc(arch, n, n, data, 8, log)}
