@@ -285,7 +285,10 @@ def explain(key: str, res: dict[str, Any], int8_target: float) -> list[str]:
                      if prec == "int8" else "") + f"; with f = {f} of the time in Linears and the rest at most "
                      f"{r:.2f}x faster, Amdahl bounds the model at 1/(f/{k:.2f} + {1 - f:.2f}/{r:.2f}) = "
                      f"{bound:.2f}x; {target}x would need the Linears at "
-                     f"{f / max(1e-9, 1 / target - (1 - f) / r):.2f}x" if 1 / target > (1 - f) / r else
+                     f"{f / max(1e-9, 1 / target - (1 - f) / r):.2f}x; the measured {s[prec]:.2f}x implies "
+                     f"they gain {f / max(1e-9, 1 / s[prec] - (1 - f) / r):.2f}x inside the model (smaller "
+                     f"GEMMs than the MLP's, strided inputs, passes competing for cache)"
+                     if 1 / target > (1 - f) / r else
                      f"{key}: {prec} {s[prec]:.2f}x fp32 misses {target}x")
     for prec in ("bf16", "int8"):
         c = res["cls_cosine"][prec]
