@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = [("tiny_vit_mlp", "tiny_vit_mlp", 4, args.rounds or 1, 2.0)]
     else:
-        plan = [("vitl16_512", "chexfound_vitl16_reg4_512", 4 if args.quick else 8, args.rounds or 3, TARGETS["int8"])]
+        plan = [("vitl16_512", "chexfound_vitl16_reg4_512", 4 if args.quick else 8,
+                 args.rounds or (2 if args.quick else 3), TARGETS["int8"])]
         if not args.quick:
             plan.append(("vits16_224", "vits16_224", 32, args.rounds or 3, 2.0))
         if args.models:
