@@ -300,7 +300,7 @@ def bench_serve(sz: Sizes, dev: torch.device, rep: Report) -> None:
     head = GloriHead([f"f{i}" for i in range(14)], min(4, cfg.depth), embed_dim=cfg.embed_dim)
     out: dict[str, Any] = {}
     for compiled in ([False, True] if sz.compile else [False]):
-        p = Predictor(model, head, device=dev, dtype=sz.dtype, compile=compiled)
+        p = Predictor(model, head, device=dev, precision=sz.dtype, compile=compiled)
         one = torch.randn(1, 3, sz.large_size, sz.large_size)
         for _ in range(3):
             p.predict_tensor(one)  # warm-up (and compile)

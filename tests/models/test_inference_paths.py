@@ -68,7 +68,7 @@ def test_sdpa_backend_choice_and_settings():
     with pytest.raises(ValueError, match="sdpa"):
         InferenceSettings(sdpa="fastest")
     with pytest.raises(ValueError, match="compute"):
-        InferenceSettings(compute="int8")
+        InferenceSettings(compute="int4")
     assert InferenceSettings(compile=True).static_shapes and not InferenceSettings().static_shapes
     # CPU: packing by default (a copy; the model itself is untouched), nothing for foreign modules.
     packed = prepare_backbone(model, "cpu", InferenceSettings())

@@ -77,3 +77,29 @@ def _head_types() -> tuple[str, ...]:
 def head_type_choices(*extra: str) -> Sequence[str]:
     """The head types of the registry in `chexfound.adapt.heads` (plus `extra`), as argparse choices."""
     return _LazyChoices(_head_types, extra)
+
+
+class RenamedOption(argparse.Action):
+    """An old name of an option: stores into the new option's `dest` and says on stderr which name to use."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
+        self.replacement = replacement
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_precision_options(p: argparse.ArgumentParser | Any) -> None:
+    """--precision fp32|bf16|int8 (+ --allow-slow-precision); the old --dtype fp32|bf16 still works, with a notice."""
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference precision: fp32; bf16 (GEMMs and attention in bfloat16); int8 (CPU: int8 "
+                        "Linears, activations quantized per token at run time). bf16/int8 are refused where "
+                        "the CPU lacks the instructions that make them faster than fp32")
+    p.add_argument("--dtype", dest="precision", choices=["fp32", "bf16"], action=RenamedOption,
+                   replacement="--precision")
+    p.add_argument("--allow-slow-precision", action="store_true",
+                   help="run --precision bf16/int8 even where this CPU lacks the instructions that make it fast")

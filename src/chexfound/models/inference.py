@@ -36,7 +36,7 @@ SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    compute: str = "fp32"         # fp32 | bf16 | fp16 (autocast)
+    compute: str = "fp32"         # fp32 | bf16 | fp16 (autocast) | int8 (CPU: int8 Linears, chexfound.models.fast)
     pack: bool = True             # CPU: oneDNN packed weights (ignored on other devices)
     compile: bool = False         # per-block torch.compile, static shapes
     compile_mode: str = "default"  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
@@ -44,8 +44,8 @@ class InferenceSettings:
     sdpa: str = "auto"            # auto | flash | cudnn | efficient | math
 
     def __post_init__(self) -> None:
-        if self.compute not in COMPUTE_DTYPES:
-            raise ValueError(f"compute dtype {self.compute!r}: use one of {sorted(COMPUTE_DTYPES)}")
+        if self.compute not in COMPUTE_DTYPES and self.compute != "int8":
+            raise ValueError(f"compute dtype {self.compute!r}: use one of {sorted(COMPUTE_DTYPES) + ['int8']}")
         if self.sdpa not in SDPA_BACKENDS:
             raise ValueError(f"sdpa backend {self.sdpa!r}: use one of {SDPA_BACKENDS}")
 
@@ -73,7 +73,8 @@ def run_context(device: torch.device, settings: InferenceSettings) -> Callable[[
 
     @contextmanager
     def ctx() -> Iterator[None]:
-        with autocast_for(device, settings.compute), sdpa_context(settings.sdpa):
+        amp = "fp32" if settings.compute == "int8" else settings.compute  # int8 Linears choose their own dtypes
+        with autocast_for(device, amp), sdpa_context(settings.sdpa):
             yield
 
     return ctx
@@ -98,6 +99,12 @@ def prepare_backbone(model: nn.Module, device: torch.device | str, settings: Inf
     model = model.to(dev).eval()
     if not isinstance(model, VisionTransformer):  # e.g. a wrapped or foreign module: run it as it is
         return model
+    if settings.compute == "int8":  # one int8 path: the packed blocks' int8 GEMMs (CPU only)
+        if dev.type != "cpu" or settings.compile:
+            raise ValueError("int8 inference runs on the CPU, without --compile")
+        from chexfound.models.fast import pack_for_inference
+
+        return pack_for_inference(model, "int8")
     if settings.compile:
         if dev.type == "cpu":
             log.info("--compile on CPU: expect minutes of compilation; the packed path is usually as fast here")

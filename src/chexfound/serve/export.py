@@ -109,11 +109,17 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     attention: bool = True,
     verify: bool = True,
-    atol: float = 1e-4,
+    atol: float | None = None,
     results: Sequence[ResultTable] = (),
+    quantize: str | None = None,
+    quantize_mode: str = "dynamic",
+    calibration: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write `path` (.onnx) and its model card (`<stem>.md`, with `results` where the caller has measured
-    ones); returns {"path", "opset", "outputs", "max_abs_diff" (when verified), "card"}."""
+    """Write `path` (.onnx) and its model card (`<stem>.md`, with `results` where the caller has measured ones);
+    returns {"path", "opset", "outputs", "precision", "max_abs_diff" (when verified), "card"}.
+    `quantize="int8"`: int8 MatMuls through onnxruntime's quantization (`chexfound.serve.onnx_quant`;
+    `quantize_mode` "dynamic", or "static" calibrated on the `calibration` images). The check against PyTorch
+    then uses the int8 tolerance, 0.05 on probabilities and attention (fp32: 1e-4)."""
     import onnx
 
     out = Path(path)
@@ -136,16 +142,39 @@ def export_onnx(
                 dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
                 do_constant_folding=True,
             )
-        proto = onnx.load(str(tmp_file), load_external_data=False)
         meta = export_metadata(predictor)
         meta["outputs"] = names
+        meta["precision"] = "fp32"
+        if quantize is not None:
+            from chexfound.serve.onnx_quant import quantize_onnx
+
+            if quantize != "int8":
+                raise CheckpointError(out, f"--quantize {quantize!r}: only int8 is supported")
+            qdir = Path(tmp) / "q"
+            qdir.mkdir()
+            meta.update(quantize_onnx(tmp_file, qdir / out.name, quantize_mode, calibration or [],
+                                      prepare=predictor.preprocess))
+            for f in list(Path(tmp).iterdir()):  # the fp32 model is replaced by the int8 one
+                if f.is_file():
+                    f.unlink()
+            for f in qdir.iterdir():
+                shutil.move(str(f), Path(tmp) / f.name)
+            qdir.rmdir()
+        proto = onnx.load(str(tmp_file), load_external_data=False)
         proto.metadata_props.add(key=ONNX_META_KEY, value=json.dumps(meta))
         proto.producer_name = "chexfound"
         onnx.save(proto, str(tmp_file))
         onnx.checker.check_model(str(tmp_file))
-        result: dict[str, Any] = {"path": str(out), "opset": opset, "outputs": names}
+        result: dict[str, Any] = {"path": str(out), "opset": opset, "outputs": names, "precision": meta["precision"]}
+        if atol is None:
+            atol = 1e-4 if quantize is None else 5e-2
         if verify:  # before the file is put in place: a failed export leaves nothing behind
-            result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out)
+            real = None
+            if calibration:  # static int8 is calibrated for real images: check it on them, not on noise
+                from chexfound.serve.onnx_quant import calibration_batches
+
+                real = next(calibration_batches(calibration[:3], predictor.preprocess, batch=3))
+            result["max_abs_diff"] = _verify_dynamic(tmp_file, predictor, atol, out, real)
         # Large models come with external data files: move those first, the .onnx last (its arrival = done).
         extra_files = []
         for f in Path(tmp).iterdir():
@@ -158,21 +187,23 @@ def export_onnx(
     return result
 
 
-def _card(predictor: Predictor, file: ModelFile, results: Sequence[ResultTable]) -> Path:
-    """The model card of an exported backbone + head (`chexfound.models.card`)."""
-    meta = {**predictor.head_info.meta, "head_type": predictor.head_type, "task": predictor.task,
-            "findings": list(predictor.findings), "thresholds": [float(t) for t in predictor.thresholds],
-            "threshold_rules": predictor.threshold_rules or []}
-    n_params = sum(p.numel() for p in predictor.model.head.parameters())
-    return write_card(file, predictor.backbone_info, head=head_facts(meta, n_params), results=results)
-
-
-def _verify_dynamic(path: Path, predictor: Predictor, atol: float, name: Path) -> dict[str, float]:
+    atol: float | None = None,
+    results: Sequence[ResultTable] = (),
+    quantize: str | None = None,
+    quantize_mode: str = "dynamic",
+    calibration: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write `path` (.onnx) and its model card (`<stem>.md`, with `results` where the caller has measured ones);
+    returns {"path", "opset", "outputs", "precision", "max_abs_diff" (when verified), "card"}.
+    `quantize="int8"`: int8 MatMuls through onnxruntime's quantization (`chexfound.serve.onnx_quant`;
+    `quantize_mode` "dynamic", or "static" calibrated on the `calibration` images). The check against PyTorch
+    then uses the int8 tolerance, 0.05 on probabilities and attention (fp32: 1e-4)."""
     diffs: dict[str, float] = {}
     # Batch sizes other than the traced one (2): a shape baked in by tracing shows up here.
     for batch in (1, 3):
         try:
-            got = verify_onnx(path, predictor, batch=batch)
+            x = None if images is None else torch.from_numpy(images[:batch])
+            got = verify_onnx(path, predictor, batch=batch, x=x)
         except Exception as e:  # onnxruntime's errors have no common base class
             raise CheckpointError(name, f"the exported model fails at batch size {batch} in onnxruntime "
                                         f"(an op whose shape tracing fixed?): {e}") from e
@@ -203,11 +234,13 @@ def read_onnx_metadata(path: str | PathLike[str]) -> dict[str, Any]:
     raise CheckpointError(path, "ONNX file has no chexfound metadata (not exported by chexfound)")
 
 
-def verify_onnx(path: str | PathLike[str], predictor: Predictor, batch: int = 3, seed: int = 0) -> dict[str, float]:
+def verify_onnx(path: str | PathLike[str], predictor: Predictor, batch: int = 3, seed: int = 0,
+                x: Tensor | None = None) -> dict[str, float]:
     """Max |onnxruntime - PyTorch| per output on a random batch (a batch size other than the traced one,
-    so the dynamic batch axis is exercised too)."""
+    so the dynamic batch axis is exercised too), or on the given normalised images `x`."""
     size = predictor.transform.size
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    if x is None:
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     sess = onnx_session(path)
     got = sess.run(None, {"image": x.numpy()})
     probs, maps = predictor.predict_tensor(x)

@@ -10,6 +10,7 @@ The one object behind `chexfound predict`, `chexfound serve` and `chexfound expo
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from functools import cached_property
 from os import PathLike
@@ -69,6 +70,9 @@ class Predictor:
         without it such a pair is refused with a CheckpointError. `strict` refuses it even when allowed.
     compile: run each backbone block through torch.compile (static shapes; batches are padded to the next
         power of two so a server compiles a handful of shapes once). Pays on a GPU; off by default.
+    precision: "fp32" (default), "bf16" or "int8" (`chexfound.models.precision`); on a CPU, bf16 and int8 run
+        the packed backbone (`chexfound.models.fast`) and are refused where the CPU lacks the instructions
+        that make them fast, unless `allow_slow_precision`. `dtype` is its old name (fp32 | bf16).
     """
 
     def __init__(
@@ -76,11 +80,13 @@ class Predictor:
         backbone: str | PathLike[str] | nn.Module,
         head: str | PathLike[str] | nn.Module,
         device: str | torch.device | None = "auto",
-        dtype: str = "fp32",
+        dtype: str | None = None,
         transform: InputTransform | None = None,
         strict: bool = False,
         allow_backbone_mismatch: bool = False,
         compile: bool = False,
+        precision: str = "fp32",
+        allow_slow_precision: bool = False,
     ) -> None:
         self.backbone_path = None if isinstance(backbone, nn.Module) else str(backbone)
         self.head_path = None if isinstance(head, nn.Module) else str(head)
@@ -97,18 +103,35 @@ class Predictor:
         self.pairing_warning = pair.pairing_warning
         self.transform = pair.transform
         self.device = resolve_device(device)
-        if dtype not in ("fp32", "bf16"):
-            raise ConfigError(None, f"dtype must be fp32 or bf16, got {dtype!r}")
-        self.dtype = dtype
+        if dtype is not None:
+            warnings.warn("Predictor(dtype=...) is deprecated; use precision=", DeprecationWarning, stacklevel=2)
+            if dtype not in ("fp32", "bf16"):
+                raise ConfigError(None, f"dtype must be fp32 or bf16, got {dtype!r}")
+            precision = dtype
+        from chexfound.models.precision import check_precision
+
+        self.precision: str = check_precision(precision, self.device, allow_slow=allow_slow_precision)
         self.model = Classifier(pair.backbone, pair.head).to(self.device).eval()
         self.compiled = bool(compile)
         if self.compiled:
+            if self.precision == "int8":
+                raise ConfigError(None, "--compile and --precision int8 do not combine (int8 runs the packed CPU path)")
             from chexfound.models.inference import compile_blocks
 
             self.model.backbone = compile_blocks(self.model.backbone)
             if self.model.heatmap_kind == CLS_ATTENTION:
                 # The CLS map reads the last attention layer's input through a hook, which compiled graphs
                 # skip: that one block runs uncompiled.
+                self.model.backbone.blocks[-1] = pair.backbone.blocks[-1]
+        elif self.precision != "fp32" and self.device.type == "cpu":
+            from chexfound.models.inference import InferenceSettings, prepare_backbone
+
+            # The packed copy replaces the backbone (the eager one is freed: int8 holds ~1/4 of its memory).
+            self.model.backbone = prepare_backbone(self.model.backbone, self.device,
+                                                   InferenceSettings(compute=self.precision))
+            if self.model.heatmap_kind == CLS_ATTENTION and hasattr(self.model.backbone, "blocks"):
+                # The CLS map reads the last attention layer's input through a hook that packed blocks do not
+                # call: that one block runs eager, in fp32 (the maps then match fp32's).
                 self.model.backbone.blocks[-1] = pair.backbone.blocks[-1]
         self.head = pair.head
         self.findings: list[str] = list(pair.head.findings)
@@ -228,12 +251,18 @@ class Predictor:
                             "findings": list(self.reliability.informative)},
             "transform": self.transform.to_dict(),
             "device": str(self.device),
+            "precision": self.precision,
             "dtype": self.dtype,
         }
 
+    @property
+    def dtype(self) -> str:
+        """The old name of `precision`."""
+        return self.precision
+
     # -- inference --
     def _autocast(self) -> Any:
-        if self.dtype == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

@@ -14,7 +14,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from chexfound.cli.options import DeprecatedOption, add_arch_options
+from chexfound.cli.options import DeprecatedOption, add_arch_options, add_precision_options
 from chexfound.errors import ChexfoundError
 from chexfound.runio import SKIPPED_FILE
 
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="images per resumable part (default 256)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (bf16 = autocast)")
+    add_precision_options(p)
     p.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32", help="stored dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a named --backbone")
     p.add_argument("--no-pack", action="store_true",
@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     info = D.init_distributed(args.device, timeout_s=timedelta(days=7).total_seconds())
     device, world, rank = info.device, info.world_size, info.rank
     try:
+        from chexfound.models.precision import check_precision
+
+        check_precision(args.precision, device, allow_slow=args.allow_slow_precision)
         paths, ids = manifest_inputs(args.manifest, args.split) if args.manifest else list_inputs(args.inputs)
         model = create_backbone(args.backbone, seed=args.seed, config=args.arch, num_heads=args.num_heads,
                                 head_dim=args.head_dim)
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         # The transform the weights record, at another size / squaring mode when asked.
         tf = dataclasses.replace(info.transform, size=args.size or info.transform.size, mode=args.mode)
         settings = EmbedSettings(n_blocks=n_blocks, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                                 workers=args.workers, feature_dtype=args.feature_dtype, autocast=args.dtype,
+                                 workers=args.workers, feature_dtype=args.feature_dtype, autocast=args.precision,
                                  keep_parts=args.keep_parts, pack=not args.no_pack, compile=args.compile,
                                  cuda_graphs=args.cuda_graphs, sdpa=args.sdpa)
         blocks = list(range(model.cfg.depth - n_blocks, model.cfg.depth))
@@ -154,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0 and not args.quiet:
             dest = " and ".join(str(d) for d in (out, args.tokens) if d)
             print(f"embedding {len(paths)} images with {info.summary()} on {device} "
-                  f"({args.dtype}, world size {world}) -> {dest}", file=sys.stderr)
+                  f"({args.precision}, world size {world}) -> {dest}", file=sys.stderr)
         sinks: list = []
         if out is not None:
             sinks.append(PooledFileWriter(out, paths, ids, n_blocks=n_blocks, chunk_size=args.chunk_size,
-                                          feature_dtype=args.feature_dtype, autocast=args.dtype, meta=file_meta,
+                                          feature_dtype=args.feature_dtype, autocast=args.precision, meta=file_meta,
                                           keep_parts=args.keep_parts, settings=dataclasses.asdict(settings)))
         if args.tokens:
             from chexfound.adapt.token_cache import TokenCacheWriter

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chexfound.cli.options import add_arch_options
+from chexfound.cli.options import add_arch_options, add_precision_options
 from chexfound.errors import ChexfoundError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser, compile_option: bool = True) -> N
                                    "safetensors` (a file or an hf:// id)")
     add_arch_options(g)
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_precision_options(g)
     if compile_option:
         g.add_argument("--compile", action="store_true",
                        help="torch.compile each backbone block (pays on a GPU after a one-off compile; off on CPU)")
@@ -50,7 +50,8 @@ def load_predictor(args: argparse.Namespace) -> Any:
         if args.arch or args.num_heads or args.head_dim:
             raise ConfigError(None, "--arch/--num-heads/--head-dim describe a --backbone file; a --model bundle "
                                     "records its architecture")
-        return Predictor.from_bundle(args.model, device=args.device, dtype=args.dtype, strict=args.strict,
+        return Predictor.from_bundle(args.model, device=args.device, precision=args.precision, strict=args.strict,
+                                     allow_slow_precision=args.allow_slow_precision,
                                      allow_backbone_mismatch=args.allow_backbone_mismatch,
                                      compile=getattr(args, "compile", False))
     if not (args.backbone and args.head):
@@ -64,7 +65,8 @@ def load_predictor(args: argparse.Namespace) -> Any:
         from chexfound.adapt.adapter import apply_adapter, load_adapter
 
         backbone = apply_adapter(backbone, load_adapter(args.adapter))
-    p = Predictor(backbone, args.head, device=args.device, dtype=args.dtype, strict=args.strict,
+    p = Predictor(backbone, args.head, device=args.device, precision=args.precision, strict=args.strict,
+                  allow_slow_precision=args.allow_slow_precision,
                   allow_backbone_mismatch=args.allow_backbone_mismatch, compile=getattr(args, "compile", False))
     if backbone is not args.backbone:  # built here: say which file (for an hf:// id, the one in the hub cache)
         from chexfound.models.hub import is_hub_id
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"inputs": [str(i) for i in args.inputs], "manifest": args.manifest, "out": str(out),
                 "heatmaps": args.heatmaps, "top_k": args.top_k, "batch_size": args.batch_size,
                 "dicom_out": args.dicom_out, "fhir_out": args.fhir_out,
-                "device": str(predictor.device), "dtype": predictor.dtype, "started": time.strftime("%FT%T%z")}
+                "device": str(predictor.device), "precision": predictor.precision, "started": time.strftime("%FT%T%z")}
     store.start(settings)
     if store.resumed:
         log.info("%s: %d images already done, %d to go", out, len(paths) - len(todo), len(todo))

@@ -45,7 +45,8 @@ async function showModel() {
     const size = b.num_params >= 1e6 ? `${(b.num_params / 1e6).toFixed(1)} M` : `${(b.num_params / 1e3).toFixed(0)} k`;
     $("model-summary").textContent =
       `${m.head.head_type} head, ${m.findings.length} findings, backbone ${b.name || ""} ` +
-      `(${size} params, ${b.input_size} px, ${b.provenance || "unknown origin"}) ${sha}` +
+      `(${size} params, ${b.input_size} px, ${b.provenance || "unknown origin"}) ${sha}, ` +
+      `${m.precision || "fp32"} on ${m.device || "?"}` +
       ` · heatmaps: ${(m.head.heatmap_kind || "none").replace(/_/g, " ")}`;
     $("model-summary").title = `backbone weights sha256 ${b.weights_sha256 || "?"}`;
     showModelBanner(m);
