@@ -10,7 +10,7 @@ import pytest
 
 from _run import BENCHES, REPO, run_bench
 
-# bench -> what its smoke run prints (a figure line of each part); gpu and pretrain have their own tests
+# bench -> what its smoke run prints (a figure line of each part); gpu, pretrain and precision have their own tests
 # (tests/bench/test_gpu_smoke.py, tests/ssl/test_bench_pretrain.py) that read their JSON figures.
 EXPECT = {
     "adapt": ["cache build (one-off)", "[linear] 13-lr grid", "[glori] epoch from cache"],
@@ -22,7 +22,8 @@ EXPECT = {
     "serve_memory": ["server idle RSS", "peak RSS with the limits"],
 }
 NEEDS_DATA = {"adapt", "curate", "io", "serve", "serve_memory"}
-OWN_TEST = {"gpu": "tests/bench/test_gpu_smoke.py", "pretrain": "tests/ssl/test_bench_pretrain.py"}
+OWN_TEST = {"gpu": "tests/bench/test_gpu_smoke.py", "pretrain": "tests/ssl/test_bench_pretrain.py",
+            "precision": "tests/bench/test_precision_smoke.py"}
 
 
 def test_every_bench_has_a_smoke_test() -> None:

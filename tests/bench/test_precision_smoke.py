@@ -1,26 +1,17 @@
-"""bench/precision.py on a tiny model: every figure the JSON promises is written (no timing is asserted)."""
+"""bench/precision.py on a tiny model, run as a user runs it (`PYTHONPATH=src python bench/precision.py --smoke`,
+a fresh process): every figure the JSON promises is written (no timing is asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from _run import run_bench
 
 
-def test_precision_bench_smoke(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CHEXFOUND_DATA", str(data_root))
-    spec = importlib.util.spec_from_file_location("bench_precision", REPO / "bench" / "precision.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_precision", mod)
-    spec.loader.exec_module(mod)
+def test_precision_bench_smoke(tmp_path: Path, data_root: Path) -> None:
     out = tmp_path / "precision.json"
-    assert mod.main(["--smoke", "--json", str(out)]) == 0
+    run_bench("precision", "--smoke", "--json", str(out), data=data_root)
     rep = json.loads(out.read_text())
     r = rep["tiny_vit_mlp"]
     assert set(r["img_s"]) == {"original_fp32", "fp32", "bf16", "int8"} and min(r["img_s"].values()) > 0

@@ -187,17 +187,17 @@ def export_onnx(
     return result
 
 
-    atol: float | None = None,
-    results: Sequence[ResultTable] = (),
-    quantize: str | None = None,
-    quantize_mode: str = "dynamic",
-    calibration: list[str] | None = None,
-) -> dict[str, Any]:
-    """Write `path` (.onnx) and its model card (`<stem>.md`, with `results` where the caller has measured ones);
-    returns {"path", "opset", "outputs", "precision", "max_abs_diff" (when verified), "card"}.
-    `quantize="int8"`: int8 MatMuls through onnxruntime's quantization (`chexfound.serve.onnx_quant`;
-    `quantize_mode` "dynamic", or "static" calibrated on the `calibration` images). The check against PyTorch
-    then uses the int8 tolerance, 0.05 on probabilities and attention (fp32: 1e-4)."""
+def _card(predictor: Predictor, file: ModelFile, results: Sequence[ResultTable]) -> Path:
+    """The model card of an exported backbone + head (`chexfound.models.card`)."""
+    meta = {**predictor.head_info.meta, "head_type": predictor.head_type, "task": predictor.task,
+            "findings": list(predictor.findings), "thresholds": [float(t) for t in predictor.thresholds],
+            "threshold_rules": predictor.threshold_rules or []}
+    n_params = sum(p.numel() for p in predictor.model.head.parameters())
+    return write_card(file, predictor.backbone_info, head=head_facts(meta, n_params), results=results)
+
+
+def _verify_dynamic(path: Path, predictor: Predictor, atol: float, name: Path,
+                    images: np.ndarray | None = None) -> dict[str, float]:
     diffs: dict[str, float] = {}
     # Batch sizes other than the traced one (2): a shape baked in by tracing shows up here.
     for batch in (1, 3):
