@@ -4,6 +4,7 @@ when the source has them, the architecture must match, and a resumed run repeats
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from chexfound.ssl.train import pretrain
 from chexfound.ssl.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from ckpt_layouts import official_teacher, ssl_heads, tiny  # noqa: E402
+from ckpt_layouts import official_teacher, ssl_heads, tiny, to_chexfound_hub  # noqa: E402
 
 # The tiny recipe with heads of the shapes `ssl_heads` writes (the release's key names, small sizes).
 HEADS = ["dino.head_n_prototypes=32", "dino.head_hidden_dim=16", "dino.head_bottleneck_dim=8",
@@ -35,13 +36,20 @@ def _features(backbone: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A random tiny ViT at the run's 32 px, as the release's teacher_checkpoint.pth (chunked blocks, heads)
-    and as one of our backbone files (no heads)."""
+    """A random tiny ViT at the run's 32 px, as the release's teacher_checkpoint.pth (chunked blocks, heads),
+    as the Hugging Face Hub release lays it out (`hub/`: model.safetensors + config.json; backbone only) and as
+    one of our backbone files (no heads)."""
     d = tmp_path_factory.mktemp("source")
     model = tiny("tiny_vit", seed=3, img_size=32)
     heads = ssl_heads(64, seed=4)
     torch.save(official_teacher(model.state_dict(), depth=2, chunks=2, heads=heads), d / "teacher_checkpoint.pth")
     save_backbone(model, d / "backbone.safetensors")
+    from safetensors.torch import save_file
+
+    (d / "hub").mkdir()
+    save_file(to_chexfound_hub(model.state_dict()), d / "hub" / "model.safetensors")
+    # a tiny model's head count is not implied by its shapes: the folder's config.json states it
+    (d / "hub" / "config.json").write_text(json.dumps({"num_heads": model.cfg.num_heads}))
     return model, heads, d
 
 
@@ -67,7 +75,7 @@ def _run_capturing_iteration_0(cfg, out, monkeypatch, stop_after=1):
     return seen, x
 
 
-@pytest.mark.parametrize("layout", ["teacher_checkpoint.pth", "backbone.safetensors"])
+@pytest.mark.parametrize("layout", ["teacher_checkpoint.pth", "hub", "backbone.safetensors"])
 def test_iteration_0_is_the_source(layout, source, tmp_path, tiny_corpus, tiny_config, monkeypatch):
     model, heads, d = source
     cfg = tiny_config(*HEADS, f"train.init_from={d / layout}")
