@@ -13,19 +13,29 @@ import sys
 from typing import Any, Sequence
 
 
-class DeprecatedOption(argparse.Action):
-    """An old spelling: stores into the new option's `dest` and says on stderr what to use instead."""
+class RenamedOption(argparse.Action):
+    """An old name of an option: stores into the new option's `dest` and says on stderr which name to use."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
         self.replacement = replacement
         kwargs.setdefault("help", argparse.SUPPRESS)
         super().__init__(option_strings, dest, **kwargs)
 
+    def notice(self, option_string: str | None) -> str:
+        return f"{option_string} is deprecated; use {self.replacement}"
+
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        print(f"{parser.prog}: {option_string} is deprecated here (it means a pretraining recipe only in "
-              f"`chexfound pretrain`); use {self.replacement}", file=sys.stderr)
+        print(f"{parser.prog}: {self.notice(option_string)}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+class DeprecatedOption(RenamedOption):
+    """An old spelling of `--config` (which now means a pretraining recipe only): says so, and what to use."""
+
+    def notice(self, option_string: str | None) -> str:
+        return (f"{option_string} is deprecated here (it means a pretraining recipe only in `chexfound "
+                f"pretrain`); use {self.replacement}")
 
 
 def add_arch_options(p: argparse.ArgumentParser | Any, old_spelling: str | None = None) -> None:
@@ -77,20 +87,6 @@ def _head_types() -> tuple[str, ...]:
 def head_type_choices(*extra: str) -> Sequence[str]:
     """The head types of the registry in `chexfound.adapt.heads` (plus `extra`), as argparse choices."""
     return _LazyChoices(_head_types, extra)
-
-
-class RenamedOption(argparse.Action):
-    """An old name of an option: stores into the new option's `dest` and says on stderr which name to use."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
-        self.replacement = replacement
-        kwargs.setdefault("help", argparse.SUPPRESS)
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        print(f"{parser.prog}: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def add_precision_options(p: argparse.ArgumentParser | Any) -> None:
