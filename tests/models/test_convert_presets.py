@@ -21,7 +21,8 @@ from chexfound.ssl.meta_arch import backbone_config
 
 # Small enough for a CPU test: tiny crops, and the 12- and 24-block presets cut to 2 blocks. What differs
 # between the presets' architectures is kept: head count, width, registers, LayerScale, GELU MLP vs SwiGLU.
-_SHRINK = {"chexfound_vitl16_512": ["student.overrides.depth=2"], "proof_vits16_224": ["student.overrides.depth=2"]}
+_SHRINK = {"chexfound_vitl16_512": ["student.overrides.depth=2"], "continue_vitl16_512": ["student.overrides.depth=2"],
+           "proof_vits16_224": ["student.overrides.depth=2"]}
 
 
 def _run_folder(preset: str, root: Path) -> tuple[Path, VisionTransformer]:
