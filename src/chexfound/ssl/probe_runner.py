@@ -28,7 +28,8 @@ import torch
 
 from chexfound.models import VisionTransformer
 from chexfound.ssl import distributed as D
-from chexfound.ssl.budget import PERIODIC, Clock, FinalSet, ProbeCosts, ProbePlan, plan_from_config, set_key
+from chexfound.ssl.budget import Clock
+from chexfound.ssl.probe_plan import PERIODIC, FinalSet, ProbeCosts, ProbePlan, plan_from_config, set_key
 from chexfound.ssl.config import expand_path
 from chexfound.ssl.probe import (ProbeTask, backbone_features, evaluate_features, kermany_task, linear_probe_scores,
                                  nih14_task, probes_off_reason, resolve_kermany, split_sizes,

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from chexfound.ssl.budget import BudgetState, ProbePlan
+from chexfound.ssl.budget import BudgetState
+from chexfound.ssl.probe_plan import ProbePlan
 
 VERSION = 2
 

@@ -29,7 +29,8 @@ import torch
 
 from chexfound.runio import check_run_config, write_run_config
 from chexfound.ssl import distributed as D
-from chexfound.ssl.budget import BudgetPolicy, Calibration, Clock, calibrate_and_fit, probe_iterations
+from chexfound.ssl.budget import BudgetPolicy, Calibration, Clock, calibrate_and_fit
+from chexfound.ssl.probe_plan import probe_iterations
 from chexfound.ssl.checkpoint import latest_checkpoint, load_checkpoint
 from chexfound.ssl.data import Corpus, open_corpus
 from chexfound.ssl.init_source import check_source_exists, init_from_checkpoint
