@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,41 +21,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from chexfound.data.manifest import Manifest, patient_split
+from chexfound.data.manifest import patient_split
 from chexfound.data.readers import read_kermany, read_nih14_shared
+from chexfound.demo.evaluations import DEMO_PAIRS, compare_task, heatmap_overlays, label_efficiency, localisation
 from chexfound.demo.stages import StageRunner
+from chexfound.demo.tasks import (NIH_EXCLUDE, DemoConfig, TaskSpec, pixel_source, probe_inputs,  # noqa: F401
+                                  split_rows, task_manifest)  # (pixel_source: re-exported for callers of this module)
 from chexfound.errors import ConfigError
 from chexfound.models import backbone_sha256, create_backbone, save_backbone
 from chexfound.models.card_results import evaluate_tables
 from chexfound.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
-
-NIH_BOX_RENAME = {"Infiltrate": "Infiltration", "Pleural Thickening": "Pleural_Thickening"}
-# Hernia has 2 positives in the NIH subset: no split can score it (shared data README).
-NIH_EXCLUDE = ("Hernia",)
-
-
-@dataclass
-class DemoConfig:
-    data: Path
-    out: Path
-    quick: bool = False
-    seed: int = 0
-    device: str | None = None
-    preset: str = "demo_tiny"
-    pretrain_budget_s: float | None = None  # None: by mode (and shipped checkpoint)
-    weights: str | Path | None = None       # a pretrained backbone (file or hf:// id); None: look in weights/
-    use_shipped: bool = True
-    n_boot: int = 1000
-
-    def budget(self, shipped: bool) -> float:
-        """Pretraining wall-clock: a pipeline check when a shipped checkpoint is the backbone, else the run."""
-        if self.pretrain_budget_s is not None:
-            return float(self.pretrain_budget_s)
-        if self.quick:
-            return 45.0
-        return 90.0 if shipped else 420.0
 
 
 def repo_weights_dir() -> Path:
@@ -120,12 +96,6 @@ def prepare_data(cfg: DemoConfig) -> dict[str, Any]:
     return {"counts": counts, "nih14_findings": [c for c in n.label_columns if c not in NIH_EXCLUDE]}
 
 
-def _manifest(path: Path, labels: list[str]) -> Manifest:
-    from chexfound.data.manifest import read_manifest
-
-    return read_manifest(path, labels=labels)
-
-
 # -- backbones -----------------------------------------------------------------------------------------------
 
 def pretrain_backbones(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
@@ -173,18 +143,6 @@ def pretrain_backbones(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str
 
 # -- features, heads, scores ------------------------------------------------------------------------------
 
-@dataclass
-class TaskSpec:
-    name: str            # kermany | nih14
-    manifest: Path
-    findings: list[str]
-    heads: tuple[str, ...]
-
-
-def _splits(m: Manifest) -> dict[str, np.ndarray]:
-    s = m.df["split"].astype(str).to_numpy()
-    return {k: np.flatnonzero(s == k) for k in ("train", "val", "test")}
-
 
 def _glori_trainer(findings: list[str], embed_dim: int, quick: bool, n_blocks: int) -> Any:
     from chexfound.evaluate.trainers import AdaptTrainer
@@ -195,13 +153,6 @@ def _glori_trainer(findings: list[str], embed_dim: int, quick: bool, n_blocks: i
     lrs = (1e-4, 1e-3, 1e-2)
     fit = {"lrs": lrs if quick else lrs + (3e-3,), "epochs": 10 if quick else 30, "patience": 5, "batch_size": 64}
     return AdaptTrainer("glori", findings, n_blocks, embed_dim, head_kwargs=head_kwargs, fit_kwargs=fit)
-
-
-def probe_inputs(cache: Any, n_blocks: int) -> np.ndarray:
-    """The linear probe's input per cached image: CLS of the last n blocks + the mean patch token (DINOv2's
-    "avgpool" probe: with LayerScale 1e-5 a random-init ViT's CLS output is nearly constant, and a CLS-only
-    probe would make that baseline a strawman). Exactly what a `LinearHead(avgpool=True)` reads."""
-    return cache.pooled().vectors(n_blocks, avgpool=True)
 
 
 def linear_head_from_probe(probe: Any, findings: list[str], n_blocks: int, embed_dim: int) -> Any:
@@ -246,8 +197,8 @@ def fit_and_score(cfg: DemoConfig, which: str, task: TaskSpec, echo: Callable[[s
     model = create_backbone(bb_path)
     tf = model.info.transform
     n_blocks = min(4, len(model.blocks))
-    m = _manifest(task.manifest, task.findings)
-    sp = _splits(m)
+    m = task_manifest(task.manifest, task.findings)
+    sp = split_rows(m)
     cache = build_cache(model, [str(p) for p in m.paths()], tf, n_blocks, cfg.out / "cache" / which / task.name,
                         model.info.weights_sha256, batch_size=64, device=cfg.device, progress=True)
     y = m.labels()
@@ -327,8 +278,8 @@ def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None])
     from chexfound.evaluate.protocols.common import EvalConfig, score_predictions
     from chexfound.stats import BootstrapConfig, LogisticTrainer
 
-    m = _manifest(task.manifest, task.findings)
-    sp = _splits(m)
+    m = task_manifest(task.manifest, task.findings)
+    sp = split_rows(m)
     x, ok = read_pixel_features(m.paths(), size=32)
     np.save(cfg.out / "cache" / f"pixels-{task.name}.npy", x)
     np.save(cfg.out / "cache" / f"pixels-{task.name}-ok.npy", ok)
@@ -344,151 +295,6 @@ def pixel_baseline(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None])
          f"{calls['calls_per_image']:.1f} positive calls per test image (labels {calls['labels_per_image']:.1f})")
     return {"metrics": res, "fit": fitted.info, "calls": calls,
             "threshold_rules": [c.to_dict() for c in fitted.threshold_choices]}
-
-
-def pixel_source(cfg: DemoConfig, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The pixel features `pixel_baseline` stored for every manifest row, and which rows could be read (an
-    unreadable image is a row of zeros that no split may use). A run folder from before the mask was stored:
-    the rows that are not all zeros."""
-    x = np.load(cfg.out / "cache" / f"pixels-{task.name}.npy")
-    ok_file = cfg.out / "cache" / f"pixels-{task.name}-ok.npy"
-    ok = np.load(ok_file) if ok_file.is_file() else np.any(x != 0, axis=1)
-    return x, np.asarray(ok, dtype=bool)
-
-
-# The demo's models per task, by display name: (test-probability file under cache/, where results keep its
-# metrics: (results["models"] key, head or None for the pixel baseline)).
-def demo_models(task: str) -> dict[str, tuple[str, tuple[str, str | None]]]:
-    out = {"pretrained (linear)": (f"pretrained/{task}-linear", (f"pretrained/{task}", "linear")),
-           "random (linear)": (f"random/{task}-linear", (f"random/{task}", "linear")),
-           "pixels (logistic)": (f"pixels-{task}", (f"pixels/{task}", None))}
-    if task == "nih14":
-        out.update({"pretrained (GLoRI)": ("pretrained/nih14-glori", ("pretrained/nih14", "glori")),
-                    "random (GLoRI)": ("random/nih14-glori", ("random/nih14", "glori"))})
-    return out
-
-
-# The paired differences the report shows, model - reference, per task.
-DEMO_PAIRS: dict[str, list[tuple[str, str]]] = {
-    "kermany": [("pretrained (linear)", "random (linear)"), ("pretrained (linear)", "pixels (logistic)")],
-    "nih14": [("pretrained (linear)", "random (linear)"), ("pretrained (GLoRI)", "random (GLoRI)"),
-              ("pretrained (GLoRI)", "pretrained (linear)"), ("pretrained (linear)", "pixels (logistic)")],
-}
-
-
-def compare_task(cfg: DemoConfig, task: TaskSpec, models: dict[str, Any],
-                 pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """One task's `chexfound.stats.Comparison`: each model's test macro AUROC with its CI (from `models`, the
-    results of `fit_and_score` / `pixel_baseline`), and the paired patient-level bootstrap of test macro
-    AUROC/AP, model - reference, on the same test images."""
-    from chexfound.stats import BootstrapConfig, Comparison, ModelResult, PairedDifference, paired_difference
-
-    m = _manifest(task.manifest, task.findings)
-    test = _splits(m)["test"]
-    y, pats = m.labels()[test], m.patients()[test]
-    bcfg = BootstrapConfig(n_boot=cfg.n_boot, seed=cfg.seed)
-    named = demo_models(task.name)
-    used = list(dict.fromkeys(n for pair in pairs for n in pair))
-    results: dict[str, ModelResult] = {}
-    for name in used:
-        key, head = named[name][1]
-        res = models[key] if head is None else models[key]["heads"][head]
-        results[name] = ModelResult.from_metrics({"macro": res["metrics"]["macro"]})
-    comp = Comparison(list(task.findings), results, bootstrap={"n_boot": bcfg.n_boot, "ci": bcfg.ci,
-                                                               "seed": bcfg.seed, "level": bcfg.level})
-    for a, b in pairs:
-        pa, pb = (np.load(cfg.out / "cache" / f"{named[n][0]}-test-probs.npy") for n in (a, b))
-        if len(pa) != len(test) or len(pb) != len(test):
-            comp.add(PairedDifference(a, b, error="some test images were unreadable for one model; "
-                                                  "no paired comparison"))
-            continue
-        comp.add(paired_difference(y, (a, pa), (b, pb), task.findings, pats, bcfg))
-    return comp.to_dict()
-
-
-def label_efficiency(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Kermany test AUROC vs share of training patients: the logistic probe on pretrained / random features
-    and on pixels (the same fitter for all three)."""
-    from chexfound.adapt.token_cache import FeatureCache
-    from chexfound.evaluate.protocols.common import EvalConfig, Splits
-    from chexfound.evaluate.protocols.label_efficiency import run_label_efficiency
-    from chexfound.stats import BootstrapConfig, LogisticTrainer
-
-    m = _manifest(task.manifest, task.findings)
-    y, pats = m.labels(), m.patients()
-    sp = _splits(m)
-    fractions = (0.02, 0.1, 1.0) if cfg.quick else (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
-    seeds = (0,) if cfg.quick else (0, 1, 2)
-    ecfg = EvalConfig(bootstrap=BootstrapConfig(n_boot=0))
-    out: dict[str, Any] = {}
-    sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for which in ("pretrained", "random"):
-        cache = FeatureCache.open(cfg.out / "cache" / which / task.name)
-        sources[which] = (probe_inputs(cache, cache.n_blocks), np.asarray(cache.valid, dtype=bool))
-    sources["pixels"] = pixel_source(cfg, task)  # unreadable images out, as for the backbones' caches
-    for which, (feats, ok) in sources.items():
-        splits = Splits(sp["train"][ok[sp["train"]]], sp["val"][ok[sp["val"]]], sp["test"][ok[sp["test"]]])
-        metrics, _ = run_label_efficiency(LogisticTrainer(), feats, y, pats, splits, task.findings, fractions, seeds,
-                                          ecfg)
-        out[which] = {"curve": metrics["curve"], "runs": metrics["runs"]}
-        echo(f"  label efficiency {which}: " + ", ".join(f"{c['fraction']:.0%} {c['auroc_mean']:.3f}"
-                                                        for c in metrics["curve"]))
-    return out
-
-
-def localisation(cfg: DemoConfig, task: TaskSpec, echo: Callable[[str], None]) -> dict[str, Any]:
-    """GLoRI attention vs NIH expert boxes on the NIH test split (pointing game, mass in boxes, centre prior)."""
-    from chexfound.adapt import load_head
-    from chexfound.evaluate.figures import heatmap_gallery
-    from chexfound.evaluate.box_scores import read_boxes
-    from chexfound.evaluate.protocols.localisation import collect_items, head_attention_heatmaps, run_localisation
-    from chexfound.runio import atomic_write_bytes
-
-    m = _manifest(task.manifest, task.findings)
-    test = _splits(m)["test"]
-    boxes = read_boxes(cfg.data / "nih14" / "boxes.csv", rename=NIH_BOX_RENAME)
-    out: dict[str, Any] = {}
-    for which in ("pretrained", "random"):
-        model = create_backbone(cfg.out / "models" / which / "backbone.safetensors")
-        head = load_head(cfg.out / "models" / which / f"{task.name}-glori.safetensors")
-        tf = model.info.transform
-        paths = [m.paths()[i] for i in test]
-        ids = m.df["image_id"].astype(str).to_numpy()[test]
-        scores, gallery, errors = collect_items(paths, ids, m.patients()[test], boxes, task.findings, tf,
-                                                head_attention_heatmaps(model, head), gallery=8)
-        res = run_localisation(scores, f"GLoRI attention ({which} backbone)", n_boot=cfg.n_boot, seed=cfg.seed)
-        res.pop("items", None)
-        if gallery:
-            atomic_write_bytes(cfg.out / "figures" / f"localisation-{which}.png", heatmap_gallery(gallery))
-        out[which] = res
-        ov = res.get("overall", {})
-        echo(f"  localisation {which}: " + ", ".join(f"{k} {v:.3f}" for k, v in ov.items()
-                                                     if isinstance(v, float)))
-    return out
-
-
-def heatmap_overlays(cfg: DemoConfig, task: TaskSpec, n_images: int = 4) -> dict[str, Any]:
-    """Per-finding GLoRI overlays (top 3 findings) for a few NIH test images, pretrained backbone."""
-    from chexfound.adapt import load_head
-    from chexfound.adapt.forward import head_forward
-    from chexfound.adapt.heatmap import save_heatmaps
-    from chexfound.io import read_image
-
-    model = create_backbone(cfg.out / "models" / "pretrained" / "backbone.safetensors")
-    head = load_head(cfg.out / "models" / "pretrained" / f"{task.name}-glori.safetensors")
-    tf = model.info.transform
-    m = _manifest(task.manifest, task.findings)
-    test = _splits(m)["test"][:n_images]
-    files: list[str] = []
-    for i in test:
-        p = m.paths()[i]
-        img = read_image(p)
-        with torch.no_grad():
-            _, logits, attn = head_forward(model, head, tf(img.pixels)[None])
-        probs = head.probabilities(logits)[0].numpy()
-        files += [str(f) for f in save_heatmaps(attn[0], probs, head.findings, img.pixels, tf,
-                                                cfg.out / "heatmaps", Path(p).stem, top_k=3, original_space=True)]
-    return {"files": files}
 
 
 # -- the whole run ------------------------------------------------------------------------------------------
