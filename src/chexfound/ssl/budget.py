@@ -31,7 +31,8 @@ While the run goes, the plan is corrected and `Deadline` keeps it honest: in the
 it would change by more than `budget.replan_threshold` (`replan_total`); after that, training stops early (and
 says so) if it falls behind, a periodic probe that no longer fits is skipped, and the final probes are
 re-planned against the time actually left. `BudgetPolicy` takes these decisions for the training loop and the
-end; `calibrate_and_fit` measures and fits before the loop; `BudgetState` is what a resume keeps.
+end, and calibrates and fits the run as the loop's first iterations (`measure`, `timed`); `BudgetState` is what a
+resume keeps.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from typing import Any, Callable
 from chexfound.ssl.probe_plan import (PERIODIC, STAGES, FinalSet, ProbeCosts, ProbePlan, plan_from_config,
                                       probe_iterations, set_key, turn_down)
 
-__all__ = ["BudgetFit", "BudgetPolicy", "BudgetState", "Calibration", "Clock", "Deadline", "FinalSet", "PERIODIC",
-           "ProbeCosts", "ProbePlan", "STAGES", "calibrate_and_fit", "calibrate_step", "fit_budget",
+__all__ = ["BudgetFit", "BudgetPolicy", "BudgetState", "Clock", "Deadline", "FinalSet", "PERIODIC",
+           "ProbeCosts", "ProbePlan", "STAGES", "StepTimer", "calibrate_step", "fit_budget",
            "iterations_that_fit", "plan_from_config", "probe_iterations", "replan_total", "set_key", "turn_down"]
 
 Clock = Callable[[], float]
@@ -131,34 +132,50 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
                      train_s=max(0.0, more * per_it), plan=fitted, over_cap=reserve > cap)
 
 
+class StepTimer:
+    """The step's calibration, one iteration at a time (`add` each iteration's seconds until it says done):
+    the first iteration untimed (warm-up: allocator, kernel selection, compilation), then up to `max_timed`
+    timed ones, fewer when they would take more than `max_fraction` of the budget (at least one).
+    `warmup_free` (a CPU without compilation: no kernels to pick or compile): when the first iteration alone takes
+    more than `max_fraction` of the budget, its time is the estimate and no further iteration is spent on timing.
+    `agree`: every stop decision goes through it (rank 0's on every rank: the steps are collectives, so a
+    decision from each rank's own clock could leave one rank waiting in a step the others never run)."""
+
+    def __init__(self, budget_s: float, max_timed: int = 3, max_fraction: float = 0.02, warmup_free: bool = False,
+                 agree: Callable[[bool], bool] = bool) -> None:
+        self.limit_s, self.max_timed, self.warmup_free, self.agree = max_fraction * budget_s, max_timed, warmup_free, agree
+        self.first: float | None = None
+        self.times: list[float] = []
+        self.step_s = 0.0  # the estimate, once done
+
+    def add(self, seconds: float) -> bool:
+        """One more iteration took `seconds`; True when the estimate (`step_s`) is made."""
+        if self.first is None:
+            self.first = seconds
+            if self.agree(self.warmup_free and seconds > self.limit_s):
+                self.step_s = seconds
+                return True
+            return False
+        self.times.append(seconds)
+        if not self.agree(len(self.times) >= self.max_timed or sum(self.times) + seconds > self.limit_s):
+            return False
+        self.step_s = sorted(self.times)[len(self.times) // 2]  # the median
+        return True
+
+
 def calibrate_step(run_step: Callable[[int], Any], sync: Callable[[], None], budget_s: float, clock: Clock,
                    max_timed: int = 3, max_fraction: float = 0.02, warmup_free: bool = False,
                    agree: Callable[[bool], bool] = bool) -> tuple[float, int]:
-    """Time the step on the run's first iterations: iteration 0 untimed (warm-up), then up to `max_timed`
-    timed ones, fewer when they would take more than `max_fraction` of the budget (at least one).
-    `warmup_free` (a CPU without compilation: no kernels to pick or compile): when iteration 0 alone takes more
-    than `max_fraction` of the budget, its time is the estimate and no further iteration is spent on timing.
-    `agree`: every stop decision goes through it (rank 0's on every rank: the steps are collectives, so a
-    decision from each rank's own clock could leave one rank waiting in a step the others never run).
-    Returns (median seconds per iteration, iterations run)."""
-    t0 = clock()
-    run_step(0)
-    sync()
-    first = clock() - t0
-    if agree(warmup_free and first > max_fraction * budget_s):
-        return first, 1
-    times: list[float] = []
-    it = 1
+    """`StepTimer` over `run_step(0)`, `run_step(1)`, ...: (median seconds per iteration, iterations run)."""
+    timer = StepTimer(budget_s, max_timed, max_fraction, warmup_free, agree)
+    it = 0
     while True:
         t0 = clock()
         run_step(it)
         sync()
-        times.append(clock() - t0)
         it += 1
-        if agree(len(times) >= max_timed or (sum(times) + times[-1]) > max_fraction * budget_s):
-            break
-    times.sort()
-    return times[len(times) // 2], it
+        if timer.add(clock() - t0):
+            return timer.step_s, it
 
 
 @dataclass
@@ -222,83 +239,25 @@ class BudgetState:
                    replanned_total=None if rt is None else int(rt))
 
 
-Calibration = list[tuple[int, dict[str, Any], int, float]]  # (iterations done, stats, images, seconds)
-
-
-def calibrate_and_fit(ctx: Any, trainer: Any, corpus: Any, prober: Any,
-                      plan: ProbePlan) -> tuple[BudgetState, BudgetFit, Calibration, float]:
-    """Measure (probe costs, checkpoint writes, the step on the run's first iterations at learning rate 0),
-    then fit: (the budget's state, the fit, the calibration iterations, their seconds)."""
-    import torch
-
-    from chexfound.ssl import distributed as D
-    from chexfound.ssl.checkpoint import measure_save_cost
-
-    s, budget = ctx.settings, float(ctx.settings.time_budget_s or 0.0)
-    gen = corpus.source.batches(0)
-    sample = next(gen)[1]  # the first batch (resident, or decoded for it): what feature timing runs on
-    gen.close()
-    min_images, cap = int(s.budget["min_final_images"]), float(s.budget["max_probe_fraction"]) * budget
-
-    def worth(c: ProbeCosts) -> bool:  # timing decoding and fits is wasted when no probe could fit anyway
-        lower = turn_down(plan, c.reserve_s, cap, min_images)
-        return bool(lower.finals or lower.periodic)
-
-    costs = prober.measure_costs(plan, min_images, sample, worth)
-    ckpt_s, end_s = measure_save_cost(trainer, ctx.out, ctx.clock, shards=bool(s.export_bf16_shard_mib))
-    costs.ckpt_s, costs.end_s = D.broadcast_object((ckpt_s, end_s))  # type: ignore[misc]
-    trainer.set_schedules(10**9, 10**9)  # the warm-up starts from 0: lr 0 costs the run nothing
-    gen = corpus.source.batches(0)
-    steps: Calibration = []
-
-    def run_step(k: int) -> None:
-        _, images, _ = next(gen)
-        t0 = ctx.clock()
-        st = trainer.train_step(k, images, lr_scale=0.0)
-        steps.append((k + 1, st, images.shape[0] * ctx.info.world_size, ctx.clock() - t0))
-
-    def sync() -> None:
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
-
-    t0 = ctx.clock()
-    warmup_free = trainer.device.type == "cpu" and not ctx.cfg["train"]["compile"]
-    step_s, done = calibrate_step(run_step, sync, budget, ctx.clock, warmup_free=warmup_free,
-                                  agree=lambda flag: bool(D.broadcast_object(bool(flag))))
-    calibration_s = ctx.clock() - t0
-    gen.close()
-    step_t = torch.tensor([step_s], device=trainer.device)
-    D.all_reduce_max(step_t)
-    step_s = float(step_t.item())
-    done_sizes, decoded = D.broadcast_object(({k: v[0] for k, v in prober.pixel_scores.items()}, prober.decoded))
-    fit = fit_budget(budget, ctx.elapsed(), step_s, done, costs, plan, s.budget, s.epochs, s.ckpt_every, done_sizes,
-                     decoded)  # type: ignore[arg-type]
-    fit = D.broadcast_object(fit)  # type: ignore[assignment]
-    ctx.say(fit.message())
-    ctx.metrics.write_row({**fit.row(), "costs": asdict(costs)})
-    end_reserve = costs.final_probes_s(fit.plan, done_sizes, decoded) + costs.end_s + fit.margin_s  # type: ignore[arg-type]
-    state = BudgetState(fit.plan, costs, end_reserve, step_s, budget, fit.total)
-    return state, fit, steps, calibration_s
-
-
 class BudgetPolicy:
-    """The time budget's decisions while a run goes, and the probe plan (with or without a budget): which
+    """The time budget's decisions while a run goes, and the probe plan (with or without a budget): the
+    calibration (a new budgeted run's first iterations, timed, then the fit of its length and probes), which
     periodic probes run and whether one still fits, the pace and its re-plans, the deadline, and the final
     probes' plan and margin. It owns the run's clock accounting (training time vs pauses). `ctx`: the
-    RunContext; `state`: the budget's state (None without a budget); `probe_s`: one periodic probe's cost."""
+    RunContext; `state`: the budget's state (None without a budget, or before the calibration); `probe_s`: one
+    periodic probe's cost."""
 
-    def __init__(self, ctx: Any, plan: ProbePlan, state: BudgetState | None, probe_s: Callable[[ProbePlan], float],
-                 calibration_s: float = 0.0) -> None:
+    def __init__(self, ctx: Any, plan: ProbePlan, state: BudgetState | None,
+                 probe_s: Callable[[ProbePlan], float]) -> None:
         from chexfound.ssl import distributed as D
 
-        self.ctx, self.plan, self.state, self.probe_s, self.calibration_s = ctx, plan, state, probe_s, calibration_s
-        s = ctx.settings
+        self.ctx, self.plan, self.state, self.probe_s = ctx, plan, state, probe_s
+        self.calibration_s = 0.0  # seconds of the calibration iterations (training at learning rate 0)
         self.deadline: Deadline | None = None
-        if state is not None and s.time_budget_s:
-            self.deadline = Deadline(ctx.t_start - ctx.elapsed_before, s.time_budget_s, state.end_reserve_s,
-                                     state.step_s, ctx.clock,
-                                     tolerance_s=float(s.budget["tolerance_fraction"]) * s.time_budget_s)
         self._agree: Callable[[Any], Any] = D.broadcast_object if ctx.info.enabled else (lambda x: x)
+        self.calibrating = state is None and bool(ctx.settings.time_budget_s)
+        self.timer: StepTimer | None = None
+        self._set_deadline()
         self.probe_at: set[int] = set()
         self.probes_left = 0
         self.pause_s = 0.0  # probes and checkpoints: not training
@@ -308,6 +267,65 @@ class BudgetPolicy:
         # rerun); the pace is measured over all of it, so a short burst of other jobs does not swing the plan
         self.pace_from = (0.0, 0, 0.0)
         self.replanned_at = -1  # iteration of the last re-plan that changed the total
+
+    def _set_deadline(self) -> None:
+        s, state = self.ctx.settings, self.state
+        if state is not None and s.time_budget_s:
+            self.deadline = Deadline(self.ctx.t_start - self.ctx.elapsed_before, s.time_budget_s, state.end_reserve_s,
+                                     state.step_s, self.ctx.clock,
+                                     tolerance_s=float(s.budget["tolerance_fraction"]) * s.time_budget_s)
+
+    # -- calibration: a new budgeted run's first iterations --------------------------------------------
+    def measure(self, trainer: Any, corpus: Any, prober: Any) -> None:
+        """Before the calibration iterations: what the probes (`ProbeRunner.measure_costs`, on the run's first
+        batch), a checkpoint and the end cost; then the step timer for the iterations that follow."""
+        from chexfound.ssl import distributed as D
+        from chexfound.ssl.checkpoint import measure_save_cost
+
+        s, budget = self.ctx.settings, float(self.ctx.settings.time_budget_s)
+        gen = corpus.source.batches(0)
+        sample = next(gen)[1]  # the first batch (resident, or decoded for it): what feature timing runs on
+        gen.close()
+        min_images, cap = int(s.budget["min_final_images"]), float(s.budget["max_probe_fraction"]) * budget
+
+        def worth(c: ProbeCosts) -> bool:  # timing decoding and fits is wasted when no probe could fit anyway
+            lower = turn_down(self.plan, c.reserve_s, cap, min_images)
+            return bool(lower.finals or lower.periodic)
+
+        self.costs = prober.measure_costs(self.plan, min_images, sample, worth)
+        ckpt_s, end_s = measure_save_cost(trainer, self.ctx.out, self.ctx.clock, shards=bool(s.export_bf16_shard_mib))
+        self.costs.ckpt_s, self.costs.end_s = D.broadcast_object((ckpt_s, end_s))
+        self.done_sizes, self.decoded = D.broadcast_object(({k: v[0] for k, v in prober.pixel_scores.items()},
+                                                            prober.decoded))
+        warmup_free = trainer.device.type == "cpu" and not self.ctx.cfg["train"]["compile"]
+        self.timer = StepTimer(budget, warmup_free=warmup_free, agree=lambda flag: bool(D.broadcast_object(bool(flag))))
+        self.t_calibration = self.ctx.clock()
+
+    def timed(self, done: int, seconds: float, device: Any) -> BudgetFit | None:
+        """Calibration iteration `done` took `seconds`: None while the timer needs more, then the fit (the
+        run's length and probe plan; printed and logged) with the deadline set from it."""
+        import torch
+
+        from chexfound.ssl import distributed as D
+
+        assert self.timer is not None, "measure() opens the calibration"
+        if not self.timer.add(seconds):
+            return None
+        self.calibration_s = self.ctx.clock() - self.t_calibration
+        step_t = torch.tensor([self.timer.step_s], device=device)
+        D.all_reduce_max(step_t)  # the slowest rank sets the pace
+        step_s, s, c = float(step_t.item()), self.ctx.settings, self.costs
+        fit = fit_budget(float(s.time_budget_s), self.ctx.elapsed(), step_s, done, c, self.plan, s.budget, s.epochs,
+                         s.ckpt_every, self.done_sizes, self.decoded)
+        fit = D.broadcast_object(fit)
+        self.ctx.say(fit.message())
+        self.ctx.metrics.write_row({**fit.row(), "costs": asdict(c)})
+        end_reserve = c.final_probes_s(fit.plan, self.done_sizes, self.decoded) + c.end_s + fit.margin_s
+        self.plan = fit.plan
+        self.state = BudgetState(fit.plan, c, end_reserve, step_s, float(s.time_budget_s), fit.total)
+        self._set_deadline()
+        self.calibrating, self.timer = False, None
+        return fit
 
     def _event(self, row: dict[str, Any], line: str | None = None) -> None:
         self.ctx.metrics.write_row({"kind": "budget", **row})
@@ -398,6 +416,19 @@ class BudgetPolicy:
         return msg
 
     # -- the end ---------------------------------------------------------------------------------------
+    def account(self, done: int, planned: int, train_s: float) -> None:
+        """The run's closing row (`event: end`) and line: the time used, against the budget, and how much of
+        it went to training."""
+        s, took = self.ctx.settings, self.ctx.elapsed()
+        row = {"event": "end", "iterations": done, "planned_iterations": planned, "elapsed_s": took,
+               "training_s": train_s, "training_fraction": train_s / max(took, 1e-9)}
+        used = ""
+        if s.time_budget_s:
+            row.update(budget_s=s.time_budget_s, budget_used=took / s.time_budget_s)
+            used = f" (budget {s.time_budget_s:.0f}s: {100 * took / s.time_budget_s:.0f}% used)"
+        self._event(row, f"done in {took:.0f}s{used}, {train_s:.0f}s of it training "
+                         f"({100 * train_s / max(took, 1e-9):.0f}%); run folder {self.ctx.out}")
+
     def final_plan(self, cost: Callable[[ProbePlan], float], plot_s: float) -> ProbePlan:
         """The final probes re-planned against the time actually left (a margin for the report kept)."""
         d = self.deadline

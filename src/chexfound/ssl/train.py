@@ -4,8 +4,9 @@ A run goes through six stages, each a function here or a module of its own:
   open    the run folder, the process group, the printed log, the recipe check against a folder to resume
   data    the corpus and its pipeline (chexfound.ssl.data.open_corpus)
   model   the trainer: from scratch, from `train.init_from`, or resumed from the folder's last checkpoint
-  length  how many iterations and which probes: fixed by the config, or fitted to the time budget
-          (chexfound.ssl.budget: measured costs, the first iterations timed, probes turned down to fit)
+  length  how many iterations and which probes: kept by a resumed run, fixed by the config, or fitted to the
+          time budget by the loop's first iterations (chexfound.ssl.budget: measured costs, the first
+          iterations timed at learning rate 0, probes turned down to fit)
   loop    step -> log -> heal? -> probe? -> checkpoint? -> budget? (chexfound.ssl.train_loop), the questions
           answered by the health and budget policies (chexfound.ssl.heal, chexfound.ssl.budget)
   end     final checkpoint, teacher exports, final probes, report (chexfound.ssl.train_end)
@@ -27,9 +28,9 @@ from typing import Any, Callable
 
 import torch
 
-from chexfound.runio import check_run_config, write_run_config
+from chexfound.runio import check_run_config
 from chexfound.ssl import distributed as D
-from chexfound.ssl.budget import BudgetPolicy, Calibration, Clock, calibrate_and_fit
+from chexfound.ssl.budget import BudgetPolicy, Clock
 from chexfound.ssl.probe_plan import probe_iterations
 from chexfound.ssl.checkpoint import latest_checkpoint, load_checkpoint
 from chexfound.ssl.data import Corpus, open_corpus
@@ -68,15 +69,7 @@ def pretrain(
     from chexfound.ssl.probe_runner import ProbeRunner
 
     prober = ProbeRunner(ctx.cfg, trainer, ctx.out, ctx.say, ctx.info.is_main, clock=clock)
-    state, budget, calibration = _length(ctx, trainer, corpus, prober, resumed)
-    _write_config(ctx, trainer, corpus, state)
-    loop = TrainLoop(ctx, trainer, corpus, prober, state, budget)
-    loop.apply_schedules()
-    if calibration:
-        loop.log_calibration(calibration)
-        start = calibration[-1][0]
-    if resumed is None and budget.plan.periodic >= 1:
-        prober.periodic(0, ctx.metrics)  # the teacher as initialised (calibration runs at learning rate 0)
+    loop = TrainLoop(ctx, trainer, corpus, prober, *_length(ctx, prober, resumed))
     outcome = loop.run(start, stop_after)
     if outcome.stopped_early:
         return RunResult(ctx.out, outcome.done, stopped_early=True)
@@ -134,29 +127,13 @@ def _model(ctx: RunContext, corpus: Corpus, ckpt: Path | None) -> tuple[Trainer,
 
 
 # -- length ------------------------------------------------------------------------------------------------
-def _length(ctx: RunContext, trainer: Trainer, corpus: Corpus, prober: Any,
-            resumed: RunState | None) -> tuple[RunState, BudgetPolicy, Calibration]:
-    """How long the run trains and which probes it runs: a resumed run keeps its length, plan and deadline;
-    a new one takes them from the config, or from the budget's fit (chexfound.ssl.budget)."""
-    s = ctx.settings
+def _length(ctx: RunContext, prober: Any, resumed: RunState | None) -> tuple[RunState, BudgetPolicy]:
+    """How long the run trains and which probes it runs: a resumed run keeps its length, plan and deadline; a
+    new one takes them from the config, which a time budget replaces after its calibration (in the loop)."""
     if resumed is not None:
         if resumed.budget is not None:
             prober.costs = resumed.budget.costs
-        return resumed, BudgetPolicy(ctx, resumed.plan or prober.configured_plan(), resumed.budget,
-                                     prober.probe_s), []
-    plan = prober.configured_plan()
-    if not s.time_budget_s:
-        return (RunState(int(round(s.epochs * s.epoch_length)), s.epoch_length),
-                BudgetPolicy(ctx, plan, None, prober.probe_s), [])
-    bstate, fit, steps, calibration_s = calibrate_and_fit(ctx, trainer, corpus, prober, plan)
-    return (RunState(fit.total, fit.epoch_length, budget=bstate),
-            BudgetPolicy(ctx, fit.plan, bstate, prober.probe_s, calibration_s), steps)
-
-
-def _write_config(ctx: RunContext, trainer: Trainer, corpus: Corpus, length: RunState) -> None:
-    resolved = {"world_size": ctx.info.world_size, "global_batch": trainer.global_batch, "lr": trainer.base_lr(),
-                "total_iterations": length.total_iterations, "epoch_length": length.epoch_length, "n_images": corpus.n_items,
-                "pipeline": corpus.pipeline, "n_skipped": len(corpus.skipped.items)}
-    ctx.cfg["resolved"] = resolved  # (checkpoints carry it too)
-    if ctx.info.is_main:
-        write_run_config(ctx.out / "config.yaml", ctx.cfg)
+        return resumed, BudgetPolicy(ctx, resumed.plan or prober.configured_plan(), resumed.budget, prober.probe_s)
+    s = ctx.settings
+    return (RunState(int(round(s.epochs * s.epoch_length)), s.epoch_length),
+            BudgetPolicy(ctx, prober.configured_plan(), None, prober.probe_s))

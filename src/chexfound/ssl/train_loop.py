@@ -1,7 +1,9 @@
 """The loop of a pretraining run, in DINOv2's shape: each iteration is step -> log -> heal? -> probe? ->
 checkpoint? -> budget?, each question put to the object that owns the answer: `HealPolicy` (chexfound.ssl.heal:
 divergence, collapse warnings, snapshots, rollbacks, give-up) and `BudgetPolicy` (chexfound.ssl.budget: the
-probe plan, the pace and its re-plans, the deadline). The loop itself decides nothing about either."""
+calibration, the probe plan, the pace and its re-plans, the deadline). The loop itself decides nothing about
+either. A new run with a time budget starts with the budget's calibration: its first iterations, at learning
+rate 0, timed until the budget can fit the run's length; training proper starts after them (`_begin`)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from chexfound.runio import write_run_config
 from chexfound.ssl import distributed as D
 from chexfound.ssl.budget import BudgetPolicy
 from chexfound.ssl.checkpoint import save_checkpoint
@@ -71,12 +74,43 @@ class TrainLoop:
             self.bar.set_postfix(loss=f"{red['loss']:.3f}", img_s=f"{ips:.1f}", protos=int(red["prototypes_in_use"]))
         return red
 
-    def log_calibration(self, steps: list[tuple[int, dict[str, torch.Tensor], int, float]]) -> None:
-        """Rows for the budget's calibration iterations (run at learning rate 0) that fall on log steps."""
-        for done, stats, n_images, seconds in steps:
-            if done % self.ctx.settings.log_every == 0 or done == 1:
-                red = self.log(done, stats, n_images / max(seconds, 1e-9), lr_zero=True)
-                self.heal.warn(done, red)
+    # -- calibration, then training proper ----------------------------------------------------------------
+    def _calibrate(self, gen: Iterator[Any]) -> int:
+        """The budget's calibration: it measures what probes and checkpoints cost, then times the run's first
+        iterations, run at learning rate 0 (the warm-up starts from 0 anyway: they cost the run no training),
+        until it can fit the run's length and probes. Returns the iterations run."""
+        self.budget.measure(self.trainer, self.corpus, self.prober)
+        self.trainer.set_schedules(10**9, 10**9)  # the length is not known yet (the lr is 0 whatever it is)
+        it, fit = 0, None
+        while fit is None:
+            images = next(gen)[1]
+            t0 = self.ctx.clock()
+            stats = self.trainer.train_step(it, images, lr_scale=0.0)
+            self._sync()
+            seconds, it = self.ctx.clock() - t0, it + 1
+            if it % self.ctx.settings.log_every == 0 or it == 1:  # rows only: no health reading at lr 0
+                self.log(it, stats, images.shape[0] * self.ctx.info.world_size / max(seconds, 1e-9), lr_zero=True)
+            fit = self.budget.timed(it, seconds, self.trainer.device)
+        self.state.total_iterations, self.state.epoch_length = fit.total, fit.epoch_length
+        self.state.budget = self.budget.state
+        return it
+
+    def _begin(self, it: int, fresh: bool) -> None:
+        """Training proper starts at `it`: the resolved length into config.yaml, the schedules over it, and a
+        fresh run's iteration-0 probe (the teacher as initialised: the calibration ran at learning rate 0)."""
+        ctx, trainer, corpus = self.ctx, self.trainer, self.corpus
+        ctx.cfg["resolved"] = {  # (checkpoints carry it too)
+            "world_size": ctx.info.world_size, "global_batch": trainer.global_batch, "lr": trainer.base_lr(),
+            "total_iterations": self.total, "epoch_length": self.state.epoch_length, "n_images": corpus.n_items,
+            "pipeline": corpus.pipeline, "n_skipped": len(corpus.skipped.items)}
+        if ctx.info.is_main:
+            write_run_config(ctx.out / "config.yaml", ctx.cfg)
+        self.apply_schedules()
+        if self.bar is not None:
+            self.bar.n, self.bar.total = it, self.total
+            self.bar.refresh()
+        if fresh and self.budget.plan.periodic >= 1:
+            self.prober.periodic(0, ctx.metrics)
 
     # -- checkpoint ----------------------------------------------------------------------------------------
     def save(self, done: int, total: int | None = None) -> Path | None:
@@ -117,6 +151,10 @@ class TrainLoop:
                 self.bar.close()
                 self.bar = None
 
+    def _sync(self) -> None:
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
+
     def _step(self, it: int, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Divergence | None]:
         self.images_since += images.shape[0] * self.ctx.info.world_size
         try:
@@ -151,13 +189,17 @@ class TrainLoop:
             self.last_t, self.images_since = self.ctx.clock(), 0
 
     def _run(self, it: int, stop_after: int | None) -> LoopOutcome:
+        fresh, gen = it == 0, self.corpus.source.batches(it)
+        if self.budget.calibrating:
+            it = self._calibrate(gen)
+        self._begin(it, fresh)
         out = LoopOutcome(done=it, train_s=self.budget.calibration_s)
         if it >= self.total:
+            gen.close()
             return out
         self.heal.snapshot(it)
         self.budget.start(it, self.total)
         self.last_t = self.ctx.clock()
-        gen = self.corpus.source.batches(it)
         while it < self.total and not (out.stopped_early or out.cut_short):
             stats, div = self._step(it, next(gen)[1])
             done, total = it + 1, self.total
@@ -180,7 +222,6 @@ class TrainLoop:
                 self._go_to(done, new)
             out.cut_short = self.budget.cut_short(done, self.total, log_now)
         gen.close()
-        if self.trainer.device.type == "cuda":
-            torch.cuda.synchronize(self.trainer.device)
+        self._sync()
         out.done, out.train_s = it, self.budget.train_s()
         return out
