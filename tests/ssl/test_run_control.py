@@ -171,6 +171,54 @@ def test_budget_policy_skips_a_probe_that_no_longer_fits_and_cuts_a_late_run(tmp
     assert b.train_s() == pytest.approx(clock.t)  # no pauses here: all of it was training
 
 
+def _calibrating_budget(tmp_path, clock, budget_s):
+    import torch
+
+    ctx, said = _ctx(tmp_path, clock, time_budget_s=budget_s, epochs=1.0, export_bf16_shard_mib=0,
+                     budget={"tolerance_fraction": 0.05, "max_probe_fraction": 0.3, "margin_fraction": 0.02,
+                             "min_final_images": 5})
+    ctx.cfg = {"train": {"compile": False}}
+    b = BudgetPolicy(ctx, ProbePlan(periodic=0, periodic_train=0, periodic_test=0), None, probe_s=lambda p: 0.0)
+    assert b.calibrating and b.deadline is None
+    # stand-ins: a CPU trainer without compilation (warm-up free), a corpus of one batch, a prober that measured
+    trainer = SimpleNamespace(device=torch.device("cpu"), info=SimpleNamespace(is_main=True),
+                              state=lambda: {"model": {"teacher.w": torch.zeros(64)}})
+    def batches(it):
+        yield it, torch.zeros(2, 1, 8, 8, dtype=torch.uint8), 0
+
+    corpus = SimpleNamespace(source=SimpleNamespace(batches=batches))
+    prober = SimpleNamespace(measure_costs=lambda plan, n, sample, worth: ProbeCosts(feature_s=0.01),
+                             pixel_scores={}, decoded=set())
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    b.measure(trainer, corpus, prober)
+    return b, ctx, said
+
+
+def test_budget_policy_calibrates_on_the_first_iterations_then_fits_the_run(tmp_path):
+    import torch
+
+    clock = Clock()
+    b, ctx, said = _calibrating_budget(tmp_path, clock, 1000.0)
+    fits = []
+    for done, seconds in enumerate([5.0, 1.0, 3.0, 2.0], 1):  # the first untimed, then three timed: the median
+        clock.t += seconds
+        fits.append(b.timed(done, seconds, torch.device("cpu")))
+    fit = fits[-1]
+    assert fits[:3] == [None, None, None] and fit.step_s == 2.0 and fit.done == 4
+    assert fit.total == 4 + round((1000.0 - fit.reserve_s - fit.margin_s) / 2.0)
+    assert not b.calibrating and b.state.step_s == 2.0 and b.state.planned_total == fit.total
+    assert b.deadline is not None and b.deadline.step_s == 2.0 and b.calibration_s == pytest.approx(11.0)
+    assert ctx.metrics.of("budget")[0]["event"] == "plan" and f"-> {fit.total} iterations" in said[-1]
+
+
+def test_budget_policy_calibration_takes_a_slow_first_step_on_a_cpu_as_the_estimate(tmp_path):
+    import torch
+
+    b, ctx, said = _calibrating_budget(tmp_path, Clock(), 100.0)
+    fit = b.timed(1, 30.0, torch.device("cpu"))  # over 2% of the budget: no second slow step for timing
+    assert fit is not None and fit.step_s == 30.0 and fit.done == 1 and not b.calibrating
+
+
 def test_budget_policy_final_plan_keeps_its_margin(tmp_path):
     clock = Clock()
     b, ctx, said = _budget(tmp_path, clock, margin_fraction=0.02, min_final_images=5)
