@@ -108,3 +108,20 @@ class RunContext:
 
     def elapsed(self) -> float:
         return self.elapsed_before + self.clock() - self.t_start
+
+    @contextlib.contextmanager
+    def progress_bar(self, total: int, start: int) -> Iterator[Any]:
+        """A tqdm bar for the iterations (rank 0, not quiet, something left to do; else None); while it is up
+        the run's lines are written through it, so they do not tear it (and still to pretrain.log)."""
+        if not self.info.is_main or self.quiet or start >= total:
+            yield None
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
+        routed = self.say.echoing_to(bar.write) if isinstance(self.say, PrintedLog) else contextlib.nullcontext()
+        try:
+            with routed:
+                yield bar
+        finally:
+            bar.close()

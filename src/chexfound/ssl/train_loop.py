@@ -7,7 +7,6 @@ rate 0, timed until the budget can fit the run's length; training proper starts 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from chexfound.ssl.data import Corpus
 from chexfound.ssl.diagnostics import plot_report
 from chexfound.ssl.heal import Divergence, HealPolicy
 from chexfound.ssl.meta_arch import all_reduce_stats
-from chexfound.ssl.run_context import PrintedLog, RunContext
+from chexfound.ssl.run_context import RunContext
 from chexfound.ssl.run_state import RunState
 from chexfound.ssl.trainer import NonFiniteLossError, Trainer
 
@@ -135,20 +134,10 @@ class TrainLoop:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, start: int, stop_after: int | None = None) -> LoopOutcome:
-        if self.ctx.info.is_main and not self.ctx.quiet and start < self.total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
-        # while the bar is up, the run's lines are written through it (and still to pretrain.log)
-        say = self.ctx.say
-        routed = say.echoing_to(self.bar.write) if self.bar is not None and isinstance(say, PrintedLog) \
-            else contextlib.nullcontext()
-        try:
-            with routed:
+        with self.ctx.progress_bar(self.total, start) as self.bar:
+            try:
                 return self._run(start, stop_after)
-        finally:
-            if self.bar is not None:
-                self.bar.close()
+            finally:
                 self.bar = None
 
     def _sync(self) -> None:
