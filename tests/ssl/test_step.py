@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chexfound.ssl import distributed as D
-from chexfound.ssl.timing import SyncCounter
+from chexfound.ssl.timing import SyncCounter, seconds_per_item
 from chexfound.ssl.trainer import Trainer
 
 
@@ -133,3 +133,18 @@ def test_compile_mode_is_checked(tiny_config):
 
     with pytest.raises(ConfigError, match="train.compile"):
         _trainer(tiny_config, "train.compile=fastest")
+
+
+def test_seconds_per_item_skips_the_warm_up_and_grows_the_batch_until_it_is_measurable():
+    t, calls = [0.0], []
+
+    def run(n: int) -> None:  # 0.1 s per item, and a slow first call (allocator, kernel selection)
+        calls.append(n)
+        t[0] += 0.1 * n + (5.0 if len(calls) == 1 else 0.0)
+
+    cpu = torch.device("cpu")
+    assert seconds_per_item(run, 64, lambda: t[0], cpu) == pytest.approx(0.1)
+    assert calls == [4, 4, 8]  # warm-up, 0.4 s (too short to trust), 0.8 s
+    calls.clear()
+    assert seconds_per_item(run, 6, lambda: t[0], cpu, min_s=100.0) == pytest.approx(0.1)
+    assert calls == [4, 4, 6]  # never more than n_max items

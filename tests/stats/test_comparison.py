@@ -9,8 +9,8 @@ import pytest
 
 from chexfound.errors import ChexfoundError
 from chexfound.runio import json_safe
-from chexfound.stats import (DIFFERENCE, BootstrapConfig, Comparison, compare_scores, paired_bootstrap,
-                             read_comparisons)
+from chexfound.stats import (DIFFERENCE, BootstrapConfig, Comparison, PairedDifference, compare_scores,
+                             paired_bootstrap, read_comparisons)
 
 DATA = Path(__file__).parent / "data"
 
@@ -98,3 +98,29 @@ def test_bad_files_are_named(tmp_path):
     bad.write_text(json.dumps({"kermany": {"auroc": {"teacher": {"auroc": 0.5}}, "paired": {"weird": {}}}}))
     with pytest.raises(ChexfoundError, match="weird"):
         read_comparisons(bad)
+
+
+def test_text_lines_show_every_model_and_every_signed_difference():
+    y, pats, good, noise = _scores()
+    c = compare_scores(y, {"good": good, "noise": noise}, ["A", "B"], pats, cfg=BootstrapConfig(n_boot=100, seed=1),
+                       pairs=[("good", "noise"), ("noise", "good")])
+    c.extra = {"n_train": 10, "n_test": 120}
+    c.add(PairedDifference("good", "absent", error="no scores for 'absent'"))
+    lines = c.text_lines("probe: toy", "features", "test images")
+    assert lines[0] == "probe: toy (train 10, test 120, mean AUROC over 2 findings)"
+    assert lines[1].split() == ["features", "AUROC", "95%", "CI"]
+    for name, m in c.models.items():
+        row = next(line for line in lines if line.split()[0] == name)
+        assert f"{m.auroc:.3f}" in row and f"[{m.auroc_ci[0]:.3f}, {m.auroc_ci[1]:.3f}]" in row
+    assert lines[4] == ("  paired difference (model - reference, same test images, 95% CI from a bootstrap over "
+                        "patients):")
+    up, down = (next(line for line in lines if line.strip().startswith(k)) for k in ("good - noise", "noise - good"))
+    d = c.difference("good", "noise").auroc
+    assert f"+{d.diff:.3f}" in up and f"-{d.diff:.3f}" in down and d.diff > 0
+    assert up.endswith("  *") == d.excludes_zero and down.endswith("  *") == d.excludes_zero
+    assert lines[-1].split("not computed: ")[1] == "no scores for 'absent'"
+    # one finding: its AUROC; a name wider than the column widens it and keeps the numbers aligned
+    one = compare_scores(y[:, :1], {"a model with a long name": good[:, :1], "b": noise[:, :1]}, ["A"], pats, "b",
+                         BootstrapConfig(n_boot=20))
+    title, header, *rows = one.text_lines("t", rows="images")[:4]
+    assert title == "t (AUROC)" and {header.index("95% CI")} == {r.index("[") for r in rows}

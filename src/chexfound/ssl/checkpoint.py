@@ -11,7 +11,7 @@ Layout of a run folder:
                                 probe comparison (probe_comparison.json) once the run has it
 
 Where a run starts from (`train.init_from`: an earlier stage, the release, any backbone) is
-`chexfound.ssl.init_source`.
+`chexfound.ssl.init_source`; what a finished run exports (provenance, shards, cards) is `chexfound.ssl.exports`.
 Checkpoint layouts are read by `chexfound.models.loaders.keys.training_state_sides`; teacher shards are
 `chexfound.models.shards`.
 """
@@ -35,10 +35,10 @@ from chexfound.models.shards import load_backbone_shards, save_backbone_shards
 from chexfound.runio import atomic_output, atomic_write_bytes
 from chexfound.ssl.config import dump_config
 
-__all__ = ["CKPT_DIR", "export_teacher", "export_teacher_shards", "full_model_state", "full_optimizer_state",
-           "init_from_checkpoint", "latest_checkpoint", "list_checkpoints", "load_backbone_shards", "load_checkpoint",
-           "load_full_state", "measure_save_cost", "original_teacher_layout", "save_checkpoint",
-           "teacher_backbone_from_state"]
+__all__ = ["CKPT_DIR", "checkpoint_path", "export_teacher", "export_teacher_shards", "full_model_state",
+           "full_optimizer_state", "init_from_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "load_backbone_shards", "load_checkpoint", "load_full_state", "measure_save_cost",
+           "original_teacher_layout", "save_checkpoint", "teacher_backbone_from_state"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    """Where the checkpoint of `iteration` lives (its config beside it, as .yaml)."""
+    return Path(run_dir) / CKPT_DIR / f"ckpt_{iteration:08d}.pt"
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ck = list_checkpoints(run_dir)
     return ck[-1][1] if ck else None
@@ -70,9 +75,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, iteration: int, payload: dict[str, Any], cfg: dict[str, Any],
                     keep_last: int) -> Path:
-    d = Path(run_dir) / CKPT_DIR
-    path = d / f"ckpt_{iteration:08d}.pt"
-    atomic_write_bytes(d / f"ckpt_{iteration:08d}.yaml", dump_config(cfg).encode())
+    path = checkpoint_path(run_dir, iteration)
+    atomic_write_bytes(path.with_suffix(".yaml"), dump_config(cfg).encode())
     _atomic_torch_save({"iteration": iteration, **payload}, path)
     if keep_last > 0:
         for it, p in list_checkpoints(run_dir)[:-keep_last]:

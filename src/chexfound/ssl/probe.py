@@ -5,7 +5,8 @@ linear evaluation with avgpool, last block). The statistics are the project's on
 (`chexfound.stats`): the linear probe is its logistic probe (standardised features, L2 logistic regression,
 C chosen by 3-fold cross-validation on the probe's train split, folds of whole patients), k-NN its weighted
 k-NN (the k nearest train images vote with weights exp(sim / 0.07), DINO's k-NN). Multilabel tasks (NIH-14)
-report the mean AUROC over findings that have both classes in train and test.
+report the mean AUROC over findings that have both classes in train and test. `probe_comparison` is the final
+comparison's statistics on one probe set (the teacher against its baselines, `chexfound.stats.compare_scores`).
 
 Default task: Kermany (NORMAL vs PNEUMONIA), a random subset of its official train split to fit, a random
 subset of its official test split to score. NIH-14 (optional): a seeded patient split, the same one a
@@ -30,7 +31,7 @@ from chexfound.models.extract import extract_features
 from chexfound.models.vit import VisionTransformer
 from chexfound.ssl.config import expand_path
 from chexfound.ssl.data import Skipped, decode_all
-from chexfound.stats import fit_probe, knn_scores
+from chexfound.stats import BootstrapConfig, Comparison, compare_scores, fit_probe, knn_scores
 from chexfound.stats.ranking import macro_auroc
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,30 @@ def probe_backbone(model: VisionTransformer, task: ProbeTask, device: torch.devi
 
 def task_columns(task: ProbeTask) -> list[int]:
     return _columns(task.train_labels, task.test_labels)
+
+
+# -- the final comparison's models, in the order it reports them --------------------------------------------
+TEACHER, INIT, PIXELS = "teacher", "init (iteration 0)", "pixels_32x32"
+
+
+def random_init(k: int) -> str:
+    """The name of the k-th random-init baseline (seeded 10000 + k)."""
+    return f"random_init_seed{k}"
+
+
+def probe_comparison(task: ProbeTask, scores: dict[str, np.ndarray], seed: int) -> Comparison:
+    """The statistics layer's comparison of the final probes' test logits on `task`: AUROC with a patient-
+    bootstrap CI per model (teacher, init, random inits by seed, pixels) and the paired differences
+    teacher - each baseline (model - reference) on the same resamples."""
+    cols = task_columns(task)
+    randoms = sorted((k for k in scores if k.startswith("random_init")), key=lambda k: int(k.rsplit("seed", 1)[1]))
+    ordered = {k: scores[k][:, cols] for k in [TEACHER, INIT, *randoms, PIXELS] if k in scores}
+    y = task.test_labels[:, cols]
+    comp = compare_scores(y, ordered, [task.label_names[c] for c in cols], task.test_groups,
+                          cfg=BootstrapConfig(seed=seed), pairs=[(TEACHER, k) for k in ordered if k != TEACHER])
+    comp.extra = {"n_train": int(len(task.train_labels)), "n_test": int(len(y)),
+                  "probe": "chexfound.stats logistic probe (C by 3-fold patient cross-validation)"}
+    return comp
 
 
 # -- where the probe sets are, and their sizes (from the labels alone) --------------------------------

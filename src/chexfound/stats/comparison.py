@@ -6,7 +6,8 @@ and the pretraining probes' `probe_comparison.json`. One sign convention, writte
     "difference": "model - reference"
 
 so a positive difference means the model scores higher than its reference. A pair is keyed
-"<model> - <reference>" and carries both names. Serialised (`to_dict`):
+"<model> - <reference>" and carries both names. `Comparison.text_lines` is the one plain-text table of a
+comparison (models with AUROC + CI, then the paired differences). Serialised (`to_dict`):
 
     {"schema": "chexfound.comparison/1", "difference": "model - reference", "findings": [...],
      "reference": <default reference or null>,
@@ -181,6 +182,30 @@ class Comparison:
             return self.paired[pair_name(model, reference)]
         except KeyError:
             raise KeyError(f"no paired difference {pair_name(model, reference)!r}; have {list(self.paired)}") from None
+
+    def text_lines(self, title: str, column: str = "model", rows: str = "test rows") -> list[str]:
+        """The comparison as a plain-text table (a console, a log): `title` with the sizes (extra's n_train,
+        n_test) and what the AUROC is, each model's AUROC and CI under `column`, then each paired difference
+        (DIFFERENCE, on the same `rows`; "*": its CI excludes 0). Names wider than the columns widen them."""
+        sizes = [f"{k[2:]} {self.extra[k]}" for k in ("n_train", "n_test") if k in self.extra]
+        what = f"mean AUROC over {len(self.findings)} findings" if len(self.findings) > 1 else "AUROC"
+        level = f"{100 * float(self.bootstrap.get('ci', 0.95)):g}% CI"
+        w = max([22, *map(len, self.models)])
+        lines = [f"{title} ({', '.join([*sizes, what])})", f"  {column:<{w}} {'AUROC':>7}   {level}"]
+        lines += [f"  {k:<{w}} {m.auroc:7.3f}   [{m.auroc_ci[0]:.3f}, {m.auroc_ci[1]:.3f}]"
+                  for k, m in self.models.items()]
+        if self.paired:
+            unit = self.bootstrap.get("unit", "images")
+            lines.append(f"  paired difference ({DIFFERENCE}, same {rows}, {level} from a bootstrap over {unit}):")
+            w = max([34, *map(len, self.paired)])
+            for k, p in self.paired.items():
+                if p.error is not None or "auroc" not in p.macro:
+                    lines.append(f"  {k:<{w}} not computed: {p.error or 'no AUROC difference'}")
+                    continue
+                d = p.auroc
+                star = "  *" if d.excludes_zero else ""
+                lines.append(f"  {k:<{w}} {d.diff:+.3f}   [{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]{star}")
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, with the schema and the sign convention stated in the file."""
