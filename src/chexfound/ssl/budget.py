@@ -45,7 +45,7 @@ from chexfound.ssl.probe_plan import (PERIODIC, STAGES, FinalSet, ProbeCosts, Pr
                                       probe_iterations, set_key, turn_down)
 
 __all__ = ["BudgetFit", "BudgetPolicy", "BudgetState", "Clock", "Deadline", "FinalSet", "PERIODIC",
-           "ProbeCosts", "ProbePlan", "STAGES", "StepTimer", "calibrate_step", "fit_budget",
+           "ProbeCosts", "ProbePlan", "STAGES", "StepCalibration", "calibrate_step", "fit_budget",
            "iterations_that_fit", "plan_from_config", "probe_iterations", "replan_total", "set_key", "turn_down"]
 
 Clock = Callable[[], float]
@@ -132,7 +132,7 @@ def fit_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cost
                      train_s=max(0.0, more * per_it), plan=fitted, over_cap=reserve > cap)
 
 
-class StepTimer:
+class StepCalibration:
     """The step's calibration, one iteration at a time (`add` each iteration's seconds until it says done):
     the first iteration untimed (warm-up: allocator, kernel selection, compilation), then up to `max_timed`
     timed ones, fewer when they would take more than `max_fraction` of the budget (at least one).
@@ -166,8 +166,8 @@ class StepTimer:
 def calibrate_step(run_step: Callable[[int], Any], sync: Callable[[], None], budget_s: float, clock: Clock,
                    max_timed: int = 3, max_fraction: float = 0.02, warmup_free: bool = False,
                    agree: Callable[[bool], bool] = bool) -> tuple[float, int]:
-    """`StepTimer` over `run_step(0)`, `run_step(1)`, ...: (median seconds per iteration, iterations run)."""
-    timer = StepTimer(budget_s, max_timed, max_fraction, warmup_free, agree)
+    """`StepCalibration` over `run_step(0)`, `run_step(1)`, ...: (median seconds per iteration, iterations run)."""
+    timer = StepCalibration(budget_s, max_timed, max_fraction, warmup_free, agree)
     it = 0
     while True:
         t0 = clock()
@@ -256,7 +256,7 @@ class BudgetPolicy:
         self.deadline: Deadline | None = None
         self._agree: Callable[[Any], Any] = D.broadcast_object if ctx.info.enabled else (lambda x: x)
         self.calibrating = state is None and bool(ctx.settings.time_budget_s)
-        self.timer: StepTimer | None = None
+        self.timer: StepCalibration | None = None
         self._set_deadline()
         self.probe_at: set[int] = set()
         self.probes_left = 0
@@ -298,7 +298,7 @@ class BudgetPolicy:
         self.done_sizes, self.decoded = D.broadcast_object(({k: v[0] for k, v in prober.pixel_scores.items()},
                                                             prober.decoded))
         warmup_free = trainer.device.type == "cpu" and not self.ctx.cfg["train"]["compile"]
-        self.timer = StepTimer(budget, warmup_free=warmup_free, agree=lambda flag: bool(D.broadcast_object(bool(flag))))
+        self.timer = StepCalibration(budget, warmup_free=warmup_free, agree=lambda flag: bool(D.broadcast_object(bool(flag))))
         self.t_calibration = self.ctx.clock()
 
     def timed(self, done: int, seconds: float, device: Any) -> BudgetFit | None:

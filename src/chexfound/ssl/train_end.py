@@ -26,7 +26,7 @@ class RunResult:
 
 
 def finish(ctx: RunContext, loop: TrainLoop, prober: Any, outcome: LoopOutcome, n_items: int) -> RunResult:
-    trainer, s, out, main, done = loop.trainer, ctx.settings, ctx.out, ctx.info.is_main, outcome.done
+    trainer, out, main, done = loop.trainer, ctx.out, ctx.info.is_main, outcome.done
     if latest_checkpoint(out) != checkpoint_path(out, done):
         # A run cut short by its deadline ends here: its checkpoint says so, and a rerun does not train on.
         loop.save(done, total=done)
@@ -45,16 +45,6 @@ def finish(ctx: RunContext, loop: TrainLoop, prober: Any, outcome: LoopOutcome, 
         exports.cards_with_results(result.comparison)
         if png := plot_report(out / "metrics.jsonl", out / "report.png", title=f"{ctx.cfg.get('_preset')}: {out}"):
             ctx.say(f"run report: {png}")
-        took = ctx.elapsed()
-        train_s = outcome.train_s
-        row = {"kind": "budget", "event": "end", "iterations": done, "planned_iterations": loop.total,
-               "elapsed_s": took, "training_s": train_s, "training_fraction": train_s / max(took, 1e-9)}
-        if s.time_budget_s:
-            row.update(budget_s=s.time_budget_s, budget_used=took / s.time_budget_s)
-        ctx.metrics.write_row(row)
-        used = (f" (budget {s.time_budget_s:.0f}s: {100 * took / s.time_budget_s:.0f}% used)"
-                if s.time_budget_s else "")
-        ctx.say(f"done in {took:.0f}s{used}, {train_s:.0f}s of it training ({100 * train_s / max(took, 1e-9):.0f}%); "
-                f"run folder {out}")
+    budget.account(done, loop.total, outcome.train_s)  # the closing row and line
     D.barrier()
     return result

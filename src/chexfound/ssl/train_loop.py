@@ -24,6 +24,7 @@ from chexfound.ssl.heal import Divergence, HealPolicy
 from chexfound.ssl.meta_arch import all_reduce_stats
 from chexfound.ssl.run_context import RunContext
 from chexfound.ssl.run_state import RunState
+from chexfound.ssl.timing import synchronize
 from chexfound.ssl.trainer import NonFiniteLossError, Trainer
 
 
@@ -85,7 +86,7 @@ class TrainLoop:
             images = next(gen)[1]
             t0 = self.ctx.clock()
             stats = self.trainer.train_step(it, images, lr_scale=0.0)
-            self._sync()
+            synchronize(self.trainer.device)
             seconds, it = self.ctx.clock() - t0, it + 1
             if it % self.ctx.settings.log_every == 0 or it == 1:  # rows only: no health reading at lr 0
                 self.log(it, stats, images.shape[0] * self.ctx.info.world_size / max(seconds, 1e-9), lr_zero=True)
@@ -139,10 +140,6 @@ class TrainLoop:
                 return self._run(start, stop_after)
             finally:
                 self.bar = None
-
-    def _sync(self) -> None:
-        if self.trainer.device.type == "cuda":
-            torch.cuda.synchronize(self.trainer.device)
 
     def _step(self, it: int, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Divergence | None]:
         self.images_since += images.shape[0] * self.ctx.info.world_size
@@ -211,6 +208,6 @@ class TrainLoop:
                 self._go_to(done, new)
             out.cut_short = self.budget.cut_short(done, self.total, log_now)
         gen.close()
-        self._sync()
+        synchronize(self.trainer.device)
         out.done, out.train_s = it, self.budget.train_s()
         return out
