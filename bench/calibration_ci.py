@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from chexfound.stats.calibration import KEYS, FindingCalibration, calibration_summary
-from chexfound.stats.resample import (BIAS_CORRECTED, PERCENTILE, BootstrapConfig, bias_corrected_ci, percentile_ci,
-                                      resample_weights)
+from chexfound.stats.calibration import interval
+from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE, WIDENED, BootstrapConfig, resample_weights
+
+METHODS = (PERCENTILE, BIAS_CORRECTED, WIDENED)
 
 POWER = {"calibrated": 1.0, "too high": 1.6}
 
@@ -68,7 +70,7 @@ def population(power: float, m: int = 400_000, seed: int = 99) -> dict[str, floa
 def simulate(n: int, power: float, reps: int, n_boot: int, ci: float = 0.95) -> dict[str, dict[str, list[float]]]:
     truth = population(power)
     rec: dict[str, dict[str, list[float]]] = {f"{k}/{m}": {"contains": [], "covers": [], "width": [], "z0": []}
-                                              for k in KEYS for m in (PERCENTILE, BIAS_CORRECTED)}
+                                              for k in KEYS for m in METHODS}
     from statistics import NormalDist
 
     for rep in range(reps):
@@ -88,7 +90,8 @@ def simulate(n: int, power: float, reps: int, n_boot: int, ci: float = 0.95) -> 
                 continue
             share = (np.sum(s < est[k]) + 0.5 * np.sum(s == est[k])) / s.size
             z0 = NormalDist().inv_cdf(min(max(share, 1e-6), 1 - 1e-6))
-            for m, (lo, hi) in ((PERCENTILE, percentile_ci(s, ci)), (BIAS_CORRECTED, bias_corrected_ci(s, est[k], ci))):
+            for m in METHODS:
+                lo, hi = interval(m, s, est[k], ci)
                 r = rec[f"{k}/{m}"]
                 r["contains"].append(float(lo <= est[k] <= hi))
                 r["covers"].append(float(lo <= truth[k] <= hi))
@@ -97,13 +100,14 @@ def simulate(n: int, power: float, reps: int, n_boot: int, ci: float = 0.95) -> 
     return rec
 
 
-def demo_rows(demo: Path, n_boot: int) -> list[tuple[str, str, str, int, int, int]]:
-    """(set, head, metric, CIs, excluding the estimate: percentile, BC) over the demo's cached test predictions."""
+def demo_rows(demo: Path, n_boot: int) -> tuple[list[tuple[str, str, str, int, int, int]], list[str]]:
+    """(set, head, metric, CIs, excluding the estimate: percentile, BC) over the demo's cached test predictions,
+    and the ECE intervals of each head's macro and first finding by every method, as lines."""
     import pandas as pd
 
     import json
 
-    rows = []
+    rows, lines = [], []
     nih = json.loads((demo / "report.json").read_text()).get("data", {}).get("nih14_findings")
     for task, files in (("nih14", ("glori-test-probs-uncalibrated", "glori-test-probs", "linear-test-probs")),
                         ("kermany", ("linear-test-probs",))):
@@ -123,7 +127,7 @@ def demo_rows(demo: Path, n_boot: int) -> list[tuple[str, str, str, int, int, in
                     continue
                 cfg = BootstrapConfig(n_boot=n_boot)
                 out = {m: calibration_summary(y, p, findings, pats, cfg, ci_methods={k: m for k in KEYS})
-                       for m in (PERCENTILE, BIAS_CORRECTED)}
+                       for m in METHODS}
                 for k in KEYS:
                     excl, total = {}, 0
                     for m, s in out.items():
@@ -132,7 +136,13 @@ def demo_rows(demo: Path, n_boot: int) -> list[tuple[str, str, str, int, int, in
                         excl[m] = sum(not d[f"{k}_ci"][0] <= d[k] <= d[f"{k}_ci"][1] for d in ds)
                         total = len(ds)
                     rows.append((task, f"{which} {f}", k, total, excl[PERCENTILE], excl[BIAS_CORRECTED]))
-    return rows
+                    if k == "ece":  # the shipped intervals beside each other: the macro and the first finding
+                        for m, s in out.items():
+                            for name, d in (("macro", s["macro"]), (s["eligible"][0], s["per_finding"][s["eligible"][0]])):
+                                lo, hi = d["ece_ci"]
+                                lines.append(f"{task:<8} {which + ' ' + f:<44} {name:<12} {d['ece']:.3f} "
+                                             f"[{lo:.3f}, {hi:.3f}]  {m}")
+    return rows, lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     reps, n_boot, sizes = (3, 200, [100]) if args.smoke else (args.reps, args.n_boot, args.sizes)
     print(f"{reps} test sets per row, {n_boot} resamples each, 95% intervals")
-    print(f"{'population':<11} {'n':>5} {'metric':<14} {'interval':<31} {'contains':>8} {'covers':>7} "
+    print(f"{'population':<11} {'n':>5} {'metric':<14} {'interval':<36} {'contains':>8} {'covers':>7} "
           f"{'width':>7} {'z0':>6}")
     for name, power in POWER.items():
         for n in sizes:
@@ -153,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
             for key, r in rec.items():
                 k, m = key.split("/")
                 if r["contains"]:
-                    print(f"{name:<11} {n:>5} {k:<14} {m:<31} {np.mean(r['contains']):>8.3f} "
+                    print(f"{name:<11} {n:>5} {k:<14} {m:<36} {np.mean(r['contains']):>8.3f} "
                           f"{np.mean(r['covers']):>7.3f} {np.mean(r['width']):>7.4f} {np.median(r['z0']):>6.2f}")
     if args.demo:
         print(f"\ndemo test predictions ({args.demo}): CIs that exclude their estimate (per finding + macro)")
         print(f"{'set':<8} {'head':<44} {'metric':<14} {'CIs':>4} {'percentile':>10} {'BC':>4}")
-        for t, h, k, total, ep, eb in demo_rows(args.demo, n_boot):
+        rows, lines = demo_rows(args.demo, n_boot)
+        for t, h, k, total, ep, eb in rows:
             print(f"{t:<8} {h:<44} {k:<14} {total:>4} {ep:>10} {eb:>4}")
+        print("\nECE intervals (macro and first finding) by each method")
+        print("\n".join(lines))
     return 0
 
 

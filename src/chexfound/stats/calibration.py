@@ -28,8 +28,8 @@ import numpy as np
 
 from chexfound.stats.multilabel import EligibilityRule
 from chexfound.stats.ranking import label_score_columns
-from chexfound.stats.resample import (BIAS_CORRECTED, PERCENTILE, BootstrapConfig, bias_corrected_ci, percentile_ci,
-                                      resample_weights)
+from chexfound.stats.resample import (BIAS_CORRECTED, PERCENTILE, WIDENED, BootstrapConfig, bias_corrected_ci,
+                                      percentile_ci, resample_weights, widened_percentile_ci)
 
 ECE_BINS = 10
 EPS = 1e-6
@@ -40,12 +40,15 @@ CI_METHODS: dict[str, str] = {"brier": PERCENTILE, "ece": BIAS_CORRECTED, "cal_i
 
 
 def interval(method: str, samples: np.ndarray, estimate: float, ci: float) -> tuple[float, float]:
-    """The `ci` interval of bootstrap samples by `method` (PERCENTILE or BIAS_CORRECTED)."""
+    """The `ci` interval of bootstrap samples by `method` (PERCENTILE, BIAS_CORRECTED or WIDENED)."""
     if method == PERCENTILE:
         return percentile_ci(samples, ci)
     if method == BIAS_CORRECTED:
         return bias_corrected_ci(samples, estimate, ci)
-    raise ValueError(f"unknown bootstrap interval {method!r}: expected {PERCENTILE!r} or {BIAS_CORRECTED!r}")
+    if method == WIDENED:
+        return widened_percentile_ci(samples, estimate, ci)
+    raise ValueError(f"unknown bootstrap interval {method!r}: expected one of {PERCENTILE!r}, "
+                     f"{BIAS_CORRECTED!r}, {WIDENED!r}")
 
 
 def logit(p: np.ndarray) -> np.ndarray:

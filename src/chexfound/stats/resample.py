@@ -71,7 +71,18 @@ def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
 
 PERCENTILE = "percentile"
 BIAS_CORRECTED = "bias-corrected percentile (BC)"
+WIDENED = "percentile, widened to the estimate"
 _NORMAL = NormalDist()
+
+
+def widened_percentile_ci(samples: np.ndarray, estimate: float, ci: float) -> tuple[float, float]:
+    """The percentile interval, its near end moved to the estimate when the estimate lies outside it (the
+    fallback of `bias_corrected_ci`, used everywhere); a NaN estimate gives the percentile interval."""
+    lo, hi = percentile_ci(samples, ci)
+    est = float(estimate)
+    if not np.isfinite(est) or np.isnan(lo):
+        return lo, hi
+    return min(lo, est), max(hi, est)
 
 
 def bias_corrected_ci(samples: np.ndarray, estimate: float, ci: float) -> tuple[float, float]:
@@ -105,8 +116,7 @@ def bias_corrected_ci(samples: np.ndarray, estimate: float, ci: float) -> tuple[
         lo, hi = np.quantile(s, [_NORMAL.cdf(2 * z0 - z), _NORMAL.cdf(2 * z0 + z)])
         # At |z0| = z the near end is the estimate up to quantile interpolation: keep it inside.
         return float(min(lo, est)), float(max(hi, est))
-    lo, hi = percentile_ci(s, ci)
-    return (est, hi) if share < a else (lo, est)
+    return widened_percentile_ci(s, est, ci)
 
 
 def resample_indices(groups: Sequence[Any] | np.ndarray | None, n: int,
