@@ -6,6 +6,7 @@ synthetic test sets drawn from a known population:
     reads as a bug);
   - covers: how often it contains the population value (for ECE: the 10-equal-mass-bin ECE of the population,
     0 for a calibrated model);
+  - hi<truth: how often the upper end falls below the population value (claims better calibration than there is);
   - width: the mean width;
   - z0: the median bias correction Phi^-1(share of resamples below the estimate).
 Scores p ~ Beta(1, 4) (a low-prevalence finding), labels y ~ Bernoulli(p) ("calibrated") or Bernoulli(p^1.6)
@@ -69,7 +70,8 @@ def population(power: float, m: int = 400_000, seed: int = 99) -> dict[str, floa
 
 def simulate(n: int, power: float, reps: int, n_boot: int, ci: float = 0.95) -> dict[str, dict[str, list[float]]]:
     truth = population(power)
-    rec: dict[str, dict[str, list[float]]] = {f"{k}/{m}": {"contains": [], "covers": [], "width": [], "z0": []}
+    rec: dict[str, dict[str, list[float]]] = {f"{k}/{m}": {"contains": [], "covers": [], "low": [], "width": [],
+                                                                 "z0": []}
                                               for k in KEYS for m in METHODS}
     from statistics import NormalDist
 
@@ -95,6 +97,7 @@ def simulate(n: int, power: float, reps: int, n_boot: int, ci: float = 0.95) -> 
                 r = rec[f"{k}/{m}"]
                 r["contains"].append(float(lo <= est[k] <= hi))
                 r["covers"].append(float(lo <= truth[k] <= hi))
+                r["low"].append(float(hi < truth[k]))
                 r["width"].append(hi - lo)
                 r["z0"].append(z0)
     return rec
@@ -151,20 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
+    ap.add_argument("--populations", nargs="+", choices=list(POWER), default=list(POWER))
     ap.add_argument("--demo", type=Path, help="a chexfound demo output folder (data/*.csv and cache/)")
     args = ap.parse_args(argv)
     reps, n_boot, sizes = (3, 200, [100]) if args.smoke else (args.reps, args.n_boot, args.sizes)
     print(f"{reps} test sets per row, {n_boot} resamples each, 95% intervals")
     print(f"{'population':<11} {'n':>5} {'metric':<14} {'interval':<36} {'contains':>8} {'covers':>7} "
-          f"{'width':>7} {'z0':>6}")
-    for name, power in POWER.items():
+          f"{'hi<truth':>8} {'width':>7} {'z0':>6}")
+    for name, power in ((k, POWER[k]) for k in args.populations):
         for n in sizes:
             rec = simulate(n, power, reps, n_boot)
             for key, r in rec.items():
                 k, m = key.split("/")
                 if r["contains"]:
                     print(f"{name:<11} {n:>5} {k:<14} {m:<36} {np.mean(r['contains']):>8.3f} "
-                          f"{np.mean(r['covers']):>7.3f} {np.mean(r['width']):>7.4f} {np.median(r['z0']):>6.2f}")
+                          f"{np.mean(r['covers']):>7.3f} {np.mean(r['low']):>8.3f} {np.mean(r['width']):>7.4f} "
+                          f"{np.median(r['z0']):>6.2f}")
     if args.demo:
         print(f"\ndemo test predictions ({args.demo}): CIs that exclude their estimate (per finding + macro)")
         print(f"{'set':<8} {'head':<44} {'metric':<14} {'CIs':>4} {'percentile':>10} {'BC':>4}")

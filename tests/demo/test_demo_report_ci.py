@@ -5,7 +5,7 @@ import json
 from chexfound.demo.report import calibration_ci_methods
 from chexfound.runio import json_safe
 from chexfound.stats.calibration import CI_METHODS
-from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE
+from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE, WIDENED
 
 
 def _results(calibration: dict) -> dict:
@@ -16,6 +16,7 @@ def _results(calibration: dict) -> dict:
 
 def test_the_calibration_intervals_are_named():
     text = calibration_ci_methods(_results({"ece_bins": 10, "ci_method": dict(CI_METHODS)}))
-    assert f"ECE: {BIAS_CORRECTED}" in text and f"Brier, intercept, slope: {PERCENTILE}" in text
+    assert f"ECE: {WIDENED}" in text and f"slope: {BIAS_CORRECTED}" in text
+    assert f"Brier, intercept: {PERCENTILE}" in text
     # A results.json written before the summary recorded its intervals: nothing is claimed.
     assert calibration_ci_methods(_results({"ece_bins": 10})) == ""

@@ -7,7 +7,7 @@ import pandas as pd
 
 from chexfound.cli.main import main
 from chexfound.stats.calibration import CI_METHODS
-from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE
+from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE, WIDENED
 
 
 def test_metrics_and_report_name_the_calibration_intervals(tmp_path):
@@ -29,5 +29,5 @@ def test_metrics_and_report_name_the_calibration_intervals(tmp_path):
         lo, hi = d["ece_ci"]
         assert lo <= d["ece"] <= hi
     md = (out / "report.md").read_text()
-    assert f"ECE: {BIAS_CORRECTED}" in md and f"Brier, intercept, slope: {PERCENTILE}" in md
+    assert f"ECE: {WIDENED}" in md and f"Brier, intercept: {PERCENTILE}" in md and f"slope: {BIAS_CORRECTED}" in md
     assert "calibration CIs:" in md

@@ -10,7 +10,7 @@ from scipy.stats import norm
 
 from chexfound.stats import BootstrapConfig, bias_corrected_ci, percentile_ci
 from chexfound.stats.calibration import CI_METHODS, KEYS, calibration_summary
-from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE, widened_percentile_ci
+from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE, WIDENED, widened_percentile_ci
 
 
 def _efron(s: np.ndarray, est: float, ci: float) -> tuple[float, float]:
@@ -100,12 +100,17 @@ def test_ece_ci_contains_the_estimate_where_the_percentile_interval_does_not():
     for (new, o), was_above in zip(rows, above):
         lo, hi = new["ece_ci"]
         assert lo <= new["ece"] <= hi and lo < hi
-        if was_above:  # the fallback: from the estimate to the upper end the resamples support
-            assert (lo, hi) == pytest.approx((new["ece"], o["ece_ci"][1]))
-    assert s["ci_method"] == CI_METHODS and s["ci_method"]["ece"] == BIAS_CORRECTED
-    # The other metrics' CIs are the percentile intervals, unchanged.
-    for k in ("brier", "cal_intercept", "cal_slope"):
+        # From the estimate to the upper end the resamples support where the percentile interval missed it,
+        # else the percentile interval itself.
+        assert (lo, hi) == pytest.approx((new["ece"] if was_above else o["ece_ci"][0], o["ece_ci"][1]))
+    assert s["ci_method"] == CI_METHODS
+    assert CI_METHODS == {"brier": PERCENTILE, "ece": WIDENED, "cal_intercept": PERCENTILE,
+                          "cal_slope": BIAS_CORRECTED}
+    for k in ("brier", "cal_intercept"):  # percentile intervals, as before
         assert s["macro"][f"{k}_ci"] == old["macro"][f"{k}_ci"]
+    bc = calibration_summary(y, p, ["A", "B", "C"], pats, cfg, ci_methods={"cal_slope": BIAS_CORRECTED})
+    assert s["per_finding"]["A"]["cal_slope_ci"] == bc["per_finding"]["A"]["cal_slope_ci"]
+    assert s["per_finding"]["A"]["cal_slope_ci"] != old["per_finding"]["A"]["cal_slope_ci"]
 
 
 def test_an_unknown_interval_is_refused():

@@ -232,9 +232,9 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
         f"pretraining run in {pre['run_dir']}: {pre['iterations']} iterations, loss {pre['loss_first']:.3f} -> "
         f"{pre['loss_last']:.3f} ({'fell' if pre['loss_fell'] else 'did NOT fall'})",
         "95% CIs: patient-level percentile bootstrap; paired differences use the same resamples for both models"
-        + (f"; calibration CIs: {calibration_ci_methods(results)}, since ECE's resamples sit above its estimate "
-           "(resampling adds binning noise), which on test sets this small puts its percentile interval wholly "
-           "above the estimate" if calibration_ci_methods(results) else "") + ".",
+        + (f"; calibration CIs: {calibration_ci_methods(results)} (ECE's resamples sit above its estimate, as "
+           "resampling adds binning noise, so on test sets this small its plain percentile interval can lie wholly "
+           "above the estimate; chexfound.stats.calibration)" if calibration_ci_methods(results) else "") + ".",
         "linear heads and the pixel baseline: the one logistic probe of chexfound.stats (C chosen on validation "
         "macro AUROC), the same computation as the pretraining probes' final comparison.",
     ] + call_notes(results) + [

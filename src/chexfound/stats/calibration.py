@@ -13,10 +13,18 @@ Probabilities are clipped to [1e-6, 1 - 1e-6] before logit. A finding enters the
 eligibility rule as AUROC (chexfound.stats.multilabel). The logistic fits are Newton iterations; a fit that
 does not converge (e.g. perfectly separated labels) is NaN.
 
-CIs (`CI_METHODS`, chexfound.stats.resample): ECE's is the bias-corrected (BC) percentile interval, Brier's,
-the intercept's and the slope's the percentile interval. ECE's resamples sit above its estimate (duplicated
-patients and re-drawn bins only add apparent miscalibration), so on small test sets its percentile interval can
-lie wholly above the estimate; the others' resamples centre on their estimates (bench/calibration_ci.py).
+CIs (`CI_METHODS`, chexfound.stats.resample), chosen by coverage on synthetic test sets of 100-1000 patients
+(bench/calibration_ci.py):
+    ece            the percentile interval widened to reach the estimate. ECE's resamples sit above its estimate
+                   (duplicated patients and re-drawn bins only add apparent miscalibration), so on small test sets
+                   the percentile interval can lie wholly above it (14-18% of calibrated sets). The bias-corrected
+                   (BC) interval proper contains the estimate exactly when the percentile one does, and where it moves the
+                   interval down its upper end fell below the true ECE in 9-12% of miscalibrated sets (n = 100,
+                   300; coverage 0.87 against 0.94 at n = 300): it claims better calibration than there is.
+    cal_slope      BC: the slope's resamples lean low (z0 ~ -0.1 at n = 100); BC covered 0.92-0.95 where the
+                   percentile interval covered 0.90-0.91 at n = 100, and as well or better at every size.
+    brier, cal_intercept  the percentile interval: their resamples centre on the estimate (|z0| < 0.05) and BC
+                   changed coverage by no more than the simulation's noise.
 """
 
 from __future__ import annotations
@@ -34,9 +42,9 @@ from chexfound.stats.resample import (BIAS_CORRECTED, PERCENTILE, WIDENED, Boots
 ECE_BINS = 10
 EPS = 1e-6
 KEYS = ("brier", "ece", "cal_intercept", "cal_slope")
-# Which bootstrap interval each metric's CI is (bench/calibration_ci.py measured the choice).
-CI_METHODS: dict[str, str] = {"brier": PERCENTILE, "ece": BIAS_CORRECTED, "cal_intercept": PERCENTILE,
-                              "cal_slope": PERCENTILE}
+# Which bootstrap interval each metric's CI is (bench/calibration_ci.py measured the choice; module docstring).
+CI_METHODS: dict[str, str] = {"brier": PERCENTILE, "ece": WIDENED, "cal_intercept": PERCENTILE,
+                              "cal_slope": BIAS_CORRECTED}
 
 
 def interval(method: str, samples: np.ndarray, estimate: float, ci: float) -> tuple[float, float]:

@@ -8,9 +8,10 @@ resample never copies data; statistics without a weighted form take materialised
 (`resample_indices`, `bootstrap_statistic`). `groups=None` means every image is its own cluster (an
 image-level bootstrap: right only when each patient has one image).
 
-Intervals are percentile intervals over `n_boot` resamples (`percentile_ci`), or, for a statistic whose
-resampling distribution is shifted off its estimate (ECE), Efron's bias-corrected percentile intervals
-(`bias_corrected_ci`).
+Intervals are percentile intervals over `n_boot` resamples (`percentile_ci`); for a statistic whose resamples
+lean to one side of its estimate, Efron's bias-corrected percentile interval (`bias_corrected_ci`) or the
+percentile interval widened to reach the estimate (`widened_percentile_ci`). chexfound.stats.calibration says
+which of its CIs uses which, and why.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
 
 PERCENTILE = "percentile"
 BIAS_CORRECTED = "bias-corrected percentile (BC)"
-WIDENED = "percentile, widened to the estimate"
+WIDENED = "percentile widened to the estimate"
 _NORMAL = NormalDist()
 
 
