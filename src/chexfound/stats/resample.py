@@ -77,8 +77,9 @@ _NORMAL = NormalDist()
 
 
 def widened_percentile_ci(samples: np.ndarray, estimate: float, ci: float) -> tuple[float, float]:
-    """The percentile interval, its near end moved to the estimate when the estimate lies outside it (the
-    fallback of `bias_corrected_ci`, used everywhere); a NaN estimate gives the percentile interval."""
+    """The percentile interval, its near end moved to the estimate where the estimate lies outside it (so it
+    always contains the estimate; `bias_corrected_ci` falls back to it). A NaN estimate gives the percentile
+    interval."""
     lo, hi = percentile_ci(samples, ci)
     est = float(estimate)
     if not np.isfinite(est) or np.isnan(lo):
@@ -101,7 +102,9 @@ def bias_corrected_ci(samples: np.ndarray, estimate: float, ci: float) -> tuple[
     side, to a zero-width interval at the nearest sample), so the interval is the percentile interval widened
     to reach the estimate: [estimate, q_hi] when the samples lie above it, [q_lo, estimate] when below. That
     keeps the far end the bootstrap supports and claims no precision the resamples cannot show; its near end
-    says only that the estimate itself is a plausible value.
+    says only that the estimate itself is a plausible value. The switch is not continuous: at z0 = -z the BC
+    interval is [q(Phi(-3 z)), estimate], just beyond it [estimate, q_hi]. Where that matters (ECE), measure
+    (bench/calibration_ci.py); chexfound.stats.calibration uses the widened percentile interval for ECE.
 
     NaN samples are ignored; no finite sample gives (NaN, NaN); a NaN estimate gives the percentile interval.
     """
