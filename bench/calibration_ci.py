@@ -27,9 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from chexfound.stats.calibration import KEYS, FindingCalibration, calibration_summary
-from chexfound.stats.calibration import interval
-from chexfound.stats.resample import BIAS_CORRECTED, PERCENTILE, WIDENED, BootstrapConfig, resample_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import Stopwatch  # noqa: E402
+
+from chexfound.stats.calibration import KEYS, FindingCalibration, calibration_summary, interval  # noqa: E402
+from chexfound.stats.resample import (BIAS_CORRECTED, PERCENTILE, WIDENED, BootstrapConfig,  # noqa: E402
+                                      resample_weights)
 
 METHODS = (PERCENTILE, BIAS_CORRECTED, WIDENED)
 
@@ -163,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{'hi<truth':>8} {'width':>7} {'z0':>6}")
     for name, power in ((k, POWER[k]) for k in args.populations):
         for n in sizes:
-            rec = simulate(n, power, reps, n_boot)
+            with Stopwatch() as sw:
+                rec = simulate(n, power, reps, n_boot)
             for key, r in rec.items():
                 k, m = key.split("/")
                 if r["contains"]:
                     print(f"{name:<11} {n:>5} {k:<14} {m:<36} {np.mean(r['contains']):>8.3f} "
                           f"{np.mean(r['covers']):>7.3f} {np.mean(r['low']):>8.3f} {np.mean(r['width']):>7.4f} "
                           f"{np.median(r['z0']):>6.2f}")
+            print(f"({name}, n = {n}: {reps} test sets x {n_boot} resamples in {sw.seconds:.1f} s)")
     if args.demo:
         print(f"\ndemo test predictions ({args.demo}): CIs that exclude their estimate (per finding + macro)")
         print(f"{'set':<8} {'head':<44} {'metric':<14} {'CIs':>4} {'percentile':>10} {'BC':>4}")
