@@ -146,7 +146,8 @@ def demo_rows(demo: Path, n_boot: int) -> tuple[list[tuple[str, str, str, int, i
                     rows.append((task, f"{which} {f}", k, total, excl[PERCENTILE], excl[BIAS_CORRECTED]))
                     if k == "ece":  # the shipped intervals beside each other: the macro and the first finding
                         for m, s in out.items():
-                            for name, d in (("macro", s["macro"]), (s["eligible"][0], s["per_finding"][s["eligible"][0]])):
+                            first = s["eligible"][0]
+                            for name, d in (("macro", s["macro"]), (first, s["per_finding"][first])):
                                 lo, hi = d["ece_ci"]
                                 lines.append(f"{task:<8} {which + ' ' + f:<44} {name:<12} {d['ece']:.3f} "
                                              f"[{lo:.3f}, {hi:.3f}]  {m}")

@@ -17,10 +17,11 @@ CIs (`CI_METHODS`, chexfound.stats.resample), chosen by coverage on synthetic te
 (bench/calibration_ci.py):
     ece            the percentile interval widened to reach the estimate. ECE's resamples sit above its estimate
                    (duplicated patients and re-drawn bins only add apparent miscalibration), so on small test sets
-                   the percentile interval can lie wholly above it (14-18% of calibrated sets). The bias-corrected
-                   (BC) interval proper contains the estimate exactly when the percentile one does, and where it moves the
-                   interval down its upper end fell below the true ECE in 9-12% of miscalibrated sets (n = 100,
-                   300; coverage 0.87 against 0.94 at n = 300): it claims better calibration than there is.
+                   the percentile interval can lie wholly above it (14-18% of calibrated sets). Efron's
+                   bias-corrected (BC) interval contains the estimate exactly when the percentile one does, and
+                   where it moves the interval down its upper end fell below the true ECE in 9-12% of miscalibrated
+                   sets (n = 100, 300; coverage 0.87 against 0.94 at n = 300): it claims better calibration than
+                   there is.
     cal_slope      BC: the slope's resamples lean low (z0 ~ -0.1 at n = 100); BC covered 0.92-0.95 where the
                    percentile interval covered 0.90-0.91 at n = 100, and as well or better at every size.
     brier, cal_intercept  the percentile interval: their resamples centre on the estimate (|z0| < 0.05) and BC
@@ -237,4 +238,5 @@ def calibration_summary(
                 macro[f"{k}_ci"] = list(interval(methods[k], np.nanmean(np.stack([a[k] for a in arr], 1), 1),
                                                  macro[k], cfg.ci))
     return {"per_finding": per, "macro": macro, "eligible": [findings[c] for c in eligible], "ece_bins": n_bins,
-            "ci_method": methods, "definitions": __doc__.split("Definitions", 1)[1].split("Probabilities are", 1)[0].strip(" :\n")}
+            "ci_method": methods,
+            "definitions": __doc__.split("Definitions", 1)[1].split("Probabilities are", 1)[0].strip(" :\n")}
