@@ -14,6 +14,7 @@ from _run import BENCHES, REPO, run_bench
 # (tests/bench/test_gpu_smoke.py, tests/ssl/test_bench_pretrain.py) that read their JSON figures.
 EXPECT = {
     "adapt": ["cache build (one-off)", "[linear] 13-lr grid", "[glori] epoch from cache"],
+    "calibration_ci": ["ece            percentile widened to the estimate", "test sets x 200 resamples in"],
     "backbone": ["ours packed (oneDNN, folded)", "matmul peak (256^3 GEMM", "summary (ratio"],
     "curate": ["in-process (reference)", "2 worker process(es)", "cxr-like candidates grow"],
     "evaluate": ["speed-up:", "max |difference| on shared resamples"],

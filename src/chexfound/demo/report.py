@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from chexfound.evaluate.report import Figure, Report, write_report
+from chexfound.evaluate.report import Figure, Report, ci_methods_text, write_report
 from chexfound.runio import atomic_write_json, json_safe
 from chexfound.stats import DIFFERENCE, PairedDifference, read_comparisons
 
@@ -133,6 +133,15 @@ def calibration_rows(results: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def calibration_ci_methods(results: dict[str, Any]) -> str:
+    """Which bootstrap interval each calibration CI of the heads' test metrics is (the first head that says)."""
+    for _task, _which, _head, r in _heads(results):
+        text = ci_methods_text(r.get("metrics", {}).get("calibration"))
+        if text:
+            return text
+    return ""
+
+
 def what_the_numbers_show(results: dict[str, Any]) -> list[str]:
     """Plain sentences for the numbers a reader would otherwise have to interpret: chance-level heads, heads
     that are uninformative (and so call nothing), calibration before/after, and attention that does not
@@ -222,7 +231,10 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
         f"{pre['transform']['size']} px)",
         f"pretraining run in {pre['run_dir']}: {pre['iterations']} iterations, loss {pre['loss_first']:.3f} -> "
         f"{pre['loss_last']:.3f} ({'fell' if pre['loss_fell'] else 'did NOT fall'})",
-        "95% CIs: patient-level bootstrap; paired differences use the same resamples for both models.",
+        "95% CIs: patient-level percentile bootstrap; paired differences use the same resamples for both models"
+        + (f"; calibration CIs: {calibration_ci_methods(results)} (ECE's resamples sit above its estimate, as "
+           "resampling adds binning noise, so on test sets this small its plain percentile interval can lie wholly "
+           "above the estimate; chexfound.stats.calibration)" if calibration_ci_methods(results) else "") + ".",
         "linear heads and the pixel baseline: the one logistic probe of chexfound.stats (C chosen on validation "
         "macro AUROC), the same computation as the pretraining probes' final comparison.",
     ] + call_notes(results) + [
@@ -292,9 +304,9 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
     tables = [("Summary: test sets", summary), (f"Paired differences ({DIFFERENCE})", pairs)]
     cal = calibration_rows(results)
     if len(cal):
-        tables.append(("Calibration on the test sets (ECE: 10 equal-mass bins; patient-level bootstrap 95% CIs; "
-                       "on test sets this small ECE's bootstrap interval can sit above its point estimate, since "
-                       "resampling adds binning noise)", cal))
+        cal_ci = calibration_ci_methods(results)
+        tables.append(("Calibration on the test sets (ECE: 10 equal-mass bins; patient-level bootstrap 95% CIs"
+                       + (f": {cal_ci}" if cal_ci else "") + ")", cal))
     if loc_rows:
         tables.append(("Localisation on NIH test boxes", pd.DataFrame(loc_rows)))
     heat = results.get("heatmaps", {}).get("files", [])

@@ -18,7 +18,7 @@ from chexfound.errors import ChexfoundError
 from chexfound.evaluate import figures
 from chexfound.models.pooled import PooledFeatures
 from chexfound.evaluate.protocols.common import EvalConfig, Splits
-from chexfound.evaluate.report import Figure, Report, predictions_csv, write_report
+from chexfound.evaluate.report import Figure, Report, ci_methods_text, predictions_csv, write_report
 from chexfound.evaluate.run_common import classification_figures, provenance
 from chexfound.evaluate.tasks import TaskData, load_task
 from chexfound.evaluate.trainers import LogisticTrainer
@@ -242,8 +242,9 @@ def evaluate_task(task: str, root: str | PathLike[str], backbones: Sequence[str]
             for k, v in metrics["models"].items()])))
         before_after = calibration_before_after_table(metrics["models"])
         if before_after is not None:
+            cal_ci = ci_methods_text(metrics.get("calibration"))
             tables.append(("Test calibration before and after the post-hoc calibrator (fitted on val; macro, "
-                           "patient-level bootstrap 95% CIs)", before_after))
+                           "patient-level bootstrap 95% CIs" + (f": {cal_ci})" if cal_ci else ")"), before_after))
             for label, raw in art["uncalibrated"].items():
                 figs.append(Figure(f"reliability_before_after_{label.replace('/', '_')}.png",
                                    f"Reliability before and after calibration: {label}",

@@ -42,6 +42,17 @@ class Report:
     files: dict[str, bytes] = field(default_factory=dict)  # extra files (e.g. predictions.csv)
 
 
+def ci_methods_text(calibration: Mapping[str, Any] | None) -> str:
+    """Which bootstrap interval each calibration CI is, in words ("" when the metrics do not say: reports
+    written before the calibration summary recorded it)."""
+    methods = (calibration or {}).get("ci_method") or {}
+    names = {"brier": "Brier", "ece": "ECE", "cal_intercept": "intercept", "cal_slope": "slope"}
+    by: dict[str, list[str]] = {}
+    for k, m in methods.items():
+        by.setdefault(str(m), []).append(names.get(k, k))
+    return "; ".join(f"{', '.join(ks)}: {m}" for m, ks in by.items())
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "–"
@@ -146,8 +157,9 @@ def write_report(out_dir: str | PathLike[str], report: Report) -> Path:
         facts.append(f"averaging rule: {rule}")
     if m.get("bootstrap"):
         b = m["bootstrap"]
+        cal_ci = ci_methods_text(m.get("calibration"))
         facts.append(f"95% CIs: {b.get('level')}-level percentile bootstrap, {b.get('n_boot')} resamples over "
-                     f"{b.get('n_clusters')} clusters")
+                     f"{b.get('n_clusters')} clusters" + (f" (calibration CIs: {cal_ci})" if cal_ci else ""))
     if m.get("group_rule"):
         facts.append(f"prevalence groups: {m['group_rule']['rule']}")
     facts += report.notes
@@ -159,7 +171,9 @@ def write_report(out_dir: str | PathLike[str], report: Report) -> Path:
         cal = calibration_table(m)
         if cal is not None:
             bins = m.get("calibration", {}).get("ece_bins")
-            tables.append((f"Calibration (ECE over {bins} equal-mass bins; patient-level bootstrap CIs)", cal))
+            cal_ci = ci_methods_text(m.get("calibration"))
+            tables.append((f"Calibration (ECE over {bins} equal-mass bins; patient-level bootstrap CIs"
+                           + (f": {cal_ci})" if cal_ci else ")"), cal))
     tables += report.tables
     for title, df in tables:
         md += [f"## {title}", "", _md_table(df), ""]

@@ -30,7 +30,8 @@ from chexfound.stats.multilabel import EligibilityRule, multilabel_metrics, thre
 from chexfound.stats.pixels import pixel_features, pixel_vector
 from chexfound.stats.ranking import RankedScores, average_precision, binary_auroc
 from chexfound.stats.regression import regression_metrics
-from chexfound.stats.resample import BootstrapConfig, bootstrap_statistic, percentile_ci, resample_weights
+from chexfound.stats.resample import (BootstrapConfig, bias_corrected_ci, bootstrap_statistic, percentile_ci,
+                                      resample_weights, widened_percentile_ci)
 from chexfound.stats.thresholds import ThresholdChoice, ThresholdPolicy, choose_thresholds, label_prevalence
 
 __all__ = [
@@ -40,5 +41,5 @@ __all__ = [
     "bootstrap_multilabel", "bootstrap_statistic", "choose_thresholds", "compare_scores", "concordance_index",
     "fit_logistic", "fit_probe", "knn_scores", "label_prevalence", "multiclass_metrics", "multilabel_metrics",
     "paired_bootstrap", "percentile_ci", "pixel_features", "pixel_vector", "regression_metrics",
-    "resample_weights", "threshold_metrics",
+    "resample_weights", "threshold_metrics", "bias_corrected_ci", "widened_percentile_ci",
 ]

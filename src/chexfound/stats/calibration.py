@@ -12,22 +12,52 @@ Definitions (per finding, on labelled images only; NaN labels are masked out):
 Probabilities are clipped to [1e-6, 1 - 1e-6] before logit. A finding enters the macro mean by the same
 eligibility rule as AUROC (chexfound.stats.multilabel). The logistic fits are Newton iterations; a fit that
 does not converge (e.g. perfectly separated labels) is NaN.
+
+CIs (`CI_METHODS`, chexfound.stats.resample), chosen by coverage on synthetic test sets of 100-1000 patients
+(bench/calibration_ci.py):
+    ece            the percentile interval widened to reach the estimate. ECE's resamples sit above its estimate
+                   (duplicated patients and re-drawn bins only add apparent miscalibration), so on small test sets
+                   the percentile interval can lie wholly above it (14-18% of calibrated sets). Efron's
+                   bias-corrected (BC) interval contains the estimate exactly when the percentile one does, and
+                   where it moves the interval down its upper end fell below the true ECE in 9-12% of miscalibrated
+                   sets (n = 100, 300; coverage 0.87 against 0.94 at n = 300): it claims better calibration than
+                   there is.
+    cal_slope      BC: the slope's resamples lean low (z0 ~ -0.1 at n = 100); BC covered 0.92-0.95 where the
+                   percentile interval covered 0.90-0.91 at n = 100, and as well or better at every size.
+    brier, cal_intercept  the percentile interval: their resamples centre on the estimate (|z0| < 0.05) and BC
+                   changed coverage by no more than the simulation's noise.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from chexfound.stats.multilabel import EligibilityRule
 from chexfound.stats.ranking import label_score_columns
-from chexfound.stats.resample import BootstrapConfig, percentile_ci, resample_weights
+from chexfound.stats.resample import (BIAS_CORRECTED, PERCENTILE, WIDENED, BootstrapConfig, bias_corrected_ci,
+                                      percentile_ci, resample_weights, widened_percentile_ci)
 
 ECE_BINS = 10
 EPS = 1e-6
 KEYS = ("brier", "ece", "cal_intercept", "cal_slope")
+# Which bootstrap interval each metric's CI is (bench/calibration_ci.py measured the choice; module docstring).
+CI_METHODS: dict[str, str] = {"brier": PERCENTILE, "ece": WIDENED, "cal_intercept": PERCENTILE,
+                              "cal_slope": BIAS_CORRECTED}
+
+
+def interval(method: str, samples: np.ndarray, estimate: float, ci: float) -> tuple[float, float]:
+    """The `ci` interval of bootstrap samples by `method` (PERCENTILE, BIAS_CORRECTED or WIDENED)."""
+    if method == PERCENTILE:
+        return percentile_ci(samples, ci)
+    if method == BIAS_CORRECTED:
+        return bias_corrected_ci(samples, estimate, ci)
+    if method == WIDENED:
+        return widened_percentile_ci(samples, estimate, ci)
+    raise ValueError(f"unknown bootstrap interval {method!r}: expected one of {PERCENTILE!r}, "
+                     f"{BIAS_CORRECTED!r}, {WIDENED!r}")
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -164,14 +194,16 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = ECE_BINS, z: fl
 def calibration_summary(
     y: np.ndarray, p: np.ndarray, findings: Sequence[str], groups: Sequence[Any] | np.ndarray | None,
     cfg: BootstrapConfig = BootstrapConfig(), rule: EligibilityRule = EligibilityRule(), n_bins: int = ECE_BINS,
-    with_ci: bool = True,
+    with_ci: bool = True, ci_methods: Mapping[str, str] = CI_METHODS,
 ) -> dict[str, Any]:
     """Per finding and macro: brier, ece, cal_intercept, cal_slope, each with `<name>_ci` from the patient-level
-    bootstrap (the same resamples as `bootstrap_multilabel` for the same cfg). Ineligible findings are listed
-    with their point values and no CI, and left out of the macro means.
+    bootstrap (the same resamples as `bootstrap_multilabel` for the same cfg), the interval per metric named by
+    `ci_methods`. Ineligible findings are listed with their point values and no CI, and left out of the macro
+    means.
 
     Returns {"per_finding": {name: {"brier", "brier_ci", "ece", ...}}, "macro": {...}, "ece_bins": n_bins,
-    "definitions": ...}."""
+    "ci_method": {metric: interval}, "definitions": ...}."""
+    methods = {k: ci_methods.get(k, PERCENTILE) for k in KEYS}
     y, p = label_score_columns(y, p)
     nan2 = [float("nan"), float("nan")]
     per: dict[str, dict[str, Any]] = {}
@@ -199,10 +231,12 @@ def calibration_summary(
         arr = [{k: np.concatenate(d[k]) for k in KEYS} for d in draws]
         for j, c in enumerate(eligible):
             for k in KEYS:
-                per[findings[c]][f"{k}_ci"] = list(percentile_ci(arr[j][k], cfg.ci))
+                per[findings[c]][f"{k}_ci"] = list(interval(methods[k], arr[j][k], per[findings[c]][k], cfg.ci))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for k in KEYS:
-                macro[f"{k}_ci"] = list(percentile_ci(np.nanmean(np.stack([a[k] for a in arr], 1), 1), cfg.ci))
+                macro[f"{k}_ci"] = list(interval(methods[k], np.nanmean(np.stack([a[k] for a in arr], 1), 1),
+                                                 macro[k], cfg.ci))
     return {"per_finding": per, "macro": macro, "eligible": [findings[c] for c in eligible], "ece_bins": n_bins,
+            "ci_method": methods,
             "definitions": __doc__.split("Definitions", 1)[1].split("Probabilities are", 1)[0].strip(" :\n")}

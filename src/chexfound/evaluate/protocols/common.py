@@ -6,7 +6,7 @@
  "per_finding": {NAME: {"auroc", "ap", "auroc_ci", "ap_ci", "n_pos", "n_neg", "threshold", "sensitivity",
                         "specificity", "f1", ..., "brier", "brier_ci", "ece", "ece_ci", "cal_intercept",
                         "cal_intercept_ci", "cal_slope", "cal_slope_ci", "train_frequency", "group"}},
- "calibration": {"ece_bins", "definitions"},
+ "calibration": {"ece_bins", "definitions", "keys", "ci_method": {metric: bootstrap interval}},
  "groups": {"head"|"medium"|"tail": {"findings", "auroc", "ap", "auroc_ci", "ap_ci"}},
  "rule": ..., "eligible": [...], "excluded": [...], "bootstrap": {...}}
 """
@@ -96,6 +96,7 @@ def score_predictions(
             out["per_finding"][f].update(d)
         out["macro"].update({k: v for k, v in cal["macro"].items() if k != "n_findings"})
         out["calibration"] = {"ece_bins": cal["ece_bins"], "definitions": cal["definitions"],
+                              "ci_method": cal["ci_method"],
                               "keys": list(CALIBRATION_KEYS)}
     for f in findings:  # CI keys exist for every finding (null when not eligible) so readers need no checks
         for k in ("auroc_ci", "ap_ci"):
