@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chexfound.ssl.probe_runner import probes_off_reason, resolve_kermany
+from chexfound.ssl.probe import probes_off_reason, resolve_kermany
 
 
 @pytest.mark.parametrize("value", [None, False, "off", "none"])

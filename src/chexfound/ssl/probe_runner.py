@@ -29,7 +29,6 @@ from chexfound.ssl import distributed as D
 from chexfound.ssl.budget import Clock
 from chexfound.ssl.probe import (INIT, PIXELS, TEACHER, ProbeTask, backbone_features, evaluate_features,
                                  linear_probe_scores, probe_comparison, probes_off_reason, random_init, task_columns)
-from chexfound.ssl.probe import resolve_kermany  # noqa: F401  (re-exported: whether and where probes run)
 from chexfound.ssl.probe_plan import PERIODIC, ProbeCosts, ProbePlan, plan_from_config
 from chexfound.ssl.probe_sets import ProbeSets
 from chexfound.ssl.timing import seconds_per_item
