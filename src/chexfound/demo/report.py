@@ -225,6 +225,7 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
     summary = summary_rows(results)
     pairs = paired_rows(results)
     pre = results["pretrain"]
+    cal_ci = calibration_ci_methods(results)
     notes = [
         f"pretrained backbone: {pre['source']}; architecture {pre['config'].get('name') or 'custom'} "
         f"(dim {pre['config']['embed_dim']}, depth {pre['config']['depth']}, patch {pre['config']['patch_size']}, "
@@ -232,9 +233,9 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
         f"pretraining run in {pre['run_dir']}: {pre['iterations']} iterations, loss {pre['loss_first']:.3f} -> "
         f"{pre['loss_last']:.3f} ({'fell' if pre['loss_fell'] else 'did NOT fall'})",
         "95% CIs: patient-level percentile bootstrap; paired differences use the same resamples for both models"
-        + (f"; calibration CIs: {calibration_ci_methods(results)} (ECE's resamples sit above its estimate, as "
-           "resampling adds binning noise, so on test sets this small its plain percentile interval can lie wholly "
-           "above the estimate; chexfound.stats.calibration)" if calibration_ci_methods(results) else "") + ".",
+        + (f"; calibration CIs: {cal_ci} (ECE's resamples sit above its estimate, as resampling adds binning "
+           "noise, so on test sets this small its plain percentile interval can lie wholly above the estimate; "
+           "chexfound.stats.calibration)" if cal_ci else "") + ".",
         "linear heads and the pixel baseline: the one logistic probe of chexfound.stats (C chosen on validation "
         "macro AUROC), the same computation as the pretraining probes' final comparison.",
     ] + call_notes(results) + [
@@ -304,7 +305,6 @@ def summarise_and_write(cfg: Any, results: dict[str, Any], echo: Callable[[str],
     tables = [("Summary: test sets", summary), (f"Paired differences ({DIFFERENCE})", pairs)]
     cal = calibration_rows(results)
     if len(cal):
-        cal_ci = calibration_ci_methods(results)
         tables.append(("Calibration on the test sets (ECE: 10 equal-mass bins; patient-level bootstrap 95% CIs"
                        + (f": {cal_ci}" if cal_ci else "") + ")", cal))
     if loc_rows:
