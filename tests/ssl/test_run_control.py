@@ -154,6 +154,22 @@ def test_budget_policy_replans_to_the_measured_pace(tmp_path):
     assert b.replan(11, new, log_now=True) is None  # not again right away
 
 
+def test_budget_policy_replans_a_short_plan_after_a_quarter_of_it(tmp_path):
+    """A short budget's step is timed on one or a few iterations: caught in a burst of other work on the cores,
+    the estimate can be many times too slow, and a 16-iteration plan never reaches 10 measured iterations."""
+    clock = Clock()
+    b, ctx, said = _budget(tmp_path, clock, step_s=6.0)  # planned at 6 s/iteration: 16 iterations
+    b.start(0, 16)
+    new = None
+    for done in range(1, 13):
+        _iterate(b, clock, 0.5)  # the real pace, 12x faster
+        new = b.replan(done, 16, log_now=done % 5 == 0) or new
+        if new:
+            break
+    assert done == 5 and new == 5 + round((100 - 2.5 - 2 * 5.0) / 0.5)  # 2 periodic probes of 5 s still to run
+    assert "re-planned at iteration 5: 16 ->" in said[-1]
+
+
 def test_budget_policy_skips_a_probe_that_no_longer_fits_and_cuts_a_late_run(tmp_path):
     clock = Clock()
     b, ctx, said = _budget(tmp_path, clock, replan_until=0.0)

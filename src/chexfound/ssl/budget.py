@@ -377,13 +377,16 @@ class BudgetPolicy:
     # -- budget? ---------------------------------------------------------------------------------------
     def replan(self, done: int, total: int, log_now: bool) -> int | None:
         """At a log step: refit the total to the pace measured since the window opened (budget.replan_until /
-        replan_threshold), at least 10 iterations (and 5% of the run) after the window opened and after the
-        last change; the new total, or None when the plan holds. Rank 0 decides for every rank."""
+        replan_threshold), at least 10 iterations (a quarter of a plan shorter than 40; and 5% of the run) after
+        the window opened and after the last change; the new total, or None when the plan holds. Rank 0 decides
+        for every rank."""
         d, b, s = self.deadline, self.ctx.settings.budget, self.ctx.settings
         if d is None or self.state is None or not log_now or done >= total:
             return None
         t0, it0, p0 = self.pace_from
-        n, gap = done - it0, max(10.0, 0.05 * total)
+        # a short plan cannot wait 10 iterations: a quarter of it will do (a step timed once, in a burst of
+        # other work on the cores, can be off many times over, and the run would end far inside its budget)
+        n, gap = done - it0, max(min(10.0, 0.25 * total), 0.05 * total)
         if done > float(b.get("replan_until", 0.0)) * total or n < gap or done - self.replanned_at < gap:
             return None
         now = self.ctx.clock()
