@@ -176,7 +176,7 @@ class TrainLoop:
 
     def _run(self, it: int, stop_after: int | None) -> LoopOutcome:
         fresh, gen = it == 0, self.corpus.source.batches(it)
-        if self.budget.calibrating:
+        if fresh and self.budget.calibrating:  # (a resumed run keeps the length its calibration fitted)
             it = self._calibrate(gen)
         self._begin(it, fresh)
         out = LoopOutcome(done=it, train_s=self.budget.calibration_s)
