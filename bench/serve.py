@@ -14,17 +14,13 @@ Numbers depend on the machine; the ratios compare runs made in this same process
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -34,62 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _serve import make_model, serve_process  # noqa: E402
 from _timing import interleaved_rates, smoke_mode  # noqa: E402
 
-from chexfound.adapt import LinearHead, save_head  # noqa: E402
 from chexfound.data.findings import CXRLT24  # noqa: E402
-from chexfound.models import backbone_sha256, create_backbone, save_backbone  # noqa: E402
 from chexfound.serve import Predictor  # noqa: E402
 from chexfound.serve.export import export_onnx, onnx_session  # noqa: E402
 
 DATA = Path(os.environ.get("CHEXFOUND_DATA", ROOT.parent / "shared" / "data"))
-
-
-def make_model(tmp: Path, config: str) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    bb = create_backbone(config).eval()
-    head = LinearHead(CXRLT24, n_blocks=min(4, bb.cfg.depth), embed_dim=bb.embed_dim)
-    save_backbone(bb, tmp / "backbone.safetensors")
-    save_head(head, tmp / "head.safetensors", backbone_sha256=backbone_sha256(bb))
-    return tmp / "backbone.safetensors", tmp / "head.safetensors"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_process(backbone: Path, head: Path, threads: int) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "chexfound", "serve", "--backbone", str(backbone), "--head", str(head),
-           "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), "--log-level", "warning",
-           "--max-batch", "16", "--max-wait-ms", "5", "--queue-size", "64"]
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chexfound serve exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("chexfound serve did not come up within 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def load_level(url: str, body: bytes, name: str, clients: int, seconds: float) -> dict[str, float]:
@@ -144,12 +92,13 @@ def main() -> int:
     body = image.read_bytes()
     results: dict[str, object] = {"backbone": args.backbone, "threads": threads, "image": image.name}
     with tempfile.TemporaryDirectory(prefix="chexfound-bench-") as tmp:
-        bb_path, head_path = make_model(Path(tmp), args.backbone)
+        bb_path, head_path = make_model(Path(tmp), args.backbone, CXRLT24)
         predictor = Predictor(bb_path, head_path, device="cpu")
         size = predictor.transform.size
 
         # 1. HTTP on loopback: the real `chexfound serve` in its own process (clients here do not share its GIL)
-        with serve_process(bb_path, head_path, threads) as url:
+        batching = ["--threads", str(threads), "--max-batch", "16", "--max-wait-ms", "5", "--queue-size", "64"]
+        with serve_process(bb_path, head_path, batching) as (url, _):
             load_level(url, body, image.name, 2, min(2.0, args.seconds))  # warm-up
             levels = []
             for clients in levels_clients:

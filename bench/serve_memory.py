@@ -23,42 +23,28 @@ import contextlib
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import psutil
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _serve import make_model, serve_process  # noqa: E402
 from _timing import Stopwatch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from chexfound.adapt import LinearHead, save_head  # noqa: E402
 from chexfound.data.findings import NIH14  # noqa: E402
-from chexfound.models import backbone_sha256, create_backbone, save_backbone  # noqa: E402
 
 DATA = Path(os.environ.get("CHEXFOUND_DATA", ROOT.parent / "shared" / "data"))
-HOST = "127.0.0.1"  # never anything else
-
-
-def make_model(tmp: Path) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    bb = create_backbone("vits16_224").eval()
-    save_backbone(bb, tmp / "backbone.safetensors")
-    save_head(LinearHead(NIH14, n_blocks=4, embed_dim=bb.embed_dim), tmp / "head.safetensors",
-              backbone_sha256=backbone_sha256(bb))
-    return tmp / "backbone.safetensors", tmp / "head.safetensors"
 
 
 def png16(pixels: np.ndarray) -> bytes:
@@ -81,41 +67,6 @@ def largest_cxr_png(side: int = 4300) -> bytes:
     im = Image.open(src[0]).convert("F").resize((side, side), Image.BILINEAR)
     a = np.asarray(im, dtype=np.float64)
     return png16((a - a.min()) / max(a.max() - a.min(), 1e-6) * 65535)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server(backbone: Path, head: Path, extra: list[str]) -> Iterator[tuple[str, psutil.Process]]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "chexfound", "serve", "--backbone", str(backbone), "--head", str(head),
-           "--host", HOST, "--port", str(port), "--log-level", "error", *extra]
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chexfound serve exited with {proc.returncode}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("chexfound serve did not come up within 120 s")
-            time.sleep(0.2)
-        yield url, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def rss(p: psutil.Process) -> int:
@@ -184,7 +135,8 @@ def wave(url: str, proc: psutil.Process, body: bytes, name: str, n: int, timeout
 def run_server(label: str, backbone: Path, head: Path, extra: list[str], bodies: dict[str, bytes],
                n: int, timeout_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"args": extra}
-    with server(backbone, head, extra) as (url, proc):
+    with serve_process(backbone, head, extra, log_level="error") as (url, server):
+        proc = psutil.Process(server.pid)
         time.sleep(1.0)
         out["idle_rss_mb"] = idle = rss(proc) / 2**20
         print(f"[{label}] server idle RSS {idle:.0f} MB ({' '.join(extra) or 'defaults'})", flush=True)
@@ -214,7 +166,7 @@ def main() -> int:
     bodies = {"hostile_8000x8000_16bit.png": hostile_png(), "cxr_4300x4300_16bit.png": largest_cxr_png()}
     results: dict[str, Any] = {"load_1min": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
-        backbone, head = make_model(Path(tmp))
+        backbone, head = make_model(Path(tmp), "vits16_224", NIH14)
         if args.old_limits:
             old = ["--max-image-pixels", str(2**31), "--decode-workers", "4", "--busy-wait-s", "120"]
             results["old_limits"] = run_server("old limits", backbone, head, old,
